@@ -1,0 +1,60 @@
+"""The ReplicationError tree. Imports nothing of ours.
+
+Callers catch the narrowest class they can act on; the CLI maps every class to one clear line and an
+exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ReplicationError(Exception):
+    """Base of every error standby raises on purpose."""
+
+
+class ConfigError(ReplicationError):
+    """A config file or option is wrong. The message names the key path."""
+
+
+class PathRejected(ReplicationError):
+    """A relative path breaks the path rules (traversal, absolute, a name Windows cannot hold...)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"path {path!r} refused: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class FrameError(ReplicationError):
+    """Bytes that do not decode as a frame: bad length, bad checksum, not msgpack."""
+
+
+class ProtocolError(ReplicationError):
+    """The protocol was broken."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to do something the protocol forbids in the current state (a bug on our side)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids (bad or hostile peer)."""
+
+
+class PeerRefused(ReplicationError):
+    """The peer refused us at the handshake (version, epoch fence, busy...)."""
+
+
+class EpochFenced(PeerRefused):
+    """A sender with an epoch lower than the highest the receiver has seen was refused."""
+
+
+class SafetyHalt(ReplicationError):
+    """Replication stopped rather than propagate a probable wipe; an operator must confirm."""
+
+
+class JournalError(ReplicationError):
+    """The journal cannot be opened or read (not a torn tail: that is cut, not raised)."""
+
+
+class ApplyError(ReplicationError):
+    """A change could not be applied to the replica."""

@@ -1,0 +1,233 @@
+"""Frozen values shared by every layer: positions, change records, file metadata, and the path rules.
+
+Pure: no I/O, no clock. Paths inside standby are *relative* and *POSIX-form* (``databases/room1/m.json``)
+everywhere: on the wire, in the journal and in manifests. Only the I/O layers turn them into OS paths.
+
+INVARIANT: every relative path that reaches an I/O layer has passed :func:`check_relpath`.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import PathRejected
+
+PROTOCOL_VERSION = 1
+
+#: Name marker of the receiver's temporary files. Scans and manifests ignore any name containing it.
+TEMP_MARKER = ".standby-tmp-"
+
+#: Limits applied to every path from outside (config, wire, journal).
+MAX_PATH_CHARS = 1024
+MAX_NAME_CHARS = 255
+MAX_PATH_DEPTH = 64
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Pos:
+    """A position in the change stream: compared, printed and parsed, never re-derived.
+
+    ``epoch`` rises at each failover; ``seq`` numbers journal entries from 1 within one journal.
+    """
+
+    epoch: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.epoch}/{self.seq}"
+
+    @classmethod
+    def parse(cls, text: str) -> Pos:
+        epoch, sep, seq = text.partition("/")
+        if not sep or not epoch.isdigit() or not seq.isdigit():
+            raise ValueError(f"not a position (want EPOCH/SEQ): {text!r}")
+        return cls(int(epoch), int(seq))
+
+
+class Op(enum.StrEnum):
+    PUT = "put"
+    DELETE = "delete"
+    MKDIR = "mkdir"
+    RMDIR = "rmdir"
+    RENAME = "rename"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One journal entry's header. A PUT's content follows as ``chunks`` data frames.
+
+    ``digest`` is the xxh3_128 of the whole content (PUT only); ``ts_ns`` is the wall time the change was
+    journaled, used by point-in-time replay.
+    """
+
+    seq: int
+    op: Op
+    path: str
+    dst: str = ""
+    size: int = 0
+    mtime_ns: int = 0
+    digest: bytes = b""
+    chunks: int = 0
+    ts_ns: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"s": self.seq, "o": self.op.value, "p": self.path}
+        if self.op is Op.RENAME:
+            d["d"] = self.dst
+        if self.op is Op.PUT:
+            d.update(z=self.size, m=self.mtime_ns, h=self.digest, c=self.chunks)
+        if self.ts_ns:
+            d["t"] = self.ts_ns
+        return d
+
+    @classmethod
+    def from_wire(cls, d: Any) -> Change:
+        """Build from an untrusted decoded map. Raises ValueError naming what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError("change header is not a map")
+        try:
+            op = Op(d["o"])
+        except (KeyError, ValueError):
+            raise ValueError(f"unknown change op {d.get('o')!r}") from None
+        seq = _int(d, "s")
+        path = d.get("p")
+        if not isinstance(path, str):
+            raise ValueError("change path is not a string")
+        dst = d.get("d", "")
+        if not isinstance(dst, str):
+            raise ValueError("rename destination is not a string")
+        if op is Op.RENAME and not dst:
+            raise ValueError("rename without destination")
+        digest = d.get("h", b"")
+        if not isinstance(digest, bytes) or (op is Op.PUT and len(digest) != 16):
+            raise ValueError("put digest is not 16 bytes")
+        size = _int(d, "z", 0)
+        chunks = _int(d, "c", 0)
+        if op is Op.PUT and chunks != chunk_count(size):
+            # The chunk count follows from the size: the chunk size is fixed by the protocol.
+            raise ValueError(f"put of {size} bytes announces {chunks} chunks")
+        return cls(
+            seq=seq, op=op, path=path, dst=dst, size=size, mtime_ns=_int(d, "m", 0), digest=digest,
+            chunks=chunks, ts_ns=_int(d, "t", 0),
+        )
+
+
+#: Content is carried in data frames of at most this many bytes (journal and wire alike).
+CHUNK_SIZE = 1 << 20
+
+
+def chunk_count(size: int) -> int:
+    return (size + CHUNK_SIZE - 1) // CHUNK_SIZE
+
+
+def _int(d: dict[str, Any], key: str, default: int | None = None) -> int:
+    v = d.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 1 << 63:
+        raise ValueError(f"field {key!r} is not a non-negative integer")
+    return v
+
+
+@dataclass(frozen=True, slots=True)
+class FileMeta:
+    """What a manifest knows of one path. Directories have ``is_dir`` and no digest."""
+
+    path: str
+    is_dir: bool = False
+    size: int = 0
+    mtime_ns: int = 0
+    digest: bytes = b""
+    flags: frozenset[str] = field(default_factory=frozenset)
+
+    def same_content(self, other: FileMeta) -> bool:
+        return self.is_dir == other.is_dir and (
+            self.is_dir or (self.size == other.size and self.digest == other.digest)
+        )
+
+    def to_wire(self) -> list[Any]:
+        return [self.path, self.is_dir, self.size, self.mtime_ns, self.digest, sorted(self.flags)]
+
+    @classmethod
+    def from_wire(cls, v: Any) -> FileMeta:
+        if not isinstance(v, list) or len(v) != 6:
+            raise ValueError("manifest entry is not a 6-item list")
+        path, is_dir, size, mtime_ns, digest, flags = v
+        if not (
+            isinstance(path, str) and isinstance(is_dir, bool) and isinstance(size, int)
+            and isinstance(mtime_ns, int) and isinstance(digest, bytes) and isinstance(flags, list)
+            and all(isinstance(f, str) for f in flags)
+        ):
+            raise ValueError("manifest entry has a field of the wrong type")
+        return cls(path, is_dir, size, mtime_ns, digest, frozenset(flags))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Path rules. A relative path is accepted only if every OS we run on can hold it under the root, unchanged.
+
+_WIN_RESERVED = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³]|CONIN\$|CONOUT\$)(\..*)?$", re.I)
+_WIN_BAD_CHARS = frozenset('<>:"|?*\\') | frozenset(chr(c) for c in range(32))
+
+
+def check_name(name: str, path: str) -> None:
+    """Refuse one path component that Windows or POSIX cannot hold as a plain name."""
+    if name in ("", ".", ".."):
+        raise PathRejected(path, "empty, '.' or '..' component")
+    if len(name) > MAX_NAME_CHARS:
+        raise PathRejected(path, f"a name is longer than {MAX_NAME_CHARS} characters")
+    bad = sorted({c for c in name if c in _WIN_BAD_CHARS})
+    if bad:
+        raise PathRejected(path, f"name {name!r} holds characters Windows cannot hold: {bad!r}")
+    if name.endswith((" ", ".")):
+        raise PathRejected(path, f"name {name!r} ends with a space or dot")
+    if _WIN_RESERVED.match(name):
+        raise PathRejected(path, f"name {name!r} is a reserved device name on Windows")
+    if TEMP_MARKER in name:
+        raise PathRejected(path, "name uses the temporary-file marker")
+
+
+def check_relpath(path: str) -> str:
+    """Return ``path`` if it is a clean, relative, POSIX-form path under a root; raise PathRejected.
+
+    Refused: empty, absolute (``/x``, ``C:\\x``, ``C:x``, ``\\\\server\\share``), backslashes, ``.``/``..``
+    or empty components, names Windows cannot hold, NUL and control characters, over-long or over-deep
+    paths. The path is returned unchanged: a path that would need normalising is refused, not rewritten.
+    """
+    if not isinstance(path, str) or not path:
+        raise PathRejected(str(path), "empty path")
+    if len(path) > MAX_PATH_CHARS:
+        raise PathRejected(path[:80] + "...", f"longer than {MAX_PATH_CHARS} characters")
+    if "\x00" in path:
+        raise PathRejected(path, "holds a NUL character")
+    if path.startswith("/"):
+        raise PathRejected(path, "absolute path")
+    if "\\" in path:
+        raise PathRejected(path, "backslash (paths are sent in POSIX form; may be a Windows absolute path)")
+    if len(path) >= 2 and path[1] == ":" and path[0].isalpha():
+        raise PathRejected(path, "drive letter")
+    parts = path.split("/")
+    if len(parts) > MAX_PATH_DEPTH:
+        raise PathRejected(path, f"deeper than {MAX_PATH_DEPTH} components")
+    for name in parts:
+        check_name(name, path)
+    return path
+
+
+def is_temp_name(name: str) -> bool:
+    return TEMP_MARKER in name
+
+
+def parent_of(path: str) -> str:
+    """The relative parent of a relative path ('' for a top-level name)."""
+    return path.rpartition("/")[0]
+
+
+def is_under(path: str, folder: str) -> bool:
+    """True if ``path`` is ``folder`` or lies below it (both relative POSIX paths)."""
+    return path == folder or path.startswith(folder + "/")
+
+
+def to_posix_rel(os_rel: str, sep: str) -> str:
+    """Turn an OS-relative path (with separator ``sep``) into POSIX form. Pure, so Windows logic is testable."""
+    return os_rel.replace(sep, "/") if sep != "/" else os_rel
