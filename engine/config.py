@@ -1,0 +1,173 @@
+"""Configuration: frozen dataclasses, defaults, one TOML load, errors that name the key path.
+
+Pure apart from :func:`load` reading the file. Each command reads only its own section; one file may hold
+both. Unknown keys are errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ConfigError, PathRejected
+from engine.model import check_relpath
+
+DEFAULT_PORT = 7420
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    source: Path
+    peer: tuple[str, int]
+    state_dir: Path
+    include: tuple[str, ...] = ("databases", "config/config.json")
+    node: str = field(default_factory=socket.gethostname)
+    reconcile_interval: float = 600.0
+    settle: float = 0.5
+    max_open: float = 30.0
+    max_delete_share: float = 0.5
+    fsync: bool = True
+    batch_files: int = 1024
+    segment_mb: int = 64
+    journal_retain_hours: float = 24.0
+    connect_timeout: float = 5.0
+    retry_max: float = 5.0
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    listen: tuple[str, int]
+    target: Path
+    state_dir: Path
+    node: str = field(default_factory=socket.gethostname)
+    fsync: bool = True
+    fsync_threads: int = 16
+    max_frame_mb: int = 2
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    sender: SenderConfig | None
+    receiver: ReceiverConfig | None
+
+    def need_sender(self) -> SenderConfig:
+        if self.sender is None:
+            raise ConfigError(f"{self.path}: no [sender] section")
+        return self.sender
+
+    def need_receiver(self) -> ReceiverConfig:
+        if self.receiver is None:
+            raise ConfigError(f"{self.path}: no [receiver] section")
+        return self.receiver
+
+
+def parse_address(text: Any, key: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` into a tuple; the error names ``key``."""
+    if not isinstance(text, str) or not text:
+        raise ConfigError(f"{key}: expected 'host:port', got {text!r}")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(DEFAULT_PORT)
+    host = host.strip("[]") or default_host
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: port must be 1-65535, got {port!r}")
+    return host, int(port)
+
+
+_SPECIAL = {"source", "peer", "state_dir", "include", "listen", "target"}
+
+
+def _build(cls: type[Any], section: dict[str, Any], name: str, base: Path, extra: dict[str, Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    for key in section:
+        if key not in known:
+            raise ConfigError(f"{name} -> {key}: unknown key (known: {', '.join(sorted(known))})")
+    kw: dict[str, Any] = dict(extra)
+    for key, value in section.items():
+        if key in _SPECIAL:
+            continue
+        f = known[key]
+        want = f.type if isinstance(f.type, str) else f.type.__name__
+        if want == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} -> {key}: expected true or false, got {value!r}")
+        elif want in ("int", "float"):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"{name} -> {key}: expected a non-negative number, got {value!r}")
+            if want == "int" and not isinstance(value, int):
+                raise ConfigError(f"{name} -> {key}: expected a whole number, got {value!r}")
+            value = float(value) if want == "float" else value
+        elif want == "str" and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{name} -> {key}: expected a non-empty string, got {value!r}")
+        kw[key] = value
+    return cls(**kw)
+
+
+def _path(section: dict[str, Any], key: str, name: str, base: Path) -> Path:
+    if key not in section:
+        raise ConfigError(f"{name} -> {key}: required")
+    v = section[key]
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{name} -> {key}: expected a path string, got {v!r}")
+    p = Path(v).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def parse(data: dict[str, Any], path: Path) -> Config:
+    base = path.parent.resolve()
+    for key in data:
+        if key not in ("sender", "receiver", "guard"):
+            raise ConfigError(f"{key}: unknown section (known: sender, receiver, guard)")
+    sender = receiver = None
+    if "sender" in data:
+        s = data["sender"]
+        if not isinstance(s, dict):
+            raise ConfigError("sender: expected a table")
+        include = s.get("include", list(SenderConfig.include))
+        if not isinstance(include, list) or not include or not all(isinstance(x, str) for x in include):
+            raise ConfigError("sender -> include: expected a non-empty list of relative paths")
+        for item in include:
+            try:
+                check_relpath(item)
+            except PathRejected as e:
+                raise ConfigError(f"sender -> include: {e}") from None
+        if "peer" not in s:
+            raise ConfigError("sender -> peer: required")
+        sender = _build(SenderConfig, s, "sender", base, {
+            "source": _path(s, "source", "sender", base),
+            "state_dir": _path(s, "state_dir", "sender", base),
+            "peer": parse_address(s["peer"], "sender -> peer"),
+            "include": tuple(include),
+        })
+        if not 0 < sender.max_delete_share <= 1:
+            raise ConfigError("sender -> max_delete_share: expected a share in (0, 1]")
+    if "receiver" in data:
+        r = data["receiver"]
+        if not isinstance(r, dict):
+            raise ConfigError("receiver: expected a table")
+        if "listen" not in r:
+            raise ConfigError("receiver -> listen: required")
+        receiver = _build(ReceiverConfig, r, "receiver", base, {
+            "target": _path(r, "target", "receiver", base),
+            "state_dir": _path(r, "state_dir", "receiver", base),
+            "listen": parse_address(r["listen"], "receiver -> listen"),
+        })
+    return Config(path, sender, receiver)
+
+
+def load(path: Path) -> Config:
+    try:
+        text = path.read_text("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(data, path)

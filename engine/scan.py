@@ -1,0 +1,246 @@
+"""Walking a replicated set, stable reads and the hash cache. Decides nothing about what changed.
+
+A *stable read* takes a stat before and after reading and hashing a file; if size, mtime or file id moved,
+the read is :class:`Unstable` and must be retried later: a version that mixes two writes is never used.
+On Windows files are opened with FILE_SHARE_READ | FILE_SHARE_WRITE | FILE_SHARE_DELETE, so a read never
+makes the service's own write, rename or delete fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat as statmod
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import msgpack
+
+from engine.digest import Hasher, digest_bytes
+from engine.model import CHUNK_SIZE, FileMeta, is_temp_name
+
+log = logging.getLogger(__name__)
+
+#: Files up to this size are read whole into memory; larger ones are streamed.
+SMALL_FILE = 4 << 20
+
+
+def open_shared(path: Path) -> IO[bytes]:
+    """Open for reading without denying writers, renamers or deleters (matters on Windows only)."""
+    if sys.platform != "win32":
+        return open(path, "rb", buffering=0)
+    import ctypes  # pragma: no cover - Windows
+    import msvcrt
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    create = kernel32.CreateFileW
+    create.restype = wintypes.HANDLE
+    create.argtypes = [wintypes.LPCWSTR, wintypes.DWORD, wintypes.DWORD, wintypes.LPVOID,
+                       wintypes.DWORD, wintypes.DWORD, wintypes.HANDLE]
+    generic_read, share_all, open_existing, normal = 0x80000000, 0x7, 3, 0x80
+    h = create(str(path), generic_read, share_all, None, open_existing, normal, None)
+    if h == wintypes.HANDLE(-1).value:
+        err = ctypes.get_last_error()  # type: ignore[attr-defined]
+        if err in (2, 3):
+            raise FileNotFoundError(2, "No such file", str(path))
+        raise OSError(err, ctypes.FormatError(err), str(path))  # type: ignore[attr-defined]
+    fd = msvcrt.open_osfhandle(h, os.O_RDONLY | getattr(os, "O_BINARY", 0))  # type: ignore[attr-defined]
+    return open(fd, "rb", buffering=0)
+
+
+def file_key(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@dataclass(frozen=True, slots=True)
+class StableRead:
+    size: int
+    mtime_ns: int
+    digest: bytes
+    data: bytes | None  # whole content for small files; None for streamed ones
+
+
+@dataclass(frozen=True, slots=True)
+class Unstable:
+    reason: str
+
+
+def read_stable(path: Path, keep_data: bool = True) -> StableRead | Unstable | None:
+    """Read and hash ``path`` if it holds still. None if it is missing or not a regular file."""
+    try:
+        before = os.stat(path, follow_symlinks=False)
+        if not statmod.S_ISREG(before.st_mode):
+            return None
+        h = Hasher()
+        parts: list[bytes] = []
+        small = keep_data and before.st_size <= SMALL_FILE
+        with open_shared(path) as f:
+            while True:
+                b = f.read(CHUNK_SIZE)
+                if not b:
+                    break
+                h.update(b)
+                if small:
+                    parts.append(b)
+        after = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+    if file_key(before) != file_key(after):
+        return Unstable("file changed while it was read")
+    data = b"".join(parts) if small else None
+    if data is not None and len(data) != after.st_size:
+        return Unstable("size changed while it was read")
+    return StableRead(after.st_size, after.st_mtime_ns, h.digest() if data is None else digest_bytes(data), data)
+
+
+def iter_file_chunks(path: Path) -> Iterator[bytes]:
+    with open_shared(path) as f:
+        while b := f.read(CHUNK_SIZE):
+            yield b
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """One path found by a walk: a folder, or a file with its stat."""
+
+    path: str
+    is_dir: bool
+    st: os.stat_result | None
+
+
+def walk(root: Path, include: Sequence[str], skip: Path | None = None) -> Iterator[Found]:
+    """Every folder and regular file of the replicated set, as relative POSIX paths.
+
+    Symlinks and temporary files are skipped; so is ``skip`` (a state folder inside the root).
+    """
+    for item in include:
+        p = root / item
+        try:
+            st = os.stat(p, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if statmod.S_ISDIR(st.st_mode):
+            # The parent folders of an include are implied, not listed.
+            yield Found(item, True, None)
+            yield from _walk_dir(p, item, skip)
+        elif statmod.S_ISREG(st.st_mode):
+            yield Found(item, False, st)
+
+
+def _walk_dir(folder: Path, rel: str, skip: Path | None) -> Iterator[Found]:
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for e in entries:
+        if is_temp_name(e.name):
+            continue
+        child = f"{rel}/{e.name}"
+        try:
+            if e.is_symlink():
+                continue
+            if e.is_dir(follow_symlinks=False):
+                if skip is not None and Path(e.path) == skip:
+                    continue
+                yield Found(child, True, None)
+                yield from _walk_dir(Path(e.path), child, skip)
+            elif e.is_file(follow_symlinks=False):
+                yield Found(child, False, e.stat(follow_symlinks=False))
+        except FileNotFoundError:
+            continue
+
+
+class HashCache:
+    """Digests of files keyed on (size, mtime, file id): an unchanged file is never hashed again."""
+
+    def __init__(self) -> None:
+        self._d: dict[str, tuple[int, int, int, bytes]] = {}
+
+    def get(self, path: str, st: os.stat_result) -> bytes | None:
+        v = self._d.get(path)
+        if v is not None and v[:3] == file_key(st):
+            return v[3]
+        return None
+
+    def put(self, path: str, st: os.stat_result, digest: bytes) -> None:
+        self._d[path] = (*file_key(st), digest)
+
+    def put_key(self, path: str, key: tuple[int, int, int], digest: bytes) -> None:
+        self._d[path] = (*key, digest)
+
+    def known(self, path: str) -> tuple[int, int, int, bytes] | None:
+        return self._d.get(path)
+
+    def drop(self, path: str) -> None:
+        self._d.pop(path, None)
+
+    def retain(self, paths: set[str]) -> None:
+        for p in [p for p in self._d if p not in paths]:
+            del self._d[p]
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(msgpack.packb({k: list(v) for k, v in self._d.items()}, use_bin_type=True))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> HashCache:
+        c = cls()
+        try:
+            raw: Any = msgpack.unpackb(path.read_bytes(), raw=False)
+            for k, v in raw.items():
+                if isinstance(k, str) and isinstance(v, list) and len(v) == 4:
+                    c._d[k] = (int(v[0]), int(v[1]), int(v[2]), bytes(v[3]))
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # a damaged cache only costs re-hashing
+            log.warning("hashcache.unreadable path=%s error=%s", path, e)
+        return c
+
+
+@dataclass(slots=True)
+class Manifest:
+    entries: dict[str, FileMeta]
+    unstable: list[str]
+
+
+def build_manifest(root: Path, include: Sequence[str], cache: HashCache, skip: Path | None = None,
+                   flag_edits: bool = False) -> Manifest:
+    """Path, size, mtime and digest of every file and folder in the set, hashing only cache misses.
+
+    With ``flag_edits`` (the receiver), a file whose stat no longer matches what standby itself last wrote
+    is flagged ``local-edit``.
+    """
+    entries: dict[str, FileMeta] = {}
+    unstable: list[str] = []
+    for f in walk(root, include, skip):
+        if f.is_dir:
+            entries[f.path] = FileMeta(f.path, is_dir=True)
+            continue
+        assert f.st is not None
+        digest = cache.get(f.path, f.st)
+        flags: frozenset[str] = frozenset()
+        if digest is None:
+            if flag_edits and cache.known(f.path) is not None:
+                flags = frozenset({"local-edit"})
+            r = read_stable(root / f.path, keep_data=False)
+            if r is None:
+                continue
+            if isinstance(r, Unstable):
+                unstable.append(f.path)
+                continue
+            digest = r.digest
+            if not flags:
+                cache.put_key(f.path, (r.size, r.mtime_ns, f.st.st_ino), digest)
+        entries[f.path] = FileMeta(f.path, False, f.st.st_size, f.st.st_mtime_ns, digest, flags)
+    return Manifest(entries, unstable)
