@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError, PathRejected
+from engine.guard import GuardRule
 from engine.model import check_relpath
 
 DEFAULT_PORT = 7420
@@ -55,6 +56,7 @@ class Config:
     path: Path
     sender: SenderConfig | None
     receiver: ReceiverConfig | None
+    guards: tuple[GuardRule, ...] = ()
 
     def need_sender(self) -> SenderConfig:
         if self.sender is None:
@@ -158,7 +160,36 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             "state_dir": _path(r, "state_dir", "receiver", base),
             "listen": parse_address(r["listen"], "receiver -> listen"),
         })
-    return Config(path, sender, receiver)
+    return Config(path, sender, receiver, _guards(data.get("guard", [])))
+
+
+def _guards(items: Any) -> tuple[GuardRule, ...]:
+    if not isinstance(items, list):
+        raise ConfigError("guard: expected [[guard]] tables")
+    out = []
+    for i, g in enumerate(items):
+        name = f"guard[{i}]"
+        if not isinstance(g, dict):
+            raise ConfigError(f"{name}: expected a table")
+        for key in g:
+            if key not in ("pattern", "rule", "command", "timeout"):
+                raise ConfigError(f"{name} -> {key}: unknown key (known: command, pattern, rule, timeout)")
+        pattern, rule = g.get("pattern"), g.get("rule")
+        if not isinstance(pattern, str):
+            raise ConfigError(f"{name} -> pattern: required, a glob relative to the replicated root")
+        if not isinstance(rule, str):
+            raise ConfigError(f"{name} -> rule: required, one of base64, json, nonempty, command")
+        command = g.get("command", [])
+        if not isinstance(command, list) or not all(isinstance(x, str) for x in command):
+            raise ConfigError(f"{name} -> command: expected a list of strings (argv; {{path}} is the file)")
+        timeout = g.get("timeout", 5.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise ConfigError(f"{name} -> timeout: expected seconds")
+        try:
+            out.append(GuardRule(pattern, rule, tuple(command), float(timeout)))  # type: ignore[arg-type]
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
+    return tuple(out)
 
 
 def load(path: Path) -> Config:

@@ -79,8 +79,10 @@ class _Segment:
 class Journal:
     """Append entries, make them durable in groups, read them back from any seq still kept."""
 
-    def __init__(self, folder: Path, *, fsync: bool = True, segment_bytes: int = DEFAULT_SEGMENT_BYTES):
+    def __init__(self, folder: Path, *, fsync: bool = True, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+                 readonly: bool = False):
         self.folder = folder
+        self.readonly = readonly
         self.fsync = fsync
         self.segment_bytes = segment_bytes
         self.id = ""
@@ -106,6 +108,8 @@ class Journal:
             self.id = id_file.read_text("ascii").strip()
         elif segs:
             raise JournalError(f"{self.folder}: segments without journal.id; refusing to guess its identity")
+        elif self.readonly:
+            raise JournalError(f"{self.folder}: no journal here")
         else:
             self.id = secrets.token_hex(16)
             tmp = id_file.with_suffix(".tmp")
@@ -120,6 +124,8 @@ class Journal:
                 raise JournalError(f"{p}: not a segment name")
             self._segments.append(_Segment(p, int(stem)))
         if not self._segments:
+            if self.readonly:
+                raise JournalError(f"{self.folder}: the journal holds no segment")
             self._start_segment(1)
             self._next = 1
             self.head = 0
@@ -127,13 +133,15 @@ class Journal:
         last = self._segments[-1]
         end, last_seq = self._scan_tail(last)
         size = last.path.stat().st_size
+        self.head = last_seq
+        self._next = last_seq + 1
+        if self.readonly:  # a live sender may be appending: never cut, only read what is whole
+            return
         if end < size:
             log.warning("journal.torn_tail_cut segment=%s cut_at=%d size=%d", last.path.name, end, size)
             with open(last.path, "rb+") as f:
                 f.truncate(end)
                 os.fsync(f.fileno())
-        self.head = last_seq
-        self._next = last_seq + 1
         self._out = open(last.path, "ab")  # noqa: SIM115 - held open for appends
         self._out_size = end
 
@@ -275,6 +283,9 @@ class Journal:
                 seg.path.unlink()
             except FileNotFoundError:
                 pass
+            except OSError as e:  # Windows: a reader still has it open; try again next time
+                log.info("journal.prune_deferred segment=%s reason=%s", seg.path.name, e)
+                break
             self._segments.pop(0)
             removed += 1
         return removed
@@ -363,26 +374,29 @@ class Cursor:
         self.journal = journal
         self.seq = seq  # seq of the next header to read
         self._f: BinaryIO | None = None
-        self._seg_index = -1
+        self._seg_first = -1  # first seq of the open segment (indexes shift when old ones are pruned)
         self._cur: Change | None = None  # header whose chunks are still to be read
         self._remaining = 0
         self._seek(seq)
 
     def _seek(self, seq: int) -> None:
         segs = self.journal._segments
-        idx = max(i for i, s in enumerate(segs) if s.first <= seq)
-        self._open_segment(idx)
+        seg = max((s for s in segs if s.first <= seq), key=lambda s: s.first)
+        self._open_segment(seg)
         while self.seq < seq:
             if self.next_header() is None:
-                raise JournalError(f"seq {seq} not found in {segs[idx].path}")
+                raise JournalError(f"seq {seq} not found in {seg.path}")
             self.skip_chunks()
 
-    def _open_segment(self, idx: int) -> None:
+    def _next_segment(self) -> _Segment | None:
+        later = [s for s in self.journal._segments if s.first > self._seg_first]
+        return min(later, key=lambda s: s.first) if later else None
+
+    def _open_segment(self, seg: _Segment) -> None:
         if self._f is not None:
             self._f.close()
-        seg = self.journal._segments[idx]
         self._f = open(seg.path, "rb")  # noqa: SIM115
-        self._seg_index = idx
+        self._seg_first = seg.first
         header = self._read_frame(skip=False)
         if header is None or not _is_seg_header(header[0], self.journal.id, seg.first):
             raise JournalError(f"{seg.path}: bad segment header")
@@ -410,8 +424,9 @@ class Cursor:
             return None
         frame = self._read_frame(skip=False)
         if frame is None:
-            if self._seg_index + 1 < len(self.journal._segments):
-                self._open_segment(self._seg_index + 1)
+            nxt = self._next_segment()
+            if nxt is not None:
+                self._open_segment(nxt)
                 return self._header_frame()
             raise JournalError(f"journal ends before durable head {self.journal.head} (at {self.seq})")
         value, raw = frame

@@ -60,6 +60,7 @@ def file_key(st: os.stat_result) -> tuple[int, int, int]:
 class StableRead:
     size: int
     mtime_ns: int
+    ino: int
     digest: bytes
     data: bytes | None  # whole content for small files; None for streamed ones
 
@@ -96,7 +97,8 @@ def read_stable(path: Path, keep_data: bool = True) -> StableRead | Unstable | N
     data = b"".join(parts) if small else None
     if data is not None and len(data) != after.st_size:
         return Unstable("size changed while it was read")
-    return StableRead(after.st_size, after.st_mtime_ns, h.digest() if data is None else digest_bytes(data), data)
+    digest = h.digest() if data is None else digest_bytes(data)
+    return StableRead(after.st_size, after.st_mtime_ns, after.st_ino, digest, data)
 
 
 def iter_file_chunks(path: Path) -> Iterator[bytes]:
@@ -241,6 +243,6 @@ def build_manifest(root: Path, include: Sequence[str], cache: HashCache, skip: P
                 continue
             digest = r.digest
             if not flags:
-                cache.put_key(f.path, (r.size, r.mtime_ns, f.st.st_ino), digest)
+                cache.put_key(f.path, (r.size, r.mtime_ns, r.ino), digest)
         entries[f.path] = FileMeta(f.path, False, f.st.st_size, f.st.st_mtime_ns, digest, flags)
     return Manifest(entries, unstable)

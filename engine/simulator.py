@@ -17,8 +17,8 @@ give the same tree, byte for byte. Only the pacing (``run``) reads the clock.
 Crash mode (``crash_after_bytes``) makes the process kill itself with SIGKILL (``os._exit`` on Windows)
 after the first ``K`` bytes of a cookie rewrite were written and flushed, leaving a genuinely torn cookie.
 
-Must not: import anything of standby but nothing at all from the engine's layers would be needed; it is a
-test and bench tool, never imported by the engine. Only :func:`main` configures logging.
+Must not: import any engine module, or be imported by one: it is a test and bench tool that plays the
+service's part. Only :func:`main` configures logging.
 """
 
 from __future__ import annotations
@@ -61,10 +61,11 @@ CONFIG_REWRITE_CHANCE = 0.02
 
 _EPOCH = datetime(2030, 1, 7, 0, 0, tzinfo=UTC)  # a Monday; meeting times are offsets from it
 _WORDS = (
-    "budget review sprint planning standup retro roadmap hiring sync customer demo design architecture "
-    "security audit quarterly offsite launch onboarding training interview board update vendor call "
-    "release triage incident postmortem workshop lunch kickoff strategy finance legal marketing sales"
-).split()
+    "budget", "review", "sprint", "planning", "standup", "retro", "roadmap", "hiring", "sync", "customer",
+    "demo", "design", "architecture", "security", "audit", "quarterly", "offsite", "launch", "onboarding",
+    "training", "interview", "board", "update", "vendor", "call", "release", "triage", "incident",
+    "postmortem", "workshop", "lunch", "kickoff", "strategy", "finance", "legal", "marketing", "sales",
+)
 _NAMES = (
     "Ada Lovelace", "Alan Turing", "Grace Hopper", "Edsger Dijkstra", "Barbara Liskov", "Donald Knuth",
     "Frances Allen", "Ken Thompson", "Margaret Hamilton", "Radia Perlman", "John Backus", "Leslie Lamport",
@@ -329,7 +330,7 @@ class ServiceSimulator:
         self._cookie_generation += 1
         chars = self._rng.randint(COOKIE_MIN_CHARS, COOKIE_MAX_CHARS)
         header = f"{room};gen={self._cookie_generation};".encode()
-        raw_len = max(len(header), chars * 3 // 4 - 40)
+        raw_len = max(len(header), chars * 3 // 4 - 23)  # gzip adds 23 bytes to stored data
         payload = header + self._rng.randbytes(raw_len - len(header))
         return base64.b64encode(gzip.compress(payload, compresslevel=6, mtime=0))
 

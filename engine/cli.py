@@ -1,0 +1,302 @@
+"""The ``standby`` command: subcommands, logging set-up, signals and exit codes. Imported by nothing.
+
+Exit codes: 0 success; 1 ``verify`` found differences; 2 bad config or usage; 3 safety halt (an operator
+must confirm); 4 refused by the peer (epoch fence, busy, version); 5 any other replication error;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from engine import __version__, config, logs
+from engine.errors import (
+    ConfigError,
+    JournalError,
+    PeerRefused,
+    ReplicationError,
+    SafetyHalt,
+)
+
+log = logging.getLogger("engine.cli")
+
+EXIT_OK, EXIT_DIFF, EXIT_CONFIG, EXIT_HALT, EXIT_REFUSED, EXIT_ERROR = 0, 1, 2, 3, 4, 5
+
+DESCRIPTION = """\
+standby keeps a passive server an exact, crash-consistent copy of an active one.
+
+On the active server `standby send` watches the replicated set, journals every change durably and streams
+the journal in order to `standby receive` on the passive server, which applies each change atomically and
+acknowledges it. Both read one TOML file (see config.example.toml); each uses its own section.
+"""
+
+EPILOG = """\
+examples:
+  standby demo --seconds 20              a live pair on loopback, in temporary folders
+  standby receive --config standby.toml  on the passive server
+  standby send --config standby.toml     on the active server
+  standby verify --config standby.toml   compare source and replica by hash (exit 1 if they differ)
+  standby status --config standby.toml   role, peer, positions and lag of the local node
+
+exit codes: 0 ok, 1 differences found, 2 bad config or usage, 3 safety halt, 4 refused by peer,
+            5 other error, 130 interrupted
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="standby", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"standby {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity (default: info)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text lines 'event key=value', or one JSON object per line (default: text)")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    def cmd(name: str, help: str, desc: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=desc, formatter_class=fmt)
+        return sp
+
+    def conf(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", "-c", type=Path, required=True, metavar="FILE",
+                        help="the TOML config file (see config.example.toml)")
+
+    sp = cmd("send", "run the sender on the active server",
+             "Watch the replicated set under [sender] source, journal every change in [sender] state_dir and\n"
+             "stream it to the receiver at [sender] peer. Runs in the foreground until SIGINT/SIGTERM\n"
+             "(Ctrl-C / Ctrl-Break); a second signal forces the exit.")
+    conf(sp)
+    sp.add_argument("--allow-mass-delete", action="store_true",
+                    help="confirm a deletion the safety halt stopped (more than [sender] max_delete_share\n"
+                         "of the replica, or a whole replicated folder)")
+    sp = cmd("receive", "run the receiver on the passive server",
+             "Listen on [receiver] listen and apply changes in order, atomically and durably, under\n"
+             "[receiver] target. Runs in the foreground until SIGINT/SIGTERM; a second signal forces.")
+    conf(sp)
+    sp = cmd("verify", "compare source and replica by hash (on the active)",
+             "Ask the receiver for its manifest and compare it with the source, file by file, by size and\n"
+             "xxh3-128 hash. Exit 0 when identical, 1 when not.")
+    conf(sp)
+    sp.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
+                    help="retry for up to this long while changes are still in flight (default: 0)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = cmd("status", "show role, peer, positions and lag of this node",
+             "Read the status the running send/receive process keeps in its state folder.")
+    conf(sp)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = cmd("demo", "run a live pair on loopback with a simulated service",
+             "Start a receiver and a sender as separate processes on 127.0.0.1 in temporary folders, and a\n"
+             "writer that books, updates and deletes meetings the way Synergy Join does. Shows replication\n"
+             "as it happens, then verifies the replica.")
+    sp.add_argument("--seconds", type=float, default=15.0, help="how long the writer runs (default: 15)")
+    sp.add_argument("--rooms", type=int, default=5, help="meeting rooms to simulate (default: 5)")
+    sp.add_argument("--rate", type=float, default=20.0, help="batches of changes per second (default: 20)")
+    sp.add_argument("--keep", action="store_true", help="keep the temporary folders and print where")
+    sp = cmd("journal", "inspect the journal or replay it into a folder",
+             "list: the journal's segments and positions.\n"
+             "replay: rebuild a tree from the journal into a new folder, up to a seq or a time\n"
+             "(point-in-time recovery). The output is built aside and renamed into place when whole.")
+    conf(sp)
+    sp.add_argument("action", choices=["list", "replay"])
+    sp.add_argument("--out", type=Path, help="replay: the folder to create (must not exist)")
+    sp.add_argument("--until-seq", type=int, help="replay: last entry to apply")
+    sp.add_argument("--until-time", help="replay: last moment to apply (ISO 8601, e.g. 2026-11-25T10:00:00)")
+    return p
+
+
+def _run_async(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int:
+    """Run a long-lived command: the first SIGINT/SIGTERM asks for a graceful stop, the second forces."""
+
+    async def runner() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        count = 0
+
+        def on_signal(*_: Any) -> None:
+            nonlocal count
+            count += 1
+            if count > 1:
+                log.warning("cli.forced (second signal)")
+                os._exit(130)
+            loop.call_soon_threadsafe(stop.set)
+
+        sigs = [signal.SIGINT, signal.SIGTERM]
+        if sys.platform == "win32":
+            sigs = [signal.SIGINT, signal.SIGBREAK]  # type: ignore[attr-defined,unused-ignore]
+            for s in sigs:
+                signal.signal(s, on_signal)
+        else:
+            for s in sigs:
+                loop.add_signal_handler(s, on_signal)
+        return await main(stop)
+
+    return asyncio.run(runner())
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from engine.guards import sender_check
+    from engine.sender import Sender
+
+    cfg = config.load(args.config)
+    s = Sender(cfg.need_sender(), allow_mass_delete=args.allow_mass_delete, check=sender_check(cfg))
+
+    async def main(stop: asyncio.Event) -> int:
+        await s.run(stop)
+        return EXIT_OK
+
+    return _run_async(main)
+
+
+def _cmd_receive(args: argparse.Namespace) -> int:
+    from engine.guards import receiver_check
+    from engine.receiver import Receiver
+
+    cfg = config.load(args.config)
+    r = Receiver(cfg.need_receiver(), check=receiver_check(cfg))
+
+    async def main(stop: asyncio.Event) -> int:
+        await r.serve(stop)
+        return EXIT_OK
+
+    return _run_async(main)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from engine.observer import verify
+
+    cfg = config.load(args.config).need_sender()
+    deadline = time.monotonic() + args.settle
+    while True:
+        report = asyncio.run(verify(cfg))
+        if report.identical or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if args.json:
+        print(json.dumps({
+            "identical": report.identical, "replica_seq": report.replica_seq,
+            "source_entries": report.source_entries, "replica_entries": report.replica_entries,
+            "differences": [d.__dict__ for d in report.differences], "unstable": report.unstable,
+        }, indent=1))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        con = Console()
+        if report.identical:
+            con.print(f"[green]identical[/]: {report.source_entries} entries on both sides "
+                      f"(replica at seq {report.replica_seq})")
+        else:
+            t = Table(title=f"{len(report.differences)} differences (replica at seq {report.replica_seq})")
+            for col in ("path", "kind", "detail"):
+                t.add_column(col)
+            for d in report.differences[:1000]:
+                t.add_row(d.path, d.kind, d.detail)
+            con.print(t)
+        if report.unstable:
+            con.print(f"{len(report.unstable)} files were changing while read and were not compared")
+    return EXIT_OK if report.identical else EXIT_DIFF
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from engine.status import read_status
+
+    cfg = config.load(args.config)
+    out: dict[str, Any] = {}
+    for role, section in (("sender", cfg.sender), ("receiver", cfg.receiver)):
+        if section is not None:
+            out[role] = read_status(section.state_dir) or {"running": False, "note": "no status recorded"}
+    if args.json:
+        print(json.dumps(out, indent=1, sort_keys=True))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    for role, st in out.items():
+        t = Table(title=f"{role} ({'running' if st.get('running') else 'not running'})", show_header=False)
+        t.add_column("key", style="bold")
+        t.add_column("value")
+        keys = (["node", "peer", "peer_node", "connected", "epoch", "head", "sent_seq", "acked_seq",
+                 "lag_records", "lag_seconds", "pending_paths", "last_reconcile", "counters"]
+                if role == "sender" else
+                ["node", "listen", "target", "connected", "peer", "epoch", "applied_seq", "last_apply",
+                 "counters"])
+        for k in keys + (["note"] if "note" in st else []):
+            if k in st:
+                v = st[k]
+                if k == "last_apply" and v:
+                    v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
+                t.add_row(k, json.dumps(v) if isinstance(v, dict | list) else str(v))
+        con.print(t)
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from engine.demo import run_demo
+
+    return run_demo(seconds=args.seconds, rooms=args.rooms, rate=args.rate, keep=args.keep)
+
+
+def _cmd_journal(args: argparse.Namespace) -> int:
+    from engine.replay import list_journal, replay
+
+    cfg = config.load(args.config).need_sender()
+    if args.action == "list":
+        list_journal(cfg.state_dir / "journal")
+        return EXIT_OK
+    if args.out is None:
+        raise ConfigError("journal replay: --out FOLDER is required")
+    until_ns = None
+    if args.until_time:
+        from datetime import datetime
+
+        try:
+            until_ns = int(datetime.fromisoformat(args.until_time).timestamp() * 1e9)
+        except ValueError:
+            raise ConfigError(f"--until-time: not an ISO 8601 time: {args.until_time!r}") from None
+    replay(cfg.state_dir / "journal", args.out, until_seq=args.until_seq, until_ns=until_ns)
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "send": _cmd_send, "receive": _cmd_receive, "verify": _cmd_verify, "status": _cmd_status,
+    "demo": _cmd_demo, "journal": _cmd_journal,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logs.setup(args.log_level, args.log_format)
+    try:
+        return COMMANDS[args.cmd](args)
+    except ConfigError as e:
+        print(f"standby: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SafetyHalt as e:
+        log.error("send.safety_halt %s", e)
+        print(f"standby: safety halt: {e}", file=sys.stderr)
+        return EXIT_HALT
+    except PeerRefused as e:
+        print(f"standby: refused by peer: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except (ReplicationError, JournalError) as e:
+        print(f"standby: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except (ConnectionError, TimeoutError) as e:
+        print(f"standby: cannot reach the peer: {e or type(e).__name__}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:
+        print(f"standby: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,93 @@
+"""Read-only conversations with a receiver: fetch its manifest, and compare it with the source."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from engine import wire
+from engine.config import SenderConfig
+from engine.errors import PeerRefused, RemoteProtocolError
+from engine.model import FileMeta
+from engine.plan import same
+from engine.scan import HashCache, build_manifest
+
+
+async def fetch_manifest(cfg: SenderConfig, timeout: float = 60.0) -> tuple[int, list[FileMeta]]:
+    host, port = cfg.peer
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+        try:
+            proto = wire.SenderProtocol(cfg.node + "/verify", 0, role="observer")
+            writer.write(proto.hello())
+            await writer.drain()
+            entries: list[FileMeta] = []
+            asked = False
+            while True:
+                data = await reader.read(1 << 20)
+                if not data:
+                    raise ConnectionError("receiver closed the connection")
+                proto.receive_data(data)
+                while (ev := proto.next_event()) is not None:
+                    if isinstance(ev, wire.Refused):
+                        raise PeerRefused(f"{ev.code}: {ev.reason}")
+                    if isinstance(ev, wire.Welcome) and not asked:
+                        asked = True
+                        writer.write(proto.manifest_request(1, cfg.include))
+                        await writer.drain()
+                    elif isinstance(ev, wire.ManifestPart):
+                        entries.extend(ev.entries)
+                    elif isinstance(ev, wire.ManifestEnd):
+                        return ev.seq, entries
+                    elif not isinstance(ev, wire.Welcome | wire.Pong | wire.Ack):
+                        raise RemoteProtocolError(f"unexpected {type(ev).__name__}")
+        finally:
+            writer.transport.abort()
+
+
+@dataclass
+class Difference:
+    path: str
+    kind: str  # missing (on replica), extra (on replica), content, type, mtime
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    replica_seq: int
+    source_entries: int
+    replica_entries: int
+    differences: list[Difference] = field(default_factory=list)
+    unstable: list[str] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return not self.differences
+
+
+def compare(source: dict[str, FileMeta], replica: dict[str, FileMeta]) -> list[Difference]:
+    out: list[Difference] = []
+    for path in sorted(set(source) | set(replica)):
+        s, r = source.get(path), replica.get(path)
+        if r is None:
+            out.append(Difference(path, "missing", "on the source, not on the replica"))
+        elif s is None:
+            out.append(Difference(path, "extra", "on the replica, not on the source"))
+        elif s.is_dir != r.is_dir:
+            out.append(Difference(path, "type", "folder on one side, file on the other"))
+        elif not same(s, r):
+            if s.size != r.size or s.digest != r.digest:
+                out.append(Difference(path, "content", f"source {s.size} B {s.digest.hex()[:12]}, "
+                                      f"replica {r.size} B {r.digest.hex()[:12]}"))
+            else:
+                out.append(Difference(path, "mtime", f"modification times differ by "
+                                      f"{abs(s.mtime_ns - r.mtime_ns) / 1e9:.3f} s"))
+    return out
+
+
+async def verify(cfg: SenderConfig) -> VerifyReport:
+    seq, entries = await fetch_manifest(cfg)
+    cache = HashCache.load(cfg.state_dir / "hashcache")
+    m = await asyncio.to_thread(build_manifest, cfg.source, cfg.include, cache)
+    replica = {e.path: e for e in entries}
+    return VerifyReport(seq, len(m.entries), len(replica), compare(m.entries, replica), m.unstable)

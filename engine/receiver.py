@@ -1,0 +1,316 @@
+"""The receiver: a thin asyncio loop around :class:`engine.wire.ReceiverProtocol` and the applier.
+
+One sender at a time streams into the replica; observers (``standby verify``) may ask for manifests.
+Records are applied strictly in order, in groups: everything that arrived while the previous group was
+being made durable forms the next group. A group is acknowledged only after its files, its folders and the
+position are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from engine import wire
+from engine.apply import Applier, LargePut, PendingOp, PositionFile
+from engine.config import ReceiverConfig
+from engine.errors import ApplyError, PathRejected, RemoteProtocolError
+from engine.model import PROTOCOL_VERSION, Op, check_relpath
+from engine.scan import SMALL_FILE, HashCache, build_manifest
+from engine.status import write_status
+
+log = logging.getLogger(__name__)
+
+#: Apply a group once it holds this many records or bytes, even if more are waiting.
+GROUP_RECORDS = 4096
+GROUP_BYTES = 32 << 20
+
+
+class Receiver:
+    def __init__(self, cfg: ReceiverConfig, check: Any = None) -> None:
+        self.cfg = cfg
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        cfg.target.mkdir(parents=True, exist_ok=True)
+        self.position = PositionFile(cfg.state_dir / "position", fsync=cfg.fsync)
+        self.cache = HashCache.load(cfg.state_dir / "hashcache")
+        skip = cfg.state_dir.resolve() if _inside(cfg.state_dir, cfg.target) else None
+        self._skip = skip
+        self.applier = Applier(cfg.target, fsync=cfg.fsync, threads=cfg.fsync_threads, cache=self.cache,
+                               check=check)
+        self.journal = self.position.current.journal
+        self.seq = self.position.current.seq
+        self.epoch = self.position.current.epoch
+        self.sender: dict[str, Any] | None = None
+        self.counters = {"applied": 0, "groups": 0, "problems": 0, "refused_peers": 0,
+                         "protocol_errors": 0, "apply_errors": 0}
+        self.last_apply = 0.0
+        self.started = time.time()
+        self._conns: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+        self.bound: tuple[str, int] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    async def serve(self, stop: asyncio.Event) -> None:
+        removed = await asyncio.to_thread(self.applier.clean_temps)
+        if removed:
+            log.info("receiver.temps_removed count=%d", removed)
+        host, port = self.cfg.listen
+        self._server = await asyncio.start_server(self._handle, host, port, limit=1 << 20)
+        sock = self._server.sockets[0].getsockname()
+        self.bound = (sock[0], sock[1])
+        log.info("receiver.listening address=%s:%d target=%s seq=%d epoch=%d", sock[0], sock[1],
+                 self.cfg.target, self.seq, self.epoch)
+        status_task = asyncio.create_task(self._status_loop())
+        try:
+            await stop.wait()
+        finally:
+            log.info("receiver.stopping")
+            self._server.close()
+            for w in list(self._conns):
+                w.transport.abort()
+            with contextlib.suppress(asyncio.TimeoutError):
+                async with asyncio.timeout(10):
+                    while self._conns:
+                        await asyncio.sleep(0.01)
+            status_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await status_task
+            self._save()
+            self.applier.close()
+            self.position.close()
+            log.info("receiver.stopped seq=%d", self.seq)
+
+    def _save(self) -> None:
+        self.cache.save(self.cfg.state_dir / "hashcache")
+        write_status(self.cfg.state_dir, self.status())
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.to_thread(write_status, self.cfg.state_dir, self.status())
+            await asyncio.sleep(1.0)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": "receiver", "node": self.cfg.node, "listen": "{}:{}".format(*(self.bound or self.cfg.listen)),
+            "target": str(self.cfg.target), "connected": self.sender is not None, "peer": self.sender,
+            "journal": self.journal, "applied_seq": self.seq, "epoch": self.epoch,
+            "last_apply": self.last_apply, "counters": dict(self.counters), "started": self.started,
+        }
+
+    # -- one connection -------------------------------------------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        addr = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._conns.add(writer)
+        conn = _Conn(self, reader, writer, addr)
+        try:
+            await conn.run()
+        except RemoteProtocolError as e:
+            self.counters["protocol_errors"] += 1
+            log.warning("receiver.protocol_error peer=%s error=%s", addr, e)
+        except ApplyError as e:
+            self.counters["apply_errors"] += 1
+            log.error("receiver.apply_error peer=%s error=%s (not acknowledged; the sender will resend)",
+                      addr, e)
+        except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
+            log.info("receiver.disconnected peer=%s reason=%s", addr, e)
+        finally:
+            conn.cleanup()
+            if conn.is_sender:
+                self.sender = None
+            self._conns.discard(writer)
+            writer.transport.abort()
+
+
+class _Conn:
+    def __init__(self, rx: Receiver, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 addr: str) -> None:
+        self.rx = rx
+        self.reader = reader
+        self.writer = writer
+        self.addr = addr
+        self.proto = wire.ReceiverProtocol(rx.cfg.node, max_frame=rx.cfg.max_frame_mb << 20)
+        self.is_sender = False
+        self.group: list[PendingOp] = []
+        self.group_bytes = 0
+        self.cur: Any = None  # the put whose chunks are arriving: bytearray parts or a LargePut
+        self.cur_parts: list[bytes] = []
+        self.cur_skip = False
+        self._refusals: list[wire.Problem] = []
+
+    def cleanup(self) -> None:
+        if isinstance(self.cur, LargePut):
+            self.cur.discard()
+        for op in self.group:
+            if op.temp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    op.temp.unlink()
+
+    async def run(self) -> None:
+        cfg = self.rx.cfg
+        async with asyncio.timeout(cfg.handshake_timeout):
+            hello = None
+            while hello is None:
+                data = await self.reader.read(65536)
+                if not data:
+                    return
+                self.proto.receive_data(data)
+                ev = self.proto.next_event()
+                if ev is not None:
+                    assert isinstance(ev, wire.Hello)
+                    hello = ev
+        if not await self._admit(hello):
+            return
+        while True:
+            try:
+                async with asyncio.timeout(cfg.idle_timeout):
+                    data = await self.reader.read(1 << 20)
+            except TimeoutError:
+                log.info("receiver.idle_close peer=%s after=%gs", self.addr, cfg.idle_timeout)
+                return
+            if not data:
+                await self._commit()
+                return
+            self.proto.receive_data(data)
+            while (ev := self.proto.next_event()) is not None:
+                await self._on_event(ev)
+                if len(self.group) >= GROUP_RECORDS or self.group_bytes >= GROUP_BYTES:
+                    await self._commit()
+            if self.cur is None:
+                await self._commit()
+
+    async def _admit(self, hello: wire.Hello) -> bool:
+        rx = self.rx
+        refuse = None
+        if hello.version != PROTOCOL_VERSION:
+            refuse = ("version", f"protocol version {hello.version} is not supported")
+        elif hello.role == "sender" and rx.sender is not None:
+            refuse = ("busy", f"another sender ({rx.sender['node']} from {rx.sender['address']}) is connected")
+        elif hello.role == "sender" and hello.epoch < rx.epoch:
+            refuse = ("epoch", f"epoch {hello.epoch} is lower than {rx.epoch}, the highest this receiver has "
+                      "seen: a newer active exists (fenced)")
+        if refuse is not None:
+            rx.counters["refused_peers"] += 1
+            log.warning("receiver.refused peer=%s node=%r code=%s reason=%s", self.addr, hello.node,
+                        refuse[0], refuse[1])
+            self.writer.write(self.proto.refuse(*refuse))
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()
+            return False
+        if hello.role == "sender":
+            self.is_sender = True
+            rx.sender = {"node": hello.node, "address": self.addr, "epoch": hello.epoch,
+                         "since": time.time()}
+            if hello.epoch > rx.epoch:
+                rx.epoch = hello.epoch
+                await asyncio.to_thread(rx.position.save, rx.journal, rx.seq, rx.epoch)
+                log.info("receiver.epoch_raised epoch=%d", rx.epoch)
+        log.info("receiver.connected peer=%s node=%r role=%s epoch=%d", self.addr, hello.node, hello.role,
+                 hello.epoch)
+        self.writer.write(self.proto.welcome(rx.journal, rx.seq, rx.epoch))
+        await self.writer.drain()
+        return True
+
+    async def _on_event(self, ev: wire.ReceiverEvent) -> None:
+        rx = self.rx
+        if isinstance(ev, wire.StreamStart):
+            if ev.journal != rx.journal or ev.first != rx.seq + 1:
+                log.info("receiver.stream_restart journal=%s from=%d (had journal=%s seq=%d)", ev.journal,
+                         ev.first, rx.journal or "-", rx.seq)
+            rx.journal = ev.journal
+            rx.seq = ev.first - 1
+        elif isinstance(ev, wire.EntryHeader):
+            c = ev.change
+            if c.op is not Op.PUT or c.chunks == 0:
+                self._add(PendingOp(c, data=b"" if c.op is Op.PUT else None), 64)
+                return
+            if c.size <= SMALL_FILE:
+                self.cur, self.cur_parts = c, []
+                return
+            await self._commit()  # a large put starts a group of its own
+            try:
+                self.cur = await asyncio.to_thread(rx.applier.begin_large, c)
+                self.cur_skip = False
+            except PathRejected as e:
+                self.cur, self.cur_skip = c, True
+                self._add(PendingOp(c, data=None), 0, refused=e.reason)
+        elif isinstance(ev, wire.Chunk):
+            if isinstance(self.cur, LargePut):
+                await asyncio.to_thread(self.cur.write, ev.data)
+                if ev.last:
+                    large, self.cur = self.cur, None
+                    reason = await asyncio.to_thread(large.finish)
+                    self._add(PendingOp(large.change, temp=None if reason else large.temp), 0,
+                              refused=reason)
+                    await self._commit()
+            else:
+                if not self.cur_skip:
+                    self.cur_parts.append(ev.data)
+                if ev.last:
+                    c, self.cur = self.cur, None
+                    if not self.cur_skip:
+                        self._add(PendingOp(c, data=b"".join(self.cur_parts)), c.size)
+                    self.cur_parts, self.cur_skip = [], False
+        elif isinstance(ev, wire.ManifestRequest):
+            await self._commit()
+            try:
+                include = [check_relpath(p) for p in ev.include]
+            except PathRejected as e:
+                raise RemoteProtocolError(f"manifest request: {e}") from None
+            m = await asyncio.to_thread(build_manifest, rx.cfg.target, include, rx.cache, rx._skip, True)
+            for path, meta in m.entries.items():
+                if "local-edit" in meta.flags:
+                    log.warning("replica.local_edit path=%r (the replica is read-only; it will be repaired)",
+                                path)
+            self.writer.write(self.proto.manifest(ev.id, m.entries.values(), rx.seq))
+            await self.writer.drain()
+        elif isinstance(ev, wire.Ping):
+            self.writer.write(self.proto.pong(ev.ts))
+
+    def _add(self, op: PendingOp, size: int, refused: str | None = None) -> None:
+        if refused is not None:
+            op = PendingOp(op.change, data=None, temp=None)
+            self.group.append(op)
+            self._refusals.append(wire.Problem(op.change.seq, op.change.path, "refused", refused))
+            log.warning("apply.refused seq=%d path=%r reason=%s", op.change.seq, op.change.path, refused)
+        else:
+            self.group.append(op)
+        self.group_bytes += size
+
+    async def _commit(self) -> None:
+        if not self.group:
+            return
+        rx = self.rx
+        group, self.group, self.group_bytes = self.group, [], 0
+        refused = {p.seq for p in self._refusals}
+        problems = list(self._refusals)
+        self._refusals.clear()
+        todo = [op for op in group if op.change.seq not in refused]
+        last = group[-1].change.seq
+
+        def critical() -> list[wire.Problem]:
+            # One call in a worker thread: apply, then persist the position. Never split by cancellation.
+            res = rx.applier.apply_batch(todo)
+            rx.position.save(rx.journal, last, rx.epoch)
+            return res.problems
+
+        problems += await asyncio.shield(asyncio.to_thread(critical))
+        rx.seq = last
+        rx.counters["applied"] += len(group)
+        rx.counters["groups"] += 1
+        rx.counters["problems"] += len(problems)
+        rx.last_apply = time.time()
+        self.writer.write(self.proto.ack(last, problems))
+        await self.writer.drain()
+
+
+def _inside(p: Path, root: Path) -> bool:
+    try:
+        p.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,609 @@
+"""The sender: watcher hints -> stable reads -> journal -> ordered stream to the receiver.
+
+Tasks (one TaskGroup, owned here): the *pipeline* turns due paths and structural changes into journal
+entries, one group (one fsync) at a time; the *link* keeps a connection to the receiver and streams the
+journal from the receiver's acknowledged position; the *reconciler* compares the source with the
+receiver's manifest on start, after a watcher overflow and on a schedule.
+
+INVARIANT: the journal is written only by the pipeline, one group at a time, in the order the changes were
+observed; the stream sends it in that order and resends from the receiver's position after any break.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine import wire
+from engine.aio import run_critical
+from engine.config import SenderConfig
+from engine.errors import (
+    EpochFenced,
+    PathRejected,
+    PeerRefused,
+    RemoteProtocolError,
+    ReplicationError,
+    SafetyHalt,
+)
+from engine.journal import Journal
+from engine.model import Change, FileMeta, Op, check_relpath, is_temp_name, is_under, to_posix_rel
+from engine.plan import diff, expected_after, mass_delete
+from engine.scan import HashCache, StableRead, Unstable, build_manifest, iter_file_chunks, read_stable
+from engine.status import write_status
+from engine.tracker import Tracker
+from engine.watch import Hint, Watcher
+
+log = logging.getLogger(__name__)
+
+#: A content check for guarded files: (relative path, content) -> None if good, else the reason.
+ContentCheck = Callable[[str, bytes], str | None]
+
+INFLIGHT_BYTES = 64 << 20
+DRAIN_SECONDS = 5.0
+
+
+def read_epoch(state_dir: Any) -> int:
+    p = state_dir / "epoch"
+    try:
+        return int(p.read_text("ascii").strip())
+    except FileNotFoundError:
+        p.write_text("1\n", "ascii")
+        return 1
+    except ValueError:
+        raise ReplicationError(f"{p}: not an epoch number") from None
+
+
+@dataclass(slots=True)
+class _BatchResult:
+    appended: int = 0
+    retry: list[str] = field(default_factory=list)
+    held: list[tuple[str, str]] = field(default_factory=list)
+    halt: str | None = None
+
+
+class _Stop(Exception):
+    pass
+
+
+class Sender:
+    def __init__(self, cfg: SenderConfig, *, allow_mass_delete: bool = False,
+                 check: ContentCheck | None = None, close_events: bool | None = None) -> None:
+        self.cfg = cfg
+        self.allow_mass_delete = allow_mass_delete
+        self.check = check
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal.open(cfg.state_dir / "journal", fsync=cfg.fsync,
+                                    segment_bytes=cfg.segment_mb << 20)
+        self.cache = HashCache.load(cfg.state_dir / "hashcache")
+        self.epoch = read_epoch(cfg.state_dir)
+        if close_events is None:
+            close_events = sys.platform.startswith("linux")
+        self.tracker = Tracker(cfg.settle, cfg.max_open, close_events)
+        self.ops: deque[tuple[str, ...]] = deque()
+        self.jlock = threading.Lock()
+        self._root = str(cfg.source)
+        self._prefix = self._root.rstrip(os.sep) + os.sep
+        # link state
+        self.connected = False
+        self.peer_node = ""
+        self.sent = 0
+        self.acked = 0
+        self.behind_since: float | None = None
+        self._inflight: deque[tuple[int, int]] = deque()
+        self._inflight_bytes = 0
+        self._control: deque[int] = deque()
+        self._manifests: dict[int, tuple[list[FileMeta], asyncio.Future[tuple[int, list[FileMeta]]]]] = {}
+        self._req_ids = itertools.count(1)
+        self.counters = {"journaled": 0, "unstable_retries": 0, "held": 0, "forced_max_open": 0,
+                         "reconciles": 0, "overflows": 0, "refused_by_receiver": 0, "reconnects": 0}
+        self.last_reconcile: dict[str, Any] = {}
+        self.started = time.time()
+        self.stopping = False
+        self._watcher: Watcher | None = None
+        self._wake: asyncio.Event | None = None
+        self._kick: asyncio.Event | None = None
+        self._reconcile_req: asyncio.Event | None = None
+        self._reconcile_reason = "start"
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        if not self.cfg.source.is_dir():
+            raise SafetyHalt(f"source root {self.cfg.source} does not exist or is not a folder; refusing to "
+                             "replicate an empty set over the replica")
+        self._wake, self._kick, self._reconcile_req = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._watcher = Watcher(loop, self.cfg.source, self.cfg.include, self._on_hint)
+        await asyncio.to_thread(self._watcher.start)
+        log.info("send.started source=%s include=%s peer=%s:%d journal=%s head=%d epoch=%d",
+                 self.cfg.source, ",".join(self.cfg.include), *self.cfg.peer, self.journal.id,
+                 self.journal.head, self.epoch)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._pipeline(), name="pipeline")
+                tg.create_task(self._link_loop(), name="link")
+                tg.create_task(self._reconciler(), name="reconciler")
+                tg.create_task(self._status_loop(), name="status")
+                tg.create_task(self._stopper(stop), name="stopper")
+        except* _Stop:
+            pass
+        except* ReplicationError as eg:
+            raise eg.exceptions[0] from None
+        finally:
+            if self._watcher is not None:
+                await asyncio.to_thread(self._watcher.stop)
+            await asyncio.to_thread(self._close)
+            log.info("send.stopped head=%d acked=%d", self.journal.head, self.acked)
+
+    def _close(self) -> None:
+        with self.jlock:
+            self.journal.close()
+        self.cache.save(self.cfg.state_dir / "hashcache")
+        write_status(self.cfg.state_dir, self.status())
+
+    async def _stopper(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.stopping = True
+        log.info("send.stopping (intake stopped; draining up to %gs)", DRAIN_SECONDS)
+        if self._watcher is not None:
+            await asyncio.to_thread(self._watcher.stop)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DRAIN_SECONDS):
+                while self.connected and self.acked < self.journal.head:
+                    await asyncio.sleep(0.02)
+        raise _Stop
+
+    # -- hints from the watcher -----------------------------------------------------------------------------
+    def _rel(self, path: str) -> str | None:
+        if not path.startswith(self._prefix):
+            return None
+        rel = to_posix_rel(path[len(self._prefix):], os.sep)
+        if not any(is_under(rel, inc) for inc in self.cfg.include):
+            return None
+        if is_temp_name(rel.rpartition("/")[2]):
+            return None
+        return rel
+
+    def _on_hint(self, h: Hint) -> None:
+        if self.stopping:
+            return
+        now = time.monotonic()
+        if h.kind == "overflow":
+            self.counters["overflows"] += 1
+            log.warning("watch.overflow (events were lost; a full reconciliation follows)")
+            self.request_reconcile("overflow")
+            return
+        if h.kind == "moved":
+            src, dst = self._rel(h.path), self._rel(h.dest)
+            if src is not None and dst is not None:
+                self.tracker.move(src, dst)
+                self.ops.append(("rename", src, dst))
+            elif src is not None:
+                self._deleted(src, h.is_dir)
+            elif dst is not None:
+                self._created(dst, h.is_dir, now, complete=True)
+            self._poke()
+            return
+        rel = self._rel(h.path)
+        if rel is None:
+            return
+        if h.kind == "deleted":
+            self._deleted(rel, h.is_dir)
+        elif h.kind == "created":
+            self._created(rel, h.is_dir, now, complete=False)
+        elif not h.is_dir:
+            self.tracker.hint(h.kind, rel, now)
+        self._poke()
+
+    def _deleted(self, rel: str, is_dir: bool) -> None:
+        self.tracker.forget(rel)
+        self.ops.append(("rmdir" if is_dir else "delete", rel))
+        if rel in self.cfg.include and self._watcher is not None:
+            asyncio.get_running_loop().run_in_executor(None, self._watcher.restart)
+
+    def _created(self, rel: str, is_dir: bool, now: float, complete: bool) -> None:
+        if not is_dir:
+            if complete:
+                self.tracker.ready_now(rel, now)
+            else:
+                self.tracker.hint("created", rel, now)
+            return
+        self.ops.append(("mkdir", rel))
+        if rel in self.cfg.include and self._watcher is not None:
+            asyncio.get_running_loop().run_in_executor(None, self._watcher.restart)
+        # Files made inside a new folder before its watch existed get no events of their own.
+        asyncio.get_running_loop().call_later(0.05, self._scan_new_dir, rel)
+
+    def _scan_new_dir(self, rel: str) -> None:
+        now = time.monotonic()
+        base = self.cfg.source / rel
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+            sub = to_posix_rel(os.path.relpath(dirpath, self.cfg.source), os.sep)
+            for d in dirnames:
+                self.ops.append(("mkdir", f"{sub}/{d}"))
+            for f in filenames:
+                if not is_temp_name(f):
+                    self.tracker.hint("scanned", f"{sub}/{f}", now)
+        self._poke()
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- the pipeline: due paths -> journal -------------------------------------------------------------------
+    async def _pipeline(self) -> None:
+        assert self._wake is not None
+        last_prune = time.monotonic()
+        while True:
+            now = time.monotonic()
+            ready, forced = self.tracker.due(now)
+            for p in forced:
+                self.counters["forced_max_open"] += 1
+                log.warning("send.max_open path=%r (open for writing over %gs; shipping a stable read)",
+                            p, self.cfg.max_open)
+            self.ops.extend(("put", p) for p in ready + forced)
+            if not self.ops:
+                nd = self.tracker.next_due()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(None if nd is None else max(0.0, nd - time.monotonic())):
+                        await self._wake.wait()
+                continue
+            n = min(len(self.ops), self.cfg.batch_files)
+            batch = [self.ops.popleft() for _ in range(n)]
+            res = await run_critical(functools.partial(self._journal_batch, batch))
+            now = time.monotonic()
+            for p in res.retry:
+                self.counters["unstable_retries"] += 1
+                self.tracker.retry(p, now)
+            if res.appended:
+                self.counters["journaled"] += res.appended
+                if self.behind_since is None:
+                    self.behind_since = time.time()
+                if self._kick is not None:
+                    self._kick.set()
+            if res.halt:
+                raise SafetyHalt(res.halt)
+            if now - last_prune > 60:
+                last_prune = now
+                cutoff = time.time() - self.cfg.journal_retain_hours * 3600
+                acked = self.acked if self.connected else min(self.acked, self.journal.head)
+                removed = await run_critical(functools.partial(self._prune, acked, cutoff))
+                if removed:
+                    log.info("journal.pruned segments=%d", removed)
+
+    def _prune(self, acked: int, cutoff: float) -> int:
+        with self.jlock:
+            return self.journal.prune(acked, cutoff)
+
+    def _journal_batch(self, batch: list[tuple[str, ...]]) -> _BatchResult:
+        """One group: read, check and append every change in order, then one fsync. Worker thread."""
+        res = _BatchResult()
+        src = self.cfg.source
+        with self.jlock:
+            j = self.journal
+            for op in batch:
+                kind, path = op[0], op[1]
+                ts = time.time_ns()
+                if kind == "put":
+                    r = read_stable(src / path)
+                    if r is None:
+                        continue  # gone again, or not a regular file: a delete hint follows
+                    if isinstance(r, Unstable):
+                        res.retry.append(path)
+                        continue
+                    if not self._put(j, path, r, ts, res):
+                        continue
+                elif kind in ("delete", "rmdir"):
+                    halt = self._deletion_halt(path, kind)
+                    if halt:
+                        res.halt = halt
+                        break
+                    j.append(Change(0, Op.DELETE if kind == "delete" else Op.RMDIR, path, ts_ns=ts))
+                    self.cache.drop(path)
+                elif kind == "mkdir":
+                    j.append(Change(0, Op.MKDIR, path, ts_ns=ts))
+                elif kind == "rename":
+                    j.append(Change(0, Op.RENAME, path, dst=op[2], ts_ns=ts))
+                res.appended += 1
+            j.commit()
+        return res
+
+    def _put(self, j: Journal, path: str, r: StableRead, ts: int, res: _BatchResult) -> bool:
+        try:
+            check_relpath(path)
+        except PathRejected as e:
+            log.warning("send.skipped path=%r reason=%s", path, e.reason)
+            return False
+        if r.data is not None and self.check is not None:
+            reason = self.check(path, r.data)
+            if reason is not None:
+                self.counters["held"] += 1
+                res.held.append((path, reason))
+                log.warning("guard.torn path=%r reason=%s (held back; the last good version stays)",
+                            path, reason)
+                return False
+        change = Change(0, Op.PUT, path, size=r.size, mtime_ns=r.mtime_ns, digest=r.digest, ts_ns=ts)
+        if r.data is not None:
+            j.append(change, r.data)
+        else:
+            ap = j.begin_put(change)
+            try:
+                for chunk in iter_file_chunks(self.cfg.source / path):
+                    ap.write(chunk)
+            except OSError:
+                ap.abort()
+                res.retry.append(path)
+                return False
+            if ap.finish() is None:
+                res.retry.append(path)
+                return False
+        self.cache.put_key(path, (r.size, r.mtime_ns, r.ino), r.digest)
+        return True
+
+    def _deletion_halt(self, path: str, kind: str) -> str | None:
+        if not self.cfg.source.is_dir():
+            return f"source root {self.cfg.source} vanished; refusing to propagate the wipe"
+        if kind == "rmdir" and path in self.cfg.include and not self.allow_mass_delete:
+            return (f"the replicated folder {path!r} was removed on the source; refusing to remove it on "
+                    "the replica (restart with --allow-mass-delete to confirm)")
+        return None
+
+    # -- the link -----------------------------------------------------------------------------------------
+    async def _link_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._session()
+            except* EpochFenced as eg:
+                raise eg.exceptions[0] from None
+            except* PeerRefused as eg:
+                log.warning("send.refused peer=%s:%d reason=%s", *self.cfg.peer, eg.exceptions[0])
+            except* (OSError, EOFError, RemoteProtocolError, TimeoutError) as eg:
+                e = eg.exceptions[0]
+                if self.connected:
+                    log.warning("send.link_down peer=%s:%d reason=%s", *self.cfg.peer,
+                                e or type(e).__name__)
+                else:
+                    log.info("send.connect_failed peer=%s:%d reason=%s retry_in=%.1fs", *self.cfg.peer,
+                             e or type(e).__name__, backoff)
+            else:
+                backoff = 0.1
+            self._disconnected()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.cfg.retry_max)
+
+    def _disconnected(self) -> None:
+        if self.connected:
+            self.counters["reconnects"] += 1
+        self.connected = False
+        self._inflight.clear()
+        self._inflight_bytes = 0
+        self._control.clear()
+        for _parts, fut in self._manifests.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("link down during reconciliation"))
+        self._manifests.clear()
+
+    async def _session(self) -> None:
+        host, port = self.cfg.peer
+        async with asyncio.timeout(self.cfg.connect_timeout):
+            reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+        try:
+            proto = wire.SenderProtocol(self.cfg.node, self.epoch)
+            writer.write(proto.hello())
+            await writer.drain()
+            async with asyncio.timeout(self.cfg.connect_timeout * 2):
+                ev = None
+                while ev is None:
+                    data = await reader.read(65536)
+                    if not data:
+                        raise ConnectionError("receiver closed the connection during the handshake")
+                    proto.receive_data(data)
+                    ev = proto.next_event()
+            if isinstance(ev, wire.Refused):
+                if ev.code == "epoch":
+                    raise EpochFenced(f"receiver refused epoch {self.epoch}: {ev.reason}")
+                raise PeerRefused(f"{ev.code}: {ev.reason}")
+            assert isinstance(ev, wire.Welcome)
+            j = self.journal
+            if ev.journal == j.id and j.first_seq - 1 <= ev.seq <= j.head:
+                start = ev.seq + 1
+            else:
+                start = j.head + 1
+                log.info("send.new_generation receiver_journal=%s receiver_seq=%d journal=%s kept=%d..%d "
+                         "(continuity cannot be proven: streaming from %d and reconciling)",
+                         ev.journal or "-", ev.seq, j.id, j.first_seq, j.head, start)
+            writer.write(proto.stream(j.id, start))
+            self.acked = self.sent = start - 1
+            self.behind_since = None if self.acked >= j.head else (self.behind_since or time.time())
+            self.connected = True
+            self.peer_node = ev.node
+            log.info("send.connected peer=%s:%d node=%r from=%d head=%d", host, port, ev.node, start, j.head)
+            self.request_reconcile("connect")
+            cursor = await asyncio.to_thread(j.cursor, start)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._stream_out(writer, proto, cursor))
+                    tg.create_task(self._read_in(reader, proto))
+            finally:
+                cursor.close()
+        finally:
+            writer.transport.abort()
+
+    async def _stream_out(self, writer: asyncio.StreamWriter, proto: wire.SenderProtocol,
+                          cursor: Any) -> None:
+        assert self._kick is not None
+        last_ping = time.monotonic()
+        while True:
+            while self._control:
+                req = self._control.popleft()
+                writer.write(proto.manifest_request(req, self.cfg.include))
+            if cursor.seq <= self.journal.head and self._inflight_bytes < INFLIGHT_BYTES:
+                raw, done = await asyncio.to_thread(cursor.read_raw)
+                writer.write(proto.entries(raw, done))
+                self._inflight.append((proto.sent.last_seq, len(raw)))
+                self._inflight_bytes += len(raw)
+                self.sent = proto.sent.last_seq
+                await writer.drain()
+                continue
+            await writer.drain()
+            self._kick.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self._kick.wait()
+            if time.monotonic() - last_ping > 5.0:
+                last_ping = time.monotonic()
+                writer.write(proto.ping(time.time_ns()))
+
+    async def _read_in(self, reader: asyncio.StreamReader, proto: wire.SenderProtocol) -> None:
+        assert self._kick is not None
+        while True:
+            data = await reader.read(1 << 20)
+            if not data:
+                raise ConnectionError("receiver closed the connection")
+            proto.receive_data(data)
+            while (ev := proto.next_event()) is not None:
+                if isinstance(ev, wire.Ack):
+                    self._on_ack(ev)
+                elif isinstance(ev, wire.ManifestPart):
+                    if ev.id in self._manifests:
+                        self._manifests[ev.id][0].extend(ev.entries)
+                elif isinstance(ev, wire.ManifestEnd):
+                    item = self._manifests.pop(ev.id, None)
+                    if item is not None and not item[1].done():
+                        item[1].set_result((ev.seq, item[0]))
+                elif isinstance(ev, wire.Refused):
+                    raise PeerRefused(f"{ev.code}: {ev.reason}")
+
+    def _on_ack(self, ev: wire.Ack) -> None:
+        assert self._kick is not None
+        self.acked = ev.seq
+        while self._inflight and self._inflight[0][0] <= ev.seq:
+            self._inflight_bytes -= self._inflight.popleft()[1]
+        if self.acked >= self.journal.head:
+            self.behind_since = None
+        for p in ev.problems:
+            self.counters["refused_by_receiver"] += 1
+            log.warning("send.receiver_problem seq=%d path=%r code=%s reason=%s", p.seq, p.path, p.code,
+                        p.reason)
+            if p.code == "missing-source":
+                self.request_reconcile("rename-missing-source")
+        self._kick.set()
+
+    # -- reconciliation -------------------------------------------------------------------------------------
+    def request_reconcile(self, reason: str) -> None:
+        self._reconcile_reason = reason
+        if self._reconcile_req is not None:
+            self._reconcile_req.set()
+
+    async def _reconciler(self) -> None:
+        assert self._reconcile_req is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.cfg.reconcile_interval or None):
+                    await self._reconcile_req.wait()
+            reason = self._reconcile_reason if self._reconcile_req.is_set() else "schedule"
+            self._reconcile_req.clear()
+            while not self.connected:
+                await asyncio.sleep(0.05)
+            try:
+                await self.reconcile(reason)
+            except (ConnectionError, TimeoutError) as e:
+                log.info("reconcile.interrupted reason=%s error=%s (retried on reconnect)", reason, e)
+
+    async def reconcile(self, reason: str) -> None:
+        t0 = time.monotonic()
+        mark = self.tracker.gen
+        req = next(self._req_ids)
+        fut: asyncio.Future[tuple[int, list[FileMeta]]] = asyncio.get_running_loop().create_future()
+        self._manifests[req] = ([], fut)
+        self._control.append(req)
+        assert self._kick is not None
+        self._kick.set()
+        async with asyncio.timeout(3600):
+            seq, replica = await fut
+        expected, source, unstable = await asyncio.to_thread(self._reconcile_read, seq, replica)
+        queued = {op[1] for op in self.ops} | {op[2] for op in self.ops if op[0] == "rename"}
+        exclude = self.tracker.touched_since(mark) | self.tracker.pending() | queued | set(unstable)
+        plan = diff(source, expected, self.cfg.include, exclude)
+        why = mass_delete(plan, self.cfg.max_delete_share)
+        if why and not self.allow_mass_delete:
+            raise SafetyHalt(f"{why}; nothing was deleted. If this is intended, restart with "
+                             "--allow-mass-delete")
+        now = time.monotonic()
+        for op, path in plan.removals:
+            self.ops.append(("rmdir" if op is Op.RMDIR else "delete", path))
+        for path in plan.mkdirs:
+            self.ops.append(("mkdir", path))
+        for path in plan.puts + unstable:
+            self.tracker.ready_now(path, now)
+        self.tracker.trim_touched(mark)
+        self._poke()
+        edits = sorted(m.path for m in replica if "local-edit" in m.flags)
+        self.counters["reconciles"] += 1
+        self.last_reconcile = {
+            "reason": reason, "at": time.time(), "seconds": round(time.monotonic() - t0, 3),
+            "puts": len(plan.puts), "removals": len(plan.removals), "mkdirs": len(plan.mkdirs),
+            "local_edits": len(edits), "source_entries": len(source),
+        }
+        log.info("reconcile.done reason=%s %s local_edits=%d seconds=%.3f", reason, plan.summary(),
+                 len(edits), time.monotonic() - t0)
+        await asyncio.to_thread(self.cache.save, self.cfg.state_dir / "hashcache")
+
+    def _reconcile_read(self, seq: int, replica: list[FileMeta]
+                        ) -> tuple[dict[str, FileMeta], dict[str, FileMeta], list[str]]:
+        """Worker thread: the expected replica (manifest + journal after ``seq``), then the source scan.
+        RACE: the journal tail is read before the source is scanned, so a change journaled meanwhile is
+        either in both or shows as a harmless re-send, never as a wrong deletion."""
+        tail: list[Change] = []
+        j = self.journal
+        if seq < j.head:
+            cur = j.cursor(max(seq + 1, j.first_seq))
+            try:
+                while (c := cur.next_header()) is not None:
+                    cur.skip_chunks()
+                    tail.append(c)
+            finally:
+                cur.close()
+        expected = expected_after({m.path: m for m in replica}, tail)
+        m = build_manifest(self.cfg.source, self.cfg.include, self.cache)
+        source: dict[str, FileMeta] = {}
+        for path, meta in m.entries.items():
+            try:
+                check_relpath(path)
+            except PathRejected as e:
+                log.warning("send.skipped path=%r reason=%s", path, e.reason)
+                continue
+            source[path] = meta
+        return expected, source, m.unstable
+
+    # -- status ---------------------------------------------------------------------------------------------
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.to_thread(write_status, self.cfg.state_dir, self.status())
+            await asyncio.sleep(1.0)
+
+    def status(self) -> dict[str, Any]:
+        head = self.journal.head
+        lag_s = 0.0 if self.behind_since is None or self.acked >= head else time.time() - self.behind_since
+        return {
+            "role": "sender", "node": self.cfg.node, "peer": "{}:{}".format(*self.cfg.peer),
+            "peer_node": self.peer_node,
+            "connected": self.connected, "epoch": self.epoch, "journal": self.journal.id, "head": head,
+            "sent_seq": self.sent, "acked_seq": self.acked, "lag_records": max(0, head - self.acked),
+            "lag_seconds": round(lag_s, 3), "pending_paths": len(self.tracker) + len(self.ops),
+            "counters": dict(self.counters), "last_reconcile": self.last_reconcile, "started": self.started,
+            "source": str(self.cfg.source),
+        }
