@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.pair import Pair
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def need_binary(name: str) -> str:
+    """Path of a system binary; skip if missing, but fail under CI=true."""
+    path = shutil.which(name)
+    if path is None:
+        msg = f"{name} is not installed"
+        if IN_CI:
+            pytest.fail(f"{msg} (CI=true: .ci/run must install it)")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    p = Pair(tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop_all()
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leaks() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+    for t in leaked:
+        t.join(timeout=5)
+    leaked = [t for t in leaked if t.is_alive()]
+    assert not leaked, f"test leaked threads: {leaked}"
