@@ -109,8 +109,15 @@ class LargePut:
 
 
 class Applier:
-    def __init__(self, root: Path, *, fsync: bool = True, threads: int = 16,
-                 cache: HashCache | None = None, check: ContentCheck | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        fsync: bool = True,
+        threads: int = 16,
+        cache: HashCache | None = None,
+        check: ContentCheck | None = None,
+    ) -> None:
         self.root = root
         self.fsync = fsync
         self.cache = cache if cache is not None else HashCache()
@@ -189,11 +196,11 @@ class Applier:
         # Phase 2: in record order.
         dirs: set[Path] = set()
         try:
-            for op, final in prepared:
-                if final is None:
+            for op, target in prepared:
+                if target is None:
                     continue
                 try:
-                    self._apply_one(op, final, temps.get(id(op)), dirs, res)
+                    self._apply_one(op, target, temps.get(id(op)), dirs, res)
                     res.applied += 1
                 except OSError as e:
                     c = op.change
@@ -246,8 +253,9 @@ class Applier:
             d.mkdir()
             dirs.add(d.parent)
 
-    def _apply_one(self, op: PendingOp, final: Path, temp: Path | None, dirs: set[Path],
-                   res: BatchResult) -> None:
+    def _apply_one(
+        self, op: PendingOp, final: Path, temp: Path | None, dirs: set[Path], res: BatchResult
+    ) -> None:
         c = op.change
         if c.op is Op.PUT:
             if temp is None:
@@ -306,7 +314,7 @@ class Applier:
         prefix = src + "/"
         for k in [k for k in self.cache._d if k == src or k.startswith(prefix)]:
             v = self.cache._d.pop(k)
-            self.cache._d[dst + k[len(src):]] = v
+            self.cache._d[dst + k[len(src) :]] = v
 
 
 def _is_reparse(st: os.stat_result) -> bool:

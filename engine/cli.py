@@ -57,10 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="standby", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"standby {__version__}")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="log verbosity (default: info)")
-    p.add_argument("--log-format", default="text", choices=["text", "json"],
-                   help="text lines 'event key=value', or one JSON object per line (default: text)")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default: info)",
+    )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text lines 'event key=value', or one JSON object per line (default: text)",
+    )
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     def cmd(name: str, help: str, desc: str) -> argparse.ArgumentParser:
@@ -68,44 +76,76 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     def conf(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", "-c", type=Path, required=True, metavar="FILE",
-                        help="the TOML config file (see config.example.toml)")
+        sp.add_argument(
+            "--config",
+            "-c",
+            type=Path,
+            required=True,
+            metavar="FILE",
+            help="the TOML config file (see config.example.toml)",
+        )
 
-    sp = cmd("send", "run the sender on the active server",
-             "Watch the replicated set under [sender] source, journal every change in [sender] state_dir and\n"
-             "stream it to the receiver at [sender] peer. Runs in the foreground until SIGINT/SIGTERM\n"
-             "(Ctrl-C / Ctrl-Break); a second signal forces the exit.")
+    sp = cmd(
+        "send",
+        "run the sender on the active server",
+        "Watch the replicated set under [sender] source, journal every change in [sender] state_dir and\n"
+        "stream it to the receiver at [sender] peer. Runs in the foreground until SIGINT/SIGTERM\n"
+        "(Ctrl-C / Ctrl-Break); a second signal forces the exit.",
+    )
     conf(sp)
-    sp.add_argument("--allow-mass-delete", action="store_true",
-                    help="confirm a deletion the safety halt stopped (more than [sender] max_delete_share\n"
-                         "of the replica, or a whole replicated folder)")
-    sp = cmd("receive", "run the receiver on the passive server",
-             "Listen on [receiver] listen and apply changes in order, atomically and durably, under\n"
-             "[receiver] target. Runs in the foreground until SIGINT/SIGTERM; a second signal forces.")
+    sp.add_argument(
+        "--allow-mass-delete",
+        action="store_true",
+        help="confirm a deletion the safety halt stopped (more than [sender] max_delete_share\n"
+        "of the replica, or a whole replicated folder)",
+    )
+    sp = cmd(
+        "receive",
+        "run the receiver on the passive server",
+        "Listen on [receiver] listen and apply changes in order, atomically and durably, under\n"
+        "[receiver] target. Runs in the foreground until SIGINT/SIGTERM; a second signal forces.",
+    )
     conf(sp)
-    sp = cmd("verify", "compare source and replica by hash (on the active)",
-             "Ask the receiver for its manifest and compare it with the source, file by file, by size and\n"
-             "xxh3-128 hash. Exit 0 when identical, 1 when not.")
+    sp = cmd(
+        "verify",
+        "compare source and replica by hash (on the active)",
+        "Ask the receiver for its manifest and compare it with the source, file by file, by size and\n"
+        "xxh3-128 hash. Exit 0 when identical, 1 when not.",
+    )
     conf(sp)
-    sp.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
-                    help="retry for up to this long while changes are still in flight (default: 0)")
+    sp.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="retry for up to this long while changes are still in flight (default: 0)",
+    )
     sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp = cmd("status", "show role, peer, positions and lag of this node",
-             "Read the status the running send/receive process keeps in its state folder.")
+    sp = cmd(
+        "status",
+        "show role, peer, positions and lag of this node",
+        "Read the status the running send/receive process keeps in its state folder.",
+    )
     conf(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp = cmd("demo", "run a live pair on loopback with a simulated service",
-             "Start a receiver and a sender as separate processes on 127.0.0.1 in temporary folders, and a\n"
-             "writer that books, updates and deletes meetings the way Synergy Join does. Shows replication\n"
-             "as it happens, then verifies the replica.")
+    sp = cmd(
+        "demo",
+        "run a live pair on loopback with a simulated service",
+        "Start a receiver and a sender as separate processes on 127.0.0.1 in temporary folders, and a\n"
+        "writer that books, updates and deletes meetings the way Synergy Join does. Shows replication\n"
+        "as it happens, then verifies the replica.",
+    )
     sp.add_argument("--seconds", type=float, default=15.0, help="how long the writer runs (default: 15)")
     sp.add_argument("--rooms", type=int, default=5, help="meeting rooms to simulate (default: 5)")
     sp.add_argument("--rate", type=float, default=20.0, help="batches of changes per second (default: 20)")
     sp.add_argument("--keep", action="store_true", help="keep the temporary folders and print where")
-    sp = cmd("journal", "inspect the journal or replay it into a folder",
-             "list: the journal's segments and positions.\n"
-             "replay: rebuild a tree from the journal into a new folder, up to a seq or a time\n"
-             "(point-in-time recovery). The output is built aside and renamed into place when whole.")
+    sp = cmd(
+        "journal",
+        "inspect the journal or replay it into a folder",
+        "list: the journal's segments and positions.\n"
+        "replay: rebuild a tree from the journal into a new folder, up to a seq or a time\n"
+        "(point-in-time recovery). The output is built aside and renamed into place when whole.",
+    )
     conf(sp)
     sp.add_argument("action", choices=["list", "replay"])
     sp.add_argument("--out", type=Path, help="replay: the folder to create (must not exist)")
@@ -182,19 +222,29 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             break
         time.sleep(0.5)
     if args.json:
-        print(json.dumps({
-            "identical": report.identical, "replica_seq": report.replica_seq,
-            "source_entries": report.source_entries, "replica_entries": report.replica_entries,
-            "differences": [d.__dict__ for d in report.differences], "unstable": report.unstable,
-        }, indent=1))
+        print(
+            json.dumps(
+                {
+                    "identical": report.identical,
+                    "replica_seq": report.replica_seq,
+                    "source_entries": report.source_entries,
+                    "replica_entries": report.replica_entries,
+                    "differences": [d.__dict__ for d in report.differences],
+                    "unstable": report.unstable,
+                },
+                indent=1,
+            )
+        )
     else:
         from rich.console import Console
         from rich.table import Table
 
         con = Console()
         if report.identical:
-            con.print(f"[green]identical[/]: {report.source_entries} entries on both sides "
-                      f"(replica at seq {report.replica_seq})")
+            con.print(
+                f"[green]identical[/]: {report.source_entries} entries on both sides "
+                f"(replica at seq {report.replica_seq})"
+            )
         else:
             t = Table(title=f"{len(report.differences)} differences (replica at seq {report.replica_seq})")
             for col in ("path", "kind", "detail"):
@@ -226,11 +276,35 @@ def _cmd_status(args: argparse.Namespace) -> int:
         t = Table(title=f"{role} ({'running' if st.get('running') else 'not running'})", show_header=False)
         t.add_column("key", style="bold")
         t.add_column("value")
-        keys = (["node", "peer", "peer_node", "connected", "epoch", "head", "sent_seq", "acked_seq",
-                 "lag_records", "lag_seconds", "pending_paths", "last_reconcile", "counters"]
-                if role == "sender" else
-                ["node", "listen", "target", "connected", "peer", "epoch", "applied_seq", "last_apply",
-                 "counters"])
+        keys = (
+            [
+                "node",
+                "peer",
+                "peer_node",
+                "connected",
+                "epoch",
+                "head",
+                "sent_seq",
+                "acked_seq",
+                "lag_records",
+                "lag_seconds",
+                "pending_paths",
+                "last_reconcile",
+                "counters",
+            ]
+            if role == "sender"
+            else [
+                "node",
+                "listen",
+                "target",
+                "connected",
+                "peer",
+                "epoch",
+                "applied_seq",
+                "last_apply",
+                "counters",
+            ]
+        )
         for k in keys + (["note"] if "note" in st else []):
             if k in st:
                 v = st[k]
@@ -269,8 +343,12 @@ def _cmd_journal(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "send": _cmd_send, "receive": _cmd_receive, "verify": _cmd_verify, "status": _cmd_status,
-    "demo": _cmd_demo, "journal": _cmd_journal,
+    "send": _cmd_send,
+    "receive": _cmd_receive,
+    "verify": _cmd_verify,
+    "status": _cmd_status,
+    "demo": _cmd_demo,
+    "journal": _cmd_journal,
 }
 
 

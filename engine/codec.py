@@ -54,7 +54,9 @@ class Torn:
     reason: str
 
 
-def decode_at(buf: bytes | memoryview, offset: int, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[Any, int] | Torn:
+def decode_at(
+    buf: bytes | bytearray | memoryview, offset: int, max_frame: int = DEFAULT_MAX_FRAME
+) -> tuple[Any, int] | Torn:
     """Decode the frame at ``offset``: ``(value, next_offset)`` or a :class:`Torn` result."""
     if len(buf) - offset < HEADER_SIZE:
         return Torn(offset, "truncated header")

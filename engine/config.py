@@ -141,12 +141,18 @@ def parse(data: dict[str, Any], path: Path) -> Config:
                 raise ConfigError(f"sender -> include: {e}") from None
         if "peer" not in s:
             raise ConfigError("sender -> peer: required")
-        sender = _build(SenderConfig, s, "sender", base, {
-            "source": _path(s, "source", "sender", base),
-            "state_dir": _path(s, "state_dir", "sender", base),
-            "peer": parse_address(s["peer"], "sender -> peer"),
-            "include": tuple(include),
-        })
+        sender = _build(
+            SenderConfig,
+            s,
+            "sender",
+            base,
+            {
+                "source": _path(s, "source", "sender", base),
+                "state_dir": _path(s, "state_dir", "sender", base),
+                "peer": parse_address(s["peer"], "sender -> peer"),
+                "include": tuple(include),
+            },
+        )
         if not 0 < sender.max_delete_share <= 1:
             raise ConfigError("sender -> max_delete_share: expected a share in (0, 1]")
     if "receiver" in data:
@@ -155,11 +161,17 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             raise ConfigError("receiver: expected a table")
         if "listen" not in r:
             raise ConfigError("receiver -> listen: required")
-        receiver = _build(ReceiverConfig, r, "receiver", base, {
-            "target": _path(r, "target", "receiver", base),
-            "state_dir": _path(r, "state_dir", "receiver", base),
-            "listen": parse_address(r["listen"], "receiver -> listen"),
-        })
+        receiver = _build(
+            ReceiverConfig,
+            r,
+            "receiver",
+            base,
+            {
+                "target": _path(r, "target", "receiver", base),
+                "state_dir": _path(r, "state_dir", "receiver", base),
+                "listen": parse_address(r["listen"], "receiver -> listen"),
+            },
+        )
     return Config(path, sender, receiver, _guards(data.get("guard", [])))
 
 

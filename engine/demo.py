@@ -66,8 +66,11 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     kw: dict[str, object] = {}
     if sys.platform == "win32":
         kw["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined,unused-ignore]
-    return subprocess.Popen([sys.executable, "-m", "engine", *args], stdout=subprocess.DEVNULL,
-                            stderr=open(log, "wb"), **kw)  # type: ignore[call-overload]  # noqa: SIM115
+    with open(log, "wb") as err:
+        p: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+            [sys.executable, "-m", "engine", *args], stdout=subprocess.DEVNULL, stderr=err, **kw
+        )
+    return p
 
 
 def _stop(p: subprocess.Popen[bytes]) -> None:
@@ -94,15 +97,22 @@ def _table(cfg: config.Config, sim_batches: int, elapsed: float) -> Table:
     t.add_column("lag")
     t.add_column("counters")
     sc = s.get("counters", {})
-    t.add_row("sender (active)", "connected" if s.get("connected") else "connecting",
-              f"journal head {s.get('head', 0)}, acked {s.get('acked_seq', 0)}",
-              f"{s.get('lag_records', 0)} records, {s.get('lag_seconds', 0):.3f} s",
-              f"journaled {sc.get('journaled', 0)}, held torn {sc.get('held', 0)}, "
-              f"reconciles {sc.get('reconciles', 0)}")
+    t.add_row(
+        "sender (active)",
+        "connected" if s.get("connected") else "connecting",
+        f"journal head {s.get('head', 0)}, acked {s.get('acked_seq', 0)}",
+        f"{s.get('lag_records', 0)} records, {s.get('lag_seconds', 0):.3f} s",
+        f"journaled {sc.get('journaled', 0)}, held torn {sc.get('held', 0)}, "
+        f"reconciles {sc.get('reconciles', 0)}",
+    )
     rc = r.get("counters", {})
-    t.add_row("receiver (passive)", "streaming" if r.get("connected") else "listening",
-              f"applied {r.get('applied_seq', 0)}", "",
-              f"groups {rc.get('groups', 0)}, problems {rc.get('problems', 0)}")
+    t.add_row(
+        "receiver (passive)",
+        "streaming" if r.get("connected") else "listening",
+        f"applied {r.get('applied_seq', 0)}",
+        "",
+        f"groups {rc.get('groups', 0)}, problems {rc.get('problems', 0)}",
+    )
     return t
 
 
@@ -116,8 +126,10 @@ def run_demo(seconds: float, rooms: int, rate: float, keep: bool) -> int:
     assert cfg.sender is not None
     sim = ServiceSimulator(base / "active", rooms=rooms, meetings_per_room=10, seed=1)
     sim.setup()
-    con.print(f"[bold]standby demo[/] in {base}\n  config: {cfg_path}\n"
-              f"  active (source): {base / 'active'}\n  passive (replica): {base / 'passive'}")
+    con.print(
+        f"[bold]standby demo[/] in {base}\n  config: {cfg_path}\n"
+        f"  active (source): {base / 'active'}\n  passive (replica): {base / 'passive'}"
+    )
     rx = _spawn(["receive", "--config", str(cfg_path)], base / "receiver.log")
     tx = _spawn(["send", "--config", str(cfg_path)], base / "sender.log")
     batches = [0]
@@ -151,8 +163,10 @@ def run_demo(seconds: float, rooms: int, rate: float, keep: bool) -> int:
                 report = asyncio.run(verify(cfg.sender))
             live.update(_table(cfg, batches[0], time.monotonic() - t0))
         if report.identical:
-            con.print(f"[green]verified[/]: the replica is identical to the source, "
-                      f"{report.source_entries} files and folders, by xxh3-128 hash")
+            con.print(
+                f"[green]verified[/]: the replica is identical to the source, "
+                f"{report.source_entries} files and folders, by xxh3-128 hash"
+            )
             rc = 0
         else:
             con.print(f"[red]{len(report.differences)} differences remain[/]:")

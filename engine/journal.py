@@ -79,8 +79,14 @@ class _Segment:
 class Journal:
     """Append entries, make them durable in groups, read them back from any seq still kept."""
 
-    def __init__(self, folder: Path, *, fsync: bool = True, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
-                 readonly: bool = False):
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        fsync: bool = True,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        readonly: bool = False,
+    ):
         self.folder = folder
         self.readonly = readonly
         self.fsync = fsync

@@ -29,7 +29,9 @@ def parse_message(msg: str) -> dict[str, str]:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         d: dict[str, object] = {
-            "ts": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
         }
         d.update(parse_message(record.getMessage()))
         if record.exc_info:

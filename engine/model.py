@@ -110,8 +110,15 @@ class Change:
             # The chunk count follows from the size: the chunk size is fixed by the protocol.
             raise ValueError(f"put of {size} bytes announces {chunks} chunks")
         return cls(
-            seq=seq, op=op, path=path, dst=dst, size=size, mtime_ns=_int(d, "m", 0), digest=digest,
-            chunks=chunks, ts_ns=_int(d, "t", 0),
+            seq=seq,
+            op=op,
+            path=path,
+            dst=dst,
+            size=size,
+            mtime_ns=_int(d, "m", 0),
+            digest=digest,
+            chunks=chunks,
+            ts_ns=_int(d, "t", 0),
         )
 
 
@@ -155,8 +162,12 @@ class FileMeta:
             raise ValueError("manifest entry is not a 6-item list")
         path, is_dir, size, mtime_ns, digest, flags = v
         if not (
-            isinstance(path, str) and isinstance(is_dir, bool) and isinstance(size, int)
-            and isinstance(mtime_ns, int) and isinstance(digest, bytes) and isinstance(flags, list)
+            isinstance(path, str)
+            and isinstance(is_dir, bool)
+            and isinstance(size, int)
+            and isinstance(mtime_ns, int)
+            and isinstance(digest, bytes)
+            and isinstance(flags, list)
             and all(isinstance(f, str) for f in flags)
         ):
             raise ValueError("manifest entry has a field of the wrong type")

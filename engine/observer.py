@@ -77,11 +77,21 @@ def compare(source: dict[str, FileMeta], replica: dict[str, FileMeta]) -> list[D
             out.append(Difference(path, "type", "folder on one side, file on the other"))
         elif not same(s, r):
             if s.size != r.size or s.digest != r.digest:
-                out.append(Difference(path, "content", f"source {s.size} B {s.digest.hex()[:12]}, "
-                                      f"replica {r.size} B {r.digest.hex()[:12]}"))
+                out.append(
+                    Difference(
+                        path,
+                        "content",
+                        f"source {s.size} B {s.digest.hex()[:12]}, replica {r.size} B {r.digest.hex()[:12]}",
+                    )
+                )
             else:
-                out.append(Difference(path, "mtime", f"modification times differ by "
-                                      f"{abs(s.mtime_ns - r.mtime_ns) / 1e9:.3f} s"))
+                out.append(
+                    Difference(
+                        path,
+                        "mtime",
+                        f"modification times differ by {abs(s.mtime_ns - r.mtime_ns) / 1e9:.3f} s",
+                    )
+                )
     return out
 
 

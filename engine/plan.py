@@ -44,7 +44,7 @@ def expected_after(manifest: Mapping[str, FileMeta], changes: Iterable[Change]) 
             _drop_tree(m, c.path)
             _drop_tree(m, c.dst)
             for k, v in moved.items():
-                nk = c.dst + k[len(c.path):]
+                nk = c.dst + k[len(c.path) :]
                 m[nk] = FileMeta(nk, v.is_dir, v.size, v.mtime_ns, v.digest, v.flags)
     return m
 
@@ -68,12 +68,18 @@ class Plan:
         return not (self.removals or self.mkdirs or self.puts)
 
     def summary(self) -> str:
-        return (f"puts={len(self.puts)} removals={len(self.removals)} mkdirs={len(self.mkdirs)} "
-                f"files_removed={self.files_removed}/{self.replica_files}")
+        return (
+            f"puts={len(self.puts)} removals={len(self.removals)} mkdirs={len(self.mkdirs)} "
+            f"files_removed={self.files_removed}/{self.replica_files}"
+        )
 
 
-def diff(source: Mapping[str, FileMeta], replica: Mapping[str, FileMeta], include: Sequence[str],
-         exclude: frozenset[str] | set[str] = frozenset()) -> Plan:
+def diff(
+    source: Mapping[str, FileMeta],
+    replica: Mapping[str, FileMeta],
+    include: Sequence[str],
+    exclude: frozenset[str] | set[str] = frozenset(),
+) -> Plan:
     """What to send so that ``replica`` becomes ``source``. Paths in ``exclude`` (changing right now)
     are left to the watcher. Only paths inside the include set are ever removed."""
     removals: list[tuple[Op, str]] = []
@@ -102,11 +108,11 @@ def diff(source: Mapping[str, FileMeta], replica: Mapping[str, FileMeta], includ
         s = source[path]
         if path in exclude:
             continue
-        r = replica.get(path)
+        rm = replica.get(path)
         if s.is_dir:
-            if r is None or not r.is_dir:
+            if rm is None or not rm.is_dir:
                 mkdirs.append(path)
-        elif r is None or not same(s, r):
+        elif rm is None or not same(s, rm):
             puts.append(path)
     return Plan(removals, mkdirs, puts, sum(1 for r in replica.values() if not r.is_dir), files_removed)
 
@@ -127,6 +133,8 @@ def mass_delete(plan: Plan, max_share: float) -> str | None:
         return None
     share = plan.files_removed / plan.replica_files
     if share > max_share:
-        return (f"reconciliation would delete {plan.files_removed} of {plan.replica_files} files on the "
-                f"replica ({share:.0%} > max_delete_share {max_share:.0%})")
+        return (
+            f"reconciliation would delete {plan.files_removed} of {plan.replica_files} files on the "
+            f"replica ({share:.0%} > max_delete_share {max_share:.0%})"
+        )
     return None

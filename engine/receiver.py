@@ -39,14 +39,21 @@ class Receiver:
         self.cache = HashCache.load(cfg.state_dir / "hashcache")
         skip = cfg.state_dir.resolve() if _inside(cfg.state_dir, cfg.target) else None
         self._skip = skip
-        self.applier = Applier(cfg.target, fsync=cfg.fsync, threads=cfg.fsync_threads, cache=self.cache,
-                               check=check)
+        self.applier = Applier(
+            cfg.target, fsync=cfg.fsync, threads=cfg.fsync_threads, cache=self.cache, check=check
+        )
         self.journal = self.position.current.journal
         self.seq = self.position.current.seq
         self.epoch = self.position.current.epoch
         self.sender: dict[str, Any] | None = None
-        self.counters = {"applied": 0, "groups": 0, "problems": 0, "refused_peers": 0,
-                         "protocol_errors": 0, "apply_errors": 0}
+        self.counters = {
+            "applied": 0,
+            "groups": 0,
+            "problems": 0,
+            "refused_peers": 0,
+            "protocol_errors": 0,
+            "apply_errors": 0,
+        }
         self.last_apply = 0.0
         self.started = time.time()
         self._conns: set[asyncio.StreamWriter] = set()
@@ -62,8 +69,14 @@ class Receiver:
         self._server = await asyncio.start_server(self._handle, host, port, limit=1 << 20)
         sock = self._server.sockets[0].getsockname()
         self.bound = (sock[0], sock[1])
-        log.info("receiver.listening address=%s:%d target=%s seq=%d epoch=%d", sock[0], sock[1],
-                 self.cfg.target, self.seq, self.epoch)
+        log.info(
+            "receiver.listening address=%s:%d target=%s seq=%d epoch=%d",
+            sock[0],
+            sock[1],
+            self.cfg.target,
+            self.seq,
+            self.epoch,
+        )
         status_task = asyncio.create_task(self._status_loop())
         try:
             await stop.wait()
@@ -95,10 +108,18 @@ class Receiver:
 
     def status(self) -> dict[str, Any]:
         return {
-            "role": "receiver", "node": self.cfg.node, "listen": "{}:{}".format(*(self.bound or self.cfg.listen)),
-            "target": str(self.cfg.target), "connected": self.sender is not None, "peer": self.sender,
-            "journal": self.journal, "applied_seq": self.seq, "epoch": self.epoch,
-            "last_apply": self.last_apply, "counters": dict(self.counters), "started": self.started,
+            "role": "receiver",
+            "node": self.cfg.node,
+            "listen": "{}:{}".format(*(self.bound or self.cfg.listen)),
+            "target": str(self.cfg.target),
+            "connected": self.sender is not None,
+            "peer": self.sender,
+            "journal": self.journal,
+            "applied_seq": self.seq,
+            "epoch": self.epoch,
+            "last_apply": self.last_apply,
+            "counters": dict(self.counters),
+            "started": self.started,
         }
 
     # -- one connection -------------------------------------------------------------------------------------
@@ -114,8 +135,9 @@ class Receiver:
             log.warning("receiver.protocol_error peer=%s error=%s", addr, e)
         except ApplyError as e:
             self.counters["apply_errors"] += 1
-            log.error("receiver.apply_error peer=%s error=%s (not acknowledged; the sender will resend)",
-                      addr, e)
+            log.error(
+                "receiver.apply_error peer=%s error=%s (not acknowledged; the sender will resend)", addr, e
+            )
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
             log.info("receiver.disconnected peer=%s reason=%s", addr, e)
         finally:
@@ -127,8 +149,9 @@ class Receiver:
 
 
 class _Conn:
-    def __init__(self, rx: Receiver, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 addr: str) -> None:
+    def __init__(
+        self, rx: Receiver, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, addr: str
+    ) -> None:
         self.rx = rx
         self.reader = reader
         self.writer = writer
@@ -189,28 +212,43 @@ class _Conn:
         if hello.version != PROTOCOL_VERSION:
             refuse = ("version", f"protocol version {hello.version} is not supported")
         elif hello.role == "sender" and rx.sender is not None:
-            refuse = ("busy", f"another sender ({rx.sender['node']} from {rx.sender['address']}) is connected")
+            refuse = (
+                "busy",
+                f"another sender ({rx.sender['node']} from {rx.sender['address']}) is connected",
+            )
         elif hello.role == "sender" and hello.epoch < rx.epoch:
-            refuse = ("epoch", f"epoch {hello.epoch} is lower than {rx.epoch}, the highest this receiver has "
-                      "seen: a newer active exists (fenced)")
+            refuse = (
+                "epoch",
+                f"epoch {hello.epoch} is lower than {rx.epoch}, the highest this receiver has "
+                "seen: a newer active exists (fenced)",
+            )
         if refuse is not None:
             rx.counters["refused_peers"] += 1
-            log.warning("receiver.refused peer=%s node=%r code=%s reason=%s", self.addr, hello.node,
-                        refuse[0], refuse[1])
+            log.warning(
+                "receiver.refused peer=%s node=%r code=%s reason=%s",
+                self.addr,
+                hello.node,
+                refuse[0],
+                refuse[1],
+            )
             self.writer.write(self.proto.refuse(*refuse))
             with contextlib.suppress(ConnectionError):
                 await self.writer.drain()
             return False
         if hello.role == "sender":
             self.is_sender = True
-            rx.sender = {"node": hello.node, "address": self.addr, "epoch": hello.epoch,
-                         "since": time.time()}
+            rx.sender = {"node": hello.node, "address": self.addr, "epoch": hello.epoch, "since": time.time()}
             if hello.epoch > rx.epoch:
                 rx.epoch = hello.epoch
                 await asyncio.to_thread(rx.position.save, rx.journal, rx.seq, rx.epoch)
                 log.info("receiver.epoch_raised epoch=%d", rx.epoch)
-        log.info("receiver.connected peer=%s node=%r role=%s epoch=%d", self.addr, hello.node, hello.role,
-                 hello.epoch)
+        log.info(
+            "receiver.connected peer=%s node=%r role=%s epoch=%d",
+            self.addr,
+            hello.node,
+            hello.role,
+            hello.epoch,
+        )
         self.writer.write(self.proto.welcome(rx.journal, rx.seq, rx.epoch))
         await self.writer.drain()
         return True
@@ -219,8 +257,13 @@ class _Conn:
         rx = self.rx
         if isinstance(ev, wire.StreamStart):
             if ev.journal != rx.journal or ev.first != rx.seq + 1:
-                log.info("receiver.stream_restart journal=%s from=%d (had journal=%s seq=%d)", ev.journal,
-                         ev.first, rx.journal or "-", rx.seq)
+                log.info(
+                    "receiver.stream_restart journal=%s from=%d (had journal=%s seq=%d)",
+                    ev.journal,
+                    ev.first,
+                    rx.journal or "-",
+                    rx.seq,
+                )
             rx.journal = ev.journal
             rx.seq = ev.first - 1
         elif isinstance(ev, wire.EntryHeader):
@@ -244,8 +287,7 @@ class _Conn:
                 if ev.last:
                     large, self.cur = self.cur, None
                     reason = await asyncio.to_thread(large.finish)
-                    self._add(PendingOp(large.change, temp=None if reason else large.temp), 0,
-                              refused=reason)
+                    self._add(PendingOp(large.change, temp=None if reason else large.temp), 0, refused=reason)
                     await self._commit()
             else:
                 if not self.cur_skip:
@@ -264,8 +306,9 @@ class _Conn:
             m = await asyncio.to_thread(build_manifest, rx.cfg.target, include, rx.cache, rx._skip, True)
             for path, meta in m.entries.items():
                 if "local-edit" in meta.flags:
-                    log.warning("replica.local_edit path=%r (the replica is read-only; it will be repaired)",
-                                path)
+                    log.warning(
+                        "replica.local_edit path=%r (the replica is read-only; it will be repaired)", path
+                    )
             self.writer.write(self.proto.manifest(ev.id, m.entries.values(), rx.seq))
             await self.writer.drain()
         elif isinstance(ev, wire.Ping):

@@ -35,8 +35,12 @@ def list_journal(folder: Path) -> None:
             t.add_column(col)
         for path, first in j.segments():
             st = path.stat()
-            t.add_row(path.name, str(first), f"{st.st_size:,}",
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime)))
+            t.add_row(
+                path.name,
+                str(first),
+                f"{st.st_size:,}",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime)),
+            )
         Console().print(t)
     finally:
         j.close()
@@ -55,8 +59,11 @@ def replay(folder: Path, out: Path, until_seq: int | None = None, until_ns: int 
     last = 0
     try:
         if j.first_seq > 1:
-            log.warning("replay.partial first_seq=%d (older entries were pruned: the result holds only what "
-                        "changed since)", j.first_seq)
+            log.warning(
+                "replay.partial first_seq=%d (older entries were pruned: the result holds only what "
+                "changed since)",
+                j.first_seq,
+            )
         end = j.head if until_seq is None else min(until_seq, j.head)
         cur = j.cursor(j.first_seq)
         batch: list[PendingOp] = []
@@ -85,7 +92,9 @@ def replay(folder: Path, out: Path, until_seq: int | None = None, until_ns: int 
                 progress.advance(task)
             res = applier.apply_batch(batch)
             for p in res.problems:
-                log.warning("replay.problem seq=%d path=%r code=%s reason=%s", p.seq, p.path, p.code, p.reason)
+                log.warning(
+                    "replay.problem seq=%d path=%r code=%s reason=%s", p.seq, p.path, p.code, p.reason
+                )
         cur.close()
         os.replace(tmp, out)
         log.info("replay.done out=%s last_seq=%d", out, last)

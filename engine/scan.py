@@ -33,22 +33,29 @@ def open_shared(path: Path) -> IO[bytes]:
     if sys.platform != "win32":
         return open(path, "rb", buffering=0)
     import ctypes  # pragma: no cover - Windows
-    import msvcrt
+    import msvcrt  # type: ignore[import-not-found,unused-ignore]
     from ctypes import wintypes
 
-    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined,unused-ignore]
     create = kernel32.CreateFileW
     create.restype = wintypes.HANDLE
-    create.argtypes = [wintypes.LPCWSTR, wintypes.DWORD, wintypes.DWORD, wintypes.LPVOID,
-                       wintypes.DWORD, wintypes.DWORD, wintypes.HANDLE]
+    create.argtypes = [
+        wintypes.LPCWSTR,
+        wintypes.DWORD,
+        wintypes.DWORD,
+        wintypes.LPVOID,
+        wintypes.DWORD,
+        wintypes.DWORD,
+        wintypes.HANDLE,
+    ]
     generic_read, share_all, open_existing, normal = 0x80000000, 0x7, 3, 0x80
     h = create(str(path), generic_read, share_all, None, open_existing, normal, None)
     if h == wintypes.HANDLE(-1).value:
-        err = ctypes.get_last_error()  # type: ignore[attr-defined]
+        err = ctypes.get_last_error()  # type: ignore[attr-defined,unused-ignore]
         if err in (2, 3):
             raise FileNotFoundError(2, "No such file", str(path))
-        raise OSError(err, ctypes.FormatError(err), str(path))  # type: ignore[attr-defined]
-    fd = msvcrt.open_osfhandle(h, os.O_RDONLY | getattr(os, "O_BINARY", 0))  # type: ignore[attr-defined]
+        raise OSError(err, ctypes.FormatError(err), str(path))  # type: ignore[attr-defined,unused-ignore]
+    fd = msvcrt.open_osfhandle(h, os.O_RDONLY | getattr(os, "O_BINARY", 0))  # type: ignore[attr-defined,unused-ignore]
     return open(fd, "rb", buffering=0)
 
 
@@ -216,8 +223,9 @@ class Manifest:
     unstable: list[str]
 
 
-def build_manifest(root: Path, include: Sequence[str], cache: HashCache, skip: Path | None = None,
-                   flag_edits: bool = False) -> Manifest:
+def build_manifest(
+    root: Path, include: Sequence[str], cache: HashCache, skip: Path | None = None, flag_edits: bool = False
+) -> Manifest:
     """Path, size, mtime and digest of every file and folder in the set, hashing only cache misses.
 
     With ``flag_edits`` (the receiver), a file whose stat no longer matches what standby itself last wrote

@@ -77,14 +77,21 @@ class _Stop(Exception):
 
 
 class Sender:
-    def __init__(self, cfg: SenderConfig, *, allow_mass_delete: bool = False,
-                 check: ContentCheck | None = None, close_events: bool | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SenderConfig,
+        *,
+        allow_mass_delete: bool = False,
+        check: ContentCheck | None = None,
+        close_events: bool | None = None,
+    ) -> None:
         self.cfg = cfg
         self.allow_mass_delete = allow_mass_delete
         self.check = check
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal.open(cfg.state_dir / "journal", fsync=cfg.fsync,
-                                    segment_bytes=cfg.segment_mb << 20)
+        self.journal = Journal.open(
+            cfg.state_dir / "journal", fsync=cfg.fsync, segment_bytes=cfg.segment_mb << 20
+        )
         self.cache = HashCache.load(cfg.state_dir / "hashcache")
         self.epoch = read_epoch(cfg.state_dir)
         if close_events is None:
@@ -105,8 +112,16 @@ class Sender:
         self._control: deque[int] = deque()
         self._manifests: dict[int, tuple[list[FileMeta], asyncio.Future[tuple[int, list[FileMeta]]]]] = {}
         self._req_ids = itertools.count(1)
-        self.counters = {"journaled": 0, "unstable_retries": 0, "held": 0, "forced_max_open": 0,
-                         "reconciles": 0, "overflows": 0, "refused_by_receiver": 0, "reconnects": 0}
+        self.counters = {
+            "journaled": 0,
+            "unstable_retries": 0,
+            "held": 0,
+            "forced_max_open": 0,
+            "reconciles": 0,
+            "overflows": 0,
+            "refused_by_receiver": 0,
+            "reconnects": 0,
+        }
         self.last_reconcile: dict[str, Any] = {}
         self.started = time.time()
         self.stopping = False
@@ -119,15 +134,23 @@ class Sender:
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         if not self.cfg.source.is_dir():
-            raise SafetyHalt(f"source root {self.cfg.source} does not exist or is not a folder; refusing to "
-                             "replicate an empty set over the replica")
+            raise SafetyHalt(
+                f"source root {self.cfg.source} does not exist or is not a folder; refusing to "
+                "replicate an empty set over the replica"
+            )
         self._wake, self._kick, self._reconcile_req = asyncio.Event(), asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         self._watcher = Watcher(loop, self.cfg.source, self.cfg.include, self._on_hint)
         await asyncio.to_thread(self._watcher.start)
-        log.info("send.started source=%s include=%s peer=%s:%d journal=%s head=%d epoch=%d",
-                 self.cfg.source, ",".join(self.cfg.include), *self.cfg.peer, self.journal.id,
-                 self.journal.head, self.epoch)
+        log.info(
+            "send.started source=%s include=%s peer=%s:%d journal=%s head=%d epoch=%d",
+            self.cfg.source,
+            ",".join(self.cfg.include),
+            *self.cfg.peer,
+            self.journal.id,
+            self.journal.head,
+            self.epoch,
+        )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._pipeline(), name="pipeline")
@@ -167,7 +190,7 @@ class Sender:
     def _rel(self, path: str) -> str | None:
         if not path.startswith(self._prefix):
             return None
-        rel = to_posix_rel(path[len(self._prefix):], os.sep)
+        rel = to_posix_rel(path[len(self._prefix) :], os.sep)
         if not any(is_under(rel, inc) for inc in self.cfg.include):
             return None
         if is_temp_name(rel.rpartition("/")[2]):
@@ -250,8 +273,11 @@ class Sender:
             ready, forced = self.tracker.due(now)
             for p in forced:
                 self.counters["forced_max_open"] += 1
-                log.warning("send.max_open path=%r (open for writing over %gs; shipping a stable read)",
-                            p, self.cfg.max_open)
+                log.warning(
+                    "send.max_open path=%r (open for writing over %gs; shipping a stable read)",
+                    p,
+                    self.cfg.max_open,
+                )
             self.ops.extend(("put", p) for p in ready + forced)
             if not self.ops:
                 nd = self.tracker.next_due()
@@ -331,8 +357,9 @@ class Sender:
             if reason is not None:
                 self.counters["held"] += 1
                 res.held.append((path, reason))
-                log.warning("guard.torn path=%r reason=%s (held back; the last good version stays)",
-                            path, reason)
+                log.warning(
+                    "guard.torn path=%r reason=%s (held back; the last good version stays)", path, reason
+                )
                 return False
         change = Change(0, Op.PUT, path, size=r.size, mtime_ns=r.mtime_ns, digest=r.digest, ts_ns=ts)
         if r.data is not None:
@@ -356,8 +383,10 @@ class Sender:
         if not self.cfg.source.is_dir():
             return f"source root {self.cfg.source} vanished; refusing to propagate the wipe"
         if kind == "rmdir" and path in self.cfg.include and not self.allow_mass_delete:
-            return (f"the replicated folder {path!r} was removed on the source; refusing to remove it on "
-                    "the replica (restart with --allow-mass-delete to confirm)")
+            return (
+                f"the replicated folder {path!r} was removed on the source; refusing to remove it on "
+                "the replica (restart with --allow-mass-delete to confirm)"
+            )
         return None
 
     # -- the link -----------------------------------------------------------------------------------------
@@ -373,11 +402,14 @@ class Sender:
             except* (OSError, EOFError, RemoteProtocolError, TimeoutError) as eg:
                 e = eg.exceptions[0]
                 if self.connected:
-                    log.warning("send.link_down peer=%s:%d reason=%s", *self.cfg.peer,
-                                e or type(e).__name__)
+                    log.warning("send.link_down peer=%s:%d reason=%s", *self.cfg.peer, e or type(e).__name__)
                 else:
-                    log.info("send.connect_failed peer=%s:%d reason=%s retry_in=%.1fs", *self.cfg.peer,
-                             e or type(e).__name__, backoff)
+                    log.info(
+                        "send.connect_failed peer=%s:%d reason=%s retry_in=%.1fs",
+                        *self.cfg.peer,
+                        e or type(e).__name__,
+                        backoff,
+                    )
             else:
                 backoff = 0.1
             self._disconnected()
@@ -422,9 +454,16 @@ class Sender:
                 start = ev.seq + 1
             else:
                 start = j.head + 1
-                log.info("send.new_generation receiver_journal=%s receiver_seq=%d journal=%s kept=%d..%d "
-                         "(continuity cannot be proven: streaming from %d and reconciling)",
-                         ev.journal or "-", ev.seq, j.id, j.first_seq, j.head, start)
+                log.info(
+                    "send.new_generation receiver_journal=%s receiver_seq=%d journal=%s kept=%d..%d "
+                    "(continuity cannot be proven: streaming from %d and reconciling)",
+                    ev.journal or "-",
+                    ev.seq,
+                    j.id,
+                    j.first_seq,
+                    j.head,
+                    start,
+                )
             writer.write(proto.stream(j.id, start))
             self.acked = self.sent = start - 1
             self.behind_since = None if self.acked >= j.head else (self.behind_since or time.time())
@@ -442,8 +481,9 @@ class Sender:
         finally:
             writer.transport.abort()
 
-    async def _stream_out(self, writer: asyncio.StreamWriter, proto: wire.SenderProtocol,
-                          cursor: Any) -> None:
+    async def _stream_out(
+        self, writer: asyncio.StreamWriter, proto: wire.SenderProtocol, cursor: Any
+    ) -> None:
         assert self._kick is not None
         last_ping = time.monotonic()
         while True:
@@ -496,8 +536,9 @@ class Sender:
             self.behind_since = None
         for p in ev.problems:
             self.counters["refused_by_receiver"] += 1
-            log.warning("send.receiver_problem seq=%d path=%r code=%s reason=%s", p.seq, p.path, p.code,
-                        p.reason)
+            log.warning(
+                "send.receiver_problem seq=%d path=%r code=%s reason=%s", p.seq, p.path, p.code, p.reason
+            )
             if p.code == "missing-source":
                 self.request_reconcile("rename-missing-source")
         self._kick.set()
@@ -540,8 +581,9 @@ class Sender:
         plan = diff(source, expected, self.cfg.include, exclude)
         why = mass_delete(plan, self.cfg.max_delete_share)
         if why and not self.allow_mass_delete:
-            raise SafetyHalt(f"{why}; nothing was deleted. If this is intended, restart with "
-                             "--allow-mass-delete")
+            raise SafetyHalt(
+                f"{why}; nothing was deleted. If this is intended, restart with --allow-mass-delete"
+            )
         now = time.monotonic()
         for op, path in plan.removals:
             self.ops.append(("rmdir" if op is Op.RMDIR else "delete", path))
@@ -554,16 +596,27 @@ class Sender:
         edits = sorted(m.path for m in replica if "local-edit" in m.flags)
         self.counters["reconciles"] += 1
         self.last_reconcile = {
-            "reason": reason, "at": time.time(), "seconds": round(time.monotonic() - t0, 3),
-            "puts": len(plan.puts), "removals": len(plan.removals), "mkdirs": len(plan.mkdirs),
-            "local_edits": len(edits), "source_entries": len(source),
+            "reason": reason,
+            "at": time.time(),
+            "seconds": round(time.monotonic() - t0, 3),
+            "puts": len(plan.puts),
+            "removals": len(plan.removals),
+            "mkdirs": len(plan.mkdirs),
+            "local_edits": len(edits),
+            "source_entries": len(source),
         }
-        log.info("reconcile.done reason=%s %s local_edits=%d seconds=%.3f", reason, plan.summary(),
-                 len(edits), time.monotonic() - t0)
+        log.info(
+            "reconcile.done reason=%s %s local_edits=%d seconds=%.3f",
+            reason,
+            plan.summary(),
+            len(edits),
+            time.monotonic() - t0,
+        )
         await asyncio.to_thread(self.cache.save, self.cfg.state_dir / "hashcache")
 
-    def _reconcile_read(self, seq: int, replica: list[FileMeta]
-                        ) -> tuple[dict[str, FileMeta], dict[str, FileMeta], list[str]]:
+    def _reconcile_read(
+        self, seq: int, replica: list[FileMeta]
+    ) -> tuple[dict[str, FileMeta], dict[str, FileMeta], list[str]]:
         """Worker thread: the expected replica (manifest + journal after ``seq``), then the source scan.
         RACE: the journal tail is read before the source is scanned, so a change journaled meanwhile is
         either in both or shows as a harmless re-send, never as a wrong deletion."""
@@ -599,11 +652,21 @@ class Sender:
         head = self.journal.head
         lag_s = 0.0 if self.behind_since is None or self.acked >= head else time.time() - self.behind_since
         return {
-            "role": "sender", "node": self.cfg.node, "peer": "{}:{}".format(*self.cfg.peer),
+            "role": "sender",
+            "node": self.cfg.node,
+            "peer": "{}:{}".format(*self.cfg.peer),
             "peer_node": self.peer_node,
-            "connected": self.connected, "epoch": self.epoch, "journal": self.journal.id, "head": head,
-            "sent_seq": self.sent, "acked_seq": self.acked, "lag_records": max(0, head - self.acked),
-            "lag_seconds": round(lag_s, 3), "pending_paths": len(self.tracker) + len(self.ops),
-            "counters": dict(self.counters), "last_reconcile": self.last_reconcile, "started": self.started,
+            "connected": self.connected,
+            "epoch": self.epoch,
+            "journal": self.journal.id,
+            "head": head,
+            "sent_seq": self.sent,
+            "acked_seq": self.acked,
+            "lag_records": max(0, head - self.acked),
+            "lag_seconds": round(lag_s, 3),
+            "pending_paths": len(self.tracker) + len(self.ops),
+            "counters": dict(self.counters),
+            "last_reconcile": self.last_reconcile,
+            "started": self.started,
             "source": str(self.cfg.source),
         }

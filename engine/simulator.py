@@ -61,14 +61,57 @@ CONFIG_REWRITE_CHANCE = 0.02
 
 _EPOCH = datetime(2030, 1, 7, 0, 0, tzinfo=UTC)  # a Monday; meeting times are offsets from it
 _WORDS = (
-    "budget", "review", "sprint", "planning", "standup", "retro", "roadmap", "hiring", "sync", "customer",
-    "demo", "design", "architecture", "security", "audit", "quarterly", "offsite", "launch", "onboarding",
-    "training", "interview", "board", "update", "vendor", "call", "release", "triage", "incident",
-    "postmortem", "workshop", "lunch", "kickoff", "strategy", "finance", "legal", "marketing", "sales",
+    "budget",
+    "review",
+    "sprint",
+    "planning",
+    "standup",
+    "retro",
+    "roadmap",
+    "hiring",
+    "sync",
+    "customer",
+    "demo",
+    "design",
+    "architecture",
+    "security",
+    "audit",
+    "quarterly",
+    "offsite",
+    "launch",
+    "onboarding",
+    "training",
+    "interview",
+    "board",
+    "update",
+    "vendor",
+    "call",
+    "release",
+    "triage",
+    "incident",
+    "postmortem",
+    "workshop",
+    "lunch",
+    "kickoff",
+    "strategy",
+    "finance",
+    "legal",
+    "marketing",
+    "sales",
 )
 _NAMES = (
-    "Ada Lovelace", "Alan Turing", "Grace Hopper", "Edsger Dijkstra", "Barbara Liskov", "Donald Knuth",
-    "Frances Allen", "Ken Thompson", "Margaret Hamilton", "Radia Perlman", "John Backus", "Leslie Lamport",
+    "Ada Lovelace",
+    "Alan Turing",
+    "Grace Hopper",
+    "Edsger Dijkstra",
+    "Barbara Liskov",
+    "Donald Knuth",
+    "Frances Allen",
+    "Ken Thompson",
+    "Margaret Hamilton",
+    "Radia Perlman",
+    "John Backus",
+    "Leslie Lamport",
 )
 
 
@@ -390,24 +433,61 @@ def build_parser() -> argparse.ArgumentParser:
         "under ROOT, deterministically from a seed.",
     )
     parser.add_argument("root", metavar="ROOT", type=Path, help="folder to write the service's tree into")
-    parser.add_argument("--rooms", metavar="N", type=_positive_int, default=5,
-                        help="number of room folders under ROOT/databases (default: 5)")
-    parser.add_argument("--meetings-per-room", metavar="M", type=_non_negative_int, default=20,
-                        help="meetings booked per room at set-up (default: 20)")
-    parser.add_argument("--seed", metavar="S", type=int, default=0,
-                        help="random seed: the same seed gives the same files, byte for byte (default: 0)")
+    parser.add_argument(
+        "--rooms",
+        metavar="N",
+        type=_positive_int,
+        default=5,
+        help="number of room folders under ROOT/databases (default: 5)",
+    )
+    parser.add_argument(
+        "--meetings-per-room",
+        metavar="M",
+        type=_non_negative_int,
+        default=20,
+        help="meetings booked per room at set-up (default: 20)",
+    )
+    parser.add_argument(
+        "--seed",
+        metavar="S",
+        type=int,
+        default=0,
+        help="random seed: the same seed gives the same files, byte for byte (default: 0)",
+    )
     stop = parser.add_mutually_exclusive_group()
-    stop.add_argument("--seconds", metavar="T", type=_non_negative_float,
-                      help="stop after T seconds (default: run until interrupted)")
-    stop.add_argument("--batches", metavar="B", type=_non_negative_int,
-                      help="stop after B batches (default: run until interrupted)")
-    parser.add_argument("--rate", metavar="R", type=_non_negative_float, default=1.0,
-                        help="batches per second; 0 runs them back to back (default: 1)")
-    parser.add_argument("--piece-delay", metavar="SECONDS", type=_non_negative_float, default=0.005,
-                        help="sleep between the pieces of a cookie rewrite (default: 0.005)")
-    parser.add_argument("--crash-after-bytes", metavar="K", type=_non_negative_int,
-                        help="kill this process (SIGKILL; os._exit on Windows) after writing the first K "
-                        "bytes of the first cookie rewrite longer than K, leaving a torn cookie")
+    stop.add_argument(
+        "--seconds",
+        metavar="T",
+        type=_non_negative_float,
+        help="stop after T seconds (default: run until interrupted)",
+    )
+    stop.add_argument(
+        "--batches",
+        metavar="B",
+        type=_non_negative_int,
+        help="stop after B batches (default: run until interrupted)",
+    )
+    parser.add_argument(
+        "--rate",
+        metavar="R",
+        type=_non_negative_float,
+        default=1.0,
+        help="batches per second; 0 runs them back to back (default: 1)",
+    )
+    parser.add_argument(
+        "--piece-delay",
+        metavar="SECONDS",
+        type=_non_negative_float,
+        default=0.005,
+        help="sleep between the pieces of a cookie rewrite (default: 0.005)",
+    )
+    parser.add_argument(
+        "--crash-after-bytes",
+        metavar="K",
+        type=_non_negative_int,
+        help="kill this process (SIGKILL; os._exit on Windows) after writing the first K "
+        "bytes of the first cookie rewrite longer than K, leaving a torn cookie",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every batch")
     return parser
 
@@ -418,8 +498,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s", stream=sys.stderr
     )
     sim = ServiceSimulator(
-        args.root, rooms=args.rooms, meetings_per_room=args.meetings_per_room, seed=args.seed,
-        piece_delay=args.piece_delay, crash_after_bytes=args.crash_after_bytes,
+        args.root,
+        rooms=args.rooms,
+        meetings_per_room=args.meetings_per_room,
+        seed=args.seed,
+        piece_delay=args.piece_delay,
+        crash_after_bytes=args.crash_after_bytes,
     )
     try:
         sim.setup()

@@ -40,7 +40,9 @@ def read_status(state_dir: Path) -> dict[str, Any] | None:
         data: dict[str, Any] = json.loads((state_dir / STATUS_FILE).read_text("utf-8"))
     except (FileNotFoundError, ValueError):
         return None
-    data["running"] = isinstance(data.get("pid"), int) and pid_alive(data["pid"]) and (
-        time.time() - float(data.get("updated", 0)) < 30
+    data["running"] = (
+        isinstance(data.get("pid"), int)
+        and pid_alive(data["pid"])
+        and (time.time() - float(data.get("updated", 0)) < 30)
     )
     return data

@@ -96,7 +96,7 @@ class Tracker:
         self.forget(dst)
         prefix = src + "/"
         for p in [p for p in self._paths if p == src or p.startswith(prefix)]:
-            self._paths[dst + p[len(src):]] = self._paths.pop(p)
+            self._paths[dst + p[len(src) :]] = self._paths.pop(p)
 
     def due(self, now: float) -> tuple[list[str], list[str]]:
         """Paths due now, removed from tracking: (ready, forced after max_open)."""

@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -89,8 +90,11 @@ class _OverflowFlag(logging.Handler):
             self._deliver(Hint("overflow", ""))
 
 
-WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify",
-                    "watchdog.observers.read_directory_changes")
+WATCHDOG_LOGGERS = (
+    "watchdog.observers.inotify_c",
+    "watchdog.observers.inotify",
+    "watchdog.observers.read_directory_changes",
+)
 
 
 def watch_roots(root: Path, include: Sequence[str]) -> list[tuple[Path, bool]]:
@@ -111,13 +115,18 @@ def watch_roots(root: Path, include: Sequence[str]) -> list[tuple[Path, bool]]:
 class Watcher:
     """Runs a watchdog observer and delivers hints to ``on_hint`` on the event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, root: Path, include: Sequence[str],
-                 on_hint: Callable[[Hint], None]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        root: Path,
+        include: Sequence[str],
+        on_hint: Callable[[Hint], None],
+    ) -> None:
         self._loop = loop
         self._root = root
         self._include = include
         self._on_hint = on_hint
-        self._observer: Observer | None = None
+        self._observer: Any = None
         self._flag = _OverflowFlag(self._deliver)
         self.watched: list[tuple[Path, bool]] = []
 

@@ -140,7 +140,7 @@ class State(enum.Enum):
 
 def _field(d: dict[str, Any], key: str, typ: type, what: str) -> Any:
     v = d.get(key)
-    if not isinstance(v, typ) or (typ is int and (isinstance(v, bool) or v < 0)):
+    if not isinstance(v, typ) or (isinstance(v, int) and (isinstance(v, bool) or v < 0)):
         raise RemoteProtocolError(f"{what}: field {key!r} missing or of the wrong type")
     return v
 
@@ -208,8 +208,10 @@ class ReceiverProtocol(_Base):
             if role not in ("sender", "observer"):
                 raise RemoteProtocolError(f"hello: unknown role {role!r}")
             hello = Hello(
-                _field(v, "v", int, "hello"), _field(v, "node", str, "hello")[:200],
-                _field(v, "epoch", int, "hello"), role,
+                _field(v, "v", int, "hello"),
+                _field(v, "node", str, "hello")[:200],
+                _field(v, "epoch", int, "hello"),
+                role,
             )
             self.role = role
             self.state = State.READY
@@ -254,8 +256,14 @@ class ReceiverProtocol(_Base):
         if self.state is State.HANDSHAKE:
             raise LocalProtocolError("welcome before hello")
         return codec.encode(
-            {"k": "welcome", "v": PROTOCOL_VERSION, "node": self.node, "journal": journal, "seq": seq,
-             "epoch": epoch}
+            {
+                "k": "welcome",
+                "v": PROTOCOL_VERSION,
+                "node": self.node,
+                "journal": journal,
+                "seq": seq,
+                "epoch": epoch,
+            }
         )
 
     def refuse(self, code: str, reason: str) -> bytes:
@@ -291,8 +299,7 @@ class _Sent:
 class SenderProtocol(_Base):
     """The sender's (or an observer's) half."""
 
-    def __init__(self, node: str, epoch: int, role: str = "sender",
-                 max_frame: int = 64 << 20) -> None:
+    def __init__(self, node: str, epoch: int, role: str = "sender", max_frame: int = 64 << 20) -> None:
         # Manifest parts can be large; the receiver is trusted less than the sender trusts itself, but a
         # manifest part of 2000 entries fits easily in 64 MiB.
         super().__init__(max_frame)
@@ -324,8 +331,10 @@ class SenderProtocol(_Base):
                     raise RemoteProtocolError(f"expected welcome, got {kind!r}")
                 self.state = State.READY
                 return Welcome(
-                    _field(v, "v", int, "welcome"), _field(v, "node", str, "welcome"),
-                    _field(v, "journal", str, "welcome"), _field(v, "seq", int, "welcome"),
+                    _field(v, "v", int, "welcome"),
+                    _field(v, "node", str, "welcome"),
+                    _field(v, "journal", str, "welcome"),
+                    _field(v, "seq", int, "welcome"),
                     _field(v, "epoch", int, "welcome"),
                 )
             if kind == "ack":
@@ -335,8 +344,12 @@ class SenderProtocol(_Base):
                 self.acked = seq
                 probs = []
                 for p in _field(v, "problems", list, "ack"):
-                    if not (isinstance(p, list) and len(p) == 4 and isinstance(p[0], int)
-                            and all(isinstance(x, str) for x in p[1:])):
+                    if not (
+                        isinstance(p, list)
+                        and len(p) == 4
+                        and isinstance(p[0], int)
+                        and all(isinstance(x, str) for x in p[1:])
+                    ):
                         raise RemoteProtocolError("ack: malformed problem")
                     probs.append(Problem(p[0], p[1], p[2], p[3]))
                 return Ack(seq, tuple(probs))
