@@ -240,5 +240,5 @@ def is_under(path: str, folder: str) -> bool:
 
 
 def to_posix_rel(os_rel: str, sep: str) -> str:
-    """Turn an OS-relative path (with separator ``sep``) into POSIX form. Pure, so Windows logic is testable."""
+    """Turn an OS-relative path (separator ``sep``) into POSIX form. Pure: Windows logic is testable."""
     return os_rel.replace(sep, "/") if sep != "/" else os_rel

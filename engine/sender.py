@@ -264,7 +264,7 @@ class Sender:
         if self._wake is not None:
             self._wake.set()
 
-    # -- the pipeline: due paths -> journal -------------------------------------------------------------------
+    # -- the pipeline: due paths -> journal ------------------------------------------------------------
     async def _pipeline(self) -> None:
         assert self._wake is not None
         last_prune = time.monotonic()
