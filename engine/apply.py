@@ -128,19 +128,28 @@ class Applier:
         self._pool.shutdown(wait=True)
 
     # -- paths --------------------------------------------------------------------------------------------
-    def resolve(self, rel: str) -> Path:
-        """The OS path of a relative path, refusing one that breaks the rules or passes a symlink."""
+    def resolve(self, rel: str, checked: set[str] | None = None) -> Path:
+        """The OS path of a relative path, refusing one that breaks the rules or passes a symlink.
+
+        ``checked`` (one batch's memo) holds folder prefixes already found to be real folders.
+        """
         check_relpath(rel)
         parts = rel.split("/")
         p = self.root
+        prefix = ""
         for name in parts[:-1]:
             p = p / name
+            prefix = f"{prefix}/{name}" if prefix else name
+            if checked is not None and prefix in checked:
+                continue
             try:
                 st = os.lstat(p)
             except (FileNotFoundError, NotADirectoryError):
                 break  # the rest does not exist yet: it will be created as real folders
             if statmod.S_ISLNK(st.st_mode) or _is_reparse(st):
                 raise PathRejected(rel, f"passes through a symlink at {name!r}")
+            if checked is not None and statmod.S_ISDIR(st.st_mode):
+                checked.add(prefix)
         return self.root.joinpath(*parts)
 
     def clean_temps(self) -> int:
@@ -165,15 +174,16 @@ class Applier:
     # -- the batch ----------------------------------------------------------------------------------------
     def apply_batch(self, ops: Sequence[PendingOp]) -> BatchResult:
         res = BatchResult()
-        # Phase 1: content of small puts to durable temporary files, in parallel.
+        # Phase 1: check every record, then write the content of small puts to durable temporary files
+        # in parallel. RACE: checking first and submitting after keeps this thread off the GIL convoy.
         prepared: list[tuple[PendingOp, Path | None]] = []
-        jobs = []
+        checked: set[str] = set()
         for op in ops:
             c = op.change
             try:
-                final = self.resolve(c.path)
+                final = self.resolve(c.path, checked)
                 if c.op is Op.RENAME:
-                    self.resolve(c.dst)
+                    self.resolve(c.dst, checked)
             except PathRejected as e:
                 log.warning("apply.refused seq=%d path=%r reason=%s", c.seq, c.path, e.reason)
                 res.problems.append(Problem(c.seq, c.path, "refused", e.reason))
@@ -188,8 +198,12 @@ class Applier:
                     res.problems.append(Problem(c.seq, c.path, "refused", reason))
                     prepared.append((op, None))
                     continue
-                jobs.append((op, self._pool.submit(self._write_temp, final, c, op.data)))
             prepared.append((op, final))
+        jobs = [
+            (op, self._pool.submit(self._write_temp, final, op.change, op.data))
+            for op, final in prepared
+            if final is not None and op.change.op is Op.PUT and op.data is not None
+        ]
         temps: dict[int, Path | None] = {}
         for op, fut in jobs:
             temps[id(op)] = fut.result()  # None: parent not creatable yet, done in order below
