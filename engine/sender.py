@@ -70,6 +70,8 @@ class _BatchResult:
     retry: list[str] = field(default_factory=list)
     held: list[tuple[str, str]] = field(default_factory=list)
     halt: str | None = None
+    vanished: list[str] = field(default_factory=list)
+    unchanged: int = 0
 
 
 class _Stop(Exception):
@@ -99,6 +101,13 @@ class Sender:
         self.tracker = Tracker(cfg.settle, cfg.max_open, close_events)
         self.ops: deque[tuple[str, ...]] = deque()
         self.jlock = threading.Lock()
+        # What was last journaled for each path (size, mtime, digest): a re-read that finds the same is not
+        # sent again. Owned by the pipeline's worker thread.
+        self.shipped: dict[str, tuple[int, int, bytes]] = {}
+        # Paths whose read is under way, and paths a read recently found gone: a rename that races a read
+        # makes the renamed file due again (RACE: the read may fail before or after the move hint arrives).
+        self._reading: set[str] = set()
+        self._vanished: dict[str, float] = {}
         self._root = str(cfg.source)
         self._prefix = self._root.rstrip(os.sep) + os.sep
         # link state
@@ -211,6 +220,8 @@ class Sender:
             if src is not None and dst is not None:
                 self.tracker.move(src, dst)
                 self.ops.append(("rename", src, dst))
+                for p in [p for p in self._reading | set(self._vanished) if is_under(p, src)]:
+                    self.tracker.ready_now(dst + p[len(src) :], now)
             elif src is not None:
                 self._deleted(src, h.is_dir)
             elif dst is not None:
@@ -288,8 +299,16 @@ class Sender:
                 continue
             n = min(len(self.ops), self.cfg.batch_files)
             batch = [self.ops.popleft() for _ in range(n)]
-            res = await run_critical(functools.partial(self._journal_batch, batch))
+            self._reading = {op[1] for op in batch if op[0] == "put"}
+            try:
+                res = await run_critical(functools.partial(self._journal_batch, batch))
+            finally:
+                self._reading = set()
             now = time.monotonic()
+            for p in res.vanished:
+                self._vanished[p] = now
+            if self._vanished:
+                self._vanished = {p: t for p, t in self._vanished.items() if now - t < 30}
             for p in res.retry:
                 self.counters["unstable_retries"] += 1
                 self.tracker.retry(p, now)
@@ -325,12 +344,17 @@ class Sender:
                 if kind == "put":
                     r = read_stable(src / path)
                     if r is None:
-                        continue  # gone again, or not a regular file: a delete hint follows
+                        res.vanished.append(path)  # gone again (a delete or move hint follows)
+                        continue
                     if isinstance(r, Unstable):
                         res.retry.append(path)
                         continue
+                    if len(op) < 3 and self.shipped.get(path) == (r.size, r.mtime_ns, r.digest):
+                        res.unchanged += 1
+                        continue
                     if not self._put(j, path, r, ts, res):
                         continue
+                    self.shipped[path] = (r.size, r.mtime_ns, r.digest)
                 elif kind in ("delete", "rmdir"):
                     halt = self._deletion_halt(path, kind)
                     if halt:
@@ -338,10 +362,15 @@ class Sender:
                         break
                     j.append(Change(0, Op.DELETE if kind == "delete" else Op.RMDIR, path, ts_ns=ts))
                     self.cache.drop(path)
+                    if kind == "delete":
+                        self.shipped.pop(path, None)
+                    else:
+                        _move_tree(self.shipped, path, None)
                 elif kind == "mkdir":
                     j.append(Change(0, Op.MKDIR, path, ts_ns=ts))
                 elif kind == "rename":
                     j.append(Change(0, Op.RENAME, path, dst=op[2], ts_ns=ts))
+                    _move_tree(self.shipped, path, op[2])
                 res.appended += 1
             j.commit()
         return res
@@ -589,7 +618,8 @@ class Sender:
             self.ops.append(("rmdir" if op is Op.RMDIR else "delete", path))
         for path in plan.mkdirs:
             self.ops.append(("mkdir", path))
-        for path in plan.puts + unstable:
+        self.ops.extend(("put", path, "force") for path in plan.puts)
+        for path in unstable:
             self.tracker.ready_now(path, now)
         self.tracker.trim_touched(mark)
         self._poke()
@@ -670,3 +700,17 @@ class Sender:
             "started": self.started,
             "source": str(self.cfg.source),
         }
+
+
+def _move_tree(index: dict[str, Any], src: str, dst: str | None) -> None:
+    """Move (or, with ``dst`` None, drop) ``src`` and everything below it in a path-keyed index."""
+    prefix = src + "/"
+    keys = [k for k in index if k == src or k.startswith(prefix)]
+    if dst is not None:
+        prefix_d = dst + "/"
+        for k in [k for k in index if k == dst or k.startswith(prefix_d)]:
+            del index[k]
+    for k in keys:
+        v = index.pop(k)
+        if dst is not None:
+            index[dst + k[len(src) :]] = v
