@@ -100,6 +100,16 @@ def _parser() -> argparse.ArgumentParser:
         "of the replica, or a whole replicated folder)",
     )
     sp = cmd(
+        "init",
+        "create this node's key and certificate; print its node ID",
+        "Create the private key and self-signed certificate of each section's node in its state_dir (if\n"
+        "missing) and print the node ID. Copy the sender's ID into the receiver's [receiver] peer_id\n"
+        "and the receiver's ID into the sender's [sender] peer_id. --rotate replaces the key (then\n"
+        "update the pinned ID on the other server).",
+    )
+    conf(sp)
+    sp.add_argument("--rotate", action="store_true", help="replace an existing key and certificate")
+    sp = cmd(
         "receive",
         "run the receiver on the passive server",
         "Listen on [receiver] listen and apply changes in order, atomically and durably, under\n"
@@ -186,9 +196,15 @@ def _run_async(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int
 def _cmd_send(args: argparse.Namespace) -> int:
     from engine.guards import sender_check
     from engine.sender import Sender
+    from engine.transport import settings_for
 
     cfg = config.load(args.config)
-    s = Sender(cfg.need_sender(), allow_mass_delete=args.allow_mass_delete, check=sender_check(cfg))
+    s = Sender(
+        cfg.need_sender(),
+        allow_mass_delete=args.allow_mass_delete,
+        check=sender_check(cfg),
+        tls=settings_for(cfg.need_sender()),
+    )
 
     async def main(stop: asyncio.Event) -> int:
         await s.run(stop)
@@ -200,9 +216,10 @@ def _cmd_send(args: argparse.Namespace) -> int:
 def _cmd_receive(args: argparse.Namespace) -> int:
     from engine.guards import receiver_check
     from engine.receiver import Receiver
+    from engine.transport import settings_for
 
     cfg = config.load(args.config)
-    r = Receiver(cfg.need_receiver(), check=receiver_check(cfg))
+    r = Receiver(cfg.need_receiver(), check=receiver_check(cfg), tls=settings_for(cfg.need_receiver()))
 
     async def main(stop: asyncio.Event) -> int:
         await r.serve(stop)
@@ -342,7 +359,36 @@ def _cmd_journal(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from engine import identity
+
+    # init must work before peer_id is known, so it reads only what it needs from the file.
+    try:
+        data = tomllib.loads(args.config.read_text("utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{args.config}: {e}") from None
+    done = False
+    for role in ("sender", "receiver"):
+        section = data.get(role)
+        if not isinstance(section, dict):
+            continue
+        sd = section.get("state_dir")
+        if not isinstance(sd, str) or not sd:
+            raise ConfigError(f"{role} -> state_dir: required")
+        state_dir = Path(sd) if Path(sd).is_absolute() else args.config.parent.resolve() / sd
+        ident, created = identity.create(state_dir, str(section.get("node", role)), force=args.rotate)
+        verb = "created" if created else "existing"
+        print(f"{role} node ID ({verb}, {state_dir}): {ident.id}")
+        done = True
+    if not done:
+        raise ConfigError(f"{args.config}: no [sender] or [receiver] section")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "init": _cmd_init,
     "send": _cmd_send,
     "receive": _cmd_receive,
     "verify": _cmd_verify,

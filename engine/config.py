@@ -6,14 +6,16 @@ both. Unknown keys are errors, never ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError, PathRejected
 from engine.guard import GuardRule
+from engine.identity import parse_id
 from engine.model import check_relpath
 
 DEFAULT_PORT = 7420
@@ -36,6 +38,8 @@ class SenderConfig:
     journal_retain_hours: float = 24.0
     connect_timeout: float = 5.0
     retry_max: float = 5.0
+    peer_id: str = ""
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class ReceiverConfig:
     max_frame_mb: int = 2
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
+    peer_id: str = ""
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         )
         if not 0 < sender.max_delete_share <= 1:
             raise ConfigError("sender -> max_delete_share: expected a share in (0, 1]")
+        sender = _secure(sender, "sender", sender.peer[0], "peer")
     if "receiver" in data:
         r = data["receiver"]
         if not isinstance(r, dict):
@@ -172,6 +179,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
                 "listen": parse_address(r["listen"], "receiver -> listen"),
             },
         )
+        receiver = _secure(receiver, "receiver", receiver.listen[0], "listen")
     return Config(path, sender, receiver, _guards(data.get("guard", [])))
 
 
@@ -202,6 +210,32 @@ def _guards(items: Any) -> tuple[GuardRule, ...]:
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from None
     return tuple(out)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _secure(section: Any, name: str, host: str, addr_key: str) -> Any:
+    """Pinned peer ID required, unless ``insecure`` (plaintext), which only loopback addresses allow."""
+    if section.insecure:
+        if not is_loopback(host):
+            raise ConfigError(
+                f"{name} -> insecure: plaintext is only allowed on loopback, but {addr_key} is {host!r}; "
+                "pin the peer's ID with peer_id instead"
+            )
+        return section
+    if not section.peer_id:
+        raise ConfigError(
+            f"{name} -> peer_id: required: run `standby init --config FILE` on the other server and copy "
+            "the node ID it prints (or insecure = true, loopback only)"
+        )
+    return replace(section, peer_id=parse_id(section.peer_id, f"{name} -> peer_id"))
 
 
 def load(path: Path) -> Config:

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from engine import config
+from engine import config, identity
 from engine.observer import verify
 from engine.simulator import ServiceSimulator
 from engine.status import read_status
@@ -35,7 +35,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def demo_config(base: Path, port: int) -> str:
+def demo_config(base: Path, port: int, sender_id: str, receiver_id: str) -> str:
     def q(p: Path) -> str:
         return "'" + str(p) + "'"  # TOML literal string: backslashes in Windows paths stay as they are
 
@@ -45,12 +45,14 @@ source = {q(base / "active")}
 include = ["databases", "config/config.json"]
 peer = "127.0.0.1:{port}"
 state_dir = {q(base / "sender-state")}
+peer_id = "{receiver_id}"
 reconcile_interval = 30
 
 [receiver]
 listen = "127.0.0.1:{port}"
 target = {q(base / "passive")}
 state_dir = {q(base / "receiver-state")}
+peer_id = "{sender_id}"
 
 [[guard]]
 pattern = "config/config.json"
@@ -121,7 +123,9 @@ def run_demo(seconds: float, rooms: int, rate: float, keep: bool) -> int:
     base = Path(tempfile.mkdtemp(prefix="standby-demo-"))
     port = free_port()
     cfg_path = base / "standby.toml"
-    cfg_path.write_text(demo_config(base, port), "utf-8")
+    sender_id = identity.create(base / "sender-state", "demo-active")[0].id
+    receiver_id = identity.create(base / "receiver-state", "demo-passive")[0].id
+    cfg_path.write_text(demo_config(base, port, sender_id, receiver_id), "utf-8")
     cfg = config.load(cfg_path)
     assert cfg.sender is not None
     sim = ServiceSimulator(base / "active", rooms=rooms, meetings_per_room=10, seed=1)

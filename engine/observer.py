@@ -11,13 +11,18 @@ from engine.errors import PeerRefused, RemoteProtocolError
 from engine.model import FileMeta
 from engine.plan import same
 from engine.scan import HashCache, build_manifest
+from engine.transport import TlsSettings, client_upgrade, settings_for
 
 
-async def fetch_manifest(cfg: SenderConfig, timeout: float = 60.0) -> tuple[int, list[FileMeta]]:
+async def fetch_manifest(
+    cfg: SenderConfig, tls: TlsSettings | None, timeout: float = 60.0
+) -> tuple[int, list[FileMeta]]:
     host, port = cfg.peer
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
         try:
+            if tls is not None:
+                await client_upgrade(reader, writer, tls)
             proto = wire.SenderProtocol(cfg.node + "/verify", 0, role="observer")
             writer.write(proto.hello())
             await writer.drain()
@@ -96,7 +101,7 @@ def compare(source: dict[str, FileMeta], replica: dict[str, FileMeta]) -> list[D
 
 
 async def verify(cfg: SenderConfig) -> VerifyReport:
-    seq, entries = await fetch_manifest(cfg)
+    seq, entries = await fetch_manifest(cfg, settings_for(cfg))
     cache = HashCache.load(cfg.state_dir / "hashcache")
     m = await asyncio.to_thread(build_manifest, cfg.source, cfg.include, cache)
     replica = {e.path: e for e in entries}

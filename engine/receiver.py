@@ -18,10 +18,11 @@ from typing import Any
 from engine import wire
 from engine.apply import Applier, LargePut, PendingOp, PositionFile
 from engine.config import ReceiverConfig
-from engine.errors import ApplyError, PathRejected, RemoteProtocolError
+from engine.errors import ApplyError, PathRejected, PeerRefused, RemoteProtocolError
 from engine.model import PROTOCOL_VERSION, Op, check_relpath
 from engine.scan import SMALL_FILE, HashCache, build_manifest
 from engine.status import write_status
+from engine.transport import TlsSettings, server_upgrade
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ GROUP_BYTES = 32 << 20
 
 
 class Receiver:
-    def __init__(self, cfg: ReceiverConfig, check: Any = None) -> None:
+    def __init__(self, cfg: ReceiverConfig, check: Any = None, tls: TlsSettings | None = None) -> None:
         self.cfg = cfg
+        self.tls = tls
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         cfg.target.mkdir(parents=True, exist_ok=True)
         self.position = PositionFile(cfg.state_dir / "position", fsync=cfg.fsync)
@@ -120,6 +122,7 @@ class Receiver:
             "last_apply": self.last_apply,
             "counters": dict(self.counters),
             "started": self.started,
+            "transport": "plaintext (insecure, loopback only)" if self.tls is None else "TLS 1.3, pinned",
         }
 
     # -- one connection -------------------------------------------------------------------------------------
@@ -164,6 +167,7 @@ class _Conn:
         self.cur_parts: list[bytes] = []
         self.cur_skip = False
         self._refusals: list[wire.Problem] = []
+        self.peer_id = ""
 
     def cleanup(self) -> None:
         if isinstance(self.cur, LargePut):
@@ -176,6 +180,13 @@ class _Conn:
     async def run(self) -> None:
         cfg = self.rx.cfg
         async with asyncio.timeout(cfg.handshake_timeout):
+            if self.rx.tls is not None:
+                try:
+                    self.peer_id = await server_upgrade(self.reader, self.writer, self.rx.tls)
+                except PeerRefused as e:
+                    self.rx.counters["refused_peers"] += 1
+                    log.warning("receiver.refused peer=%s reason=%s", self.addr, e)
+                    return
             hello = None
             while hello is None:
                 data = await self.reader.read(65536)

@@ -41,6 +41,7 @@ from engine.model import Change, FileMeta, Op, check_relpath, is_temp_name, is_u
 from engine.plan import diff, expected_after, mass_delete
 from engine.scan import HashCache, StableRead, Unstable, build_manifest, iter_file_chunks, read_stable
 from engine.status import write_status
+from engine.transport import TlsSettings, client_upgrade
 from engine.tracker import Tracker
 from engine.watch import Hint, Watcher
 
@@ -86,8 +87,10 @@ class Sender:
         allow_mass_delete: bool = False,
         check: ContentCheck | None = None,
         close_events: bool | None = None,
+        tls: TlsSettings | None = None,
     ) -> None:
         self.cfg = cfg
+        self.tls = tls
         self.allow_mass_delete = allow_mass_delete
         self.check = check
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -461,6 +464,8 @@ class Sender:
         host, port = self.cfg.peer
         async with asyncio.timeout(self.cfg.connect_timeout):
             reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+            if self.tls is not None:
+                await client_upgrade(reader, writer, self.tls)
         try:
             proto = wire.SenderProtocol(self.cfg.node, self.epoch)
             writer.write(proto.hello())

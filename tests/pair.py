@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.digest import digest_bytes
+from engine import identity
+from engine.digest import Hasher, digest_bytes
 from engine.model import TEMP_MARKER
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,12 +83,15 @@ class Pair:
 
     def write_config(self) -> None:
         inc = ", ".join(f'"{i}"' for i in self.include)
+        sid = identity.create(self.sender_state, "test-sender")[0].id
+        rid = identity.create(self.receiver_state, "test-receiver")[0].id
         self.config.write_text(f"""
 [sender]
 source = '{self.source}'
 include = [{inc}]
 peer = "127.0.0.1:{self.port}"
 state_dir = '{self.sender_state}'
+peer_id = "{rid}"
 settle = 0.2
 retry_max = 0.5
 {self.sender_extra}
@@ -95,6 +100,7 @@ retry_max = 0.5
 listen = "127.0.0.1:{self.port}"
 target = '{self.target}'
 state_dir = '{self.receiver_state}'
+peer_id = "{sid}"
 {self.receiver_extra}
 {self.guards}
 """, "utf-8")
@@ -185,3 +191,52 @@ state_dir = '{self.receiver_state}'
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,
                               timeout=timeout, cwd=ROOT)
+
+    # -- helpers added for the end-to-end replication tests (additive) ---------------------------------------
+    def wait_log(self, role: str, text: str, timeout: float = 20) -> None:
+        """Wait until the current run's log of ``role`` holds ``text``; fail with every log if not."""
+        try:
+            wait_for(lambda: text in self.log(role), timeout, f"{text!r} in the {role} log")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.all_logs()}") from None
+
+    def wait_exit(self, role: str, timeout: float = 30) -> int:
+        """Wait for ``role`` to exit on its own and return its exit code."""
+        p = self.procs[role]
+        try:
+            return p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{role} did not exit within {timeout} s\n{self.all_logs()}") from None
+
+    def status(self) -> dict[str, Any]:
+        """What ``standby status --config F --json`` prints, parsed."""
+        r = self.cli("status", "--config", str(self.config), "--json")
+        assert r.returncode == 0, f"status exited with {r.returncode}: {r.stderr}"
+        data: dict[str, Any] = json.loads(r.stdout)
+        return data
+
+    def wait_status(self, cond: Callable[[dict[str, Any]], bool], timeout: float,
+                    what: str) -> dict[str, Any]:
+        """Poll ``standby status`` (the processes rewrite it about once a second) until ``cond`` holds."""
+        seen: list[dict[str, Any]] = []
+
+        def check() -> bool:
+            st = self.status()
+            seen[:] = [st]
+            return cond(st)
+
+        try:
+            wait_for(check, timeout, what, interval=0.3)
+        except AssertionError as e:
+            last = seen[-1] if seen else None
+            raise AssertionError(f"{e}; last status: {last}\n{self.all_logs()}") from None
+        return seen[-1]
+
+
+def file_digest(path: Path, chunk: int = 8 << 20) -> str:
+    """xxh3-128 of a file, read in chunks (for files too large to read whole)."""
+    h = Hasher()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.digest().hex()

@@ -350,7 +350,11 @@ def test_frame_error_is_a_replication_error() -> None:
 # Property: the decoder fed arbitrary bytes returns values, asks for more, or raises FrameError
 
 _PLAIN = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8) | st.binary(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
     max_leaves=10,
 )
@@ -365,7 +369,9 @@ _PIECE = st.one_of(
 
 @settings(max_examples=500, deadline=None)
 @given(st.lists(_PIECE, max_size=6), st.lists(st.integers(1, 64), min_size=1, max_size=8))
-def test_property_decoder_never_raises_anything_but_frame_error(pieces: list[bytes], steps: list[int]) -> None:
+def test_property_decoder_never_raises_anything_but_frame_error(
+    pieces: list[bytes], steps: list[int]
+) -> None:
     data = b"".join(pieces)
     d = FrameDecoder(max_frame=1 << 16)
     pos, i = 0, 0

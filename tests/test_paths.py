@@ -196,8 +196,22 @@ def test_check_name_accepts(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["", ".", "..", "a ", "a.", "CON", "lpt9.log", "CONIN$", "a:b", "a\\b", "a\x00", "a\x1f",
-     "n" * (MAX_NAME_CHARS + 1), "t" + TEMP_MARKER],
+    [
+        "",
+        ".",
+        "..",
+        "a ",
+        "a.",
+        "CON",
+        "lpt9.log",
+        "CONIN$",
+        "a:b",
+        "a\\b",
+        "a\x00",
+        "a\x1f",
+        "n" * (MAX_NAME_CHARS + 1),
+        "t" + TEMP_MARKER,
+    ],
     ids=ascii,
 )
 def test_check_name_refuses_and_reports_the_whole_path(name: str) -> None:
@@ -217,8 +231,10 @@ def test_check_name_refuses_a_slash(name: str) -> None:
         check_name(name, name)
 
 
-@pytest.mark.parametrize(("name", "temp"), [(TEMP_MARKER + "1", True), ("a" + TEMP_MARKER, True),
-                                             ("standby-tmp-", False), ("a", False)])
+@pytest.mark.parametrize(
+    ("name", "temp"),
+    [(TEMP_MARKER + "1", True), ("a" + TEMP_MARKER, True), ("standby-tmp-", False), ("a", False)],
+)
 def test_is_temp_name(name: str, temp: bool) -> None:
     assert is_temp_name(name) is temp
 
@@ -316,10 +332,34 @@ def test_parent_of(path: str, parent: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Properties
 
-_NAME_CHARS = st.characters(codec="utf-8", exclude_categories=("Cc",), exclude_characters='<>:"|?*\\/')
+_NAME_CHARS = st.characters(codec="utf-8", exclude_categories=["Cc"], exclude_characters='<>:"|?*\\/')
 _TRICKY = st.sampled_from(
-    ["..", ".", "", " ", "a ", "a.", "CON", "con.txt", "NUL", "LPT9.log", "CONIN$", "C:", "c:", ":", "\\",
-     "\\\\server", "/", "\x00", "\x01", "\x7f", TEMP_MARKER, "møte", "ünïcødé 会议.json", "n" * 256]
+    [
+        "..",
+        ".",
+        "",
+        " ",
+        "a ",
+        "a.",
+        "CON",
+        "con.txt",
+        "NUL",
+        "LPT9.log",
+        "CONIN$",
+        "C:",
+        "c:",
+        ":",
+        "\\",
+        "\\\\server",
+        "/",
+        "\x00",
+        "\x01",
+        "\x7f",
+        TEMP_MARKER,
+        "møte",
+        "ünïcødé 会议.json",
+        "n" * 256,
+    ]
 )
 _CLEAN_NAME = st.text(_NAME_CHARS, min_size=1, max_size=12)
 _ANY_NAME = st.one_of(_TRICKY, _CLEAN_NAME, st.text(max_size=6))
@@ -334,7 +374,11 @@ _CLEAN_PATH = st.lists(st.one_of(_CLEAN_NAME, _CLEAN_NAME, _CLEAN_NAME, _TRICKY)
 )
 
 _POSIX_ROOTS = [PurePosixPath("/srv/replica"), PurePosixPath("/")]
-_WINDOWS_ROOTS = [PureWindowsPath("D:/replica"), PureWindowsPath("//server/share/replica"), PureWindowsPath("C:/")]
+_WINDOWS_ROOTS = [
+    PureWindowsPath("D:/replica"),
+    PureWindowsPath("//server/share/replica"),
+    PureWindowsPath("C:/"),
+]
 
 
 def _accepted(path: str) -> bool:
