@@ -35,10 +35,20 @@ def unpack(payload: bytes | memoryview) -> Any:
     """Decode one msgpack value, refusing anything but plain maps, lists, str, bytes, ints, bools, None."""
     try:
         return msgpack.unpackb(
-            payload, raw=False, strict_map_key=True, use_list=True, max_ext_len=0, timestamp=0
+            payload,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_ext_len=0,
+            timestamp=0,
+            ext_hook=_no_ext,
         )
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as e:
         raise FrameError(f"payload is not one msgpack value: {e}") from None
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack ext type {code} is not allowed")
 
 
 def encode(obj: Any) -> bytes:

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from engine import codec
-from engine.digest import Hasher
+from engine.digest import DIGEST_SIZE, Hasher, digest_bytes
 from engine.errors import JournalError
-from engine.model import Change, Op, chunk_count
+from engine.model import CHUNK_SIZE, Change, Op, chunk_count
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +156,14 @@ class Journal:
         data = seg.path.read_bytes()
         res = codec.decode_at(data, 0)
         if isinstance(res, codec.Torn) or not _is_seg_header(res[0], self.id, seg.first):
-            if len(self._segments) == 1 and seg.first == 1 and len(data) < 4096:
-                # A crash while creating the very first segment: start it again.
+            expected = self._seg_header(seg.first)
+            if len(data) < len(expected) and expected.startswith(data) and not self.readonly:
+                # A crash while the segment was being created: it holds a prefix of its own header and no
+                # entry. Write the header again. Anything else is not ours to repair.
+                log.warning("journal.segment_header_repaired segment=%s", seg.path.name)
                 self._rewrite_header(seg)
-                return len(self._seg_header(seg.first)), seg.first - 1
-            raise JournalError(f"{seg.path}: bad segment header")
+                return len(expected), seg.first - 1
+            raise JournalError(f"{seg.path}: bad segment header (not a torn creation; refusing to guess)")
         off = res[1]
         seq = seg.first - 1
         good = off
@@ -188,16 +191,16 @@ class Journal:
         if self._out is not None:
             self._out.close()
         seg = _Segment(self.folder / _seg_name(first), first)
-        self._segments.append(seg)
         self._out = open(seg.path, "wb")  # noqa: SIM115
         header = self._seg_header(first)
         self._out.write(header)
+        self._out.flush()  # INVARIANT: a listed segment always has its header readable
         self._out_size = len(header)
         self._dirty = True
         if self.fsync:
-            self._out.flush()
             os.fsync(self._out.fileno())
             fsync_dir(self.folder)
+        self._segments.append(seg)
 
     # -- appending ----------------------------------------------------------------------------------------
     @property
@@ -216,7 +219,7 @@ class Journal:
         self._dirty = True
 
     def _maybe_rotate(self) -> None:
-        if self._out_size >= self.segment_bytes:
+        if self._out_size >= self.segment_bytes and self._next > self._segments[-1].first:
             self.commit()
             self._start_segment(self._next)
 
@@ -227,7 +230,8 @@ class Journal:
         if change.op is Op.PUT:
             data = content or b""
             n = chunk_count(len(data))
-            change = replace(change, size=len(data), chunks=n)
+            digest = change.digest if len(change.digest) == DIGEST_SIZE else digest_bytes(data)
+            change = replace(change, size=len(data), chunks=n, digest=digest)
             parts = [codec.encode(entry_header(change))]
             step = 1 << 20
             parts.extend(codec.encode(data[i : i + step]) for i in range(0, len(data), step))
@@ -307,16 +311,27 @@ class PutAppender:
         self._hasher = Hasher()
         self._written = 0
         self._chunks = 0
+        self._buf = bytearray()
         journal._write(codec.encode(entry_header(change)))
 
-    def write(self, chunk: bytes) -> None:
-        self._hasher.update(chunk)
-        self._written += len(chunk)
+    def write(self, data: bytes) -> None:
+        """Add content; it is framed in chunks of exactly CHUNK_SIZE (the last one shorter)."""
+        self._hasher.update(data)
+        self._written += len(data)
+        self._buf += data
+        while len(self._buf) >= CHUNK_SIZE:
+            self._emit(bytes(self._buf[:CHUNK_SIZE]))
+            del self._buf[:CHUNK_SIZE]
+
+    def _emit(self, chunk: bytes) -> None:
         self._chunks += 1
         self.journal._write(codec.encode(chunk))
 
     def finish(self) -> Change | None:
         """Close the entry. Returns None (and aborts) if the content did not match the header."""
+        if self._buf:
+            self._emit(bytes(self._buf))
+            self._buf.clear()
         if (
             self._written != self.change.size
             or self._chunks != self.change.chunks
@@ -383,7 +398,11 @@ class Cursor:
         self._seg_first = -1  # first seq of the open segment (indexes shift when old ones are pruned)
         self._cur: Change | None = None  # header whose chunks are still to be read
         self._remaining = 0
-        self._seek(seq)
+        try:
+            self._seek(seq)
+        except BaseException:
+            self.close()
+            raise
 
     def _seek(self, seq: int) -> None:
         segs = self.journal._segments

@@ -177,22 +177,25 @@ class FileMeta:
 # ---------------------------------------------------------------------------------------------------------
 # Path rules. A relative path is accepted only if every OS we run on can hold it under the root, unchanged.
 
-_WIN_RESERVED = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³]|CONIN\$|CONOUT\$)(\..*)?$", re.I)
-_WIN_BAD_CHARS = frozenset('<>:"|?*\\') | frozenset(chr(c) for c in range(32))
+_WIN_RESERVED = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³]|CONIN\$|CONOUT\$)$", re.I)
+_WIN_BAD_CHARS = frozenset('<>:"|?*\\/') | frozenset(chr(c) for c in range(32))
 
 
 def check_name(name: str, path: str) -> None:
     """Refuse one path component that Windows or POSIX cannot hold as a plain name."""
     if name in ("", ".", ".."):
         raise PathRejected(path, "empty, '.' or '..' component")
-    if len(name) > MAX_NAME_CHARS:
-        raise PathRejected(path, f"a name is longer than {MAX_NAME_CHARS} characters")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+        raise PathRejected(path, "name is not valid Unicode (an undecodable file name)")
+    if len(name.encode("utf-8")) > MAX_NAME_CHARS or len(name.encode("utf-16-le")) > 2 * MAX_NAME_CHARS:
+        raise PathRejected(path, f"a name is longer than {MAX_NAME_CHARS} bytes (UTF-8) or UTF-16 units")
     bad = sorted({c for c in name if c in _WIN_BAD_CHARS})
     if bad:
         raise PathRejected(path, f"name {name!r} holds characters Windows cannot hold: {bad!r}")
     if name.endswith((" ", ".")):
         raise PathRejected(path, f"name {name!r} ends with a space or dot")
-    if _WIN_RESERVED.match(name):
+    # Windows ignores what follows the first dot, and spaces before it, when it looks for device names.
+    if _WIN_RESERVED.match(name.partition(".")[0].rstrip(" ")):
         raise PathRejected(path, f"name {name!r} is a reserved device name on Windows")
     if TEMP_MARKER in name:
         raise PathRejected(path, "name uses the temporary-file marker")

@@ -41,8 +41,8 @@ from engine.model import Change, FileMeta, Op, check_relpath, is_temp_name, is_u
 from engine.plan import diff, expected_after, mass_delete
 from engine.scan import HashCache, StableRead, Unstable, build_manifest, iter_file_chunks, read_stable
 from engine.status import write_status
-from engine.transport import TlsSettings, client_upgrade
 from engine.tracker import Tracker
+from engine.transport import TlsSettings, client_upgrade
 from engine.watch import Hint, Watcher
 
 log = logging.getLogger(__name__)

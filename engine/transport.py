@@ -21,8 +21,8 @@ import ssl
 import struct
 from dataclasses import dataclass
 
-from engine.errors import PeerRefused, RemoteProtocolError
 from engine.config import ReceiverConfig, SenderConfig
+from engine.errors import PeerRefused, RemoteProtocolError
 from engine.identity import Identity, load, node_id
 
 log = logging.getLogger(__name__)

@@ -321,16 +321,10 @@ EXT_PAYLOADS = [
     pytest.param(
         msgpack.packb(msgpack.ExtType(5, b"")),
         id="empty-ext8",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: unpack uses max_ext_len=0, which refuses ext data longer than 0 bytes but lets a "
-            "zero-length ext (c7 00 05) through as msgpack.ExtType(5, b'')",
-        ),
     ),
     pytest.param(
         b"\x91" + msgpack.packb(msgpack.ExtType(5, b"")),
         id="empty-ext8-in-list",
-        marks=pytest.mark.xfail(strict=True, reason="BUG: zero-length ext types pass (see empty-ext8)"),
     ),
 ]
 

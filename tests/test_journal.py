@@ -262,8 +262,6 @@ WRONG_CONTENT: dict[str, tuple[bytes, list[bytes]]] = {
     "too-short": (b"0123456789", [b"012345678"]),
     "too-long": (b"0123456789", [b"0123456789!"]),
     "nothing-written": (b"0123456789", []),
-    "extra-empty-chunk": (b"0123456789", [b"0123456789", b""]),
-    "split-into-two-chunks": (b"0123456789", [b"01234", b"56789"]),
     "big-missing-last-chunk": (BIG, [BIG[:CHUNK_SIZE], BIG[CHUNK_SIZE : 2 * CHUNK_SIZE]]),
     "big-one-byte-flipped": (
         BIG,
@@ -671,14 +669,9 @@ def test_tiny_segment_bytes_after_a_torn_tail_never_repeats_an_entry(tmp_path: P
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Bugs found by these tests (kept as strict xfails: each passes once the bug is fixed)
+# Regression tests for bugs these tests found (all fixed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a crash during rotation leaves a new segment with a torn header; Journal.open raises "
-    "JournalError('bad segment header') instead of dropping it and reopening at the previous segment's end",
-)
 @pytest.mark.parametrize("cut", [0, 1, 8, 86])
 def test_torn_header_of_a_new_segment_after_rotation(tmp_path: Path, cut: int) -> None:
     folder = tmp_path / "j"
@@ -696,12 +689,6 @@ def test_torn_header_of_a_new_segment_after_rotation(tmp_path: Path, cut: int) -
         assert seqs(j) == list(range(1, N + 2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Journal.append(PUT) neither computes nor checks the digest; a put appended without a "
-    "16-byte digest is committed (head advances) but Cursor raises ValueError on it and reopening "
-    "silently cuts it and every entry after it",
-)
 def test_a_committed_put_appended_whole_reads_back_and_survives_reopen(tmp_path: Path) -> None:
     folder = tmp_path / "j"
     with closing(jopen(folder)) as j:
@@ -719,12 +706,6 @@ def test_a_committed_put_appended_whole_reads_back_and_survives_reopen(tmp_path:
         assert j.head == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: PutAppender.write accepts a chunk larger than CHUNK_SIZE; when its frame exceeds "
-    "codec.DEFAULT_MAX_FRAME, finish() succeeds and commit() advances head, but Cursor raises JournalError "
-    "('exceeds the limit') and reopening cuts the entry as a torn tail",
-)
 def test_put_appender_refuses_or_stores_readable_oversized_chunks(tmp_path: Path) -> None:
     folder = tmp_path / "j"
     content = bytes(2 * CHUNK_SIZE)
@@ -746,12 +727,6 @@ def test_put_appender_refuses_or_stores_readable_oversized_chunks(tmp_path: Path
         assert j.head == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with segment_bytes at or below the segment-header size (87 bytes) rotation starts from an "
-    "empty segment: _start_segment(1) re-creates 0001.sbj and lists it twice, and prune(acked=0) then "
-    "deletes the file holding the unacknowledged entry 1",
-)
 def test_tiny_segment_bytes_never_duplicates_a_segment_or_prunes_unacked(tmp_path: Path) -> None:
     with closing(jopen(tmp_path / "j", segment_bytes=1)) as j:
         for i in range(3):
@@ -763,12 +738,6 @@ def test_tiny_segment_bytes_never_duplicates_a_segment_or_prunes_unacked(tmp_pat
         assert seqs(j) == [1, 2, 3]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a first segment under 4096 bytes whose header does not match (another journal's id, or a "
-    "damaged byte) is taken for a crash during creation: open() rewrites the header and silently drops its "
-    "committed entries instead of raising JournalError",
-)
 @pytest.mark.parametrize("damage", ["foreign-journal", "flipped-header-byte"])
 def test_first_segment_with_a_wrong_header_is_refused_not_wiped(tmp_path: Path, damage: str) -> None:
     folder = tmp_path / "j"
@@ -803,12 +772,6 @@ def cursor_or_error(j: Journal, seq: int) -> Cursor | str:
     return message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with fsync=False, _start_segment leaves the segment header in the write buffer until the "
-    "next commit, so cursor(1) on a fresh journal, or cursor(head + 1) right after an append rotated to a "
-    "new segment, raises JournalError('bad segment header') (the sender opens exactly these cursors)",
-)
 @pytest.mark.parametrize("where", ["fresh-journal", "after-rotation"])
 def test_cursor_at_the_head_works_without_fsync(tmp_path: Path, where: str) -> None:
     with closing(jopen(tmp_path / "j", fsync=False, segment_bytes=ONE_ENTRY_SEGMENTS)) as j:
@@ -826,12 +789,6 @@ def test_cursor_at_the_head_works_without_fsync(tmp_path: Path, where: str) -> N
             assert (e is None) == (where == "fresh-journal")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Cursor.__init__ opens a segment file and, when it then raises (bad segment header, seq not "
-    "found), never closes it: a ResourceWarning at garbage collection, and on Windows an open handle that "
-    "blocks prune",
-)
 def test_a_cursor_that_fails_to_open_leaks_no_file(tmp_path: Path) -> None:
     folder = tmp_path / "j"
     build(folder, ONE_ENTRY_SEGMENTS, LAST_ENTRIES["delete"])
@@ -846,3 +803,17 @@ def test_a_cursor_that_fails_to_open_leaks_no_file(tmp_path: Path) -> None:
                 j.cursor(2)
             gc.collect()
         assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_writes_of_any_size_are_framed_in_whole_chunks(tmp_path: Path) -> None:
+    """The appender re-frames content, so how the caller slices its writes never matters."""
+    with closing(jopen(tmp_path / "j")) as j:
+        appender = j.begin_put(put("x", BIG))
+        for i in range(0, len(BIG), 12345):
+            appender.write(BIG[i : i + 12345])
+        appender.write(b"")
+        assert appender.finish() is not None
+        j.commit()
+        got = list(entries(j))
+    assert b"".join(got[-1].chunks) == BIG
+    assert all(len(c) == CHUNK_SIZE for c in got[-1].chunks[:-1])

@@ -220,11 +220,6 @@ def test_check_name_refuses_and_reports_the_whole_path(name: str) -> None:
     assert info.value.path == "the/whole/path"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: check_name accepts a name holding '/', which no POSIX name can hold "
-    "('/' is missing from _WIN_BAD_CHARS; check_relpath is safe only because it splits on '/' first)",
-)
 @pytest.mark.parametrize("name", ["a/b", "/", "../x"])
 def test_check_name_refuses_a_slash(name: str) -> None:
     with pytest.raises(PathRejected):
@@ -243,33 +238,18 @@ def test_is_temp_name(name: str, temp: bool) -> None:
 # Names the rules accept but some OS we run on cannot hold. Each is a bug in check_relpath.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: device names with spaces before the extension ('NUL .txt') are accepted; Windows strips "
-    "the spaces and opens the device (CPython ntpath._isreservedname: name.partition('.')[0].rstrip(' '))",
-)
 @pytest.mark.parametrize("path", ["CON .txt", "nul .tar.gz", "dir/COM1 .log", "prn   .x"])
 def test_device_name_with_spaces_before_extension_is_refused(path: str) -> None:
     with pytest.raises(PathRejected):
         check_relpath(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: lone surrogates are accepted (e.g. os.listdir's surrogateescape form of a non-UTF-8 name); "
-    "codec.encode then raises UnicodeEncodeError, not a ReplicationError",
-)
 @pytest.mark.parametrize("path", ["a\udcff", "dir/\ud800x"], ids=ascii)
 def test_lone_surrogate_is_refused(path: str) -> None:
     with pytest.raises(PathRejected):
         check_relpath(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: MAX_NAME_CHARS counts characters; ext4 holds 255 UTF-8 bytes and NTFS 255 UTF-16 units, "
-    "so e.g. 'é' * 200 is accepted and open() fails with ENAMETOOLONG",
-)
 @pytest.mark.parametrize("name", ["é" * 200, "会" * 100, "😀" * 128], ids=["latin", "cjk", "astral"])
 def test_accepted_name_fits_every_filesystem(name: str) -> None:
     try:
