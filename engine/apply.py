@@ -122,6 +122,8 @@ class Applier:
         self.fsync = fsync
         self.cache = cache if cache is not None else HashCache()
         self.check = check
+        #: Called after a small put is in place (guard history): (change, content).
+        self.on_put: Callable[[Change, bytes], None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="apply")
 
     def close(self) -> None:
@@ -290,6 +292,8 @@ class Applier:
                 self.cache.put(c.path, os.stat(final), c.digest)
             except FileNotFoundError:
                 pass
+            if self.on_put is not None and op.data is not None:
+                self.on_put(c, op.data)
         elif c.op is Op.DELETE or c.op is Op.RMDIR:
             if os.path.lexists(final):
                 _remove(final)

@@ -150,6 +150,19 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--rate", type=float, default=20.0, help="batches of changes per second (default: 20)")
     sp.add_argument("--keep", action="store_true", help="keep the temporary folders and print where")
     sp = cmd(
+        "guard",
+        "list or restore the kept good versions of a guarded file (on the passive)",
+        "history: the last good versions of a guarded file the receiver kept (newest is 0).\n"
+        "restore: put version K back in the replica atomically (the receiver must be stopped, or\n"
+        "--force).",
+    )
+    conf(sp)
+    sp.add_argument("action", choices=["history", "restore"])
+    sp.add_argument("path", help="the file, relative to the replicated root (e.g. databases/r1/sync.cookie)")
+    sp.add_argument("--version", type=int, default=0, metavar="K", help="restore: which version (default 0)")
+    sp.add_argument("--force", action="store_true", help="restore even while the receiver runs")
+    sp.add_argument("--json", action="store_true", help="history: machine-readable output")
+    sp = cmd(
         "journal",
         "inspect the journal or replay it into a folder",
         "list: the journal's segments and positions.\n"
@@ -219,7 +232,12 @@ def _cmd_receive(args: argparse.Namespace) -> int:
     from engine.transport import settings_for
 
     cfg = config.load(args.config)
-    r = Receiver(cfg.need_receiver(), check=receiver_check(cfg), tls=settings_for(cfg.need_receiver()))
+    r = Receiver(
+        cfg.need_receiver(),
+        check=receiver_check(cfg),
+        tls=settings_for(cfg.need_receiver()),
+        guards=cfg.guards,
+    )
 
     async def main(stop: asyncio.Event) -> int:
         await r.serve(stop)
@@ -229,12 +247,15 @@ def _cmd_receive(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from engine.guards import sender_check
     from engine.observer import verify
 
-    cfg = config.load(args.config).need_sender()
+    full = config.load(args.config)
+    cfg = full.need_sender()
+    check = sender_check(full)
     deadline = time.monotonic() + args.settle
     while True:
-        report = asyncio.run(verify(cfg))
+        report = asyncio.run(verify(cfg, check))
         if report.identical or time.monotonic() >= deadline:
             break
         time.sleep(0.5)
@@ -257,9 +278,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         from rich.table import Table
 
         con = Console()
-        if report.identical:
+        for d in report.held:
+            con.print(f"[yellow]held[/]: {d.path}: {d.detail}")
+        if report.identical and not report.differences:
             con.print(
                 f"[green]identical[/]: {report.source_entries} entries on both sides "
+                f"(replica at seq {report.replica_seq})"
+            )
+        elif report.identical:
+            con.print(
+                f"[green]identical[/] apart from {len(report.held)} held file(s) "
                 f"(replica at seq {report.replica_seq})"
             )
         else:
@@ -338,6 +366,70 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(seconds=args.seconds, rooms=args.rooms, rate=args.rate, keep=args.keep)
 
 
+def _cmd_guard(args: argparse.Namespace) -> int:
+    from engine.history import GuardHistory
+    from engine.model import check_relpath
+    from engine.status import read_status
+
+    cfg = config.load(args.config)
+    r = cfg.need_receiver()
+    rel = args.path.replace("\\", "/")
+    try:
+        check_relpath(rel)
+    except ReplicationError as e:
+        raise ConfigError(f"path: {e}") from None
+    hist = GuardHistory(r.state_dir / "guard-history", r.guard_history)
+    if args.action == "history":
+        versions = hist.versions(rel)
+        if args.json:
+            print(
+                json.dumps(
+                    [
+                        {
+                            "version": v.index,
+                            "saved": v.saved_ns / 1e9,
+                            "seq": v.seq,
+                            "size": v.size,
+                            "digest": v.digest().hex(),
+                        }
+                        for v in versions
+                    ],
+                    indent=1,
+                )
+            )
+            return EXIT_OK
+        if not versions:
+            print(
+                f"no kept versions of {rel} (guarded paths with history: {', '.join(hist.paths()) or 'none'})"
+            )
+            return EXIT_OK
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"good versions of {rel} (newest first)")
+        for col in ("version", "saved", "entry seq", "bytes", "xxh3-128"):
+            t.add_column(col)
+        for v in versions:
+            t.add_row(
+                str(v.index),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.saved_ns / 1e9)),
+                str(v.seq),
+                f"{v.size:,}",
+                v.digest().hex()[:16],
+            )
+        Console().print(t)
+        return EXIT_OK
+    st = read_status(r.state_dir)
+    if st and st.get("running") and not args.force:
+        raise ReplicationError(
+            "the receiver is running; stop it first (or --force: it may overwrite the "
+            "restored file with the next change it applies)"
+        )
+    v = hist.restore(rel, args.version, r.target)
+    print(f"restored {rel} version {v.index} ({v.size} bytes, entry {v.seq})")
+    return EXIT_OK
+
+
 def _cmd_journal(args: argparse.Namespace) -> int:
     from engine.replay import list_journal, replay
 
@@ -394,6 +486,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "verify": _cmd_verify,
     "status": _cmd_status,
     "demo": _cmd_demo,
+    "guard": _cmd_guard,
     "journal": _cmd_journal,
 }
 

@@ -53,6 +53,7 @@ class ReceiverConfig:
     max_frame_mb: int = 2
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
+    guard_history: int = 5
     peer_id: str = ""
     insecure: bool = False
 

@@ -24,6 +24,7 @@ from rich.live import Live
 from rich.table import Table
 
 from engine import config, identity
+from engine.guards import sender_check
 from engine.observer import verify
 from engine.simulator import ServiceSimulator
 from engine.status import read_status
@@ -128,6 +129,7 @@ def run_demo(seconds: float, rooms: int, rate: float, keep: bool) -> int:
     cfg_path.write_text(demo_config(base, port, sender_id, receiver_id), "utf-8")
     cfg = config.load(cfg_path)
     assert cfg.sender is not None
+    check = sender_check(cfg)
     sim = ServiceSimulator(base / "active", rooms=rooms, meetings_per_room=10, seed=1)
     sim.setup()
     con.print(
@@ -160,11 +162,11 @@ def run_demo(seconds: float, rooms: int, rate: float, keep: bool) -> int:
             stop_writer.set()
             w.join()
             deadline = time.monotonic() + 30
-            report = asyncio.run(verify(cfg.sender))
+            report = asyncio.run(verify(cfg.sender, check))
             while not report.identical and time.monotonic() < deadline:
                 time.sleep(0.2)
                 live.update(_table(cfg, batches[0], time.monotonic() - t0))
-                report = asyncio.run(verify(cfg.sender))
+                report = asyncio.run(verify(cfg.sender, check))
             live.update(_table(cfg, batches[0], time.monotonic() - t0))
         if report.identical:
             con.print(

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from engine import wire
 from engine.config import SenderConfig
 from engine.errors import PeerRefused, RemoteProtocolError
 from engine.model import FileMeta
 from engine.plan import same
-from engine.scan import HashCache, build_manifest
+from engine.scan import HashCache, StableRead, build_manifest, read_stable
 from engine.transport import TlsSettings, client_upgrade, settings_for
 
 
@@ -50,6 +52,9 @@ async def fetch_manifest(
             writer.transport.abort()
 
 
+ContentCheck = Callable[[str, bytes], str | None]
+
+
 @dataclass
 class Difference:
     path: str
@@ -67,7 +72,12 @@ class VerifyReport:
 
     @property
     def identical(self) -> bool:
-        return not self.differences
+        """No difference to repair. Files held back because they are torn on the source do not count."""
+        return not [d for d in self.differences if d.kind != "held"]
+
+    @property
+    def held(self) -> list[Difference]:
+        return [d for d in self.differences if d.kind == "held"]
 
 
 def compare(source: dict[str, FileMeta], replica: dict[str, FileMeta]) -> list[Difference]:
@@ -100,9 +110,26 @@ def compare(source: dict[str, FileMeta], replica: dict[str, FileMeta]) -> list[D
     return out
 
 
-async def verify(cfg: SenderConfig) -> VerifyReport:
+def mark_held(diffs: list[Difference], source: Path, check: ContentCheck | None) -> list[Difference]:
+    """A guarded file that differs because its source version is torn is *held*, not to be repaired."""
+    if check is None:
+        return diffs
+    out = []
+    for d in diffs:
+        if d.kind in ("content", "missing", "mtime"):
+            r = read_stable(source / d.path)
+            if isinstance(r, StableRead) and r.data is not None:
+                reason = check(d.path, r.data)
+                if reason is not None:
+                    d = Difference(d.path, "held", f"torn on the source, not replicated: {reason}")
+        out.append(d)
+    return out
+
+
+async def verify(cfg: SenderConfig, check: ContentCheck | None = None) -> VerifyReport:
     seq, entries = await fetch_manifest(cfg, settings_for(cfg))
     cache = HashCache.load(cfg.state_dir / "hashcache")
     m = await asyncio.to_thread(build_manifest, cfg.source, cfg.include, cache)
     replica = {e.path: e for e in entries}
-    return VerifyReport(seq, len(m.entries), len(replica), compare(m.entries, replica), m.unstable)
+    diffs = await asyncio.to_thread(mark_held, compare(m.entries, replica), cfg.source, check)
+    return VerifyReport(seq, len(m.entries), len(replica), diffs, m.unstable)

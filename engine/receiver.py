@@ -19,7 +19,9 @@ from engine import wire
 from engine.apply import Applier, LargePut, PendingOp, PositionFile
 from engine.config import ReceiverConfig
 from engine.errors import ApplyError, PathRejected, PeerRefused, RemoteProtocolError
-from engine.model import PROTOCOL_VERSION, Op, check_relpath
+from engine.guard import GuardRule, find_guard
+from engine.history import GuardHistory
+from engine.model import PROTOCOL_VERSION, Change, Op, check_relpath
 from engine.scan import SMALL_FILE, HashCache, build_manifest
 from engine.status import write_status
 from engine.transport import TlsSettings, server_upgrade
@@ -32,7 +34,13 @@ GROUP_BYTES = 32 << 20
 
 
 class Receiver:
-    def __init__(self, cfg: ReceiverConfig, check: Any = None, tls: TlsSettings | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ReceiverConfig,
+        check: Any = None,
+        tls: TlsSettings | None = None,
+        guards: tuple[GuardRule, ...] = (),
+    ) -> None:
         self.cfg = cfg
         self.tls = tls
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -44,6 +52,17 @@ class Receiver:
         self.applier = Applier(
             cfg.target, fsync=cfg.fsync, threads=cfg.fsync_threads, cache=self.cache, check=check
         )
+        if guards:
+            history = GuardHistory(cfg.state_dir / "guard-history", cfg.guard_history, cfg.fsync)
+            self.history: GuardHistory | None = history
+
+            def keep(c: Change, data: bytes) -> None:
+                if find_guard(guards, c.path) is not None:
+                    history.record(c.path, c.seq, c.mtime_ns, data)
+
+            self.applier.on_put = keep
+        else:
+            self.history = None
         self.journal = self.position.current.journal
         self.seq = self.position.current.seq
         self.epoch = self.position.current.epoch

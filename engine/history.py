@@ -1,0 +1,110 @@
+"""The receiver's history of guarded files: the last N good versions of each, kept in its state folder.
+
+``<state_dir>/guard-history/<quoted relative path>/<saved_ns>-<seq>-<mtime_ns>.v`` holds one version's bytes.
+Versions are written like replica files (temp, fsync, rename) right after the version was applied, and
+only good versions ever get here: a torn one is refused before it is applied. ``standby guard history``
+lists them; ``standby guard restore`` puts one back atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+from engine.digest import digest_bytes
+from engine.errors import ReplicationError
+from engine.journal import fsync_dir
+from engine.model import TEMP_MARKER, check_relpath
+
+
+@dataclass(frozen=True)
+class Version:
+    index: int  # 0 = the newest
+    path: Path
+    saved_ns: int
+    seq: int
+    mtime_ns: int
+    size: int
+
+    def digest(self) -> bytes:
+        return digest_bytes(self.path.read_bytes())
+
+
+class GuardHistory:
+    def __init__(self, folder: Path, keep: int = 5, fsync: bool = True) -> None:
+        self.folder = folder
+        self.keep = max(1, keep)
+        self.fsync = fsync
+
+    def _dir(self, rel: str) -> Path:
+        return self.folder / quote(rel, safe="")
+
+    def record(self, rel: str, seq: int, mtime_ns: int, data: bytes) -> None:
+        d = self._dir(rel)
+        d.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{seq:012d}-{mtime_ns}.v"
+        tmp = d / f".{TEMP_MARKER}{secrets.token_hex(6)}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, d / name)
+        for old in self.versions(rel)[self.keep :]:
+            try:
+                old.path.unlink()
+            except FileNotFoundError:
+                pass
+        if self.fsync:
+            fsync_dir(d)
+
+    def versions(self, rel: str) -> list[Version]:
+        d = self._dir(rel)
+        out: list[tuple[int, int, int, Path]] = []
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if not name.endswith(".v"):
+                continue
+            parts = name[:-2].split("-")
+            if len(parts) != 3 or not all(p.isdigit() for p in parts):
+                continue
+            out.append((int(parts[0]), int(parts[1]), int(parts[2]), d / name))
+        out.sort(reverse=True)
+        return [
+            Version(i, p, saved, seq, mtime, p.stat().st_size) for i, (saved, seq, mtime, p) in enumerate(out)
+        ]
+
+    def paths(self) -> list[str]:
+        try:
+            return sorted(unquote(n) for n in os.listdir(self.folder))
+        except FileNotFoundError:
+            return []
+
+    def restore(self, rel: str, index: int, target_root: Path) -> Version:
+        """Put version ``index`` back at ``rel`` under ``target_root``: temp, fsync, rename, fsync folder."""
+        check_relpath(rel)
+        versions = self.versions(rel)
+        if not versions:
+            raise ReplicationError(f"no kept versions of {rel!r}")
+        if not 0 <= index < len(versions):
+            raise ReplicationError(f"{rel!r} has versions 0..{len(versions) - 1}, not {index}")
+        v = versions[index]
+        final = target_root.joinpath(*rel.split("/"))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{TEMP_MARKER}{secrets.token_hex(8)}"
+        data = v.path.read_bytes()
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.utime(tmp, ns=(v.mtime_ns, v.mtime_ns))
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        return v
