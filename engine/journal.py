@@ -475,6 +475,11 @@ class Cursor:
             self.seq += 1
         return frame[1] if skip is False else b""
 
+    @property
+    def in_entry(self) -> bool:
+        """True between a put's header and its last chunk."""
+        return self._remaining > 0
+
     def next_header(self) -> Change | None:
         """The next durable entry's header, or None at the head."""
         r = self._header_frame()

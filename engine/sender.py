@@ -524,7 +524,8 @@ class Sender:
             while self._control:
                 req = self._control.popleft()
                 writer.write(proto.manifest_request(req, self.cfg.include))
-            if cursor.seq <= self.journal.head and self._inflight_bytes < INFLIGHT_BYTES:
+            # The window never stops a large put half way: the receiver acknowledges whole entries only.
+            if cursor.seq <= self.journal.head and (self._inflight_bytes < INFLIGHT_BYTES or cursor.in_entry):
                 raw, done = await asyncio.to_thread(cursor.read_raw)
                 writer.write(proto.entries(raw, done))
                 self._inflight.append((proto.sent.last_seq, len(raw)))
