@@ -90,6 +90,19 @@ class _OverflowFlag(logging.Handler):
             self._deliver(Hint("overflow", ""))
 
 
+#: The events we ask the kernel for. Opens and read-only closes are left out: our own reads would
+#: otherwise come back as events, one pair per file read.
+EVENT_FILTER = [
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+]
+
 WATCHDOG_LOGGERS = (
     "watchdog.observers.inotify_c",
     "watchdog.observers.inotify",
@@ -144,7 +157,7 @@ class Watcher:
         self.watched = watch_roots(self._root, self._include)
         for path, recursive in self.watched:
             if path.is_dir():
-                obs.schedule(handler, str(path), recursive=recursive)
+                obs.schedule(handler, str(path), recursive=recursive, event_filter=EVENT_FILTER)
         obs.start()
         self._observer = obs
         log.info("watch.started folders=%d", len(self.watched))
