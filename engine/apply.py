@@ -117,11 +117,13 @@ class Applier:
         threads: int = 16,
         cache: HashCache | None = None,
         check: ContentCheck | None = None,
+        sync_mode: str = "auto",
     ) -> None:
         self.root = root
         self.fsync = fsync
         self.cache = cache if cache is not None else HashCache()
         self.check = check
+        self._syncfs = _syncfs_for(root, sync_mode) if fsync else None
         #: Called after a small put is in place (guard history): (change, content).
         self.on_put: Callable[[Change, bytes], None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="apply")
@@ -201,14 +203,25 @@ class Applier:
                     prepared.append((op, None))
                     continue
             prepared.append((op, final))
-        jobs = [
-            (op, self._pool.submit(self._write_temp, final, op.change, op.data))
+        writes = [
+            (op, final, op.data)
             for op, final in prepared
             if final is not None and op.change.op is Op.PUT and op.data is not None
         ]
         temps: dict[int, Path | None] = {}
-        for op, fut in jobs:
-            temps[id(op)] = fut.result()  # None: parent not creatable yet, done in order below
+        if self._syncfs is not None or not self.fsync:
+            # One syncfs below makes every temporary file durable: write them here, in order.
+            for op, final, data in writes:
+                temps[id(op)] = self._write_temp(final, op.change, data)
+            if writes and self.fsync and self._syncfs is not None:
+                self._syncfs()
+        else:
+            jobs = [
+                (op, self._pool.submit(self._write_temp, final, op.change, data))
+                for op, final, data in writes
+            ]
+            for op, fut in jobs:
+                temps[id(op)] = fut.result()  # None: parent not creatable yet, done in order below
         # Phase 2: in record order.
         dirs: set[Path] = set()
         try:
@@ -228,7 +241,10 @@ class Applier:
                     _unlink(t)
         # Phase 3: folder entries durable.
         if self.fsync and dirs:
-            list(self._pool.map(_fsync_dir_quiet, dirs))
+            if self._syncfs is not None:
+                self._syncfs()
+            else:
+                list(self._pool.map(_fsync_dir_quiet, dirs))
         return res
 
     def _content_problem(self, c: Change, data: bytes) -> str | None:
@@ -238,7 +254,7 @@ class Applier:
             return self.check(c.path, data)
         return None
 
-    def _write_temp(self, final: Path, c: Change, data: bytes) -> Path | None:
+    def _write_temp(self, final: Path, c: Change, data: bytes, force_fsync: bool = False) -> Path | None:
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
@@ -249,7 +265,7 @@ class Applier:
                 f.write(data)
                 f.flush()
                 os.utime(tmp, ns=(c.mtime_ns, c.mtime_ns))
-                if self.fsync:
+                if self.fsync and (self._syncfs is None or force_fsync):
                     os.fsync(f.fileno())
         except BaseException:
             _unlink(tmp)
@@ -281,7 +297,7 @@ class Applier:
             if temp is None:  # parent was blocked in phase 1, or removed since
                 assert op.data is not None
                 self._make_parent(final, dirs)
-                temp = self._write_temp(final, c, op.data)
+                temp = self._write_temp(final, c, op.data, force_fsync=True)
                 if temp is None:
                     raise ApplyError(f"cannot create the folder of {c.path!r}")
             if os.path.isdir(final) and not os.path.islink(final):
@@ -333,6 +349,39 @@ class Applier:
         for k in [k for k in self.cache._d if k == src or k.startswith(prefix)]:
             v = self.cache._d.pop(k)
             self.cache._d[dst + k[len(src) :]] = v
+
+
+def _syncfs_for(root: Path, mode: str) -> Callable[[], None] | None:
+    """A function that makes every write to ``root``'s file system durable in one call (Linux syncfs),
+    or None where per-file fsync is to be used (``mode`` "fsync", or no syncfs: Windows, macOS)."""
+    if mode == "fsync":
+        return None
+    fn = None
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.syncfs
+        except (OSError, AttributeError):
+            fn = None
+    if fn is None:
+        if mode == "syncfs":
+            raise ApplyError("sync_mode = 'syncfs' needs Linux syncfs(2)")
+        return None
+
+    def syncfs() -> None:
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            if fn(fd) != 0:
+                import ctypes
+
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs: {os.strerror(err)}", str(root))
+        finally:
+            os.close(fd)
+
+    return syncfs
 
 
 def _is_reparse(st: os.stat_result) -> bool:

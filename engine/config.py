@@ -54,6 +54,7 @@ class ReceiverConfig:
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
     guard_history: int = 5
+    sync_mode: str = "auto"
     peer_id: str = ""
     insecure: bool = False
 
@@ -181,6 +182,8 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             },
         )
         receiver = _secure(receiver, "receiver", receiver.listen[0], "listen")
+        if receiver.sync_mode not in ("auto", "fsync", "syncfs"):
+            raise ConfigError("receiver -> sync_mode: expected 'auto', 'fsync' or 'syncfs'")
     return Config(path, sender, receiver, _guards(data.get("guard", [])))
 
 

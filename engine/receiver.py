@@ -50,7 +50,12 @@ class Receiver:
         skip = cfg.state_dir.resolve() if _inside(cfg.state_dir, cfg.target) else None
         self._skip = skip
         self.applier = Applier(
-            cfg.target, fsync=cfg.fsync, threads=cfg.fsync_threads, cache=self.cache, check=check
+            cfg.target,
+            fsync=cfg.fsync,
+            threads=cfg.fsync_threads,
+            cache=self.cache,
+            check=check,
+            sync_mode=cfg.sync_mode,
         )
         if guards:
             history = GuardHistory(cfg.state_dir / "guard-history", cfg.guard_history, cfg.fsync)
