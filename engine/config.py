@@ -7,9 +7,9 @@ both. Unknown keys are errors, never ignored.
 from __future__ import annotations
 
 import ipaddress
-import socket
+import platform
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ class SenderConfig:
     peer: tuple[str, int]
     state_dir: Path
     include: tuple[str, ...] = ("databases", "config/config.json")
-    node: str = field(default_factory=socket.gethostname)
+    node: str = "standby"
     reconcile_interval: float = 600.0
     settle: float = 0.5
     max_open: float = 30.0
@@ -47,7 +47,7 @@ class ReceiverConfig:
     listen: tuple[str, int]
     target: Path
     state_dir: Path
-    node: str = field(default_factory=socket.gethostname)
+    node: str = "standby"
     fsync: bool = True
     fsync_threads: int = 16
     max_frame_mb: int = 2
@@ -129,7 +129,7 @@ def _path(section: dict[str, Any], key: str, name: str, base: Path) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
-def parse(data: dict[str, Any], path: Path) -> Config:
+def parse(data: dict[str, Any], path: Path, default_node: str = "standby") -> Config:
     base = path.parent.resolve()
     for key in data:
         if key not in ("sender", "receiver", "guard"):
@@ -155,6 +155,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             "sender",
             base,
             {
+                "node": default_node,
                 "source": _path(s, "source", "sender", base),
                 "state_dir": _path(s, "state_dir", "sender", base),
                 "peer": parse_address(s["peer"], "sender -> peer"),
@@ -176,6 +177,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             "receiver",
             base,
             {
+                "node": default_node,
                 "target": _path(r, "target", "receiver", base),
                 "state_dir": _path(r, "state_dir", "receiver", base),
                 "listen": parse_address(r["listen"], "receiver -> listen"),
@@ -251,4 +253,4 @@ def load(path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return parse(data, path)
+    return parse(data, path, platform.node() or "standby")

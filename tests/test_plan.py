@@ -1,0 +1,114 @@
+"""Reconciliation planning (pure): expected replica = manifest + journal tail; diff; mass-delete verdict."""
+
+from __future__ import annotations
+
+from engine.digest import digest_bytes
+from engine.model import Change, FileMeta, Op
+from engine.plan import Plan, diff, expected_after, mass_delete
+
+INC = ("databases", "config/config.json")
+
+
+def f(path: str, content: bytes = b"x", mtime: int = 1_000_000_000) -> FileMeta:
+    return FileMeta(path, False, len(content), mtime, digest_bytes(content))
+
+
+def d(path: str) -> FileMeta:
+    return FileMeta(path, True)
+
+
+def m(*metas: FileMeta) -> dict[str, FileMeta]:
+    return {x.path: x for x in metas}
+
+
+def test_identical_trees_need_nothing() -> None:
+    t = m(d("databases"), d("databases/r"), f("databases/r/a"), f("config/config.json"))
+    assert diff(t, t, INC).empty
+
+
+def test_missing_changed_and_extra_files() -> None:
+    src = m(d("databases"), f("databases/a", b"new"), f("databases/b"))
+    rep = m(d("databases"), f("databases/a", b"old"), f("databases/c"))
+    p = diff(src, rep, INC)
+    assert p.puts == ["databases/a", "databases/b"]
+    assert p.removals == [(Op.DELETE, "databases/c")]
+    assert p.files_removed == 1 and p.replica_files == 2
+
+
+def test_mtime_only_difference_is_resent_but_tolerance_applies() -> None:
+    src = m(f("databases/a", mtime=5_000_000_000))
+    assert diff(src, m(f("databases/a", mtime=5_001_000_000)), INC).empty
+    assert diff(src, m(f("databases/a", mtime=6_000_000_000)), INC).puts == ["databases/a"]
+
+
+def test_extra_folder_is_removed_once_at_the_top() -> None:
+    src = m(d("databases"))
+    rep = m(d("databases"), d("databases/old"), d("databases/old/x"))
+    rep |= m(f("databases/old/x/1"), f("databases/old/2"))
+    p = diff(src, rep, INC)
+    assert p.removals == [(Op.RMDIR, "databases/old")]
+    assert p.files_removed == 2
+
+
+def test_type_conflicts_remove_then_create() -> None:
+    src = m(d("databases"), f("databases/x"), d("databases/y"))
+    rep = m(d("databases"), d("databases/x"), f("databases/x/inner"), f("databases/y"))
+    p = diff(src, rep, INC)
+    assert (Op.RMDIR, "databases/x") in p.removals and (Op.DELETE, "databases/y") in p.removals
+    assert p.mkdirs == ["databases/y"] and p.puts == ["databases/x"]
+
+
+def test_paths_outside_the_include_set_are_never_removed() -> None:
+    rep = m(d("logs"), f("logs/today.log"), f("config/other.json"))
+    assert diff({}, rep, INC).removals == []
+
+
+def test_excluded_paths_are_left_to_the_watcher() -> None:
+    src = m(f("databases/a", b"new"))
+    rep = m(f("databases/a", b"old"), f("databases/gone"))
+    p = diff(src, rep, INC, exclude={"databases/a", "databases/gone"})
+    assert p.empty
+
+
+def test_folders_are_created_shallow_first() -> None:
+    src = m(d("databases/a/b/c"), d("databases/a"), d("databases/a/b"))
+    assert diff(src, {}, INC).mkdirs == ["databases/a", "databases/a/b", "databases/a/b/c"]
+
+
+def test_expected_after_lays_the_journal_tail_over_the_manifest() -> None:
+    man = m(d("databases"), d("databases/r"), f("databases/r/a", b"1"), f("databases/r/b", b"2"))
+    h = digest_bytes(b"3")
+    tail = [
+        Change(10, Op.PUT, "databases/r/a", size=1, mtime_ns=7, digest=h),
+        Change(11, Op.RENAME, "databases/r", dst="databases/s"),
+        Change(12, Op.DELETE, "databases/s/b"),
+        Change(13, Op.MKDIR, "databases/t"),
+        Change(14, Op.RENAME, "databases/missing", dst="databases/u"),
+    ]
+    exp = expected_after(man, tail)
+    assert set(exp) == {"databases", "databases/s", "databases/s/a", "databases/t"}
+    assert exp["databases/s/a"].digest == h and exp["databases/t"].is_dir
+
+
+def test_expected_after_rmdir_and_put_over_folder() -> None:
+    man = m(d("databases/x"), f("databases/x/1"))
+    exp = expected_after(man, [Change(1, Op.PUT, "databases/x", size=1, digest=digest_bytes(b"z"))])
+    assert set(exp) == {"databases/x"} and not exp["databases/x"].is_dir
+    assert expected_after(man, [Change(1, Op.RMDIR, "databases/x")]) == {}
+
+
+def test_mass_delete_verdict() -> None:
+    assert mass_delete(Plan(replica_files=10, files_removed=5), 0.5) is None
+    why = mass_delete(Plan(replica_files=10, files_removed=6), 0.5)
+    assert why is not None and "6 of 10" in why and "max_delete_share" in why
+    assert mass_delete(Plan(replica_files=3, files_removed=3), 0.5) is None  # tiny replicas are not judged
+
+
+def test_the_example_config_loads() -> None:
+    from pathlib import Path
+
+    from engine.config import load
+
+    cfg = load(Path(__file__).resolve().parent.parent / "config.example.toml")
+    assert cfg.sender is not None and cfg.receiver is not None and len(cfg.guards) == 2
+    assert cfg.sender.include == ("databases", "config/config.json")
