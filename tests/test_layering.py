@@ -8,8 +8,23 @@ from pathlib import Path
 ENGINE = Path(__file__).resolve().parent.parent / "engine"
 
 PURE = {"errors", "model", "digest", "codec", "wire", "plan", "guard", "config", "tracker", "identity"}
-IO = {"scan", "watch", "journal", "apply", "sender", "receiver", "transport", "observer", "history",
-      "status", "replay", "guards", "aio", "logs", "simulator"}
+IO = {
+    "scan",
+    "watch",
+    "journal",
+    "apply",
+    "sender",
+    "receiver",
+    "transport",
+    "observer",
+    "history",
+    "status",
+    "replay",
+    "guards",
+    "aio",
+    "logs",
+    "simulator",
+}
 EDGE = {"cli", "demo", "__main__"}
 #: Pure modules may use these standard modules; nothing that reads the clock or does I/O by itself.
 FORBIDDEN_IN_PURE = {"asyncio", "socket", "time", "subprocess", "watchdog", "aiofiles", "smbprotocol"}
