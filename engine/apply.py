@@ -33,7 +33,7 @@ from engine import codec
 from engine.digest import Hasher, digest_bytes
 from engine.errors import ApplyError, PathRejected
 from engine.journal import fsync_dir
-from engine.model import TEMP_MARKER, Change, Op, check_relpath, is_temp_name
+from engine.model import MAX_PATH_CHARS, MAX_PATH_DEPTH, TEMP_MARKER, Change, Op, check_relpath, is_temp_name
 from engine.scan import HashCache
 from engine.wire import Problem
 
@@ -123,6 +123,8 @@ class Applier:
         self.fsync = fsync
         self.cache = cache if cache is not None else HashCache()
         self.check = check
+        self.max_path_chars = MAX_PATH_CHARS
+        self.max_path_depth = MAX_PATH_DEPTH
         self._syncfs = _syncfs_for(root, sync_mode) if fsync else None
         #: Called after a small put is in place (guard history): (change, content).
         self.on_put: Callable[[Change, bytes], None] | None = None
@@ -137,7 +139,7 @@ class Applier:
 
         ``checked`` (one batch's memo) holds folder prefixes already found to be real folders.
         """
-        check_relpath(rel)
+        check_relpath(rel, self.max_path_chars, self.max_path_depth)
         parts = rel.split("/")
         p = self.root
         prefix = ""

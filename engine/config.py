@@ -54,6 +54,8 @@ class ReceiverConfig:
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
     guard_history: int = 5
+    max_path_chars: int = 1024
+    max_path_depth: int = 64
     sync_mode: str = "auto"
     peer_id: str = ""
     insecure: bool = False

@@ -201,7 +201,7 @@ def check_name(name: str, path: str) -> None:
         raise PathRejected(path, "name uses the temporary-file marker")
 
 
-def check_relpath(path: str) -> str:
+def check_relpath(path: str, max_chars: int = MAX_PATH_CHARS, max_depth: int = MAX_PATH_DEPTH) -> str:
     """Return ``path`` if it is a clean, relative, POSIX-form path under a root; raise PathRejected.
 
     Refused: empty, absolute (``/x``, ``C:\\x``, ``C:x``, ``\\\\server\\share``), backslashes, ``.``/``..``
@@ -210,8 +210,8 @@ def check_relpath(path: str) -> str:
     """
     if not isinstance(path, str) or not path:
         raise PathRejected(str(path), "empty path")
-    if len(path) > MAX_PATH_CHARS:
-        raise PathRejected(path[:80] + "...", f"longer than {MAX_PATH_CHARS} characters")
+    if len(path) > max_chars:
+        raise PathRejected(path[:80] + "...", f"longer than {max_chars} characters")
     if "\x00" in path:
         raise PathRejected(path, "holds a NUL character")
     if path.startswith("/"):
@@ -221,8 +221,8 @@ def check_relpath(path: str) -> str:
     if len(path) >= 2 and path[1] == ":" and path[0].isalpha():
         raise PathRejected(path, "drive letter")
     parts = path.split("/")
-    if len(parts) > MAX_PATH_DEPTH:
-        raise PathRejected(path, f"deeper than {MAX_PATH_DEPTH} components")
+    if len(parts) > max_depth:
+        raise PathRejected(path, f"deeper than {max_depth} components")
     for name in parts:
         check_name(name, path)
     return path

@@ -57,6 +57,8 @@ class Receiver:
             check=check,
             sync_mode=cfg.sync_mode,
         )
+        self.applier.max_path_chars = cfg.max_path_chars
+        self.applier.max_path_depth = cfg.max_path_depth
         if guards:
             history = GuardHistory(cfg.state_dir / "guard-history", cfg.guard_history, cfg.fsync)
             self.history: GuardHistory | None = history
