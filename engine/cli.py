@@ -496,24 +496,38 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_level, args.log_format)
     try:
         return COMMANDS[args.cmd](args)
-    except ConfigError as e:
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        return _report(e)
+
+
+def _report(e: BaseException) -> int:
+    """One clear line for the operator and the exit code; a traceback only for a bug (in the log)."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:  # raised from inside a task group
+        e = e.exceptions[0]
+    if isinstance(e, ConfigError):
         print(f"standby: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except SafetyHalt as e:
+    if isinstance(e, SafetyHalt):
         log.error("send.safety_halt %s", e)
         print(f"standby: safety halt: {e}", file=sys.stderr)
         return EXIT_HALT
-    except PeerRefused as e:
+    if isinstance(e, PeerRefused):
         print(f"standby: refused by peer: {e}", file=sys.stderr)
         return EXIT_REFUSED
-    except (ReplicationError, JournalError) as e:
+    if isinstance(e, ReplicationError | JournalError):
         print(f"standby: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except (ConnectionError, TimeoutError) as e:
+    if isinstance(e, ConnectionError | TimeoutError):
         print(f"standby: cannot reach the peer: {e or type(e).__name__}", file=sys.stderr)
         return EXIT_ERROR
-    except OSError as e:
-        print(f"standby: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+    if isinstance(e, OSError):
+        where = f": {e.filename}" if e.filename else ""
+        print(f"standby: {e.strerror or e}{where}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
+    if isinstance(e, KeyboardInterrupt):
         return 130
+    log.error("cli.internal_error error=%r", e, exc_info=e)
+    print(f"standby: internal error: {e!r} (the log has the details)", file=sys.stderr)
+    return EXIT_ERROR
