@@ -199,7 +199,8 @@ class HashCache:
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
-            f.write(msgpack.packb({k: list(v) for k, v in self._d.items()}, use_bin_type=True))
+            snapshot = dict(self._d)  # RACE: another thread may add entries; a C-level copy is atomic
+            f.write(msgpack.packb({k: list(v) for k, v in snapshot.items()}, use_bin_type=True))
         os.replace(tmp, path)
 
     @classmethod
