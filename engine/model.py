@@ -165,7 +165,11 @@ class FileMeta:
             isinstance(path, str)
             and isinstance(is_dir, bool)
             and isinstance(size, int)
+            and not isinstance(size, bool)
+            and size >= 0
             and isinstance(mtime_ns, int)
+            and not isinstance(mtime_ns, bool)
+            and mtime_ns >= 0
             and isinstance(digest, bytes)
             and isinstance(flags, list)
             and all(isinstance(f, str) for f in flags)

@@ -434,12 +434,14 @@ class Sender:
             except* (OSError, EOFError, RemoteProtocolError, TimeoutError) as eg:
                 e = eg.exceptions[0]
                 if self.connected:
-                    log.warning("send.link_down peer=%s:%d reason=%s", *self.cfg.peer, e or type(e).__name__)
+                    log.warning(
+                        "send.link_down peer=%s:%d reason=%s", *self.cfg.peer, str(e) or type(e).__name__
+                    )
                 else:
                     log.info(
                         "send.connect_failed peer=%s:%d reason=%s retry_in=%.1fs",
                         *self.cfg.peer,
-                        e or type(e).__name__,
+                        str(e) or type(e).__name__,
                         backoff,
                     )
             else:

@@ -6,9 +6,11 @@ client first announces its (public) certificate in a short plaintext preamble::
     b"STBY1\\n" | u16 BE length | certificate DER
 
 The server refuses at once unless the certificate's ID is the pinned peer ID (logging the ID presented),
-then starts TLS 1.3 trusting exactly that certificate and requiring it: the TLS handshake proves the client
-holds its key. The client checks the server's certificate against its own pinned ID after the handshake
-(the handshake proves the server holds that key). Nothing but public certificates crosses in plaintext.
+answers one byte ``ACK``, then starts TLS 1.3 trusting exactly that certificate and requiring it: the TLS
+handshake proves the client holds its key. The client starts its handshake only after that byte, so no TLS
+byte is ever read as part of the preamble. The client checks the server's certificate against its own
+pinned ID after the handshake (the handshake proves the server holds that key). Nothing but public
+certificates crosses in plaintext.
 
 ``insecure`` mode skips all of this; the config only allows it on loopback addresses.
 """
@@ -28,6 +30,7 @@ from engine.identity import Identity, load, node_id
 log = logging.getLogger(__name__)
 
 PREAMBLE = b"STBY1\n"
+ACK = b"\x06"
 MAX_CERT = 16 * 1024
 
 
@@ -64,6 +67,10 @@ async def client_upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     der = tls.identity.cert_der
     writer.write(PREAMBLE + struct.pack(">H", len(der)) + der)
     await writer.drain()
+    # RACE: the ClientHello must not share a read with the preamble, or the server's stream buffer would
+    # swallow it before TLS starts. The server's ACK byte says it read exactly the preamble.
+    if await reader.read(1) != ACK:
+        raise PeerRefused("the receiver refused our node ID (is it pinned in its [receiver] peer_id?)")
     try:
         await writer.start_tls(_context(False, tls, None))
     except (ssl.SSLError, ConnectionError) as e:
@@ -86,6 +93,10 @@ async def server_upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     presented = node_id(der)
     if presented != tls.peer_id:
         raise PeerRefused(f"peer presented ID {presented}, not the pinned {tls.peer_id}")
+    if reader._buffer:  # type: ignore[attr-defined]
+        raise RemoteProtocolError("the peer started TLS before the preamble was acknowledged")
+    writer.write(ACK)
+    await writer.drain()
     try:
         await writer.start_tls(_context(True, tls, der))
     except (ssl.SSLError, ConnectionError) as e:

@@ -149,6 +149,7 @@ class _Base:
     def __init__(self, max_frame: int) -> None:
         self._dec = codec.FrameDecoder(max_frame)
         self.state = State.HANDSHAKE
+        self._fault: str | None = None
 
     def receive_data(self, data: bytes) -> None:
         if self.state is State.CLOSED:
@@ -156,11 +157,17 @@ class _Base:
         self._dec.feed(data)
 
     def _next_frame(self) -> tuple[bool, Any]:
+        if self.state is State.CLOSED:
+            # No event ever comes from a closed conversation: after a peer fault, the fault again.
+            if self._fault is not None:
+                raise RemoteProtocolError(self._fault)
+            return False, None
         try:
             return self._dec.next()
         except Exception as e:  # FrameError: a stream cannot resynchronise
             self.state = State.CLOSED
-            raise RemoteProtocolError(f"bad frame: {e}") from None
+            self._fault = f"bad frame: {e}"
+            raise RemoteProtocolError(self._fault) from None
 
     def close(self) -> None:
         self.state = State.CLOSED
@@ -176,6 +183,7 @@ class ReceiverProtocol(_Base):
         self.node = node
         self.role = ""
         self.expected_seq = 0  # next entry seq; 0 before `stream`
+        self._welcomed = False
         self._chunk_seq = 0
         self._chunks_due = 0
 
@@ -185,8 +193,9 @@ class ReceiverProtocol(_Base):
             return None
         try:
             return self._event(v)
-        except RemoteProtocolError:
+        except RemoteProtocolError as e:
             self.state = State.CLOSED
+            self._fault = str(e)
             raise
 
     def _event(self, v: Any) -> ReceiverEvent:
@@ -255,6 +264,9 @@ class ReceiverProtocol(_Base):
     def welcome(self, journal: str, seq: int, epoch: int) -> bytes:
         if self.state is State.HANDSHAKE:
             raise LocalProtocolError("welcome before hello")
+        if self._welcomed:
+            raise LocalProtocolError("welcome sent twice")
+        self._welcomed = True
         return codec.encode(
             {
                 "k": "welcome",
@@ -271,6 +283,12 @@ class ReceiverProtocol(_Base):
         return codec.encode({"k": "refuse", "code": code, "reason": reason})
 
     def ack(self, seq: int, problems: Sequence[Problem] = ()) -> bytes:
+        if (
+            self.state is not State.STREAMING
+            or seq >= self.expected_seq
+            or (self._chunks_due and seq >= self._chunk_seq)
+        ):
+            raise LocalProtocolError(f"ack {seq}: that entry has not been received whole")
         return codec.encode({"k": "ack", "seq": seq, "problems": [p.to_wire() for p in problems]})
 
     def manifest(self, req_id: int, entries: Iterable[FileMeta], seq: int) -> bytes:
@@ -320,7 +338,8 @@ class SenderProtocol(_Base):
             return None
         if not isinstance(v, dict):
             self.state = State.CLOSED
-            raise RemoteProtocolError("expected a map frame from the receiver")
+            self._fault = "expected a map frame from the receiver"
+            raise RemoteProtocolError(self._fault)
         kind = v.get("k")
         try:
             if self.state is State.HANDSHAKE:
@@ -348,6 +367,8 @@ class SenderProtocol(_Base):
                         isinstance(p, list)
                         and len(p) == 4
                         and isinstance(p[0], int)
+                        and not isinstance(p[0], bool)
+                        and p[0] >= 0
                         and all(isinstance(x, str) for x in p[1:])
                     ):
                         raise RemoteProtocolError("ack: malformed problem")
@@ -367,8 +388,9 @@ class SenderProtocol(_Base):
                 self.state = State.CLOSED
                 return Refused(_field(v, "code", str, "refuse"), _field(v, "reason", str, "refuse"))
             raise RemoteProtocolError(f"unexpected frame kind {kind!r} from the receiver")
-        except RemoteProtocolError:
+        except RemoteProtocolError as e:
             self.state = State.CLOSED
+            self._fault = str(e)
             raise
 
     def stream(self, journal: str, first: int) -> bytes:
