@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 ContentCheck = Callable[[str, bytes], str | None]
 
 INFLIGHT_BYTES = 64 << 20
+#: Seconds a deletion seen by the watcher waits before it is journaled (see _deleted).
+DELETE_DELAY = 0.1
 DRAIN_SECONDS = 5.0
 
 
@@ -216,6 +218,9 @@ class Sender:
         if h.kind == "overflow":
             self.counters["overflows"] += 1
             log.warning("watch.overflow (events were lost; a full reconciliation follows)")
+            # A lost close-after-write would leave a file waiting for max_open: read every tracked file
+            # now (a stable read still refuses one that is moving).
+            self.tracker.all_due(now)
             self.request_reconcile("overflow")
             return
         if h.kind == "moved":
@@ -244,7 +249,9 @@ class Sender:
 
     def _deleted(self, rel: str, is_dir: bool) -> None:
         self.tracker.forget(rel)
-        self.ops.append(("rmdir" if is_dir else "delete", rel))
+        # Held back DELETE_DELAY first: a whole replicated folder being removed shows as file deletions
+        # before the folder's own; by the time they are journaled the safety halt can see the folder gone.
+        self.ops.append(("rmdir" if is_dir else "delete", rel, repr(time.monotonic() + DELETE_DELAY)))
         if rel in self.cfg.include and self._watcher is not None:
             asyncio.get_running_loop().run_in_executor(None, self._watcher.restart)
 
@@ -293,14 +300,16 @@ class Sender:
                     self.cfg.max_open,
                 )
             self.ops.extend(("put", p) for p in ready + forced)
-            if not self.ops:
+            n, hold_until = self._takeable(now)
+            if n == 0:
                 nd = self.tracker.next_due()
+                if hold_until is not None:
+                    nd = hold_until if nd is None else min(nd, hold_until)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(None if nd is None else max(0.0, nd - time.monotonic())):
                         await self._wake.wait()
                 continue
-            n = min(len(self.ops), self.cfg.batch_files)
             batch = [self.ops.popleft() for _ in range(n)]
             self._reading = {op[1] for op in batch if op[0] == "put"}
             try:
@@ -330,6 +339,20 @@ class Sender:
                 removed = await run_critical(functools.partial(self._prune, acked, cutoff))
                 if removed:
                     log.info("journal.pruned segments=%d", removed)
+
+    def _takeable(self, now: float) -> tuple[int, float | None]:
+        """How many ops from the front may be journaled now (order is kept: a held deletion holds back
+        what follows it), and until when the first held one waits."""
+        n = 0
+        for op in self.ops:
+            if n >= self.cfg.batch_files:
+                break
+            if op[0] in ("delete", "rmdir") and len(op) > 2:
+                until = float(op[2])
+                if until > now:
+                    return n, until
+            n += 1
+        return n, None
 
     def _prune(self, acked: int, cutoff: float) -> int:
         with self.jlock:
@@ -414,7 +437,15 @@ class Sender:
     def _deletion_halt(self, path: str, kind: str) -> str | None:
         if not self.cfg.source.is_dir():
             return f"source root {self.cfg.source} vanished; refusing to propagate the wipe"
-        if kind == "rmdir" and path in self.cfg.include and not self.allow_mass_delete:
+        if self.allow_mass_delete:
+            return None
+        for inc in self.cfg.include:
+            if is_under(path, inc) and path != inc and not (self.cfg.source / inc).is_dir():
+                return (
+                    f"the replicated folder {inc!r} vanished on the source; refusing to remove it (or "
+                    "anything in it) on the replica (restart with --allow-mass-delete to confirm)"
+                )
+        if kind == "rmdir" and path in self.cfg.include:
             return (
                 f"the replicated folder {path!r} was removed on the source; refusing to remove it on "
                 "the replica (restart with --allow-mass-delete to confirm)"
@@ -523,7 +554,7 @@ class Sender:
         assert self._kick is not None
         last_ping = time.monotonic()
         while True:
-            while self._control:
+            while self._control and not cursor.in_entry:  # never between a put's chunks
                 req = self._control.popleft()
                 writer.write(proto.manifest_request(req, self.cfg.include))
             # The window never stops a large put half way: the receiver acknowledges whole entries only.
@@ -540,7 +571,7 @@ class Sender:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5.0):
                     await self._kick.wait()
-            if time.monotonic() - last_ping > 5.0:
+            if time.monotonic() - last_ping > 5.0 and not cursor.in_entry:
                 last_ping = time.monotonic()
                 writer.write(proto.ping(time.time_ns()))
 

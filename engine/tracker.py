@@ -78,6 +78,11 @@ class Tracker:
         elif not st.writing:
             st.due = now
 
+    def all_due(self, now: float) -> None:
+        """Events were lost: every tracked path is due now, writing or not."""
+        for st in self._paths.values():
+            st.writing, st.due = False, now
+
     def retry(self, path: str, now: float) -> None:
         st = self._paths.get(path)
         if st is None:
