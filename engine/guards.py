@@ -17,19 +17,30 @@ from engine.guard import GuardRule, check_content, find_guard, run_command_rule
 ContentCheck = Callable[[str, bytes], str | None]
 
 
-def content_check(guards: Sequence[GuardRule], scratch: Path) -> ContentCheck | None:
-    if not guards:
-        return None
+#: Guarded files are checked whole, in memory; a larger one is held back (it cannot be checked).
+GUARD_MAX_BYTES = 64 << 20
 
-    def check(path: str, data: bytes) -> str | None:
-        rule = find_guard(guards, path)
+
+class GuardCheck:
+    """The content check both sides run on guarded files: ``check(path, data)`` is None when the bytes
+    are good (or the path is not guarded), else the reason they are refused."""
+
+    def __init__(self, guards: Sequence[GuardRule], scratch: Path) -> None:
+        self.rules = tuple(guards)
+        self.scratch = scratch
+
+    def guarded(self, path: str) -> bool:
+        return find_guard(self.rules, path) is not None
+
+    def __call__(self, path: str, data: bytes) -> str | None:
+        rule = find_guard(self.rules, path)
         if rule is None:
             return None
         if rule.rule != "command":
             v = check_content(rule, data)
             return None if v.good else v.reason
-        scratch.mkdir(parents=True, exist_ok=True)
-        snap = scratch / f"guard-{secrets.token_hex(6)}-{path.rpartition('/')[2]}"
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        snap = self.scratch / f"guard-{secrets.token_hex(6)}-{path.rpartition('/')[2]}"
         try:
             snap.write_bytes(data)
             v = run_command_rule(rule, str(snap))
@@ -40,14 +51,16 @@ def content_check(guards: Sequence[GuardRule], scratch: Path) -> ContentCheck | 
                 pass
         return None if v.good else v.reason
 
-    return check
+
+def content_check(guards: Sequence[GuardRule], scratch: Path) -> GuardCheck | None:
+    return GuardCheck(guards, scratch) if guards else None
 
 
-def sender_check(cfg: Config) -> ContentCheck | None:
+def sender_check(cfg: Config) -> GuardCheck | None:
     s = cfg.need_sender()
     return content_check(cfg.guards, s.state_dir / "guard-scratch")
 
 
-def receiver_check(cfg: Config) -> ContentCheck | None:
+def receiver_check(cfg: Config) -> GuardCheck | None:
     r = cfg.need_receiver()
     return content_check(cfg.guards, r.state_dir / "guard-scratch")

@@ -1,6 +1,7 @@
 """The receiver's history of guarded files: the last N good versions of each, kept in its state folder.
 
-``<state_dir>/guard-history/<quoted relative path>/<saved_ns>-<seq>-<mtime_ns>.v`` holds one version's bytes.
+``<state_dir>/guard-history/<quoted relative path>/<n>-<seq>-<mtime_ns>.v`` holds one version's bytes; ``n``
+counts up per file (never the wall clock, which may step back), the newest version has the largest.
 Versions are written like replica files (temp, fsync, rename) right after the version was applied, and
 only good versions ever get here: a torn one is refused before it is applied. ``standby guard history``
 lists them; ``standby guard restore`` puts one back atomically.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -25,6 +25,7 @@ from engine.model import TEMP_MARKER, check_relpath
 class Version:
     index: int  # 0 = the newest
     path: Path
+    number: int  # counts up per file
     saved_ns: int
     seq: int
     mtime_ns: int
@@ -46,7 +47,9 @@ class GuardHistory:
     def record(self, rel: str, seq: int, mtime_ns: int, data: bytes) -> None:
         d = self._dir(rel)
         d.mkdir(parents=True, exist_ok=True)
-        name = f"{time.time_ns():020d}-{seq:012d}-{mtime_ns}.v"
+        have = self.versions(rel)
+        n = have[0].number + 1 if have else 1
+        name = f"{n:012d}-{seq:012d}-{mtime_ns}.v"
         tmp = d / f".{TEMP_MARKER}{secrets.token_hex(6)}"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -77,9 +80,11 @@ class GuardHistory:
                 continue
             out.append((int(parts[0]), int(parts[1]), int(parts[2]), d / name))
         out.sort(reverse=True)
-        return [
-            Version(i, p, saved, seq, mtime, p.stat().st_size) for i, (saved, seq, mtime, p) in enumerate(out)
-        ]
+        versions = []
+        for i, (n, seq, mtime, p) in enumerate(out):
+            st = p.stat()
+            versions.append(Version(i, p, n, st.st_mtime_ns, seq, mtime, st.st_size))
+        return versions
 
     def paths(self) -> list[str]:
         try:

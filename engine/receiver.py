@@ -20,6 +20,7 @@ from engine.apply import Applier, LargePut, PendingOp, PositionFile
 from engine.config import ReceiverConfig
 from engine.errors import ApplyError, PathRejected, PeerRefused, RemoteProtocolError
 from engine.guard import GuardRule, find_guard
+from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.history import GuardHistory
 from engine.model import PROTOCOL_VERSION, Change, Op, check_relpath
 from engine.scan import SMALL_FILE, HashCache, build_manifest
@@ -37,12 +38,13 @@ class Receiver:
     def __init__(
         self,
         cfg: ReceiverConfig,
-        check: Any = None,
+        check: GuardCheck | None = None,
         tls: TlsSettings | None = None,
         guards: tuple[GuardRule, ...] = (),
     ) -> None:
         self.cfg = cfg
         self.tls = tls
+        self.check: GuardCheck | None = check
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         cfg.target.mkdir(parents=True, exist_ok=True)
         self.position = PositionFile(cfg.state_dir / "position", fsync=cfg.fsync)
@@ -308,7 +310,12 @@ class _Conn:
             if c.op is not Op.PUT or c.chunks == 0:
                 self._add(PendingOp(c, data=b"" if c.op is Op.PUT else None), 64)
                 return
-            if c.size <= SMALL_FILE:
+            guarded = rx.check is not None and rx.check.guarded(c.path)
+            if guarded and c.size > GUARD_MAX_BYTES:
+                self.cur, self.cur_skip = c, True
+                self._add(PendingOp(c, data=None), 0, refused="guarded file too large to check")
+                return
+            if c.size <= SMALL_FILE or guarded:  # guarded files are checked whole, in memory
                 self.cur, self.cur_parts = c, []
                 return
             await self._commit()  # a large put starts a group of its own

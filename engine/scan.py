@@ -77,7 +77,9 @@ class Unstable:
     reason: str
 
 
-def read_stable(path: Path, keep_data: bool = True) -> StableRead | Unstable | None:
+def read_stable(
+    path: Path, keep_data: bool = True, inline_max: int = SMALL_FILE
+) -> StableRead | Unstable | None:
     """Read and hash ``path`` if it holds still. None if it is missing or not a regular file."""
     try:
         before = os.stat(path, follow_symlinks=False)
@@ -85,7 +87,7 @@ def read_stable(path: Path, keep_data: bool = True) -> StableRead | Unstable | N
             return None
         h = Hasher()
         parts: list[bytes] = []
-        small = keep_data and before.st_size <= SMALL_FILE
+        small = keep_data and before.st_size <= inline_max
         with open_shared(path) as f:
             while True:
                 b = f.read(CHUNK_SIZE)

@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +35,19 @@ from engine.errors import (
     ReplicationError,
     SafetyHalt,
 )
+from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.journal import Journal
 from engine.model import Change, FileMeta, Op, check_relpath, is_temp_name, is_under, to_posix_rel
 from engine.plan import diff, expected_after, mass_delete
-from engine.scan import HashCache, StableRead, Unstable, build_manifest, iter_file_chunks, read_stable
+from engine.scan import (
+    SMALL_FILE,
+    HashCache,
+    StableRead,
+    Unstable,
+    build_manifest,
+    iter_file_chunks,
+    read_stable,
+)
 from engine.status import write_status
 from engine.tracker import Tracker
 from engine.transport import TlsSettings, client_upgrade
@@ -47,8 +55,6 @@ from engine.watch import Hint, Watcher
 
 log = logging.getLogger(__name__)
 
-#: A content check for guarded files: (relative path, content) -> None if good, else the reason.
-ContentCheck = Callable[[str, bytes], str | None]
 
 INFLIGHT_BYTES = 64 << 20
 #: Seconds a deletion seen by the watcher waits before it is journaled (see _deleted).
@@ -87,7 +93,7 @@ class Sender:
         cfg: SenderConfig,
         *,
         allow_mass_delete: bool = False,
-        check: ContentCheck | None = None,
+        check: GuardCheck | None = None,
         close_events: bool | None = None,
         tls: TlsSettings | None = None,
     ) -> None:
@@ -368,7 +374,8 @@ class Sender:
                 kind, path = op[0], op[1]
                 ts = time.time_ns()
                 if kind == "put":
-                    r = read_stable(src / path)
+                    guarded = self.check is not None and self.check.guarded(path)
+                    r = read_stable(src / path, inline_max=GUARD_MAX_BYTES if guarded else SMALL_FILE)
                     if r is None:
                         res.vanished.append(path)  # gone again (a delete or move hint follows)
                         continue
@@ -407,8 +414,11 @@ class Sender:
         except PathRejected as e:
             log.warning("send.skipped path=%r reason=%s", path, e.reason)
             return False
-        if r.data is not None and self.check is not None:
-            reason = self.check(path, r.data)
+        if self.check is not None and self.check.guarded(path):
+            if r.data is None:
+                reason: str | None = f"a guarded file over {GUARD_MAX_BYTES >> 20} MiB cannot be checked"
+            else:
+                reason = self.check(path, r.data)
             if reason is not None:
                 self.counters["held"] += 1
                 res.held.append((path, reason))
