@@ -110,6 +110,51 @@ def read_stable(
     return StableRead(after.st_size, after.st_mtime_ns, after.st_ino, digest, data)
 
 
+def open_for_writing(paths: Sequence[Path]) -> set[Path]:
+    """Which of ``paths`` some process holds open for writing right now (Linux: one pass over /proc).
+
+    Used where no close-after-write event vouches for a file (reconciliation after a restart): a writer
+    paused mid-file must not have its half read. Elsewhere (Windows) this cannot be asked without taking
+    a lock that could make the writer fail, so it answers the empty set and the settle interval applies.
+    """
+    if not sys.platform.startswith("linux") or not paths:
+        return set()
+    want: dict[tuple[int, int], Path] = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        want[(st.st_dev, st.st_ino)] = p
+    found: set[Path] = set()
+    try:
+        pids = [d for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            hit = want.get((st.st_dev, st.st_ino))
+            if hit is None or hit in found:
+                continue
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as f:
+                    flags = next((int(line.split()[1], 8) for line in f if line.startswith("flags:")), 0)
+            except (OSError, ValueError):
+                continue
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                found.add(hit)
+    return found
+
+
 def iter_file_chunks(path: Path) -> Iterator[bytes]:
     with open_shared(path) as f:
         while b := f.read(CHUNK_SIZE):

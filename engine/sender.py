@@ -46,6 +46,7 @@ from engine.scan import (
     Unstable,
     build_manifest,
     iter_file_chunks,
+    open_for_writing,
     read_stable,
 )
 from engine.status import write_status
@@ -80,6 +81,7 @@ class _BatchResult:
     held: list[tuple[str, str]] = field(default_factory=list)
     halt: str | None = None
     vanished: list[str] = field(default_factory=list)
+    writing: list[str] = field(default_factory=list)
     unchanged: int = 0
 
 
@@ -234,8 +236,13 @@ class Sender:
             if src is not None and dst is not None:
                 self.tracker.move(src, dst)
                 self.ops.append(("rename", src, dst))
-                for p in [p for p in self._reading | set(self._vanished) if is_under(p, src)]:
-                    self.tracker.ready_now(dst + p[len(src) :], now)
+                # The replica's copy of src may be older than the file now at dst (changed while we were
+                # down, or while a reconciliation that leaves touched paths alone ran): look at dst again.
+                # An unchanged file is not re-sent (see shipped).
+                if h.is_dir:
+                    asyncio.get_running_loop().call_later(0.05, self._scan_new_dir, dst, False)
+                else:
+                    self.tracker.ready_now(dst, now)
             elif src is not None:
                 self._deleted(src, h.is_dir)
             elif dst is not None:
@@ -274,14 +281,15 @@ class Sender:
         # Files made inside a new folder before its watch existed get no events of their own.
         asyncio.get_running_loop().call_later(0.05, self._scan_new_dir, rel)
 
-    def _scan_new_dir(self, rel: str) -> None:
+    def _scan_new_dir(self, rel: str, mkdirs: bool = True) -> None:
         now = time.monotonic()
         base = self.cfg.source / rel
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
             sub = to_posix_rel(os.path.relpath(dirpath, self.cfg.source), os.sep)
-            for d in dirnames:
-                self.ops.append(("mkdir", f"{sub}/{d}"))
+            if mkdirs:
+                for d in dirnames:
+                    self.ops.append(("mkdir", f"{sub}/{d}"))
             for f in filenames:
                 if not is_temp_name(f):
                     self.tracker.hint("scanned", f"{sub}/{f}", now)
@@ -325,6 +333,8 @@ class Sender:
             now = time.monotonic()
             for p in res.vanished:
                 self._vanished[p] = now
+            for p in res.writing:
+                self.tracker.hint("modified", p, now)  # waits for its close (or max_open)
             if self._vanished:
                 self._vanished = {p: t for p, t in self._vanished.items() if now - t < 30}
             for p in res.retry:
@@ -368,12 +378,18 @@ class Sender:
         """One group: read, check and append every change in order, then one fsync. Worker thread."""
         res = _BatchResult()
         src = self.cfg.source
+        # Reconciliation puts have no close event vouching for them: leave alone what is open for writing.
+        forced = [src / op[1] for op in batch if op[0] == "put" and len(op) > 2]
+        busy = open_for_writing(forced) if forced else set()
         with self.jlock:
             j = self.journal
             for op in batch:
                 kind, path = op[0], op[1]
                 ts = time.time_ns()
                 if kind == "put":
+                    if busy and src / path in busy:
+                        res.writing.append(path)
+                        continue
                     guarded = self.check is not None and self.check.guarded(path)
                     r = read_stable(src / path, inline_max=GUARD_MAX_BYTES if guarded else SMALL_FILE)
                     if r is None:
