@@ -85,7 +85,8 @@ class Pair:
         inc = ", ".join(f'"{i}"' for i in self.include)
         sid = identity.create(self.sender_state, "test-sender")[0].id
         rid = identity.create(self.receiver_state, "test-receiver")[0].id
-        self.config.write_text(f"""
+        self.config.write_text(
+            f"""
 [sender]
 source = '{self.source}'
 include = [{inc}]
@@ -103,7 +104,9 @@ state_dir = '{self.receiver_state}'
 peer_id = "{sid}"
 {self.receiver_extra}
 {self.guards}
-""", "utf-8")
+""",
+            "utf-8",
+        )
 
     def _log(self, role: str) -> Path:
         n = self.starts.get(role, 0)
@@ -114,16 +117,31 @@ peer_id = "{sid}"
         self.starts[role] = self.starts.get(role, 0) + 1
         log = open(self._log(role), "wb")  # noqa: SIM115
         p = subprocess.Popen(
-            [sys.executable, "-m", "engine", "--log-level", "debug", role, "--config", str(self.config), *extra],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "engine",
+                "--log-level",
+                "debug",
+                role,
+                "--config",
+                str(self.config),
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         log.close()
         self.procs[role] = p
         if wait and role == "receive":
             wait_for(self._listening, 20, "the receiver to listen")
         if wait and role == "send":
-            wait_for(lambda: "send.connected" in self.log("send") or p.poll() is not None, 20,
-                     "the sender to connect")
+            wait_for(
+                lambda: "send.connected" in self.log("send") or p.poll() is not None,
+                20,
+                "the sender to connect",
+            )
         return p
 
     def _listening(self) -> bool:
@@ -139,8 +157,10 @@ peer_id = "{sid}"
             return ""
 
     def all_logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text('utf-8', errors='replace')[-4000:]}"
-                         for p in sorted(self.base.glob("*.log")))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text('utf-8', errors='replace')[-4000:]}"
+            for p in sorted(self.base.glob("*.log"))
+        )
 
     def kill(self, role: str) -> None:
         p = self.procs[role]
@@ -185,12 +205,14 @@ peer_id = "{sid}"
         except AssertionError:
             s, r = self.source_tree(), self.replica_tree()
             diff = sorted(k for k in set(s) | set(r) if s.get(k) != r.get(k))
-            raise AssertionError(f"replica differs at {len(diff)} paths, e.g. {diff[:10]}\n"
-                                 f"{self.all_logs()}") from None
+            raise AssertionError(
+                f"replica differs at {len(diff)} paths, e.g. {diff[:10]}\n{self.all_logs()}"
+            ) from None
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,
-                              timeout=timeout, cwd=ROOT)
+        return subprocess.run(
+            [sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        )
 
     # -- helpers added for the end-to-end replication tests (additive) ---------------------------------------
     def wait_log(self, role: str, text: str, timeout: float = 20) -> None:
@@ -215,8 +237,9 @@ peer_id = "{sid}"
         data: dict[str, Any] = json.loads(r.stdout)
         return data
 
-    def wait_status(self, cond: Callable[[dict[str, Any]], bool], timeout: float,
-                    what: str) -> dict[str, Any]:
+    def wait_status(
+        self, cond: Callable[[dict[str, Any]], bool], timeout: float, what: str
+    ) -> dict[str, Any]:
         """Poll ``standby status`` (the processes rewrite it about once a second) until ``cond`` holds."""
         seen: list[dict[str, Any]] = []
 
