@@ -33,11 +33,22 @@ from engine import codec
 from engine.digest import Hasher, digest_bytes
 from engine.errors import ApplyError, PathRejected
 from engine.journal import fsync_dir
-from engine.model import MAX_PATH_CHARS, MAX_PATH_DEPTH, TEMP_MARKER, Change, Op, check_relpath, is_temp_name
+from engine.model import (
+    MAX_PATH_CHARS,
+    MAX_PATH_DEPTH,
+    TEMP_MARKER,
+    Change,
+    Op,
+    check_relpath,
+    is_temp_name,
+    is_under,
+)
 from engine.scan import HashCache
 from engine.wire import Problem
 
 log = logging.getLogger(__name__)
+
+WINDOWS = sys.platform == "win32"
 
 #: Guard hook: (relative path, content) -> None if good, else the reason it is refused.
 ContentCheck = Callable[[str, bytes], str | None]
@@ -190,6 +201,8 @@ class Applier:
                 final = self.resolve(c.path, checked)
                 if c.op is Op.RENAME:
                     self.resolve(c.dst, checked)
+                    if c.dst != c.path and (is_under(c.dst, c.path) or is_under(c.path, c.dst)):
+                        raise PathRejected(c.dst, f"a rename into or over its own tree ({c.path!r})")
             except PathRejected as e:
                 log.warning("apply.refused seq=%d path=%r reason=%s", c.seq, c.path, e.reason)
                 res.problems.append(Problem(c.seq, c.path, "refused", e.reason))
@@ -266,9 +279,13 @@ class Applier:
             with open(tmp, "xb") as f:
                 f.write(data)
                 f.flush()
-                os.utime(tmp, ns=(c.mtime_ns, c.mtime_ns))
+                if not WINDOWS:  # in the same fsync as the content
+                    os.utime(tmp, ns=(c.mtime_ns, c.mtime_ns))
                 if self.fsync and (self._syncfs is None or force_fsync):
                     os.fsync(f.fileno())
+            if WINDOWS:
+                # Windows sets the last write time when the last writing handle closes: set it after.
+                os.utime(tmp, ns=(c.mtime_ns, c.mtime_ns))
         except BaseException:
             _unlink(tmp)
             raise
@@ -332,7 +349,11 @@ class Applier:
                 res.problems.append(Problem(c.seq, c.path, "missing-source", f"rename to {c.dst!r}"))
                 return
             self._make_parent(dst, dirs)
-            if os.path.lexists(dst) and (os.path.isdir(dst) or os.path.isdir(final)):
+            if (
+                os.path.lexists(dst)
+                and (os.path.isdir(dst) or os.path.isdir(final))
+                and not _same_file(final, dst)  # a case-only rename on a case-insensitive file system
+            ):
                 _remove(dst)
             os.replace(final, dst)
             dirs.add(final.parent)
@@ -342,13 +363,13 @@ class Applier:
     def _forget(self, rel: str) -> None:
         self.cache.drop(rel)
         prefix = rel + "/"
-        for k in [k for k in self.cache._d if k.startswith(prefix)]:
+        for k in [k for k in list(self.cache._d) if k.startswith(prefix)]:
             self.cache.drop(k)
 
     def _move_cache(self, src: str, dst: str) -> None:
         self._forget(dst)
         prefix = src + "/"
-        for k in [k for k in self.cache._d if k == src or k.startswith(prefix)]:
+        for k in [k for k in list(self.cache._d) if k == src or k.startswith(prefix)]:
             v = self.cache._d.pop(k)
             self.cache._d[dst + k[len(src) :]] = v
 
@@ -384,6 +405,13 @@ def _syncfs_for(root: Path, mode: str) -> Callable[[], None] | None:
             os.close(fd)
 
     return syncfs
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _is_reparse(st: os.stat_result) -> bool:

@@ -79,6 +79,7 @@ def diff(
     replica: Mapping[str, FileMeta],
     include: Sequence[str],
     exclude: frozenset[str] | set[str] = frozenset(),
+    exclude_under: Sequence[str] = (),
 ) -> Plan:
     """What to send so that ``replica`` becomes ``source``. Paths in ``exclude`` (changing right now)
     are left to the watcher. Only paths inside the include set are ever removed."""
@@ -92,6 +93,8 @@ def diff(
             continue
         if path in exclude or not any(is_under(path, inc) for inc in include):
             continue
+        if any(is_under(path, d) for d in exclude_under):
+            continue  # below a folder the scan could not list: absent from the scan is not absent
         if any(is_under(path, d) for d in _ancestors_in(path, removed_dirs)):
             if not r.is_dir:
                 files_removed += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,14 @@ from engine.guard import GuardRule, find_guard
 from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.history import GuardHistory
 from engine.model import PROTOCOL_VERSION, Change, Op, check_relpath
-from engine.scan import SMALL_FILE, HashCache, build_manifest
-from engine.status import write_status
+from engine.scan import SMALL_FILE, HashCache, Manifest, build_manifest
+from engine.status import write_status_quiet
 from engine.transport import TlsSettings, server_upgrade
 
 log = logging.getLogger(__name__)
+
+#: A sender connection silent this long (it pings every 5 s) may be replaced by a new one.
+SILENT_TAKEOVER = 20.0
 
 #: Apply a group once it holds this many records or bytes, even if more are waiting.
 GROUP_RECORDS = 4096
@@ -76,6 +80,9 @@ class Receiver:
         self.seq = self.position.current.seq
         self.epoch = self.position.current.epoch
         self.sender: dict[str, Any] | None = None
+        self._sender_conn: _Conn | None = None
+        # Held by a group's apply and by manifest builds: both touch the hash cache and the replica.
+        self.apply_lock = threading.Lock()
         self.counters = {
             "applied": 0,
             "groups": 0,
@@ -115,25 +122,30 @@ class Receiver:
             self._server.close()
             for w in list(self._conns):
                 w.transport.abort()
+            # The group being applied finishes (and its position is saved) before anything is closed.
             with contextlib.suppress(asyncio.TimeoutError):
-                async with asyncio.timeout(10):
+                async with asyncio.timeout(120):
                     while self._conns:
                         await asyncio.sleep(0.01)
             status_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await status_task
-            self._save()
-            self.applier.close()
-            self.position.close()
-            log.info("receiver.stopped seq=%d", self.seq)
+            if self._conns:
+                log.error("receiver.stop_forced (a group is still being applied; it will be replayed)")
+            else:
+                with self.apply_lock:
+                    self._save()
+                    self.applier.close()
+                    self.position.close()
+                log.info("receiver.stopped seq=%d", self.seq)
 
     def _save(self) -> None:
         self.cache.save(self.cfg.state_dir / "hashcache")
-        write_status(self.cfg.state_dir, self.status())
+        write_status_quiet(self.cfg.state_dir, self.status())
 
     async def _status_loop(self) -> None:
         while True:
-            await asyncio.to_thread(write_status, self.cfg.state_dir, self.status())
+            await asyncio.to_thread(write_status_quiet, self.cfg.state_dir, self.status())
             await asyncio.sleep(1.0)
 
     def status(self) -> dict[str, Any]:
@@ -152,6 +164,25 @@ class Receiver:
             "started": self.started,
             "transport": "plaintext (insecure, loopback only)" if self.tls is None else "TLS 1.3, pinned",
         }
+
+    async def take_over_silent(self, new: _Conn) -> bool:
+        """A sender connection silent for longer than SILENT_TAKEOVER is presumed dead (a host that
+        rebooted, a cut without FIN): close it and let ``new`` in, once its in-flight group is done."""
+        old = self._sender_conn
+        if old is None or time.monotonic() - old.last_rx < SILENT_TAKEOVER:
+            return False
+        log.warning(
+            "receiver.takeover peer=%s (the connection from %s was silent for %.0f s)",
+            new.addr,
+            old.addr,
+            time.monotonic() - old.last_rx,
+        )
+        old.writer.transport.abort()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(60):
+                while self.sender is not None:
+                    await asyncio.sleep(0.01)
+        return self.sender is None
 
     # -- one connection -------------------------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -175,6 +206,7 @@ class Receiver:
             conn.cleanup()
             if conn.is_sender:
                 self.sender = None
+                self._sender_conn = None
             self._conns.discard(writer)
             writer.transport.abort()
 
@@ -196,6 +228,7 @@ class _Conn:
         self.cur_skip = False
         self._refusals: list[wire.Problem] = []
         self.peer_id = ""
+        self.last_rx = time.monotonic()
 
     def cleanup(self) -> None:
         if isinstance(self.cur, LargePut):
@@ -237,6 +270,7 @@ class _Conn:
             if not data:
                 await self._commit()
                 return
+            self.last_rx = time.monotonic()
             self.proto.receive_data(data)
             while (ev := self.proto.next_event()) is not None:
                 await self._on_event(ev)
@@ -250,7 +284,7 @@ class _Conn:
         refuse = None
         if hello.version != PROTOCOL_VERSION:
             refuse = ("version", f"protocol version {hello.version} is not supported")
-        elif hello.role == "sender" and rx.sender is not None:
+        elif hello.role == "sender" and rx.sender is not None and not await rx.take_over_silent(self):
             refuse = (
                 "busy",
                 f"another sender ({rx.sender['node']} from {rx.sender['address']}) is connected",
@@ -276,6 +310,7 @@ class _Conn:
             return False
         if hello.role == "sender":
             self.is_sender = True
+            rx._sender_conn = self
             rx.sender = {"node": hello.node, "address": self.addr, "epoch": hello.epoch, "since": time.time()}
             if hello.epoch > rx.epoch:
                 rx.epoch = hello.epoch
@@ -307,6 +342,14 @@ class _Conn:
             rx.seq = ev.first - 1
         elif isinstance(ev, wire.EntryHeader):
             c = ev.change
+            if c.op is Op.RENAME:
+                # INVARIANT: a rename is a group of its own. Its effect depends on what exists, so replaying
+                # it together with later records (after a crash before the position was saved) could move
+                # a file those records had put in place. Alone, a replayed rename finds its work done.
+                await self._commit()
+                self._add(PendingOp(c), 64)
+                await self._commit()
+                return
             if c.op is not Op.PUT or c.chunks == 0:
                 self._add(PendingOp(c, data=b"" if c.op is Op.PUT else None), 64)
                 return
@@ -347,7 +390,12 @@ class _Conn:
                 include = [check_relpath(p) for p in ev.include]
             except PathRejected as e:
                 raise RemoteProtocolError(f"manifest request: {e}") from None
-            m = await asyncio.to_thread(build_manifest, rx.cfg.target, include, rx.cache, rx._skip, True)
+
+            def manifest() -> Manifest:
+                with rx.apply_lock:
+                    return build_manifest(rx.cfg.target, include, rx.cache, rx._skip, True)
+
+            m = await asyncio.to_thread(manifest)
             for path, meta in m.entries.items():
                 if "local-edit" in meta.flags:
                     log.warning(
@@ -381,8 +429,9 @@ class _Conn:
 
         def critical() -> list[wire.Problem]:
             # One call in a worker thread: apply, then persist the position. Never split by cancellation.
-            res = rx.applier.apply_batch(todo)
-            rx.position.save(rx.journal, last, rx.epoch)
+            with rx.apply_lock:
+                res = rx.applier.apply_batch(todo)
+                rx.position.save(rx.journal, last, rx.epoch)
             return res.problems
 
         problems += await asyncio.shield(asyncio.to_thread(critical))

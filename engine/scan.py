@@ -13,7 +13,7 @@ import os
 import stat as statmod
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,13 +54,19 @@ def open_shared(path: Path) -> IO[bytes]:
         err = ctypes.get_last_error()  # type: ignore[attr-defined,unused-ignore]
         if err in (2, 3):
             raise FileNotFoundError(2, "No such file", str(path))
-        raise OSError(err, ctypes.FormatError(err), str(path))  # type: ignore[attr-defined,unused-ignore]
+        raise ctypes.WinError(err)  # type: ignore[attr-defined,unused-ignore]
     fd = msvcrt.open_osfhandle(h, os.O_RDONLY | getattr(os, "O_BINARY", 0))  # type: ignore[attr-defined,unused-ignore]
     return open(fd, "rb", buffering=0)
 
 
 def file_key(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def same_key(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    """Size and mtime equal, and the file id too where both are known (Windows' DirEntry.stat() gives
+    0 for the file id)."""
+    return a[0] == b[0] and a[1] == b[1] and (a[2] == b[2] or a[2] == 0 or b[2] == 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +103,11 @@ def read_stable(
                 if small:
                     parts.append(b)
         after = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    except NotADirectoryError:
-        return None
-    if file_key(before) != file_key(after):
+    except OSError as e:  # locked, delete pending, unreadable: try again later, never give up the process
+        return Unstable(f"cannot read it now: {e.strerror or e}")
+    if not same_key(file_key(before), file_key(after)):
         return Unstable("file changed while it was read")
     data = b"".join(parts) if small else None
     if data is not None and len(data) != after.st_size:
@@ -168,6 +174,7 @@ class Found:
     path: str
     is_dir: bool
     st: os.stat_result | None
+    unreadable: bool = False  # listing the folder (or stat of the file) failed: say nothing about it
 
 
 def walk(root: Path, include: Sequence[str], skip: Path | None = None) -> Iterator[Found]:
@@ -194,6 +201,10 @@ def _walk_dir(folder: Path, rel: str, skip: Path | None) -> Iterator[Found]:
         entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
         return
+    except OSError as err:
+        log.warning("scan.unreadable_folder path=%r error=%s", rel, err.strerror or err)
+        yield Found(rel, True, None, unreadable=True)
+        return
     for e in entries:
         if is_temp_name(e.name):
             continue
@@ -210,6 +221,8 @@ def _walk_dir(folder: Path, rel: str, skip: Path | None) -> Iterator[Found]:
                 yield Found(child, False, e.stat(follow_symlinks=False))
         except FileNotFoundError:
             continue
+        except OSError:
+            yield Found(child, False, None, unreadable=True)
 
 
 class HashCache:
@@ -220,7 +233,7 @@ class HashCache:
 
     def get(self, path: str, st: os.stat_result) -> bytes | None:
         v = self._d.get(path)
-        if v is not None and v[:3] == file_key(st):
+        if v is not None and same_key((v[0], v[1], v[2]), file_key(st)):
             return v[3]
         return None
 
@@ -269,6 +282,8 @@ class HashCache:
 class Manifest:
     entries: dict[str, FileMeta]
     unstable: list[str]
+    #: Folders that could not be listed: nothing below them may be judged missing.
+    unreadable: list[str] = field(default_factory=list)
 
 
 def build_manifest(
@@ -281,7 +296,11 @@ def build_manifest(
     """
     entries: dict[str, FileMeta] = {}
     unstable: list[str] = []
+    unreadable: list[str] = []
     for f in walk(root, include, skip):
+        if f.unreadable:
+            (unreadable if f.is_dir else unstable).append(f.path)
+            continue
         if f.is_dir:
             entries[f.path] = FileMeta(f.path, is_dir=True)
             continue
@@ -301,4 +320,4 @@ def build_manifest(
             if not flags:
                 cache.put_key(f.path, (r.size, r.mtime_ns, r.ino), digest)
         entries[f.path] = FileMeta(f.path, False, f.st.st_size, f.st.st_mtime_ns, digest, flags)
-    return Manifest(entries, unstable)
+    return Manifest(entries, unstable, unreadable)

@@ -49,7 +49,7 @@ from engine.scan import (
     open_for_writing,
     read_stable,
 )
-from engine.status import write_status
+from engine.status import write_status_quiet
 from engine.tracker import Tracker
 from engine.transport import TlsSettings, client_upgrade
 from engine.watch import Hint, Watcher
@@ -82,6 +82,7 @@ class _BatchResult:
     halt: str | None = None
     vanished: list[str] = field(default_factory=list)
     writing: list[str] = field(default_factory=list)
+    superseded: int = 0
     unchanged: int = 0
 
 
@@ -194,7 +195,7 @@ class Sender:
         with self.jlock:
             self.journal.close()
         self.cache.save(self.cfg.state_dir / "hashcache")
-        write_status(self.cfg.state_dir, self.status())
+        write_status_quiet(self.cfg.state_dir, self.status())
 
     async def _stopper(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -228,7 +229,9 @@ class Sender:
             log.warning("watch.overflow (events were lost; a full reconciliation follows)")
             # A lost close-after-write would leave a file waiting for max_open: read every tracked file
             # now (a stable read still refuses one that is moving).
-            self.tracker.all_due(now)
+            # Queued like reconciliation puts, so a file some process still holds open for writing is
+            # left to wait for its close (see _journal_batch).
+            self.ops.extend(("put", p, "force") for p in self.tracker.take_all())
             self.request_reconcile("overflow")
             return
         if h.kind == "moved":
@@ -265,8 +268,8 @@ class Sender:
         # Held back DELETE_DELAY first: a whole replicated folder being removed shows as file deletions
         # before the folder's own; by the time they are journaled the safety halt can see the folder gone.
         self.ops.append(("rmdir" if is_dir else "delete", rel, repr(time.monotonic() + DELETE_DELAY)))
-        if rel in self.cfg.include and self._watcher is not None:
-            asyncio.get_running_loop().run_in_executor(None, self._watcher.restart)
+        if is_dir and rel in self.cfg.include:
+            self._restart_watch()
 
     def _created(self, rel: str, is_dir: bool, now: float, complete: bool) -> None:
         if not is_dir:
@@ -276,10 +279,18 @@ class Sender:
                 self.tracker.hint("created", rel, now)
             return
         self.ops.append(("mkdir", rel))
-        if rel in self.cfg.include and self._watcher is not None:
-            asyncio.get_running_loop().run_in_executor(None, self._watcher.restart)
+        if rel in self.cfg.include:
+            self._restart_watch()
         # Files made inside a new folder before its watch existed get no events of their own.
         asyncio.get_running_loop().call_later(0.05, self._scan_new_dir, rel)
+
+    def _restart_watch(self) -> None:
+        """An included folder appeared or vanished: plan the watches again. Events during the restart may
+        be lost, so a reconciliation follows."""
+        if self._watcher is None:
+            return
+        fut = asyncio.get_running_loop().run_in_executor(None, self._watcher.restart)
+        fut.add_done_callback(lambda _f: self.request_reconcile("watch-restart"))
 
     def _scan_new_dir(self, rel: str, mkdirs: bool = True) -> None:
         now = time.monotonic()
@@ -327,7 +338,7 @@ class Sender:
             batch = [self.ops.popleft() for _ in range(n)]
             self._reading = {op[1] for op in batch if op[0] == "put"}
             try:
-                res = await run_critical(functools.partial(self._journal_batch, batch))
+                res = await run_critical(functools.partial(self._journal_batch, batch, self.tracker.gen))
             finally:
                 self._reading = set()
             now = time.monotonic()
@@ -374,8 +385,12 @@ class Sender:
         with self.jlock:
             return self.journal.prune(acked, cutoff)
 
-    def _journal_batch(self, batch: list[tuple[str, ...]]) -> _BatchResult:
-        """One group: read, check and append every change in order, then one fsync. Worker thread."""
+    def _journal_batch(self, batch: list[tuple[str, ...]], gen: int) -> _BatchResult:
+        """One group: read, check and append every change in order, then one fsync. Worker thread.
+
+        ``gen`` is the tracker's generation when the group was taken: a file with a hint newer than that
+        (a writer opened it again while we read) is not journaled from this read; the tracker has it and
+        makes it due again when the writer is done."""
         res = _BatchResult()
         src = self.cfg.source
         # Reconciliation puts have no close event vouching for them: leave alone what is open for writing.
@@ -397,6 +412,10 @@ class Sender:
                         continue
                     if isinstance(r, Unstable):
                         res.retry.append(path)
+                        continue
+                    # RACE: the loop records hints while this thread reads; a dict lookup is atomic.
+                    if self.tracker.touched_after(path, gen):
+                        res.superseded += 1
                         continue
                     if len(op) < 3 and self.shipped.get(path) == (r.size, r.mtime_ns, r.digest):
                         res.unchanged += 1
@@ -669,10 +688,10 @@ class Sender:
         self._kick.set()
         async with asyncio.timeout(3600):
             seq, replica = await fut
-        expected, source, unstable = await asyncio.to_thread(self._reconcile_read, seq, replica)
+        expected, source, unstable, unreadable = await asyncio.to_thread(self._reconcile_read, seq, replica)
         queued = {op[1] for op in self.ops} | {op[2] for op in self.ops if op[0] == "rename"}
         exclude = self.tracker.touched_since(mark) | self.tracker.pending() | queued | set(unstable)
-        plan = diff(source, expected, self.cfg.include, exclude)
+        plan = diff(source, expected, self.cfg.include, exclude, unreadable)
         why = mass_delete(plan, self.cfg.max_delete_share)
         if why and not self.allow_mass_delete:
             raise SafetyHalt(
@@ -707,11 +726,12 @@ class Sender:
             len(edits),
             time.monotonic() - t0,
         )
-        await asyncio.to_thread(self.cache.save, self.cfg.state_dir / "hashcache")
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self.cache.save, self.cfg.state_dir / "hashcache")
 
     def _reconcile_read(
         self, seq: int, replica: list[FileMeta]
-    ) -> tuple[dict[str, FileMeta], dict[str, FileMeta], list[str]]:
+    ) -> tuple[dict[str, FileMeta], dict[str, FileMeta], list[str], list[str]]:
         """Worker thread: the expected replica (manifest + journal after ``seq``), then the source scan.
         RACE: the journal tail is read before the source is scanned, so a change journaled meanwhile is
         either in both or shows as a harmless re-send, never as a wrong deletion."""
@@ -735,12 +755,12 @@ class Sender:
                 log.warning("send.skipped path=%r reason=%s", path, e.reason)
                 continue
             source[path] = meta
-        return expected, source, m.unstable
+        return expected, source, m.unstable, m.unreadable
 
     # -- status ---------------------------------------------------------------------------------------------
     async def _status_loop(self) -> None:
         while True:
-            await asyncio.to_thread(write_status, self.cfg.state_dir, self.status())
+            await asyncio.to_thread(write_status_quiet, self.cfg.state_dir, self.status())
             await asyncio.sleep(1.0)
 
     def status(self) -> dict[str, Any]:

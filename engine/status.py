@@ -6,20 +6,38 @@ status`` reads it and checks that the process is alive. No socket is needed to a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 STATUS_FILE = "status.json"
 
+log = logging.getLogger(__name__)
+
 
 def write_status(state_dir: Path, data: dict[str, Any]) -> None:
     data = dict(data, pid=os.getpid(), updated=time.time())
-    tmp = state_dir / (STATUS_FILE + ".tmp")
+    tmp = state_dir / f"{STATUS_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True), "utf-8")
-    os.replace(tmp, state_dir / STATUS_FILE)
+    try:
+        os.replace(tmp, state_dir / STATUS_FILE)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_status_quiet(state_dir: Path, data: dict[str, Any]) -> None:
+    """write_status that never fails its caller: a reader holding the file open (Windows) or a full
+    disk costs one refresh, not the process."""
+    try:
+        write_status(state_dir, data)
+    except OSError as e:
+        log.info("status.write_failed error=%s", e)
 
 
 def pid_alive(pid: int) -> bool:

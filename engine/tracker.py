@@ -78,10 +78,11 @@ class Tracker:
         elif not st.writing:
             st.due = now
 
-    def all_due(self, now: float) -> None:
-        """Events were lost: every tracked path is due now, writing or not."""
-        for st in self._paths.values():
-            st.writing, st.due = False, now
+    def take_all(self) -> list[str]:
+        """Events were lost: hand over every tracked path (the caller reads them with care)."""
+        paths = list(self._paths)
+        self._paths.clear()
+        return paths
 
     def retry(self, path: str, now: float) -> None:
         st = self._paths.get(path)
@@ -115,6 +116,9 @@ class Tracker:
 
     def next_due(self) -> float | None:
         return min((st.due for st in self._paths.values()), default=None)
+
+    def touched_after(self, path: str, gen: int) -> bool:
+        return self._touched.get(path, 0) > gen
 
     def touched_since(self, gen: int) -> set[str]:
         return {p for p, g in self._touched.items() if g > gen}

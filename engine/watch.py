@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,7 @@ class Watcher:
         self._on_hint = on_hint
         self._observer: Any = None
         self._flag = _OverflowFlag(self._deliver)
+        self._lock = threading.Lock()
         self.watched: list[tuple[Path, bool]] = []
 
     def _deliver(self, hint: Hint) -> None:
@@ -163,9 +165,11 @@ class Watcher:
         log.info("watch.started folders=%d", len(self.watched))
 
     def restart(self) -> None:
-        """Re-plan the watches (an included folder appeared or vanished)."""
-        self.stop()
-        self.start()
+        """Re-plan the watches (an included folder appeared or vanished). Serialised: two restarts close
+        together must not leak an observer."""
+        with self._lock:
+            self.stop()
+            self.start()
 
     def stop(self) -> None:
         for name in WATCHDOG_LOGGERS:

@@ -240,9 +240,12 @@ class ReceiverProtocol(_Base):
             first = _field(v, "from", int, "stream")
             if first < 1:
                 raise RemoteProtocolError("stream: from must be >= 1")
+            journal = _field(v, "journal", str, "stream")
+            if not 0 < len(journal) <= 64 or any(ch not in "0123456789abcdef" for ch in journal):
+                raise RemoteProtocolError("stream: journal id is not 1-64 lowercase hex digits")
             self.state = State.STREAMING
             self.expected_seq = first
-            return StreamStart(_field(v, "journal", str, "stream"), first)
+            return StreamStart(journal, first)
         if kind == "e":
             if self.state is not State.STREAMING:
                 raise RemoteProtocolError("entry before stream")

@@ -71,7 +71,7 @@ class RawPeer:
         assert isinstance(ev, wire.Welcome), f"expected a welcome, got {ev}"
         return ev
 
-    def start_stream(self, journal: str = "hostile-journal") -> wire.Welcome:
+    def start_stream(self, journal: str = "0bad0bad") -> wire.Welcome:
         welcome = self.handshake()
         self.next_seq = welcome.seq + 1
         self.send(self.proto.stream(journal, self.next_seq))
@@ -145,7 +145,7 @@ def assert_proper_sender_applies(pair: Pair, name: str) -> None:
     """A well-behaved raw sender is admitted, and its put is applied and acknowledged without problems."""
     peer = RawPeer(pair.port, node="proper")
     try:
-        peer.start_stream(journal=f"proper-{name}")
+        peer.start_stream(journal=f"{abs(hash(name)):x}")
         c = peer.entry(Op.PUT, f"after/{name}.txt", b"proper content")
         problems = peer.wait_ack(c.seq)
     finally:
