@@ -83,6 +83,7 @@ class _BatchResult:
     vanished: list[str] = field(default_factory=list)
     writing: list[str] = field(default_factory=list)
     superseded: int = 0
+    done: list[str] = field(default_factory=list)
     unchanged: int = 0
 
 
@@ -122,6 +123,7 @@ class Sender:
         # makes the renamed file due again (RACE: the read may fail before or after the move hint arrives).
         self._reading: set[str] = set()
         self._vanished: dict[str, float] = {}
+        self._retries: dict[str, int] = {}
         self._root = str(cfg.source)
         self._prefix = self._root.rstrip(os.sep) + os.sep
         # link state
@@ -349,8 +351,12 @@ class Sender:
             if self._vanished:
                 self._vanished = {p: t for p, t in self._vanished.items() if now - t < 30}
             for p in res.retry:
+                # Backs off for a file that stays unreadable (locked, delete pending): 0.05 s doubling to 5 s.
                 self.counters["unstable_retries"] += 1
-                self.tracker.retry(p, now)
+                n = self._retries[p] = self._retries.get(p, 0) + 1
+                self.tracker.retry(p, now, min(5.0, 0.05 * 2 ** min(n - 1, 8)))
+            for p in res.done:
+                self._retries.pop(p, None)
             if res.appended:
                 self.counters["journaled"] += res.appended
                 if self.behind_since is None:
@@ -420,6 +426,8 @@ class Sender:
                     if len(op) < 3 and self.shipped.get(path) == (r.size, r.mtime_ns, r.digest):
                         res.unchanged += 1
                         continue
+                    if self._retries:
+                        res.done.append(path)
                     if not self._put(j, path, r, ts, res):
                         continue
                     self.shipped[path] = (r.size, r.mtime_ns, r.digest)

@@ -84,10 +84,11 @@ class Tracker:
         self._paths.clear()
         return paths
 
-    def retry(self, path: str, now: float) -> None:
+    def retry(self, path: str, now: float, delay: float | None = None) -> None:
         st = self._paths.get(path)
         if st is None:
-            self._paths[path] = _PathState(now, now + self.retry_delay, False, self.gen)
+            wait = self.retry_delay if delay is None else delay
+            self._paths[path] = _PathState(now, now + wait, False, self.gen)
 
     def forget(self, path: str) -> None:
         """The path (and anything below it) was deleted."""
