@@ -224,19 +224,14 @@ class Applier:
             if final is not None and op.change.op is Op.PUT and op.data is not None
         ]
         temps: dict[int, Path | None] = {}
-        if self._syncfs is not None or not self.fsync:
-            # One syncfs below makes every temporary file durable: write them here, in order.
-            for op, final, data in writes:
-                temps[id(op)] = self._write_temp(final, op.change, data)
-            if writes and self.fsync and self._syncfs is not None:
-                self._syncfs()
-        else:
-            jobs = [
-                (op, self._pool.submit(self._write_temp, final, op.change, data))
-                for op, final, data in writes
-            ]
-            for op, fut in jobs:
-                temps[id(op)] = fut.result()  # None: parent not creatable yet, done in order below
+        # Creating files in parallel helps even without a per-file fsync (the file system overlaps them).
+        jobs = [
+            (op, self._pool.submit(self._write_temp, final, op.change, data)) for op, final, data in writes
+        ]
+        for op, fut in jobs:
+            temps[id(op)] = fut.result()  # None: parent not creatable yet, done in order below
+        if writes and self.fsync and self._syncfs is not None:
+            self._syncfs()  # one call makes every temporary file of the group durable
         # Phase 2: in record order.
         dirs: set[Path] = set()
         try:

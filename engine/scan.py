@@ -12,7 +12,7 @@ import logging
 import os
 import stat as statmod
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -287,12 +287,18 @@ class Manifest:
 
 
 def build_manifest(
-    root: Path, include: Sequence[str], cache: HashCache, skip: Path | None = None, flag_edits: bool = False
+    root: Path,
+    include: Sequence[str],
+    cache: HashCache,
+    skip: Path | None = None,
+    flag_edits: bool = False,
+    need_digest: Callable[[str], bool] | None = None,
 ) -> Manifest:
     """Path, size, mtime and digest of every file and folder in the set, hashing only cache misses.
 
     With ``flag_edits`` (the receiver), a file whose stat no longer matches what standby itself last wrote
-    is flagged ``local-edit``.
+    is flagged ``local-edit``. ``need_digest(path)`` False leaves a file's digest empty (it is sent
+    anyway: the replica does not have it), so it is not read here.
     """
     entries: dict[str, FileMeta] = {}
     unstable: list[str] = []
@@ -307,6 +313,8 @@ def build_manifest(
         assert f.st is not None
         digest = cache.get(f.path, f.st)
         flags: frozenset[str] = frozenset()
+        if digest is None and need_digest is not None and not need_digest(f.path):
+            digest = b""
         if digest is None:
             if flag_edits and cache.known(f.path) is not None:
                 flags = frozenset({"local-edit"})

@@ -754,7 +754,8 @@ class Sender:
             finally:
                 cur.close()
         expected = expected_after({m.path: m for m in replica}, tail)
-        m = build_manifest(self.cfg.source, self.cfg.include, self.cache)
+        # A file the replica does not have is sent whatever its digest: do not read it twice.
+        m = build_manifest(self.cfg.source, self.cfg.include, self.cache, need_digest=expected.__contains__)
         source: dict[str, FileMeta] = {}
         for path, meta in m.entries.items():
             try:
