@@ -528,8 +528,8 @@ class Sender:
                         str(e) or type(e).__name__,
                         backoff,
                     )
-            else:
-                backoff = 0.1
+            if self.connected:
+                backoff = 0.1  # a session that was up starts the backoff again
             self._disconnected()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.cfg.retry_max)
