@@ -406,7 +406,8 @@ def count_in_logs(pair: Pair, pattern: str) -> int:
 
 
 def plaintext(pair: Pair) -> None:
-    """Run the pair in plaintext on loopback (``insecure``), for a proxy that has to read the frames."""
+    """Run the pair in plaintext on loopback: the gated proxy below parses frames to hold a manifest
+    reply, which it cannot do through TLS. Every other test here runs over TLS, as deployed."""
     pair.sender_extra += "\ninsecure = true"
     pair.receiver_extra += "\ninsecure = true"
     pair.write_config()
