@@ -212,6 +212,10 @@ def _cmd_send(args: argparse.Namespace) -> int:
     from engine.transport import settings_for
 
     cfg = config.load(args.config)
+    if hasattr(signal, "SIGIO"):
+        # Read leases (engine.scan) notify a breaking writer's open with SIGIO; we release them ourselves
+        # within microseconds, so the signal carries nothing we need (and would end the process).
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
     s = Sender(
         cfg.need_sender(),
         allow_mass_delete=args.allow_mass_delete,

@@ -8,6 +8,7 @@ makes the service's own write, rename or delete fail.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat as statmod
@@ -81,12 +82,51 @@ class StableRead:
 @dataclass(frozen=True, slots=True)
 class Unstable:
     reason: str
+    writing: bool = False  # another process holds it open for writing: wait for its close
+
+
+#: Read leases (Linux) are taken only for reads this small, so a writer is never held up for long.
+LEASE_MAX = SMALL_FILE
+_LEASE = sys.platform.startswith("linux")
+_lease_broken = False
+
+
+def _take_lease(fd: int) -> bool | None:
+    """Linux: a read lease is granted only while no process has the file open for writing, and while we
+    hold it a writer's open waits (for the microseconds of our read) instead of writing under us.
+    True: held; False: someone is writing; None: leases are not available here (ownership, file system)."""
+    global _lease_broken
+    if not _LEASE or _lease_broken:
+        return None
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)  # type: ignore[attr-defined,unused-ignore]
+        return True
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EBUSY):
+            return False
+        _lease_broken = True
+        log.info("scan.no_leases error=%s (open-for-writing checks fall back to close events)", e)
+        return None
+
+
+def _drop_lease(fd: int) -> None:
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)  # type: ignore[attr-defined,unused-ignore]
+    except OSError:
+        pass
 
 
 def read_stable(
-    path: Path, keep_data: bool = True, inline_max: int = SMALL_FILE
+    path: Path, keep_data: bool = True, inline_max: int = SMALL_FILE, lease_check: bool = False
 ) -> StableRead | Unstable | None:
-    """Read and hash ``path`` if it holds still. None if it is missing or not a regular file."""
+    """Read and hash ``path`` if it holds still. None if it is missing or not a regular file.
+
+    With ``lease_check`` (Linux), a file some process holds open for writing is not read at all
+    (``Unstable(writing=True)``), and no writer can open it while it is read (see _take_lease)."""
     try:
         before = os.stat(path, follow_symlinks=False)
         if not statmod.S_ISREG(before.st_mode):
@@ -95,13 +135,20 @@ def read_stable(
         parts: list[bytes] = []
         small = keep_data and before.st_size <= inline_max
         with open_shared(path) as f:
-            while True:
-                b = f.read(CHUNK_SIZE)
-                if not b:
-                    break
-                h.update(b)
-                if small:
-                    parts.append(b)
+            lease = _take_lease(f.fileno()) if lease_check and before.st_size <= LEASE_MAX else None
+            if lease is False:
+                return Unstable("open for writing by another process", writing=True)
+            try:
+                while True:
+                    b = f.read(CHUNK_SIZE)
+                    if not b:
+                        break
+                    h.update(b)
+                    if small:
+                        parts.append(b)
+            finally:
+                if lease:
+                    _drop_lease(f.fileno())
         after = os.stat(path, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
         return None

@@ -326,7 +326,9 @@ class Sender:
                     p,
                     self.cfg.max_open,
                 )
-            self.ops.extend(("put", p) for p in ready + forced)
+            self.ops.extend(("put", p) for p in ready)
+            # Held open past max_open: shipped from a stable read even though a writer has it open.
+            self.ops.extend(("put", p, "max_open") for p in forced)
             n, hold_until = self._takeable(now)
             if n == 0:
                 nd = self.tracker.next_due()
@@ -339,15 +341,19 @@ class Sender:
                 continue
             batch = [self.ops.popleft() for _ in range(n)]
             self._reading = {op[1] for op in batch if op[0] == "put"}
+            gen = self.tracker.gen
             try:
-                res = await run_critical(functools.partial(self._journal_batch, batch, self.tracker.gen))
+                res = await run_critical(functools.partial(self._journal_batch, batch, gen))
             finally:
                 self._reading = set()
             now = time.monotonic()
             for p in res.vanished:
                 self._vanished[p] = now
             for p in res.writing:
-                self.tracker.hint("modified", p, now)  # waits for its close (or max_open)
+                # A writer had it open: wait for its close (or max_open), unless a newer hint (its close,
+                # maybe) came in meanwhile, which already says what to do.
+                if not self.tracker.touched_after(p, gen):
+                    self.tracker.hint("modified", p, now)
             if self._vanished:
                 self._vanished = {p: t for p, t in self._vanished.items() if now - t < 30}
             for p in res.retry:
@@ -400,7 +406,7 @@ class Sender:
         res = _BatchResult()
         src = self.cfg.source
         # Reconciliation puts have no close event vouching for them: leave alone what is open for writing.
-        forced = [src / op[1] for op in batch if op[0] == "put" and len(op) > 2]
+        forced = [src / op[1] for op in batch if op[0] == "put" and op[2:] == ("force",)]
         busy = open_for_writing(forced) if forced else set()
         with self.jlock:
             j = self.journal
@@ -412,18 +418,22 @@ class Sender:
                         res.writing.append(path)
                         continue
                     guarded = self.check is not None and self.check.guarded(path)
-                    r = read_stable(src / path, inline_max=GUARD_MAX_BYTES if guarded else SMALL_FILE)
+                    r = read_stable(
+                        src / path,
+                        inline_max=GUARD_MAX_BYTES if guarded else SMALL_FILE,
+                        lease_check=op[2:] != ("max_open",),
+                    )
                     if r is None:
                         res.vanished.append(path)  # gone again (a delete or move hint follows)
                         continue
                     if isinstance(r, Unstable):
-                        res.retry.append(path)
+                        (res.writing if r.writing else res.retry).append(path)
                         continue
                     # RACE: the loop records hints while this thread reads; a dict lookup is atomic.
                     if self.tracker.touched_after(path, gen):
                         res.superseded += 1
                         continue
-                    if len(op) < 3 and self.shipped.get(path) == (r.size, r.mtime_ns, r.digest):
+                    if op[2:] != ("force",) and self.shipped.get(path) == (r.size, r.mtime_ns, r.digest):
                         res.unchanged += 1
                         continue
                     if self._retries:

@@ -574,16 +574,6 @@ def test_sender_restart_does_not_ship_a_file_paused_mid_write(pair: Pair) -> Non
 
 
 # ---- a rewrite that starts between the close event and the read ------------------------------------------
-CLOSE_EVENT_RACE_BUG = (
-    "BUG: the sender journals a torn read when a writer opens a file again (O_TRUNC) after the close event "
-    "that made it due and before the read, and the watcher's hint for that write reaches the loop only "
-    "after the read: read_stable() compares the stat before and after its own read only (and a stat can "
-    "even see the truncated size with the old mtime), open_for_writing() is asked for reconciliation puts "
-    "only, and the 'touched_after' check after the read depends on the hint having arrived. The half (often "
-    "0-byte) version is journaled, streamed and renamed into place until the next close event repairs it. "
-    "Seen in both kill loops, e.g. journal 'put databases/room-02/c000050.db size 0' carrying the mtime of "
-    "the previous 304-byte version, read 95 ms after its close, as the next rewrite opened the file."
-)
 
 
 def hooked_send(config: Path, victim: str, path: Path, next_version: Path, hold: float, late: float) -> int:
@@ -629,7 +619,6 @@ def hooked_send(config: Path, victim: str, path: Path, next_version: Path, hold:
     return main(["--log-level", "debug", "send", "--config", str(config)])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=CLOSE_EVENT_RACE_BUG)
 def test_sender_never_ships_a_file_rewritten_after_its_close_event(pair: Pair) -> None:
     """Deterministic (the sender runs with a hook, see :func:`hooked_send`): a file is written and closed,
     and a rewrite of it starts before the sender reads it and pauses half way, its hint late. The replica
