@@ -18,7 +18,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from engine.simulator import (
@@ -26,8 +26,11 @@ from engine.simulator import (
     COOKIE_MAX_CHARS,
     COOKIE_MIN_CHARS,
     COOKIE_NAME,
+    EPOCH,
     MEETING_MAX_BYTES,
     MEETING_MIN_BYTES,
+    NAMES,
+    WORDS,
     cookie_relpath,
     meeting_relpath,
     room_id,
@@ -38,60 +41,6 @@ DEFAULT_ROOMS = 50
 #: Width of the revision field in generated JSON, so a same-size rewrite only changes digits.
 REV_DIGITS = 12
 
-_EPOCH = datetime(2030, 1, 7, 0, 0, tzinfo=UTC)
-_WORDS = (
-    "budget",
-    "review",
-    "sprint",
-    "planning",
-    "standup",
-    "retro",
-    "roadmap",
-    "hiring",
-    "sync",
-    "customer",
-    "demo",
-    "design",
-    "architecture",
-    "security",
-    "audit",
-    "quarterly",
-    "offsite",
-    "launch",
-    "onboarding",
-    "training",
-    "interview",
-    "board",
-    "update",
-    "vendor",
-    "call",
-    "release",
-    "triage",
-    "incident",
-    "postmortem",
-    "workshop",
-    "lunch",
-    "kickoff",
-    "strategy",
-    "finance",
-    "legal",
-    "marketing",
-    "sales",
-)
-_NAMES = (
-    "Ada Lovelace",
-    "Alan Turing",
-    "Grace Hopper",
-    "Edsger Dijkstra",
-    "Barbara Liskov",
-    "Donald Knuth",
-    "Frances Allen",
-    "Ken Thompson",
-    "Margaret Hamilton",
-    "Radia Perlman",
-    "John Backus",
-    "Leslie Lamport",
-)
 
 
 @dataclass(frozen=True)
@@ -118,7 +67,7 @@ def generate(root: Path, files: int, seed: int) -> Workload:
     of one seeded word list rather than word by word), so 100,000 files take seconds, not minutes.
     """
     rng = random.Random(seed)
-    words = " ".join(rng.choices(_WORDS, k=200_000))
+    words = " ".join(rng.choices(WORDS, k=200_000))
     rooms = [room_id(i) for i in range(1, max(1, min(DEFAULT_ROOMS, files)) + 1)]
     per_room = files // len(rooms)
     (root / "config").mkdir(parents=True, exist_ok=True)
@@ -140,18 +89,18 @@ def generate(root: Path, files: int, seed: int) -> Workload:
 
 
 def _meeting(rng: random.Random, room: str, meeting: str, words: str) -> bytes:
-    start = _EPOCH + timedelta(days=rng.randint(0, 90), minutes=15 * rng.randint(28, 72))
-    organizer = rng.choice(_NAMES)
+    start = EPOCH + timedelta(days=rng.randint(0, 90), minutes=15 * rng.randint(28, 72))
+    organizer = rng.choice(NAMES)
     doc = {
         "id": meeting,
         "room": room,
-        "subject": " ".join(rng.choices(_WORDS, k=rng.randint(2, 5))).capitalize(),
+        "subject": " ".join(rng.choices(WORDS, k=rng.randint(2, 5))).capitalize(),
         "organizer": {"name": organizer, "email": organizer.lower().replace(" ", ".") + "@example.com"},
         "start": start.isoformat(),
         "end": (start + timedelta(minutes=15 * rng.randint(1, 8))).isoformat(),
         "dialIn": f"https://join.example.com/meet/{rng.randrange(10**9, 10**10)}"
         f"?pwd={rng.getrandbits(64):016x}",
-        "attendees": [rng.choice(_NAMES) for _ in range(rng.randint(1, 6))],
+        "attendees": [rng.choice(NAMES) for _ in range(rng.randint(1, 6))],
         "sequence": 0,
         "notes": "",
     }
@@ -234,7 +183,7 @@ class Writes:
         self._new = 0
         #: Every path handed out by :meth:`pick` or :meth:`new_path`: what a restore must undo.
         self.issued: set[str] = set()
-        self._text = " ".join(self.rng.choices(_WORDS, k=20_000))
+        self._text = " ".join(self.rng.choices(WORDS, k=20_000))
 
     def content(self, size: int | None = None) -> bytes:
         self.rev += 1

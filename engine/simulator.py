@@ -59,8 +59,8 @@ COOKIE_MAX_CHARS = 20 * 1024
 #: Chance that a batch also rewrites config/config.json.
 CONFIG_REWRITE_CHANCE = 0.02
 
-_EPOCH = datetime(2030, 1, 7, 0, 0, tzinfo=UTC)  # a Monday; meeting times are offsets from it
-_WORDS = (
+EPOCH = datetime(2030, 1, 7, 0, 0, tzinfo=UTC)  # a Monday; meeting times are offsets from it
+WORDS = (
     "budget",
     "review",
     "sprint",
@@ -99,7 +99,7 @@ _WORDS = (
     "marketing",
     "sales",
 )
-_NAMES = (
+NAMES = (
     "Ada Lovelace",
     "Alan Turing",
     "Grace Hopper",
@@ -346,19 +346,19 @@ class ServiceSimulator:
 
     def _meeting_bytes(self, room: str, meeting: str) -> bytes:
         rng = self._rng
-        start = _EPOCH + timedelta(days=rng.randint(0, 90), minutes=15 * rng.randint(28, 72))
+        start = EPOCH + timedelta(days=rng.randint(0, 90), minutes=15 * rng.randint(28, 72))
         end = start + timedelta(minutes=15 * rng.randint(1, 8))
-        organizer = rng.choice(_NAMES)
+        organizer = rng.choice(NAMES)
         doc: dict[str, Any] = {
             "id": meeting,
             "room": room,
-            "subject": " ".join(rng.choices(_WORDS, k=rng.randint(2, 5))).capitalize(),
+            "subject": " ".join(rng.choices(WORDS, k=rng.randint(2, 5))).capitalize(),
             "organizer": {"name": organizer, "email": organizer.lower().replace(" ", ".") + "@example.com"},
             "start": start.isoformat(),
             "end": end.isoformat(),
             "dialIn": f"https://join.example.com/meet/{rng.randrange(10**9, 10**10)}"
             f"?pwd={rng.getrandbits(64):016x}",
-            "attendees": [rng.choice(_NAMES) for _ in range(rng.randint(1, 6))],
+            "attendees": [rng.choice(NAMES) for _ in range(rng.randint(1, 6))],
             "sequence": self._sequence[meeting],
             "notes": "",
         }
@@ -395,7 +395,7 @@ def _filler(rng: random.Random, length: int) -> str:
     words: list[str] = []
     size = -1
     while size < length:
-        word = rng.choice(_WORDS)
+        word = rng.choice(WORDS)
         words.append(word)
         size += len(word) + 1
     return " ".join(words)[:length]
