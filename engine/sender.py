@@ -720,7 +720,16 @@ class Sender:
             self.ops.append(("rmdir" if op is Op.RMDIR else "delete", path))
         for path in plan.mkdirs:
             self.ops.append(("mkdir", path))
-        self.ops.extend(("put", path, "force") for path in plan.puts)
+        # A guarded file that differs because its source version is torn is *held*, not a difference to
+        # repair: it is reported as such and left to its next change.
+        held = await asyncio.to_thread(self._held, plan.puts) if self.check is not None else {}
+        for path, why in held.items():
+            log.warning(
+                "reconcile.held path=%r reason=%s (torn on the source; the replica keeps its version)",
+                path,
+                why,
+            )
+        self.ops.extend(("put", path, "force") for path in plan.puts if path not in held)
         for path in unstable:
             self.tracker.ready_now(path, now)
         self.tracker.trim_touched(mark)
@@ -731,21 +740,36 @@ class Sender:
             "reason": reason,
             "at": time.time(),
             "seconds": round(time.monotonic() - t0, 3),
-            "puts": len(plan.puts),
+            "puts": len(plan.puts) - len(held),
+            "held": sorted(held),
             "removals": len(plan.removals),
             "mkdirs": len(plan.mkdirs),
             "local_edits": len(edits),
             "source_entries": len(source),
         }
         log.info(
-            "reconcile.done reason=%s %s local_edits=%d seconds=%.3f",
+            "reconcile.done reason=%s %s held=%d local_edits=%d seconds=%.3f",
             reason,
             plan.summary(),
+            len(held),
             len(edits),
             time.monotonic() - t0,
         )
         with contextlib.suppress(OSError):
             await asyncio.to_thread(self.cache.save, self.cfg.state_dir / "hashcache")
+
+    def _held(self, paths: list[str]) -> dict[str, str]:
+        """Worker thread: the guarded files among ``paths`` whose source version fails its rule."""
+        out: dict[str, str] = {}
+        check = self.check
+        assert check is not None
+        for path in paths:
+            if not check.guarded(path):
+                continue
+            r = read_stable(self.cfg.source / path, inline_max=GUARD_MAX_BYTES)
+            if isinstance(r, StableRead) and r.data is not None and (why := check(path, r.data)):
+                out[path] = why
+        return out
 
     def _reconcile_read(
         self, seq: int, replica: list[FileMeta]
