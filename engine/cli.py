@@ -43,6 +43,7 @@ acknowledges it. Both read one TOML file (see config.example.toml); each uses it
 EPILOG = """\
 examples:
   standby demo --seconds 20              a live pair on loopback, in temporary folders
+  standby init --config standby.toml     create this server's key; print the node ID to pin on the other
   standby receive --config standby.toml  on the passive server
   standby send --config standby.toml     on the active server
   standby verify --config standby.toml   compare source and replica by hash (exit 1 if they differ)
