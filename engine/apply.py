@@ -16,7 +16,6 @@ INVARIANT: nothing is renamed into place before its content is durable.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import secrets
@@ -32,6 +31,7 @@ from typing import IO
 from engine import codec
 from engine.digest import Hasher, digest_bytes
 from engine.errors import ApplyError, PathRejected
+from engine.guard import ContentCheck
 from engine.journal import fsync_dir
 from engine.model import (
     MAX_PATH_CHARS,
@@ -49,9 +49,6 @@ from engine.wire import Problem
 log = logging.getLogger(__name__)
 
 WINDOWS = sys.platform == "win32"
-
-#: Guard hook: (relative path, content) -> None if good, else the reason it is refused.
-ContentCheck = Callable[[str, bytes], str | None]
 
 
 def temp_name() -> str:
@@ -493,10 +490,3 @@ class PositionFile:
 
     def close(self) -> None:
         self._f.close()
-
-
-def is_windows() -> bool:
-    return sys.platform == "win32"
-
-
-__all__ = ["Applier", "BatchResult", "LargePut", "PendingOp", "Position", "PositionFile", "errno"]

@@ -241,7 +241,6 @@ def _cmd_receive(args: argparse.Namespace) -> int:
         cfg.need_receiver(),
         check=receiver_check(cfg),
         tls=settings_for(cfg.need_receiver()),
-        guards=cfg.guards,
     )
 
     async def main(stop: asyncio.Event) -> int:

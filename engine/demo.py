@@ -8,7 +8,6 @@ positions and lag; at the end the replica is verified by hash.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import socket
@@ -192,6 +191,3 @@ def run_demo(seconds: float, rooms: int, rate: float, keep: bool) -> int:
         else:
             shutil.rmtree(base, ignore_errors=True)
     return rc
-
-
-__all__ = ["demo_config", "free_port", "os", "run_demo"]

@@ -32,11 +32,14 @@ import functools
 import json
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 RuleKind = Literal["base64", "json", "nonempty", "command"]
+
+#: What the sender and receiver call on a file's bytes: None if good (or not guarded), else why not.
+ContentCheck = Callable[[str, bytes], str | None]
 
 #: Rule kinds, in the order the docs list them.
 RULE_KINDS: tuple[str, ...] = get_args(RuleKind)

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from engine.config import Config
 from engine.guard import GuardRule, check_content, find_guard, run_command_rule
-
-ContentCheck = Callable[[str, bytes], str | None]
-
 
 #: Guarded files are checked whole, in memory; a larger one is held back (it cannot be checked).
 GUARD_MAX_BYTES = 64 << 20

@@ -233,8 +233,7 @@ class Journal:
             digest = change.digest if len(change.digest) == DIGEST_SIZE else digest_bytes(data)
             change = replace(change, size=len(data), chunks=n, digest=digest)
             parts = [codec.encode(entry_header(change))]
-            step = 1 << 20
-            parts.extend(codec.encode(data[i : i + step]) for i in range(0, len(data), step))
+            parts.extend(codec.encode(data[i : i + CHUNK_SIZE]) for i in range(0, len(data), CHUNK_SIZE))
             self._write(b"".join(parts))
         else:
             self._write(codec.encode(entry_header(change)))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import wire
 from engine.config import SenderConfig
 from engine.errors import PeerRefused, RemoteProtocolError
+from engine.guard import ContentCheck
 from engine.model import FileMeta
 from engine.plan import same
 from engine.scan import HashCache, StableRead, build_manifest, read_stable
@@ -50,9 +50,6 @@ async def fetch_manifest(
                         raise RemoteProtocolError(f"unexpected {type(ev).__name__}")
         finally:
             writer.transport.abort()
-
-
-ContentCheck = Callable[[str, bytes], str | None]
 
 
 @dataclass

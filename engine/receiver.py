@@ -20,7 +20,6 @@ from engine import wire
 from engine.apply import Applier, LargePut, PendingOp, PositionFile
 from engine.config import ReceiverConfig
 from engine.errors import ApplyError, PathRejected, PeerRefused, RemoteProtocolError
-from engine.guard import GuardRule, find_guard
 from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.history import GuardHistory
 from engine.model import PROTOCOL_VERSION, Change, Op, check_relpath
@@ -44,7 +43,6 @@ class Receiver:
         cfg: ReceiverConfig,
         check: GuardCheck | None = None,
         tls: TlsSettings | None = None,
-        guards: tuple[GuardRule, ...] = (),
     ) -> None:
         self.cfg = cfg
         self.tls = tls
@@ -65,12 +63,12 @@ class Receiver:
         )
         self.applier.max_path_chars = cfg.max_path_chars
         self.applier.max_path_depth = cfg.max_path_depth
-        if guards:
+        if check is not None:
             history = GuardHistory(cfg.state_dir / "guard-history", cfg.guard_history, cfg.fsync)
             self.history: GuardHistory | None = history
 
             def keep(c: Change, data: bytes) -> None:
-                if find_guard(guards, c.path) is not None:
+                if check.guarded(c.path):
                     history.record(c.path, c.seq, c.mtime_ns, data)
 
             self.applier.on_put = keep
