@@ -124,6 +124,7 @@ class Sender:
         self._reading: set[str] = set()
         self._vanished: dict[str, float] = {}
         self._retries: dict[str, int] = {}
+        self._writer_since: dict[str, float] = {}  # first seen open for writing (no close event since)
         self._root = str(cfg.source)
         self._prefix = self._root.rstrip(os.sep) + os.sep
         # link state
@@ -349,11 +350,25 @@ class Sender:
             now = time.monotonic()
             for p in res.vanished:
                 self._vanished[p] = now
+                self._writer_since.pop(p, None)
             for p in res.writing:
-                # A writer had it open: wait for its close (or max_open), unless a newer hint (its close,
-                # maybe) came in meanwhile, which already says what to do.
-                if not self.tracker.touched_after(p, gen):
-                    self.tracker.hint("modified", p, now)
+                # A writer had it open. A newer hint (its close, maybe) already says what to do; else look
+                # again with backoff rather than wait for a close event that an overflow may have lost.
+                # Held open past max_open, it is shipped from a stable read (and logged) as usual.
+                if self.tracker.touched_after(p, gen):
+                    continue
+                since = self._writer_since.setdefault(p, now)
+                if now - since >= self.cfg.max_open:
+                    self.counters["forced_max_open"] += 1
+                    log.warning(
+                        "send.max_open path=%r (open for writing over %gs; shipping a stable read)",
+                        p,
+                        self.cfg.max_open,
+                    )
+                    self.ops.append(("put", p, "max_open"))
+                else:
+                    n = self._retries[p] = self._retries.get(p, 0) + 1
+                    self.tracker.retry(p, now, min(5.0, 0.05 * 2 ** min(n - 1, 8)))
             if self._vanished:
                 self._vanished = {p: t for p, t in self._vanished.items() if now - t < 30}
             for p in res.retry:
@@ -363,6 +378,7 @@ class Sender:
                 self.tracker.retry(p, now, min(5.0, 0.05 * 2 ** min(n - 1, 8)))
             for p in res.done:
                 self._retries.pop(p, None)
+                self._writer_since.pop(p, None)
             if res.appended:
                 self.counters["journaled"] += res.appended
                 if self.behind_since is None:
@@ -436,7 +452,7 @@ class Sender:
                     if op[2:] != ("force",) and self.shipped.get(path) == (r.size, r.mtime_ns, r.digest):
                         res.unchanged += 1
                         continue
-                    if self._retries:
+                    if self._retries or self._writer_since:
                         res.done.append(path)
                     if not self._put(j, path, r, ts, res):
                         continue
