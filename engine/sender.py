@@ -268,6 +268,8 @@ class Sender:
 
     def _deleted(self, rel: str, is_dir: bool) -> None:
         self.tracker.forget(rel)
+        self._writer_since.pop(rel, None)
+        self._retries.pop(rel, None)
         # Held back DELETE_DELAY first: a whole replicated folder being removed shows as file deletions
         # before the folder's own; by the time they are journaled the safety halt can see the folder gone.
         self.ops.append(("rmdir" if is_dir else "delete", rel, repr(time.monotonic() + DELETE_DELAY)))
@@ -319,17 +321,22 @@ class Sender:
         last_prune = time.monotonic()
         while True:
             now = time.monotonic()
-            ready, forced = self.tracker.due(now)
-            for p in forced:
+            due = self.tracker.due(now)
+            for p in due.forced:
                 self.counters["forced_max_open"] += 1
                 log.warning(
                     "send.max_open path=%r (open for writing over %gs; shipping a stable read)",
                     p,
                     self.cfg.max_open,
                 )
-            self.ops.extend(("put", p) for p in ready)
+            # A path once found open for writing is checked again however it became due: its close
+            # event may be the one an overflow lost.
+            for p, since in due.check:
+                self._writer_since.setdefault(p, since)
+            self.ops.extend(("put", p, "check") if p in self._writer_since else ("put", p) for p in due.ready)
+            self.ops.extend(("put", p, "check") for p, _ in due.check)
             # Held open past max_open: shipped from a stable read even though a writer has it open.
-            self.ops.extend(("put", p, "max_open") for p in forced)
+            self.ops.extend(("put", p, "max_open") for p in due.forced)
             n, hold_until = self._takeable(now)
             if n == 0:
                 nd = self.tracker.next_due()
@@ -368,7 +375,7 @@ class Sender:
                     self.ops.append(("put", p, "max_open"))
                 else:
                     n = self._retries[p] = self._retries.get(p, 0) + 1
-                    self.tracker.retry(p, now, min(5.0, 0.05 * 2 ** min(n - 1, 8)))
+                    self.tracker.still_writing(p, now, since, min(5.0, 0.25 * 2 ** min(n - 1, 8)))
             if self._vanished:
                 self._vanished = {p: t for p, t in self._vanished.items() if now - t < 30}
             for p in res.retry:
@@ -421,9 +428,10 @@ class Sender:
         makes it due again when the writer is done."""
         res = _BatchResult()
         src = self.cfg.source
-        # Reconciliation puts have no close event vouching for them: leave alone what is open for writing.
-        forced = [src / op[1] for op in batch if op[0] == "put" and op[2:] == ("force",)]
-        busy = open_for_writing(forced) if forced else set()
+        # Reconciliation puts and checks have no close event vouching for them: leave alone what some
+        # process holds open for writing.
+        unvouched = [src / op[1] for op in batch if op[0] == "put" and op[2:] in (("force",), ("check",))]
+        busy = open_for_writing(unvouched) if unvouched else set()
         with self.jlock:
             j = self.journal
             for op in batch:

@@ -6,6 +6,10 @@ Rules (one place):
 - ``closed`` ends writing: the path is due at once.
 - ``created`` / ``scanned`` mark a path dirty; due after ``settle`` unless a write starts.
 - Without close events (Windows), every hint restarts the ``settle`` interval; due when it has passed.
+- A writing path whose close has not come after ``check_after`` is handed out to be *checked*: the caller
+  asks the OS whether a writer still holds it open (a close event can be lost in a queue overflow, and the
+  overflow notice can overtake the events before it). Still open: the caller hands it back with
+  ``still_writing``, keeping the time the writing began.
 - A path writing for longer than ``max_open`` is due anyway (read stably, and logged by the caller).
 - ``retry`` (a read that found the file moving) makes a path due again after ``retry_delay``.
 Every hint bumps a generation counter, so a reconciliation can leave alone what changed while it ran.
@@ -13,7 +17,7 @@ Every hint bumps a generation counter, so a reconciliation can leave alone what 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -24,10 +28,29 @@ class _PathState:
     gen: int
 
 
+@dataclass(slots=True)
+class Due:
+    """What ``Tracker.due`` hands out (each path removed from tracking)."""
+
+    ready: list[str] = field(default_factory=list)
+    #: (path, when its writing began): no close yet; ask whether a writer still holds it open.
+    check: list[tuple[str, float]] = field(default_factory=list)
+    #: Held open for writing past max_open: shipped from a stable read anyway.
+    forced: list[str] = field(default_factory=list)
+
+
 class Tracker:
-    def __init__(self, settle: float, max_open: float, close_events: bool, retry_delay: float = 0.05):
+    def __init__(
+        self,
+        settle: float,
+        max_open: float,
+        close_events: bool,
+        retry_delay: float = 0.05,
+        check_after: float = 1.0,
+    ):
         self.settle = settle
         self.max_open = max_open
+        self.check_after = check_after
         self.close_events = close_events
         self.retry_delay = retry_delay
         self.gen = 0
@@ -56,9 +79,10 @@ class Tracker:
             return
         if kind == "modified":
             if st is None:
-                self._paths[path] = _PathState(now, now + self.max_open, True, gen)
+                self._paths[path] = _PathState(now, now + min(self.max_open, self.check_after), True, gen)
             elif not st.writing:
-                st.writing, st.due, st.gen = True, st.first + self.max_open, gen
+                st.writing, st.gen = True, gen
+                st.due = min(st.first + self.max_open, now + self.check_after)
         elif kind == "closed":
             if st is None:
                 self._paths[path] = _PathState(now, now, False, gen)
@@ -90,6 +114,18 @@ class Tracker:
             wait = self.retry_delay if delay is None else delay
             self._paths[path] = _PathState(now, now + wait, False, self.gen)
 
+    def still_writing(self, path: str, now: float, since: float, delay: float) -> None:
+        """A checked path is still open for writing: check again after ``delay``; its max_open counts from
+        ``since``. A hint that came meanwhile keeps its own timing, but not a later start."""
+        st = self._paths.get(path)
+        if st is None:
+            due = min(since + self.max_open, now + delay)
+            self._paths[path] = _PathState(since, due, True, self.gen)
+            return
+        st.first = min(st.first, since)
+        if st.writing:
+            st.due = min(st.due, st.first + self.max_open)
+
     def forget(self, path: str) -> None:
         """The path (and anything below it) was deleted."""
         self._touch(path)
@@ -105,15 +141,19 @@ class Tracker:
         for p in [p for p in self._paths if p == src or p.startswith(prefix)]:
             self._paths[dst + p[len(src) :]] = self._paths.pop(p)
 
-    def due(self, now: float) -> tuple[list[str], list[str]]:
-        """Paths due now, removed from tracking: (ready, forced after max_open)."""
-        ready: list[str] = []
-        forced: list[str] = []
+    def due(self, now: float) -> Due:
+        """Paths due now, removed from tracking."""
+        out = Due()
         for p, st in list(self._paths.items()):
             if st.due <= now:
-                (forced if st.writing else ready).append(p)
+                if not st.writing:
+                    out.ready.append(p)
+                elif now >= st.first + self.max_open:
+                    out.forced.append(p)
+                else:
+                    out.check.append((p, st.first))
                 del self._paths[p]
-        return ready, forced
+        return out
 
     def next_due(self) -> float | None:
         return min((st.due for st in self._paths.values()), default=None)

@@ -590,9 +590,9 @@ def hooked_send(config: Path, victim: str, path: Path, next_version: Path, hold:
     on_hint = sender.Sender._on_hint
     fired: list[float] = []
 
-    def hooked_due(self: tracker.Tracker, now: float) -> tuple[list[str], list[str]]:
-        ready, forced = due(self, now)
-        if victim in ready + forced and not fired:
+    def hooked_due(self: tracker.Tracker, now: float) -> tracker.Due:
+        out = due(self, now)
+        if victim in out.ready + out.forced and not fired:
             fired.append(time.monotonic())
             data = next_version.read_bytes()
             f = open(path, "wb")  # noqa: SIM115 - closed by the timer
@@ -606,7 +606,7 @@ def hooked_send(config: Path, victim: str, path: Path, next_version: Path, hold:
             timer = threading.Timer(hold, finish)
             timer.daemon = True
             timer.start()
-        return ready, forced
+        return out
 
     def hooked_on_hint(self: sender.Sender, h: Hint) -> None:
         if fired and h.path == str(path) and time.monotonic() < fired[0] + late:
