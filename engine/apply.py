@@ -16,6 +16,7 @@ INVARIANT: nothing is renamed into place before its content is durable.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -62,6 +63,18 @@ class PendingOp:
     change: Change
     data: bytes | None = None
     temp: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Temp:
+    """A finished temporary file and its stat (None: not taken; a large put's)."""
+
+    path: str
+    stat: os.stat_result | None
+
+
+#: A new temporary file: never an existing one; binary on Windows.
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 
 
 @dataclass(slots=True)
@@ -136,7 +149,12 @@ class Applier:
         self._syncfs = _syncfs_for(root, sync_mode) if fsync else None
         #: Called after a small put is in place (guard history): (change, content).
         self.on_put: Callable[[Change, bytes], None] | None = None
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="apply")
+        self._threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="apply")
+        self._root = os.fspath(root)
+        # Temporary names: unique per process run (a crash's leftovers are removed at the next start).
+        self._temp_prefix = secrets.token_hex(4)
+        self._temp_seq = itertools.count()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -147,24 +165,26 @@ class Applier:
 
         ``checked`` (one batch's memo) holds folder prefixes already found to be real folders.
         """
+        return Path(self._resolve(rel, checked))
+
+    def _resolve(self, rel: str, checked: set[str] | None = None) -> str:
         check_relpath(rel, self.max_path_chars, self.max_path_depth)
         parts = rel.split("/")
-        p = self.root
+        root = self._root
         prefix = ""
         for name in parts[:-1]:
-            p = p / name
             prefix = f"{prefix}/{name}" if prefix else name
             if checked is not None and prefix in checked:
                 continue
             try:
-                st = os.lstat(p)
+                st = os.lstat(os.path.join(root, prefix))
             except (FileNotFoundError, NotADirectoryError):
                 break  # the rest does not exist yet: it will be created as real folders
             if statmod.S_ISLNK(st.st_mode) or _is_reparse(st):
                 raise PathRejected(rel, f"passes through a symlink at {name!r}")
             if checked is not None and statmod.S_ISDIR(st.st_mode):
                 checked.add(prefix)
-        return self.root.joinpath(*parts)
+        return os.path.join(root, *parts)
 
     def clean_temps(self) -> int:
         """Remove temporary files left by a crash (anywhere below the root). Returns how many."""
@@ -190,14 +210,14 @@ class Applier:
         res = BatchResult()
         # Phase 1: check every record, then write the content of small puts to durable temporary files
         # in parallel. RACE: checking first and submitting after keeps this thread off the GIL convoy.
-        prepared: list[tuple[PendingOp, Path | None]] = []
+        prepared: list[tuple[PendingOp, str | None]] = []
         checked: set[str] = set()
         for op in ops:
             c = op.change
             try:
-                final = self.resolve(c.path, checked)
+                final = self._resolve(c.path, checked)
                 if c.op is Op.RENAME:
-                    self.resolve(c.dst, checked)
+                    self._resolve(c.dst, checked)
                     if c.dst != c.path and (is_under(c.dst, c.path) or is_under(c.path, c.dst)):
                         raise PathRejected(c.dst, f"a rename into or over its own tree ({c.path!r})")
             except PathRejected as e:
@@ -215,37 +235,60 @@ class Applier:
                     prepared.append((op, None))
                     continue
             prepared.append((op, final))
-        writes = [
-            (op, final, op.data)
-            for op, final in prepared
-            if final is not None and op.change.op is Op.PUT and op.data is not None
-        ]
-        temps: dict[int, Path | None] = {}
-        # Creating files in parallel helps even without a per-file fsync (the file system overlaps them).
+        # Parent folders once per folder, here; a put whose folder cannot be made yet (a file stands in
+        # the way) is written in order below, after the records before it have run.
+        parents: dict[str, bool] = {}
+        writes: list[tuple[PendingOp, str]] = []
+        for op, target in prepared:
+            if target is None or op.change.op is not Op.PUT or op.data is None:
+                continue
+            parent = os.path.dirname(target)
+            ok = parents.get(parent)
+            if ok is None:
+                try:
+                    os.makedirs(parent, exist_ok=True)
+                    ok = True
+                except OSError:  # a file in the way (removed in order below), or an error raised there
+                    ok = False
+                parents[parent] = ok
+            if ok:
+                writes.append((op, target))
+        # Creating files in parallel helps even without a per-file fsync (the file system overlaps them);
+        # a few files per job keeps the executor's own cost per file small.
+        step = max(1, min(32, -(-len(writes) // self._threads)))
         jobs = [
-            (op, self._pool.submit(self._write_temp, final, op.change, data)) for op, final, data in writes
+            self._pool.submit(self._write_temps, writes[k : k + step]) for k in range(0, len(writes), step)
         ]
-        for op, fut in jobs:
-            temps[id(op)] = fut.result()  # None: parent not creatable yet, done in order below
-        if writes and self.fsync and self._syncfs is not None:
-            self._syncfs()  # one call makes every temporary file of the group durable
-        # Phase 2: in record order.
-        dirs: set[Path] = set()
+        temps: dict[int, _Temp] = {}
+        failed: BaseException | None = None
+        for fut in jobs:
+            try:
+                temps.update((id(op), t) for op, t in fut.result())
+            except BaseException as e:  # the job removed its own files; the others' go below
+                failed = failed or e
+        dirs: set[str] = set()
         try:
+            if failed is not None:
+                raise failed
+            if writes and self.fsync and self._syncfs is not None:
+                self._syncfs()  # one call makes every temporary file of the group durable
+            # Phase 2: in record order.
+            moved = False  # only a record that removes or moves something can take a temp's folder away
             for op, target in prepared:
                 if target is None:
                     continue
                 try:
-                    self._apply_one(op, target, temps.get(id(op)), dirs, res)
+                    self._apply_one(op, target, temps.get(id(op)), moved, dirs, res)
+                    temps.pop(id(op), None)
                     res.applied += 1
                 except OSError as e:
                     c = op.change
                     log.error("apply.failed seq=%d op=%s path=%r error=%s", c.seq, c.op, c.path, e)
                     raise ApplyError(f"cannot apply {c.op} {c.path!r}: {e.strerror or e}") from e
+                moved = moved or op.change.op is not Op.PUT
         finally:
-            for t in temps.values():
-                if t is not None and t.exists():
-                    _unlink(t)
+            for t in temps.values():  # not renamed into place (an error above)
+                _unlink(t.path)
         # Phase 3: folder entries durable.
         if self.fsync and dirs:
             if self._syncfs is not None:
@@ -261,62 +304,87 @@ class Applier:
             return self.check(c.path, data)
         return None
 
-    def _write_temp(self, final: Path, c: Change, data: bytes, force_fsync: bool = False) -> Path | None:
+    def _write_temps(self, writes: list[tuple[PendingOp, str]]) -> list[tuple[PendingOp, _Temp]]:
+        """Worker thread: one job's temporary files. On an error, removes those it made and raises."""
+        out: list[tuple[PendingOp, _Temp]] = []
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            return None
-        tmp = final.parent / temp_name()
+            for op, final in writes:
+                assert op.data is not None
+                out.append((op, self._write_temp(final, op.change, op.data)))
+        except BaseException:
+            for _op, t in out:
+                _unlink(t.path)
+            raise
+        return out
+
+    def _write_temp(self, final: str, c: Change, data: bytes, force_fsync: bool = False) -> _Temp:
+        """A temporary file beside ``final`` holding ``data`` with the change's mtime (its folder exists)."""
+        tmp = os.path.join(os.path.dirname(final), self._temp_name())
+        fd = os.open(tmp, _CREATE_FLAGS, 0o666)
         try:
-            with open(tmp, "xb") as f:
-                f.write(data)
-                f.flush()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
                 if not WINDOWS:  # in the same fsync as the content
-                    os.utime(tmp, ns=(c.mtime_ns, c.mtime_ns))
+                    os.utime(fd, ns=(c.mtime_ns, c.mtime_ns))
                 if self.fsync and (self._syncfs is None or force_fsync):
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
             if WINDOWS:
                 # Windows sets the last write time when the last writing handle closes: set it after.
                 os.utime(tmp, ns=(c.mtime_ns, c.mtime_ns))
+                st = os.stat(tmp)
         except BaseException:
             _unlink(tmp)
             raise
-        return tmp
+        return _Temp(tmp, st)
 
-    def _make_parent(self, final: Path, dirs: set[Path]) -> None:
+    def _temp_name(self) -> str:
+        return f".{TEMP_MARKER}{self._temp_prefix}{next(self._temp_seq):x}"
+
+    def _make_parent(self, final: str, dirs: set[str]) -> None:
         """Create the parent folders of ``final``, removing files that stand where a folder must be."""
-        missing: list[Path] = []
-        p = final.parent
-        while p != self.root and not p.is_dir():
+        missing: list[str] = []
+        p = os.path.dirname(final)
+        while p != self._root and not os.path.isdir(p):
             missing.append(p)
-            p = p.parent
+            p = os.path.dirname(p)
         for d in reversed(missing):
             if os.path.lexists(d):
                 _remove(d)
-            d.mkdir()
-            dirs.add(d.parent)
+            os.mkdir(d)
+            dirs.add(os.path.dirname(d))
 
     def _apply_one(
-        self, op: PendingOp, final: Path, temp: Path | None, dirs: set[Path], res: BatchResult
+        self, op: PendingOp, final: str, temp: _Temp | None, moved: bool, dirs: set[str], res: BatchResult
     ) -> None:
         c = op.change
         if c.op is Op.PUT:
-            if temp is None:
-                temp = op.temp
-            if temp is not None and not os.path.exists(temp):
+            if temp is None and op.temp is not None:  # a large put, written as it arrived
+                temp = _Temp(os.fspath(op.temp), None)
+            if temp is not None and moved and not os.path.exists(temp.path):
                 temp = None  # an earlier record of this batch removed its folder: write it again
             if temp is None:  # parent was blocked in phase 1, or removed since
                 assert op.data is not None
                 self._make_parent(final, dirs)
                 temp = self._write_temp(final, c, op.data, force_fsync=True)
-                if temp is None:
-                    raise ApplyError(f"cannot create the folder of {c.path!r}")
-            if os.path.isdir(final) and not os.path.islink(final):
-                shutil.rmtree(final)
-            os.replace(temp, final)
-            dirs.add(final.parent)
             try:
-                self.cache.put(c.path, os.stat(final), c.digest)
+                try:
+                    os.replace(temp.path, final)
+                except OSError:
+                    if not (os.path.isdir(final) and not os.path.islink(final)):
+                        raise
+                    shutil.rmtree(final)  # a folder stands where the file goes
+                    os.replace(temp.path, final)
+            except BaseException:
+                _unlink(temp.path)
+                raise
+            dirs.add(os.path.dirname(final))
+            try:
+                self.cache.put(c.path, temp.stat if temp.stat is not None else os.stat(final), c.digest)
             except FileNotFoundError:
                 pass
             if self.on_put is not None and op.data is not None:
@@ -324,17 +392,17 @@ class Applier:
         elif c.op is Op.DELETE or c.op is Op.RMDIR:
             if os.path.lexists(final):
                 _remove(final)
-                dirs.add(final.parent)
+                dirs.add(os.path.dirname(final))
             self._forget(c.path)
         elif c.op is Op.MKDIR:
-            if not final.is_dir() or final.is_symlink():
+            if not os.path.isdir(final) or os.path.islink(final):
                 self._make_parent(final, dirs)
                 if os.path.lexists(final):
                     _remove(final)
-                final.mkdir()
-                dirs.add(final.parent)
+                os.mkdir(final)
+                dirs.add(os.path.dirname(final))
         elif c.op is Op.RENAME:
-            dst = self.resolve(c.dst)
+            dst = self._resolve(c.dst)
             if not os.path.lexists(final):
                 if os.path.lexists(dst):
                     return  # already renamed (a replayed record)
@@ -348,8 +416,8 @@ class Applier:
             ):
                 _remove(dst)
             os.replace(final, dst)
-            dirs.add(final.parent)
-            dirs.add(dst.parent)
+            dirs.add(os.path.dirname(final))
+            dirs.add(os.path.dirname(dst))
             self._move_cache(c.path, c.dst)
 
     def _forget(self, rel: str) -> None:
@@ -399,7 +467,7 @@ def _syncfs_for(root: Path, mode: str) -> Callable[[], None] | None:
     return syncfs
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _same_file(a: str | Path, b: str | Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -412,23 +480,23 @@ def _is_reparse(st: os.stat_result) -> bool:
     return bool(attrs & 0x400)
 
 
-def _remove(p: Path) -> None:
+def _remove(p: str | Path) -> None:
     if os.path.isdir(p) and not os.path.islink(p):
         shutil.rmtree(p)
     else:
         os.unlink(p)
 
 
-def _unlink(p: Path) -> None:
+def _unlink(p: str | Path) -> None:
     try:
         os.unlink(p)
     except FileNotFoundError:
         pass
 
 
-def _fsync_dir_quiet(d: Path) -> None:
+def _fsync_dir_quiet(d: str | Path) -> None:
     try:
-        fsync_dir(d)
+        fsync_dir(Path(d))
     except FileNotFoundError:
         pass
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.config import Config
-from engine.guard import GuardRule, check_content, find_guard, run_command_rule
+from engine.guard import GuardRule, check_content, compile_pattern, run_command_rule
 
 #: Guarded files are checked whole, in memory; a larger one is held back (it cannot be checked).
 GUARD_MAX_BYTES = 64 << 20
@@ -25,12 +25,21 @@ class GuardCheck:
     def __init__(self, guards: Sequence[GuardRule], scratch: Path) -> None:
         self.rules = tuple(guards)
         self.scratch = scratch
+        # Asked for every file shipped or applied: the patterns are compiled once, here.
+        self._compiled = tuple((compile_pattern(g.pattern).fullmatch, g) for g in self.rules)
+
+    def rule_for(self, path: str) -> GuardRule | None:
+        """The first guard whose pattern matches ``path`` (as :func:`engine.guard.find_guard`)."""
+        for fullmatch, rule in self._compiled:
+            if fullmatch(path) is not None:
+                return rule
+        return None
 
     def guarded(self, path: str) -> bool:
-        return find_guard(self.rules, path) is not None
+        return self.rule_for(path) is not None
 
     def __call__(self, path: str, data: bytes) -> str | None:
-        rule = find_guard(self.rules, path)
+        rule = self.rule_for(path)
         if rule is None:
             return None
         if rule.rule != "command":

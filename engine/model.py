@@ -9,6 +9,7 @@ INVARIANT: every relative path that reaches an I/O layer has passed :func:`check
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -185,24 +186,40 @@ _WIN_RESERVED = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³]|CON
 _WIN_BAD_CHARS = frozenset('<>:"|?*\\/') | frozenset(chr(c) for c in range(32))
 
 
+#: Everything check_name refuses character by character, as one search (the common case finds nothing).
+_BAD_NAME_CHAR = re.compile('[<>:"|?*\\\\/\x00-\x1f\ud800-\udfff]')
+
+
 def check_name(name: str, path: str) -> None:
     """Refuse one path component that Windows or POSIX cannot hold as a plain name."""
+    why = _name_problem(name)
+    if why is not None:
+        raise PathRejected(path, why)
+
+
+@functools.lru_cache(maxsize=8192)
+def _name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a path component, or None. Cached: folder names repeat in every path."""
     if name in ("", ".", ".."):
-        raise PathRejected(path, "empty, '.' or '..' component")
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
-        raise PathRejected(path, "name is not valid Unicode (an undecodable file name)")
-    if len(name.encode("utf-8")) > MAX_NAME_CHARS or len(name.encode("utf-16-le")) > 2 * MAX_NAME_CHARS:
-        raise PathRejected(path, f"a name is longer than {MAX_NAME_CHARS} bytes (UTF-8) or UTF-16 units")
-    bad = sorted({c for c in name if c in _WIN_BAD_CHARS})
-    if bad:
-        raise PathRejected(path, f"name {name!r} holds characters Windows cannot hold: {bad!r}")
+        return "empty, '.' or '..' component"
+    if _BAD_NAME_CHAR.search(name) is not None:
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+            return "name is not valid Unicode (an undecodable file name)"
+        bad = sorted({c for c in name if c in _WIN_BAD_CHARS})
+        return f"name {name!r} holds characters Windows cannot hold: {bad!r}"
+    # A name of up to MAX_NAME_CHARS // 4 characters fits in both encodings whatever it holds.
+    if 4 * len(name) > MAX_NAME_CHARS and (
+        len(name.encode("utf-8")) > MAX_NAME_CHARS or len(name.encode("utf-16-le")) > 2 * MAX_NAME_CHARS
+    ):
+        return f"a name is longer than {MAX_NAME_CHARS} bytes (UTF-8) or UTF-16 units"
     if name.endswith((" ", ".")):
-        raise PathRejected(path, f"name {name!r} ends with a space or dot")
+        return f"name {name!r} ends with a space or dot"
     # Windows ignores what follows the first dot, and spaces before it, when it looks for device names.
     if _WIN_RESERVED.match(name.partition(".")[0].rstrip(" ")):
-        raise PathRejected(path, f"name {name!r} is a reserved device name on Windows")
+        return f"name {name!r} is a reserved device name on Windows"
     if TEMP_MARKER in name:
-        raise PathRejected(path, "name uses the temporary-file marker")
+        return "name uses the temporary-file marker"
+    return None
 
 
 def check_relpath(path: str, max_chars: int = MAX_PATH_CHARS, max_depth: int = MAX_PATH_DEPTH) -> str:

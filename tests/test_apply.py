@@ -1,0 +1,125 @@
+"""The applier on real files: group commit, record order, odd trees, refusals, and nothing left behind."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.apply import Applier, PendingOp
+from engine.digest import digest_bytes
+from engine.errors import ApplyError
+from engine.model import Change, Op
+from tests.pair import temp_files
+
+MTIME = 1_700_000_000_123_456_789
+
+
+def files(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` (relative POSIX path -> content)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def applier(tmp_path: Path) -> Iterator[Applier]:
+    root = tmp_path / "replica"
+    root.mkdir()
+    a = Applier(root, threads=4)
+    yield a
+    a.close()
+
+
+def put(seq: int, path: str, data: bytes, digest: bytes | None = None) -> PendingOp:
+    d = digest_bytes(data) if digest is None else digest
+    return PendingOp(Change(seq, Op.PUT, path, size=len(data), mtime_ns=MTIME, digest=d), data=data)
+
+
+def op(seq: int, kind: Op, path: str, dst: str = "") -> PendingOp:
+    return PendingOp(Change(seq, kind, path, dst=dst))
+
+
+def test_a_group_of_puts_lands_whole_with_its_mtimes_and_no_temp_files(applier: Applier) -> None:
+    want = {f"databases/room-{i % 7}/m{i:03d}.json": os.urandom(i * 13) for i in range(200)}
+    res = applier.apply_batch([put(i + 1, p, d) for i, (p, d) in enumerate(want.items())])
+    assert res.problems == [] and res.applied == 200
+    assert files(applier.root) == want
+    assert not temp_files(applier.root)
+    for p in want:
+        st = os.stat(applier.root / p)
+        assert st.st_mtime_ns == MTIME
+        assert applier.cache.get(p, st) == digest_bytes(want[p])
+
+
+def test_applying_a_group_twice_gives_the_same_tree(applier: Applier) -> None:
+    group = [
+        put(1, "databases/a/x.json", b"x1"),
+        op(2, Op.RENAME, "databases/a/x.json", "databases/b/y.json"),
+        put(3, "databases/a/x.json", b"x2"),
+        op(4, Op.MKDIR, "databases/c"),
+        op(5, Op.DELETE, "databases/missing.json"),
+    ]
+    applier.apply_batch(group)
+    first = files(applier.root)
+    applier.apply_batch(group)
+    assert files(applier.root) == first == {"databases/a/x.json": b"x2", "databases/b/y.json": b"x1"}
+    assert (applier.root / "databases/c").is_dir()
+
+
+def test_a_put_replaces_a_folder_standing_at_its_path(applier: Applier) -> None:
+    (applier.root / "databases/x.json/inner").mkdir(parents=True)
+    (applier.root / "databases/x.json/inner/f").write_bytes(b"old")
+    res = applier.apply_batch([put(1, "databases/x.json", b"file now")])
+    assert res.problems == []
+    assert (applier.root / "databases/x.json").read_bytes() == b"file now"
+    assert not temp_files(applier.root)
+
+
+def test_a_put_below_a_file_replaces_the_file_with_a_folder(applier: Applier) -> None:
+    (applier.root / "databases").mkdir()
+    (applier.root / "databases/room").write_bytes(b"a file where a folder must be")
+    res = applier.apply_batch([put(1, "databases/room/m.json", b"m"), put(2, "databases/z.json", b"z")])
+    assert res.problems == []
+    assert files(applier.root) == {"databases/room/m.json": b"m", "databases/z.json": b"z"}
+
+
+def test_a_folder_removed_earlier_in_the_group_is_made_again_for_a_later_put(applier: Applier) -> None:
+    applier.apply_batch([put(1, "databases/r/old.json", b"old")])
+    res = applier.apply_batch([op(2, Op.RMDIR, "databases/r"), put(3, "databases/r/new.json", b"new")])
+    assert res.problems == []
+    assert files(applier.root) == {"databases/r/new.json": b"new"}
+
+
+def test_bad_records_are_refused_and_the_rest_applied(applier: Applier, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, applier.root / "link")
+    res = applier.apply_batch(
+        [
+            put(1, "../escape.json", b"no"),
+            put(2, "link/through.json", b"no"),
+            put(3, "databases/bad-digest.json", b"torn", digest=digest_bytes(b"whole")),
+            put(4, "databases/good.json", b"yes"),
+            op(5, Op.RENAME, "databases", "databases/inside"),
+        ]
+    )
+    assert [(p.seq, p.code) for p in res.problems] == [(n, "refused") for n in (1, 2, 3, 5)]
+    assert res.applied == 1
+    assert files(applier.root) == {"databases/good.json": b"yes"}
+    assert list(outside.iterdir()) == []
+    assert not (tmp_path / "escape.json").exists()
+
+
+def test_an_error_mid_group_raises_and_leaves_no_temporary_file(applier: Applier) -> None:
+    # A real OS error: a path the file system cannot hold (longer than PATH_MAX once joined), which the
+    # path rules let through because they were widened for this test.
+    applier.max_path_chars = 10_000
+    deep = "/".join(["d" * 200] * 25) + "/m.json"
+    with pytest.raises(ApplyError, match="cannot apply"):
+        applier.apply_batch(
+            [put(1, "databases/a.json", b"a"), put(2, deep, b"deep"), put(3, "databases/b.json", b"b")]
+        )
+    assert not temp_files(applier.root)
+    assert (applier.root / "databases/a.json").read_bytes() == b"a"  # applied in order before the error
+    assert not (applier.root / "databases/b.json").exists()
