@@ -42,7 +42,6 @@ DEFAULT_ROOMS = 50
 REV_DIGITS = 12
 
 
-
 @dataclass(frozen=True)
 class Workload:
     """A generated tree: what is in it, by relative POSIX path."""

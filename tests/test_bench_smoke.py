@@ -19,7 +19,10 @@ def test_bench_smoke_runs_and_writes_results(tmp_path: Path) -> None:
     need_binary("lsyncd")
     r = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--no-chart", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=230,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=230,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = list(tmp_path.glob("*.json"))

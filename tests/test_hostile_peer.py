@@ -77,16 +77,25 @@ class RawPeer:
         self.send(self.proto.stream(journal, self.next_seq))
         return welcome
 
-    def entry(self, op: Op, path: str, content: bytes = b"", dst: str = "",
-              digest: bytes | None = None) -> Change:
+    def entry(
+        self, op: Op, path: str, content: bytes = b"", dst: str = "", digest: bytes | None = None
+    ) -> Change:
         """Send one entry (a put's content in protocol-sized chunks); returns its header."""
         c = Change(self.next_seq, op, path, dst=dst, ts_ns=time.time_ns())
         if op is Op.PUT:
-            c = Change(self.next_seq, op, path, size=len(content), mtime_ns=1_700_000_000_000_000_000,
-                       digest=digest_bytes(content) if digest is None else digest,
-                       chunks=chunk_count(len(content)), ts_ns=c.ts_ns)
+            c = Change(
+                self.next_seq,
+                op,
+                path,
+                size=len(content),
+                mtime_ns=1_700_000_000_000_000_000,
+                digest=digest_bytes(content) if digest is None else digest,
+                chunks=chunk_count(len(content)),
+                ts_ns=c.ts_ns,
+            )
         raw = codec.encode(entry_header(c)) + b"".join(
-            codec.encode(content[i:i + CHUNK_SIZE]) for i in range(0, len(content), CHUNK_SIZE))
+            codec.encode(content[i : i + CHUNK_SIZE]) for i in range(0, len(content), CHUNK_SIZE)
+        )
         self.send(self.proto.entries(raw, [c]))
         self.next_seq += 1
         return c
@@ -256,16 +265,29 @@ def test_a_sender_that_vanishes_mid_put_leaves_no_temporary_file(receiver: Pair)
     content = os.urandom(6 * CHUNK_SIZE)
     try:
         peer.start_stream()
-        c = Change(peer.next_seq, Op.PUT, "half/big.bin", size=len(content), mtime_ns=1,
-                   digest=digest_bytes(content), chunks=chunk_count(len(content)))
+        c = Change(
+            peer.next_seq,
+            Op.PUT,
+            "half/big.bin",
+            size=len(content),
+            mtime_ns=1,
+            digest=digest_bytes(content),
+            chunks=chunk_count(len(content)),
+        )
         # The header and two of six chunks, then the connection goes away.
-        peer.send(codec.encode(entry_header(c)) + codec.encode(content[:CHUNK_SIZE])
-                  + codec.encode(content[CHUNK_SIZE:2 * CHUNK_SIZE]))
+        peer.send(
+            codec.encode(entry_header(c))
+            + codec.encode(content[:CHUNK_SIZE])
+            + codec.encode(content[CHUNK_SIZE : 2 * CHUNK_SIZE])
+        )
         wait_for(lambda: bool(temp_files(pair.target)), 10, "the receiver to start the temporary file")
     finally:
         peer.close()
-    wait_for(lambda: not temp_files(pair.target), 10,
-             f"the receiver to remove the half-written temporary file {temp_files(pair.target)}")
+    wait_for(
+        lambda: not temp_files(pair.target),
+        10,
+        f"the receiver to remove the half-written temporary file {temp_files(pair.target)}",
+    )
     assert not (pair.target / "half" / "big.bin").exists()
     assert_receiver_alive(pair)
     assert_proper_sender_applies(pair, "after-vanish")
@@ -298,8 +320,9 @@ FRAME_FAULTS = {
 
 
 @pytest.mark.parametrize("fault", list(FRAME_FAULTS))
-def test_a_broken_frame_closes_the_connection_and_the_receiver_keeps_serving(receiver: Pair,
-                                                                             fault: str) -> None:
+def test_a_broken_frame_closes_the_connection_and_the_receiver_keeps_serving(
+    receiver: Pair, fault: str
+) -> None:
     pair = receiver
     after_handshake, data = FRAME_FAULTS[fault]
     peer = RawPeer(pair.port)

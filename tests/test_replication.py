@@ -63,6 +63,7 @@ def connected_from(log: str) -> list[int]:
 
 def wait_caught_up(pair: Pair, timeout: float = 15) -> dict[str, Any]:
     """Status once the sender is connected and the receiver has applied everything the sender journaled."""
+
     def caught_up(st: dict[str, Any]) -> bool:
         s, r = st["sender"], st["receiver"]
         return bool(s.get("connected")) and s.get("head", -1) == s.get("acked_seq") == r.get("applied_seq")
@@ -123,8 +124,9 @@ def test_large_file_replicates_byte_identical_in_bounded_memory(pair: Pair) -> N
         with open(big, "wb") as f:
             for _ in range(size // (8 * MIB)):
                 f.write(os.urandom(8 * MIB))
-        wait_for(arrived, 60, f"the replica of big.bin to reach {size} bytes\n{pair.all_logs()}",
-                 interval=0.1)
+        wait_for(
+            arrived, 60, f"the replica of big.bin to reach {size} bytes\n{pair.all_logs()}", interval=0.1
+        )
     finally:
         sampler.stop()
     assert file_digest(replica) == file_digest(big), "the replica of big.bin differs from the source"
@@ -133,12 +135,14 @@ def test_large_file_replicates_byte_identical_in_bounded_memory(pair: Pair) -> N
     for name, peak in sampler.peak.items():
         assert 0 < peak < limit, (
             f"the {name} peaked at {peak / 1e6:.0f} MB RSS while replicating a {size // MIB} MiB file "
-            f"(limit {limit / 1e6:.0f} MB): content must stream in chunks\n{pair.all_logs()}")
+            f"(limit {limit / 1e6:.0f} MB): content must stream in chunks\n{pair.all_logs()}"
+        )
         # Stricter, since one whole copy of the file on top of a ~50 MB process would still fit in 300 MB:
         # streaming must not grow a process by even half the file.
         assert peak - baseline[name] < size // 2, (
             f"the {name} grew from {baseline[name] / 1e6:.0f} MB to {peak / 1e6:.0f} MB RSS while "
-            f"replicating a {size // MIB} MiB file: content must stream in chunks")
+            f"replicating a {size // MIB} MiB file: content must stream in chunks"
+        )
     assert not temp_files(pair.target), f"temporary files left in the replica: {temp_files(pair.target)}"
 
 
@@ -216,8 +220,11 @@ def test_receiver_restart_resumes_the_stream_without_a_full_resend(pair: Pair) -
     files[0].write_text('{"meeting": 0, "changed": true}')
     files[1].unlink()
     changes = 4
-    pair.wait_status(lambda st: st["sender"]["head"] >= head + changes, 15,
-                     "the sender to journal the changes made while the receiver was down")
+    pair.wait_status(
+        lambda st: st["sender"]["head"] >= head + changes,
+        15,
+        "the sender to journal the changes made while the receiver was down",
+    )
     assert not pair.converged(), "the replica changed while its receiver was down"
 
     pair.start("receive")
@@ -227,10 +234,12 @@ def test_receiver_restart_resumes_the_stream_without_a_full_resend(pair: Pair) -
     new = st["sender"]["head"] - head
     assert applied == new and new <= changes + 2, (
         f"the restarted receiver applied {applied} entries; the sender journaled {new} while it was down "
-        f"(a full resend would be over {head})\n{pair.all_logs()}")
+        f"(a full resend would be over {head})\n{pair.all_logs()}"
+    )
     send_log = pair.log("send")
     assert connected_from(send_log)[-1] == head + 1, (
-        f"the sender did not resume right after the receiver's position {head}\n{send_log}")
+        f"the sender did not resume right after the receiver's position {head}\n{send_log}"
+    )
     assert send_log.count("send.new_generation") == 1, f"the sender started a new generation\n{send_log}"
 
 
@@ -305,8 +314,9 @@ def test_a_close_lost_in_an_overflow_does_not_wait_for_max_open(
     with open(held, "wb") as f:
         f.write(b'{"meeting": ')
         f.flush()  # created and modified: the sender now waits for the close
-        pair.wait_status(lambda st: st["sender"]["pending_paths"] >= 1, 10,
-                         "the sender to track the file being written")
+        pair.wait_status(
+            lambda st: st["sender"]["pending_paths"] >= 1, 10, "the sender to track the file being written"
+        )
         # Deterministic loss: while the sender is stopped nothing drains its 256-event queue, so the burst
         # fills it and the close that follows is dropped by the kernel.
         sender.suspend()
@@ -395,7 +405,8 @@ def test_removing_the_whole_replicated_folder_halts_and_the_replica_keeps_its_fi
     assert "databases" in out and "--allow-mass-delete" in out, out
     assert pair.replica_tree() == replica_before, (
         f"the replica lost {len(set(replica_before) - set(pair.replica_tree()))} of its "
-        f"{len(replica_before)} entries\n{pair.all_logs()}")
+        f"{len(replica_before)} entries\n{pair.all_logs()}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -408,16 +419,20 @@ def _edit_config(pair: Pair, old: str, new: str) -> None:
     pair.config.write_text(text.replace(old, new, 1), "utf-8")
 
 
-@pytest.mark.parametrize(("role", "case", "named"), [
-    ("send", "unknown key", "sender -> settl"),
-    ("send", "bad port", "sender -> peer"),
-    ("receive", "bad port", "receiver -> listen"),
-    ("send", "missing required key", "sender -> source"),
-    ("send", "wrong type", "sender -> settle"),
-    ("send", "invalid TOML", "line {line}"),
-])
-def test_a_bad_config_exits_2_with_one_line_naming_the_key(pair: Pair, role: str, case: str,
-                                                           named: str) -> None:
+@pytest.mark.parametrize(
+    ("role", "case", "named"),
+    [
+        ("send", "unknown key", "sender -> settl"),
+        ("send", "bad port", "sender -> peer"),
+        ("receive", "bad port", "receiver -> listen"),
+        ("send", "missing required key", "sender -> source"),
+        ("send", "wrong type", "sender -> settle"),
+        ("send", "invalid TOML", "line {line}"),
+    ],
+)
+def test_a_bad_config_exits_2_with_one_line_naming_the_key(
+    pair: Pair, role: str, case: str, named: str
+) -> None:
     if case == "unknown key":
         pair.sender_extra += "\nsettl = 0.5"
         pair.write_config()
@@ -502,7 +517,8 @@ def test_verify_and_status_report_the_pair(pair: Pair, monkeypatch: pytest.Monke
     tampered.write_text('{"tampered": true}')
     bad = pair.cli("verify", "--config", cfg)
     assert bad.returncode == 1, (
-        f"verify of a tampered replica exited {bad.returncode}\n{bad.stdout}{bad.stderr}")
+        f"verify of a tampered replica exited {bad.returncode}\n{bad.stdout}{bad.stderr}"
+    )
     assert "databases/room-1/f002.json" in bad.stdout, f"verify does not list the path:\n{bad.stdout}"
     bad_json = pair.cli("verify", "--config", cfg, "--json")
     assert bad_json.returncode == 1, f"verify --json exited {bad_json.returncode}: {bad_json.stderr}"
@@ -529,8 +545,12 @@ def test_sigterm_stops_both_cleanly_and_the_next_run_continues(pair: Pair) -> No
     with open(big, "wb") as f:
         for _ in range(6):
             f.write(os.urandom(8 * MIB))
-    wait_for(lambda: bool(temp_files(pair.target)) or (pair.target / big.relative_to(pair.source)).exists(),
-             20, f"the receiver to start writing attachment.bin\n{pair.all_logs()}", interval=0.005)
+    wait_for(
+        lambda: bool(temp_files(pair.target)) or (pair.target / big.relative_to(pair.source)).exists(),
+        20,
+        f"the receiver to start writing attachment.bin\n{pair.all_logs()}",
+        interval=0.005,
+    )
     assert pair.stop("receive") == 0, f"the receiver exited non-zero on SIGTERM\n{pair.all_logs()}"
     assert not temp_files(pair.target), f"temporary files left in the replica: {temp_files(pair.target)}"
     assert pair.stop("send") == 0, f"the sender exited non-zero on SIGTERM\n{pair.all_logs()}"
@@ -544,14 +564,16 @@ def test_sigterm_stops_both_cleanly_and_the_next_run_continues(pair: Pair) -> No
 
     pair.start("receive")
     assert f"seq={applied} " in pair.log("receive"), (
-        f"the receiver did not reopen at {applied}\n{pair.all_logs()}")
+        f"the receiver did not reopen at {applied}\n{pair.all_logs()}"
+    )
     pair.start("send")
     (dbs / "room-1" / "after-restart.json").write_text("{}")
     pair.wait_converged()
     send_log = pair.log("send")
     assert f"head={head} " in send_log, f"the sender did not reopen its journal at {head}\n{send_log}"
     assert connected_from(send_log)[0] == applied + 1, (
-        f"the second run did not continue after the receiver's saved position {applied}\n{send_log}")
+        f"the second run did not continue after the receiver's saved position {applied}\n{send_log}"
+    )
     assert "send.new_generation" not in send_log, f"the second run started a new generation\n{send_log}"
     assert file_digest(pair.target / big.relative_to(pair.source)) == file_digest(big)
     assert pair.stop("send") == 0 and pair.stop("receive") == 0, pair.all_logs()

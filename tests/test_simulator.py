@@ -81,7 +81,9 @@ def test_setup_layout(tmp_path: Path) -> None:
     sim = simulator(tmp_path, rooms=3, meetings_per_room=4)
     sim.setup()
     assert sorted(p.name for p in (tmp_path / "databases").iterdir()) == [
-        "room-0001@example.com", "room-0002@example.com", "room-0003@example.com",
+        "room-0001@example.com",
+        "room-0002@example.com",
+        "room-0003@example.com",
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config", "databases"]
     for room in sim.rooms:
@@ -129,7 +131,9 @@ def test_command_line_matches_the_library(tmp_path: Path) -> None:
     args = ["--rooms", "2", "--meetings-per-room", "3", "--seed", "9", "--batches", "4", "--rate", "0"]
     proc = subprocess.run(
         [sys.executable, "-m", "engine.simulator", str(tmp_path / "cli"), *args, "--piece-delay", "0"],
-        capture_output=True, timeout=30, check=True,
+        capture_output=True,
+        timeout=30,
+        check=True,
     )
     assert proc.stdout.strip() == b"batches=4"
     sim = simulator(tmp_path / "lib", seed=9, rooms=2, meetings_per_room=3)
@@ -169,10 +173,24 @@ def test_crash_mode_dies_by_sigkill_leaving_a_torn_cookie(tmp_path: Path, crash_
     root = tmp_path / "service"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "engine.simulator", str(root), "--rooms", "3", "--meetings-per-room", "2",
-            "--rate", "0", "--piece-delay", "0.001", "--crash-after-bytes", str(crash_after),
+            sys.executable,
+            "-m",
+            "engine.simulator",
+            str(root),
+            "--rooms",
+            "3",
+            "--meetings-per-room",
+            "2",
+            "--rate",
+            "0",
+            "--piece-delay",
+            "0.001",
+            "--crash-after-bytes",
+            str(crash_after),
         ],
-        capture_output=True, timeout=30, check=False,
+        capture_output=True,
+        timeout=30,
+        check=False,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert b"batches=" not in proc.stdout  # no clean exit path ran

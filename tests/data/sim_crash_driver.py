@@ -81,9 +81,12 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--good-batches", type=int, default=1)
     p.add_argument("--crash-after-bytes", type=int, required=True, metavar="K")
     p.add_argument("--piece-delay", type=float, default=0.005)
-    p.add_argument("--wait-start", action="store_true",
-                   help="print `loaded` and wait for a line `start` before touching ROOT (so a test can "
-                   "start the next run while the current one is still going)")
+    p.add_argument(
+        "--wait-start",
+        action="store_true",
+        help="print `loaded` and wait for a line `start` before touching ROOT (so a test can "
+        "start the next run while the current one is still going)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     if args.wait_start:
@@ -109,8 +112,10 @@ def main(argv: Sequence[str]) -> int:
         return 0
     sim.crash_after_bytes = args.crash_after_bytes
     touched = sim.batch()  # SIGKILLs this process inside the first cookie rewrite longer than K
-    print(f"no crash: every cookie of the batch was at most {args.crash_after_bytes} bytes: {touched}",
-          file=sys.stderr)
+    print(
+        f"no crash: every cookie of the batch was at most {args.crash_after_bytes} bytes: {touched}",
+        file=sys.stderr,
+    )
     return 3
 
 
