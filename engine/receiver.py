@@ -225,13 +225,21 @@ class _Conn:
         self.cur_parts: list[bytes] = []
         self.cur_skip = False
         self._refusals: list[wire.Problem] = []
+        #: Applying the groups gathered so far (at most one such task per connection).
+        self._applying: asyncio.Task[None] | None = None
+        self._failed: BaseException | None = None
         self.peer_id = ""
         self.last_rx = time.monotonic()
 
     def cleanup(self) -> None:
         if isinstance(self.cur, LargePut):
             self.cur.discard()
-        for op in self.group:
+        self.cleanup_ops(self.group)
+
+    @staticmethod
+    def cleanup_ops(ops: list[PendingOp]) -> None:
+        """Remove the temporary files of large puts that will not be applied."""
+        for op in ops:
             if op.temp is not None:
                 with contextlib.suppress(FileNotFoundError):
                     op.temp.unlink()
@@ -258,12 +266,23 @@ class _Conn:
                     hello = ev
         if not await self._admit(hello):
             return
+        try:
+            await self._stream(cfg.idle_timeout)
+        finally:
+            # The group being applied finishes (and its position is saved) however the connection ended;
+            # an error it raised is the one reported.
+            if self._applying is not None:
+                await asyncio.wait({self._applying})
+            if self._failed is not None:
+                raise self._failed
+
+    async def _stream(self, idle_timeout: float) -> None:
         while True:
             try:
-                async with asyncio.timeout(cfg.idle_timeout):
+                async with asyncio.timeout(idle_timeout):
                     data = await self.reader.read(1 << 20)
             except TimeoutError:
-                log.info("receiver.idle_close peer=%s after=%gs", self.addr, cfg.idle_timeout)
+                log.info("receiver.idle_close peer=%s after=%gs", self.addr, idle_timeout)
                 return
             if not data:
                 await self._commit()
@@ -273,9 +292,10 @@ class _Conn:
             while (ev := self.proto.next_event()) is not None:
                 await self._on_event(ev)
                 if len(self.group) >= GROUP_RECORDS or self.group_bytes >= GROUP_BYTES:
-                    await self._commit()
-            if self.cur is None:
-                await self._commit()
+                    await self._commit()  # backpressure: at most one group gathers while one is applied
+            # What arrived is applied at once, or as soon as the group being applied is durable; reading
+            # goes on meanwhile (pipelined).
+            self._start_apply()
 
     async def _admit(self, hello: wire.Hello) -> bool:
         rx = self.rx
@@ -328,6 +348,7 @@ class _Conn:
     async def _on_event(self, ev: wire.ReceiverEvent) -> None:
         rx = self.rx
         if isinstance(ev, wire.StreamStart):
+            await self._commit()  # the position moves below: what came before is applied first
             if ev.journal != rx.journal or ev.first != rx.seq + 1:
                 log.info(
                     "receiver.stream_restart journal=%s from=%d (had journal=%s seq=%d)",
@@ -415,31 +436,55 @@ class _Conn:
         self.group_bytes += size
 
     async def _commit(self) -> None:
-        if not self.group:
-            return
+        """Apply everything gathered so far and wait until it is durable and acknowledged."""
+        self._start_apply()
+        if self._applying is not None:
+            await asyncio.shield(self._applying)
+
+    def _start_apply(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+        if self._applying is None and self.group:
+            self._applying = asyncio.create_task(self._apply_groups())
+            self._applying.add_done_callback(self._applied)
+
+    def _applied(self, task: asyncio.Task[None]) -> None:
+        self._applying = None
+        if not task.cancelled() and (e := task.exception()) is not None:
+            # Nothing more is applied or acknowledged on this connection; run() raises the error.
+            self._failed = e
+            self.writer.transport.abort()
+
+    async def _apply_groups(self) -> None:
+        """Apply groups one after the other, in order, until nothing is waiting. Each is everything that
+        arrived while the one before was being made durable."""
         rx = self.rx
-        group, self.group, self.group_bytes = self.group, [], 0
-        refused = {p.seq for p in self._refusals}
-        problems = list(self._refusals)
-        self._refusals.clear()
-        todo = [op for op in group if op.change.seq not in refused]
-        last = group[-1].change.seq
+        while self.group:
+            group, self.group, self.group_bytes = self.group, [], 0
+            refused = {p.seq for p in self._refusals}
+            problems = list(self._refusals)
+            self._refusals.clear()
+            todo = [op for op in group if op.change.seq not in refused]
+            last = group[-1].change.seq
 
-        def critical() -> list[wire.Problem]:
-            # One call in a worker thread: apply, then persist the position. Never split by cancellation.
-            with rx.apply_lock:
-                res = rx.applier.apply_batch(todo)
-                rx.position.save(rx.journal, last, rx.epoch)
-            return res.problems
+            def critical(todo: list[PendingOp] = todo, last: int = last) -> list[wire.Problem]:
+                # One call in a worker thread: apply, then persist the position. Never split by cancellation.
+                with rx.apply_lock:
+                    res = rx.applier.apply_batch(todo)
+                    rx.position.save(rx.journal, last, rx.epoch)
+                return res.problems
 
-        problems += await asyncio.shield(asyncio.to_thread(critical))
-        rx.seq = last
-        rx.counters["applied"] += len(group)
-        rx.counters["groups"] += 1
-        rx.counters["problems"] += len(problems)
-        rx.last_apply = time.time()
-        self.writer.write(self.proto.ack(last, problems))
-        await self.writer.drain()
+            try:
+                problems += await asyncio.shield(asyncio.to_thread(critical))
+            except BaseException:
+                self.cleanup_ops(group)
+                raise
+            rx.seq = last
+            rx.counters["applied"] += len(group)
+            rx.counters["groups"] += 1
+            rx.counters["problems"] += len(problems)
+            rx.last_apply = time.time()
+            self.writer.write(self.proto.ack(last, problems))
 
 
 def _inside(p: Path, root: Path) -> bool:
