@@ -226,16 +226,18 @@ class Journal:
     def append(self, change: Change, content: bytes | None = None) -> Change:
         """Append one entry (content whole, for a put of a small file). Returns it with its seq."""
         self._maybe_rotate()
-        change = replace(change, seq=self._next)
-        if change.op is Op.PUT:
+        c = change
+        if c.op is Op.PUT:
             data = content or b""
+            digest = c.digest if len(c.digest) == DIGEST_SIZE else digest_bytes(data)
+            # Built directly (not dataclasses.replace): this runs once per file shipped.
             n = chunk_count(len(data))
-            digest = change.digest if len(change.digest) == DIGEST_SIZE else digest_bytes(data)
-            change = replace(change, size=len(data), chunks=n, digest=digest)
+            change = Change(self._next, c.op, c.path, c.dst, len(data), c.mtime_ns, digest, n, c.ts_ns)
             parts = [codec.encode(entry_header(change))]
             parts.extend(codec.encode(data[i : i + CHUNK_SIZE]) for i in range(0, len(data), CHUNK_SIZE))
             self._write(b"".join(parts))
         else:
+            change = Change(self._next, c.op, c.path, c.dst, c.size, c.mtime_ns, c.digest, c.chunks, c.ts_ns)
             self._write(codec.encode(entry_header(change)))
         self._next += 1
         return change

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SMALL_FILE = 4 << 20
 
 
-def open_shared(path: Path) -> IO[bytes]:
+def open_shared(path: str | Path) -> IO[bytes]:
     """Open for reading without denying writers, renamers or deleters (matters on Windows only)."""
     if sys.platform != "win32":
         return open(path, "rb", buffering=0)
@@ -121,7 +121,7 @@ def _drop_lease(fd: int) -> None:
 
 
 def read_stable(
-    path: Path, keep_data: bool = True, inline_max: int = SMALL_FILE, lease_check: bool = False
+    path: str | Path, keep_data: bool = True, inline_max: int = SMALL_FILE, lease_check: bool = False
 ) -> StableRead | Unstable | None:
     """Read and hash ``path`` if it holds still. None if it is missing or not a regular file.
 
@@ -139,13 +139,16 @@ def read_stable(
             if lease is False:
                 return Unstable("open for writing by another process", writing=True)
             try:
+                # A small file in one read (and one more that finds the end) rather than chunk by chunk.
+                size = before.st_size + 1 if small else CHUNK_SIZE
                 while True:
-                    b = f.read(CHUNK_SIZE)
+                    b = f.read(size)
                     if not b:
                         break
-                    h.update(b)
                     if small:
-                        parts.append(b)
+                        parts.append(b)  # hashed whole below
+                    else:
+                        h.update(b)
             finally:
                 if lease:
                     _drop_lease(f.fileno())

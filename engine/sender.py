@@ -213,6 +213,10 @@ class Sender:
         raise _Stop
 
     # -- hints from the watcher -----------------------------------------------------------------------------
+    def _os_path(self, rel: str) -> str:
+        """The source path of relative POSIX path ``rel`` (a string join: this runs for every file read)."""
+        return self._prefix + (rel if os.sep == "/" else rel.replace("/", os.sep))
+
     def _rel(self, path: str) -> str | None:
         if not path.startswith(self._prefix):
             return None
@@ -443,7 +447,7 @@ class Sender:
                         continue
                     guarded = self.check is not None and self.check.guarded(path)
                     r = read_stable(
-                        src / path,
+                        self._os_path(path),
                         inline_max=GUARD_MAX_BYTES if guarded else SMALL_FILE,
                         lease_check=op[2:] != ("max_open",),
                     )
