@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import PathRejected
@@ -138,6 +138,11 @@ def _int(d: dict[str, Any], key: str, default: int | None = None) -> int:
     return v
 
 
+#: The flags of almost every manifest entry: one shared object (an empty frozenset is not a singleton, and
+#: a manifest of 100,000 entries would otherwise hold 100,000 of them).
+NO_FLAGS: frozenset[str] = frozenset()
+
+
 @dataclass(frozen=True, slots=True)
 class FileMeta:
     """What a manifest knows of one path. Directories have ``is_dir`` and no digest."""
@@ -147,7 +152,7 @@ class FileMeta:
     size: int = 0
     mtime_ns: int = 0
     digest: bytes = b""
-    flags: frozenset[str] = field(default_factory=frozenset)
+    flags: frozenset[str] = NO_FLAGS
 
     def same_content(self, other: FileMeta) -> bool:
         return self.is_dir == other.is_dir and (
@@ -176,7 +181,7 @@ class FileMeta:
             and all(isinstance(f, str) for f in flags)
         ):
             raise ValueError("manifest entry has a field of the wrong type")
-        return cls(path, is_dir, size, mtime_ns, digest, frozenset(flags))
+        return cls(path, is_dir, size, mtime_ns, digest, frozenset(flags) if flags else NO_FLAGS)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import IO, Any
 import msgpack
 
 from engine.digest import Hasher, digest_bytes
-from engine.model import CHUNK_SIZE, FileMeta, is_temp_name
+from engine.model import CHUNK_SIZE, NO_FLAGS, FileMeta, is_temp_name
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ def build_manifest(
             continue
         assert f.st is not None
         digest = cache.get(f.path, f.st)
-        flags: frozenset[str] = frozenset()
+        flags: frozenset[str] = NO_FLAGS
         if digest is None and need_digest is not None and not need_digest(f.path):
             digest = b""
         if digest is None:
