@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 #: A sender connection silent this long (it pings every 5 s) may be replaced by a new one.
 SILENT_TAKEOVER = 20.0
 
+#: How often (seconds) the replica's hash cache is saved while changes are being applied.
+CACHE_SAVE_INTERVAL = 60.0
+
 #: Apply a group once it holds this many records or bytes, even if more are waiting.
 GROUP_RECORDS = 4096
 GROUP_BYTES = 32 << 20
@@ -142,8 +145,18 @@ class Receiver:
         write_status_quiet(self.cfg.state_dir, self.status())
 
     async def _status_loop(self) -> None:
+        saved_at, saved_applied = time.monotonic(), self.counters["applied"]
         while True:
             await asyncio.to_thread(write_status_quiet, self.cfg.state_dir, self.status())
+            # The hash cache is also saved now and then, so that a restart after a crash does not re-hash
+            # the whole replica for its first manifest (a stale entry is harmless: it is keyed on the stat).
+            now = time.monotonic()
+            if now - saved_at >= CACHE_SAVE_INTERVAL and self.counters["applied"] != saved_applied:
+                saved_at, saved_applied = now, self.counters["applied"]
+                try:
+                    await asyncio.to_thread(self.cache.save, self.cfg.state_dir / "hashcache")
+                except OSError as e:
+                    log.warning("hashcache.save_failed error=%s", e)
             await asyncio.sleep(1.0)
 
     def status(self) -> dict[str, Any]:
