@@ -239,6 +239,7 @@ class Applier:
         # the way) is written in order below, after the records before it have run.
         parents: dict[str, bool] = {}
         writes: list[tuple[PendingOp, str]] = []
+        dirs: set[str] = set()  # folders whose entries changed: made durable at the end
         for op, target in prepared:
             if target is None or op.change.op is not Op.PUT or op.data is None:
                 continue
@@ -246,7 +247,7 @@ class Applier:
             ok = parents.get(parent)
             if ok is None:
                 try:
-                    os.makedirs(parent, exist_ok=True)
+                    self._make_dirs(parent, dirs)
                     ok = True
                 except OSError:  # a file in the way (removed in order below), or an error raised there
                     ok = False
@@ -266,35 +267,40 @@ class Applier:
                 temps.update((id(op), t) for op, t in fut.result())
             except BaseException as e:  # the job removed its own files; the others' go below
                 failed = failed or e
-        dirs: set[str] = set()
         try:
             if failed is not None:
-                raise failed
+                raise _apply_error("cannot write the group's temporary files", failed) from failed
             if writes and self.fsync and self._syncfs is not None:
-                self._syncfs()  # one call makes every temporary file of the group durable
+                try:
+                    self._syncfs()  # one call makes every temporary file of the group durable
+                except OSError as e:
+                    raise _apply_error("cannot make the group durable", e) from e
             # Phase 2: in record order.
             moved = False  # only a record that removes or moves something can take a temp's folder away
             for op, target in prepared:
                 if target is None:
                     continue
                 try:
-                    self._apply_one(op, target, temps.get(id(op)), moved, dirs, res)
+                    removed = self._apply_one(op, target, temps.get(id(op)), moved, dirs, res)
                     temps.pop(id(op), None)
                     res.applied += 1
                 except OSError as e:
                     c = op.change
                     log.error("apply.failed seq=%d op=%s path=%r error=%s", c.seq, c.op, c.path, e)
                     raise ApplyError(f"cannot apply {c.op} {c.path!r}: {e.strerror or e}") from e
-                moved = moved or op.change.op is not Op.PUT
+                moved = moved or removed
         finally:
             for t in temps.values():  # not renamed into place (an error above)
                 _unlink(t.path)
         # Phase 3: folder entries durable.
         if self.fsync and dirs:
-            if self._syncfs is not None:
-                self._syncfs()
-            else:
-                list(self._pool.map(_fsync_dir_quiet, dirs))
+            try:
+                if self._syncfs is not None:
+                    self._syncfs()
+                else:
+                    list(self._pool.map(_fsync_dir_quiet, dirs))
+            except OSError as e:
+                raise _apply_error("cannot make the group's folders durable", e) from e
         return res
 
     def _content_problem(self, c: Change, data: bytes) -> str | None:
@@ -345,6 +351,17 @@ class Applier:
     def _temp_name(self) -> str:
         return f".{TEMP_MARKER}{self._temp_prefix}{next(self._temp_seq):x}"
 
+    def _make_dirs(self, folder: str, dirs: set[str]) -> None:
+        """``os.makedirs``, noting the folders whose entries it changed (for fsync where no syncfs)."""
+        missing: list[str] = []
+        p = folder
+        while p != self._root and not os.path.isdir(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        if missing:
+            os.makedirs(folder, exist_ok=True)
+            dirs.update(os.path.dirname(d) for d in missing)
+
     def _make_parent(self, final: str, dirs: set[str]) -> None:
         """Create the parent folders of ``final``, removing files that stand where a folder must be."""
         missing: list[str] = []
@@ -360,15 +377,18 @@ class Applier:
 
     def _apply_one(
         self, op: PendingOp, final: str, temp: _Temp | None, moved: bool, dirs: set[str], res: BatchResult
-    ) -> None:
+    ) -> bool:
+        """Run one record. True if it may have removed or moved something (a temporary file's folder)."""
         c = op.change
         if c.op is Op.PUT:
+            removed = False
             if temp is None and op.temp is not None:  # a large put, written as it arrived
                 temp = _Temp(os.fspath(op.temp), None)
             if temp is not None and moved and not os.path.exists(temp.path):
                 temp = None  # an earlier record of this batch removed its folder: write it again
             if temp is None:  # parent was blocked in phase 1, or removed since
-                assert op.data is not None
+                if op.data is None:
+                    raise ApplyError(f"the temporary file of {c.path!r} was removed before its rename")
                 self._make_parent(final, dirs)
                 temp = self._write_temp(final, c, op.data, force_fsync=True)
             try:
@@ -378,6 +398,7 @@ class Applier:
                     if not (os.path.isdir(final) and not os.path.islink(final)):
                         raise
                     shutil.rmtree(final)  # a folder stands where the file goes
+                    removed = True
                     os.replace(temp.path, final)
             except BaseException:
                 _unlink(temp.path)
@@ -389,7 +410,8 @@ class Applier:
                 pass
             if self.on_put is not None and op.data is not None:
                 self.on_put(c, op.data)
-        elif c.op is Op.DELETE or c.op is Op.RMDIR:
+            return removed
+        if c.op is Op.DELETE or c.op is Op.RMDIR:
             if os.path.lexists(final):
                 _remove(final)
                 dirs.add(os.path.dirname(final))
@@ -401,13 +423,14 @@ class Applier:
                     _remove(final)
                 os.mkdir(final)
                 dirs.add(os.path.dirname(final))
-        elif c.op is Op.RENAME:
+            return False
+        if c.op is Op.RENAME:
             dst = self._resolve(c.dst)
             if not os.path.lexists(final):
                 if os.path.lexists(dst):
-                    return  # already renamed (a replayed record)
+                    return False  # already renamed (a replayed record)
                 res.problems.append(Problem(c.seq, c.path, "missing-source", f"rename to {c.dst!r}"))
-                return
+                return False
             self._make_parent(dst, dirs)
             if (
                 os.path.lexists(dst)
@@ -419,6 +442,7 @@ class Applier:
             dirs.add(os.path.dirname(final))
             dirs.add(os.path.dirname(dst))
             self._move_cache(c.path, c.dst)
+        return True
 
     def _forget(self, rel: str) -> None:
         self.cache.drop(rel)
@@ -465,6 +489,13 @@ def _syncfs_for(root: Path, mode: str) -> Callable[[], None] | None:
             os.close(fd)
 
     return syncfs
+
+
+def _apply_error(what: str, e: BaseException) -> BaseException:
+    """An OS error while applying a group, as the ApplyError the receiver reports (others unchanged)."""
+    if isinstance(e, OSError):
+        return ApplyError(f"{what}: {e.strerror or e}")
+    return e
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:

@@ -236,7 +236,7 @@ class _Conn:
         self.group_bytes = 0
         self.cur: Any = None  # the put whose chunks are arriving: bytearray parts or a LargePut
         self.cur_parts: list[bytes] = []
-        self.cur_skip = False
+        self.cur_skip = ""  # why the put whose chunks are arriving is refused ("": it is not)
         self._refusals: list[wire.Problem] = []
         #: Applying the groups gathered so far (at most one such task per connection).
         self._applying: asyncio.Task[None] | None = None
@@ -387,8 +387,7 @@ class _Conn:
                 return
             guarded = rx.check is not None and rx.check.guarded(c.path)
             if guarded and c.size > GUARD_MAX_BYTES:
-                self.cur, self.cur_skip = c, True
-                self._add(PendingOp(c, data=None), 0, refused="guarded file too large to check")
+                self.cur, self.cur_skip = c, "guarded file too large to check"
                 return
             if c.size <= SMALL_FILE or guarded:  # guarded files are checked whole, in memory
                 self.cur, self.cur_parts = c, []
@@ -396,10 +395,9 @@ class _Conn:
             await self._commit()  # a large put starts a group of its own
             try:
                 self.cur = await asyncio.to_thread(rx.applier.begin_large, c)
-                self.cur_skip = False
+                self.cur_skip = ""
             except PathRejected as e:
-                self.cur, self.cur_skip = c, True
-                self._add(PendingOp(c, data=None), 0, refused=e.reason)
+                self.cur, self.cur_skip = c, e.reason
         elif isinstance(ev, wire.Chunk):
             if isinstance(self.cur, LargePut):
                 await asyncio.to_thread(self.cur.write, ev.data)
@@ -412,10 +410,14 @@ class _Conn:
                 if not self.cur_skip:
                     self.cur_parts.append(ev.data)
                 if ev.last:
+                    # INVARIANT: a record joins a group only once it has been received whole (a refused
+                    # one too): a group may be applied, and acknowledged, while the next record arrives.
                     c, self.cur = self.cur, None
-                    if not self.cur_skip:
+                    if self.cur_skip:
+                        self._add(PendingOp(c, data=None), 0, refused=self.cur_skip)
+                    else:
                         self._add(PendingOp(c, data=b"".join(self.cur_parts)), c.size)
-                    self.cur_parts, self.cur_skip = [], False
+                    self.cur_parts, self.cur_skip = [], ""
         elif isinstance(ev, wire.ManifestRequest):
             await self._commit()
             try:
@@ -450,54 +452,67 @@ class _Conn:
 
     async def _commit(self) -> None:
         """Apply everything gathered so far and wait until it is durable and acknowledged."""
-        self._start_apply()
-        if self._applying is not None:
-            await asyncio.shield(self._applying)
+        while self.group or self._applying is not None:
+            self._start_apply()
+            if self._applying is not None:
+                await asyncio.shield(self._applying)
 
     def _start_apply(self) -> None:
         if self._failed is not None:
             raise self._failed
         if self._applying is None and self.group:
             self._applying = asyncio.create_task(self._apply_groups())
-            self._applying.add_done_callback(self._applied)
-
-    def _applied(self, task: asyncio.Task[None]) -> None:
-        self._applying = None
-        if not task.cancelled() and (e := task.exception()) is not None:
-            # Nothing more is applied or acknowledged on this connection; run() raises the error.
-            self._failed = e
-            self.writer.transport.abort()
+            self._applying.add_done_callback(_retrieved)
 
     async def _apply_groups(self) -> None:
         """Apply groups one after the other, in order, until nothing is waiting. Each is everything that
-        arrived while the one before was being made durable."""
+        arrived while the one before was being made durable.
+
+        INVARIANT: ``_applying`` is this task exactly while it runs: it is cleared in the same step that
+        finds nothing more to apply, so no group can be left waiting behind a finished task."""
         rx = self.rx
-        while self.group:
-            group, self.group, self.group_bytes = self.group, [], 0
-            refused = {p.seq for p in self._refusals}
-            problems = list(self._refusals)
-            self._refusals.clear()
-            todo = [op for op in group if op.change.seq not in refused]
-            last = group[-1].change.seq
+        try:
+            while self.group:
+                group, self.group, self.group_bytes = self.group, [], 0
+                refused = {p.seq for p in self._refusals}
+                problems = list(self._refusals)
+                self._refusals.clear()
+                todo = [op for op in group if op.change.seq not in refused]
+                last = group[-1].change.seq
 
-            def critical(todo: list[PendingOp] = todo, last: int = last) -> list[wire.Problem]:
-                # One call in a worker thread: apply, then persist the position. Never split by cancellation.
-                with rx.apply_lock:
-                    res = rx.applier.apply_batch(todo)
-                    rx.position.save(rx.journal, last, rx.epoch)
-                return res.problems
+                def critical(todo: list[PendingOp] = todo, last: int = last) -> list[wire.Problem]:
+                    # One call in a worker thread: apply, then persist the position. Never split.
+                    with rx.apply_lock:
+                        res = rx.applier.apply_batch(todo)
+                        rx.position.save(rx.journal, last, rx.epoch)
+                    return res.problems
 
-            try:
-                problems += await asyncio.shield(asyncio.to_thread(critical))
-            except BaseException:
-                self.cleanup_ops(group)
-                raise
-            rx.seq = last
-            rx.counters["applied"] += len(group)
-            rx.counters["groups"] += 1
-            rx.counters["problems"] += len(problems)
-            rx.last_apply = time.time()
-            self.writer.write(self.proto.ack(last, problems))
+                try:
+                    problems += await asyncio.shield(asyncio.to_thread(critical))
+                except asyncio.CancelledError:
+                    raise  # the thread may still be applying; leftovers are removed at the next start
+                except BaseException:
+                    self.cleanup_ops(group)
+                    raise
+                rx.seq = last
+                rx.counters["applied"] += len(group)
+                rx.counters["groups"] += 1
+                rx.counters["problems"] += len(problems)
+                rx.last_apply = time.time()
+                self.writer.write(self.proto.ack(last, problems))
+        except BaseException as e:
+            # Nothing more is applied or acknowledged on this connection; run() raises the error.
+            self._failed = e
+            self.writer.transport.abort()
+            raise
+        finally:
+            self._applying = None
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Done callback: the error, if any, is raised by the connection's run(); mark it retrieved here."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _inside(p: Path, root: Path) -> bool:

@@ -121,12 +121,18 @@ def _drop_lease(fd: int) -> None:
 
 
 def read_stable(
-    path: str | Path, keep_data: bool = True, inline_max: int = SMALL_FILE, lease_check: bool = False
+    path: str | Path,
+    keep_data: bool = True,
+    inline_max: int = SMALL_FILE,
+    lease_check: bool = False,
+    require_lease: bool = False,
 ) -> StableRead | Unstable | None:
     """Read and hash ``path`` if it holds still. None if it is missing or not a regular file.
 
     With ``lease_check`` (Linux), a file some process holds open for writing is not read at all
-    (``Unstable(writing=True)``), and no writer can open it while it is read (see _take_lease)."""
+    (``Unstable(writing=True)``), and no writer can open it while it is read (see _take_lease). With
+    ``require_lease`` too, a file for which no lease can be had (too large, leases unavailable) counts as
+    open for writing: the caller has no other way to know."""
     try:
         before = os.stat(path, follow_symlinks=False)
         if not statmod.S_ISREG(before.st_mode):
@@ -138,6 +144,8 @@ def read_stable(
             lease = _take_lease(f.fileno()) if lease_check and before.st_size <= LEASE_MAX else None
             if lease is False:
                 return Unstable("open for writing by another process", writing=True)
+            if lease is None and require_lease:
+                return Unstable("cannot tell whether a writer holds it open", writing=True)
             try:
                 # A small file in one read (and one more that finds the end) rather than chunk by chunk.
                 size = before.st_size + 1 if small else CHUNK_SIZE
@@ -166,15 +174,18 @@ def read_stable(
     return StableRead(after.st_size, after.st_mtime_ns, after.st_ino, digest, data)
 
 
-def open_for_writing(paths: Sequence[Path]) -> set[Path]:
-    """Which of ``paths`` some process holds open for writing right now (Linux: one pass over /proc).
+def open_for_writing(paths: Sequence[Path]) -> tuple[set[Path], bool]:
+    """Which of ``paths`` some process holds open for writing right now (Linux: one pass over /proc), and
+    whether every process could be looked at (not so for other users' processes when not root, or with
+    /proc mounted ``hidepid``; writers in another PID namespace are never seen).
 
-    Used where no close-after-write event vouches for a file (reconciliation after a restart): a writer
-    paused mid-file must not have its half read. Elsewhere (Windows) this cannot be asked without taking
-    a lock that could make the writer fail, so it answers the empty set and the settle interval applies.
+    Used where no close-after-write event vouches for a file (reconciliation after a restart, a close
+    event that never came): a writer paused mid-file must not have its half read. Elsewhere (Windows) this
+    cannot be asked without taking a lock that could make the writer fail, so it answers the empty set
+    and the settle interval applies.
     """
     if not sys.platform.startswith("linux") or not paths:
-        return set()
+        return set(), False
     want: dict[tuple[int, int], Path] = {}
     for p in paths:
         try:
@@ -183,15 +194,19 @@ def open_for_writing(paths: Sequence[Path]) -> set[Path]:
             continue
         want[(st.st_dev, st.st_ino)] = p
     found: set[Path] = set()
+    complete = True
     try:
         pids = [d for d in os.listdir("/proc") if d.isdigit()]
     except OSError:
-        return found
+        return found, False
     for pid in pids:
         fd_dir = f"/proc/{pid}/fd"
         try:
             fds = os.listdir(fd_dir)
+        except FileNotFoundError:
+            continue  # the process ended
         except OSError:
+            complete = False
             continue
         for fd in fds:
             try:
@@ -208,7 +223,7 @@ def open_for_writing(paths: Sequence[Path]) -> set[Path]:
                 continue
             if flags & (os.O_WRONLY | os.O_RDWR):
                 found.add(hit)
-    return found
+    return found, complete
 
 
 def iter_file_chunks(path: Path) -> Iterator[bytes]:

@@ -245,6 +245,8 @@ class Sender:
             src, dst = self._rel(h.path), self._rel(h.dest)
             if src is not None and dst is not None:
                 self.tracker.move(src, dst)
+                for index in (self._writer_since, self._retries):
+                    _move_tree(index, src, dst)
                 self.ops.append(("rename", src, dst))
                 # The replica's copy of src may be older than the file now at dst (changed while we were
                 # down, or while a reconciliation that leaves touched paths alone ran): look at dst again.
@@ -272,8 +274,8 @@ class Sender:
 
     def _deleted(self, rel: str, is_dir: bool) -> None:
         self.tracker.forget(rel)
-        self._writer_since.pop(rel, None)
-        self._retries.pop(rel, None)
+        for index in (self._writer_since, self._retries):
+            _move_tree(index, rel, None)
         # Held back DELETE_DELAY first: a whole replicated folder being removed shows as file deletions
         # before the folder's own; by the time they are journaled the safety halt can see the folder gone.
         self.ops.append(("rmdir" if is_dir else "delete", rel, repr(time.monotonic() + DELETE_DELAY)))
@@ -326,6 +328,15 @@ class Sender:
         while True:
             now = time.monotonic()
             due = self.tracker.due(now)
+            # A path once found open for writing is checked again however it became due: its close
+            # event may be the one an overflow lost. Its max_open counts from the first time it was seen
+            # being written, whatever hints came between.
+            for p, since in due.check:
+                if now - self._writer_since.setdefault(p, since) >= self.cfg.max_open:
+                    due.forced.append(p)
+                else:
+                    self.ops.append(("put", p, "check"))
+            self.ops.extend(("put", p, "check") if p in self._writer_since else ("put", p) for p in due.ready)
             for p in due.forced:
                 self.counters["forced_max_open"] += 1
                 log.warning(
@@ -333,12 +344,6 @@ class Sender:
                     p,
                     self.cfg.max_open,
                 )
-            # A path once found open for writing is checked again however it became due: its close
-            # event may be the one an overflow lost.
-            for p, since in due.check:
-                self._writer_since.setdefault(p, since)
-            self.ops.extend(("put", p, "check") if p in self._writer_since else ("put", p) for p in due.ready)
-            self.ops.extend(("put", p, "check") for p, _ in due.check)
             # Held open past max_open: shipped from a stable read even though a writer has it open.
             self.ops.extend(("put", p, "max_open") for p in due.forced)
             n, hold_until = self._takeable(now)
@@ -362,24 +367,14 @@ class Sender:
             for p in res.vanished:
                 self._vanished[p] = now
                 self._writer_since.pop(p, None)
+                self._retries.pop(p, None)
             for p in res.writing:
-                # A writer had it open. A newer hint (its close, maybe) already says what to do; else look
-                # again with backoff rather than wait for a close event that an overflow may have lost.
-                # Held open past max_open, it is shipped from a stable read (and logged) as usual.
-                if self.tracker.touched_after(p, gen):
-                    continue
+                # A writer had it open: look again with backoff rather than wait for a close event that an
+                # overflow may have lost. A newer hint (its close, maybe) keeps its own timing, but not a
+                # later start: held open past max_open, it is shipped from a stable read (and logged).
                 since = self._writer_since.setdefault(p, now)
-                if now - since >= self.cfg.max_open:
-                    self.counters["forced_max_open"] += 1
-                    log.warning(
-                        "send.max_open path=%r (open for writing over %gs; shipping a stable read)",
-                        p,
-                        self.cfg.max_open,
-                    )
-                    self.ops.append(("put", p, "max_open"))
-                else:
-                    n = self._retries[p] = self._retries.get(p, 0) + 1
-                    self.tracker.still_writing(p, now, since, min(5.0, 0.25 * 2 ** min(n - 1, 8)))
+                n = self._retries[p] = self._retries.get(p, 0) + 1
+                self.tracker.still_writing(p, now, since, min(5.0, 0.25 * 2 ** min(n - 1, 8)))
             if self._vanished:
                 self._vanished = {p: t for p, t in self._vanished.items() if now - t < 30}
             for p in res.retry:
@@ -435,7 +430,7 @@ class Sender:
         # Reconciliation puts and checks have no close event vouching for them: leave alone what some
         # process holds open for writing.
         unvouched = [src / op[1] for op in batch if op[0] == "put" and op[2:] in (("force",), ("check",))]
-        busy = open_for_writing(unvouched) if unvouched else set()
+        busy, complete = open_for_writing(unvouched) if unvouched else (set(), True)
         with self.jlock:
             j = self.journal
             for op in batch:
@@ -450,6 +445,8 @@ class Sender:
                         self._os_path(path),
                         inline_max=GUARD_MAX_BYTES if guarded else SMALL_FILE,
                         lease_check=op[2:] != ("max_open",),
+                        # A check that could not see every process needs the lease's word instead.
+                        require_lease=op[2:] == ("check",) and not complete,
                     )
                     if r is None:
                         res.vanished.append(path)  # gone again (a delete or move hint follows)
@@ -461,11 +458,11 @@ class Sender:
                     if self.tracker.touched_after(path, gen):
                         res.superseded += 1
                         continue
+                    if self._retries or self._writer_since:
+                        res.done.append(path)
                     if op[2:] != ("force",) and self.shipped.get(path) == (r.size, r.mtime_ns, r.digest):
                         res.unchanged += 1
                         continue
-                    if self._retries or self._writer_since:
-                        res.done.append(path)
                     if not self._put(j, path, r, ts, res):
                         continue
                     self.shipped[path] = (r.size, r.mtime_ns, r.digest)

@@ -123,3 +123,12 @@ def test_an_error_mid_group_raises_and_leaves_no_temporary_file(applier: Applier
     assert not temp_files(applier.root)
     assert (applier.root / "databases/a.json").read_bytes() == b"a"  # applied in order before the error
     assert not (applier.root / "databases/b.json").exists()
+
+
+def test_a_put_that_replaces_a_folder_does_not_lose_a_later_put_into_it(applier: Applier) -> None:
+    # The later put's temporary file is written (phase 1) inside the folder the earlier put removes.
+    (applier.root / "databases/f").mkdir(parents=True)
+    res = applier.apply_batch([put(1, "databases/f", b"a file"), put(2, "databases/f/z.json", b"z")])
+    assert res.problems == []
+    assert files(applier.root) == {"databases/f/z.json": b"z"}  # the later record wins
+    assert not temp_files(applier.root)
