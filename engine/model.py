@@ -207,16 +207,17 @@ def _name_problem(name: str) -> str | None:
     """Why ``name`` cannot be a path component, or None. Cached: folder names repeat in every path."""
     if name in ("", ".", ".."):
         return "empty, '.' or '..' component"
-    if _BAD_NAME_CHAR.search(name) is not None:
-        if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
-            return "name is not valid Unicode (an undecodable file name)"
-        bad = sorted({c for c in name if c in _WIN_BAD_CHARS})
-        return f"name {name!r} holds characters Windows cannot hold: {bad!r}"
+    bad_char = _BAD_NAME_CHAR.search(name) is not None
+    if bad_char and any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+        return "name is not valid Unicode (an undecodable file name)"
     # A name of up to MAX_NAME_CHARS // 4 characters fits in both encodings whatever it holds.
     if 4 * len(name) > MAX_NAME_CHARS and (
         len(name.encode("utf-8")) > MAX_NAME_CHARS or len(name.encode("utf-16-le")) > 2 * MAX_NAME_CHARS
     ):
         return f"a name is longer than {MAX_NAME_CHARS} bytes (UTF-8) or UTF-16 units"
+    if bad_char:
+        bad = sorted({c for c in name if c in _WIN_BAD_CHARS})
+        return f"name {name!r} holds characters Windows cannot hold: {bad!r}"
     if name.endswith((" ", ".")):
         return f"name {name!r} ends with a space or dot"
     # Windows ignores what follows the first dot, and spaces before it, when it looks for device names.
