@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ from engine.config import ReceiverConfig
 from engine.errors import ApplyError, PathRejected, PeerRefused, RemoteProtocolError
 from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.history import GuardHistory
-from engine.model import PROTOCOL_VERSION, Change, Op, check_relpath
-from engine.scan import SMALL_FILE, HashCache, Manifest, build_manifest
+from engine.model import PROTOCOL_VERSION, Change, FileMeta, Op, check_relpath
+from engine.scan import SMALL_FILE, HashCache, Manifest, iter_manifest
 from engine.status import write_status_quiet
 from engine.transport import TlsSettings, server_upgrade
 
@@ -425,17 +426,33 @@ class _Conn:
             except PathRejected as e:
                 raise RemoteProtocolError(f"manifest request: {e}") from None
 
-            def manifest() -> Manifest:
-                with rx.apply_lock:
-                    return build_manifest(rx.cfg.target, include, rx.cache, rx._skip, True)
+            def manifest() -> tuple[list[bytes], list[str]]:
+                # Encoded part by part as the tree is walked: a manifest of 100,000 entries is never
+                # held as objects, only as its (much smaller) encoding.
+                edits: list[str] = []
 
-            m = await asyncio.to_thread(manifest)
-            for path, meta in m.entries.items():
-                if "local-edit" in meta.flags:
-                    log.warning(
-                        "replica.local_edit path=%r (the replica is read-only; it will be repaired)", path
+                def noting(entries: Iterator[FileMeta]) -> Iterator[FileMeta]:
+                    for e in entries:
+                        if e.flags:
+                            edits.append(e.path)
+                        yield e
+
+                with rx.apply_lock:
+                    found = iter_manifest(
+                        rx.cfg.target, include, rx.cache, Manifest({}, [], []), rx._skip, True
                     )
-            self.writer.write(self.proto.manifest(ev.id, m.entries.values(), rx.seq))
+                    return list(self.proto.manifest_parts(ev.id, noting(found))), edits
+
+            parts, edits = await asyncio.to_thread(manifest)
+            for path in edits:
+                log.warning(
+                    "replica.local_edit path=%r (the replica is read-only; it will be repaired)", path
+                )
+            for part in parts:
+                self.writer.write(part)
+                await self.writer.drain()
+            del parts
+            self.writer.write(self.proto.manifest_end(ev.id, rx.seq))
             await self.writer.drain()
         elif isinstance(ev, wire.Ping):
             self.writer.write(self.proto.pong(ev.ts))

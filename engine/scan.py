@@ -325,22 +325,34 @@ class HashCache:
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
             snapshot = dict(self._d)  # RACE: another thread may add entries; a C-level copy is atomic
-            f.write(msgpack.packb({k: list(v) for k, v in snapshot.items()}, use_bin_type=True))
+            # Written entry by entry (a map header, then key, value, ...): the same bytes as one packed
+            # map, without building the whole encoding in memory.
+            pk = msgpack.Packer(use_bin_type=True)
+            f.write(pk.pack_map_header(len(snapshot)))
+            for k, v in snapshot.items():
+                f.write(pk.pack(k) + pk.pack(v))
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> HashCache:
         c = cls()
         try:
-            raw: Any = msgpack.unpackb(path.read_bytes(), raw=False)
-            for k, v in raw.items():
-                if isinstance(k, str) and isinstance(v, list) and len(v) == 4:
-                    c._d[k] = (int(v[0]), int(v[1]), int(v[2]), bytes(v[3]))
+            # Entry by entry: the cache of a large tree is never held twice (as decoded lists and tuples).
+            with open(path, "rb") as f:
+                u = msgpack.Unpacker(f, raw=False, max_buffer_size=64 << 20)
+                for _ in range(u.read_map_header()):
+                    k: Any = u.unpack()
+                    v: Any = u.unpack()
+                    if isinstance(k, str) and isinstance(v, list) and len(v) == 4:
+                        c._d[k] = (int(v[0]), int(v[1]), int(v[2]), bytes(v[3]))
         except FileNotFoundError:
             pass
         except Exception as e:  # a damaged cache only costs re-hashing
             log.warning("hashcache.unreadable path=%s error=%s", path, e)
         return c
+
+
+LOCAL_EDIT: frozenset[str] = frozenset({"local-edit"})
 
 
 @dataclass(slots=True)
@@ -365,15 +377,28 @@ def build_manifest(
     is flagged ``local-edit``. ``need_digest(path)`` False leaves a file's digest empty (it is sent
     anyway: the replica does not have it), so it is not read here.
     """
-    entries: dict[str, FileMeta] = {}
-    unstable: list[str] = []
-    unreadable: list[str] = []
+    m = Manifest({}, [], [])
+    m.entries = {e.path: e for e in iter_manifest(root, include, cache, m, skip, flag_edits, need_digest)}
+    return m
+
+
+def iter_manifest(
+    root: Path,
+    include: Sequence[str],
+    cache: HashCache,
+    out: Manifest,
+    skip: Path | None = None,
+    flag_edits: bool = False,
+    need_digest: Callable[[str], bool] | None = None,
+) -> Iterator[FileMeta]:
+    """The entries of :func:`build_manifest` one by one (so a large manifest need not be held whole);
+    the paths that could not be read are added to ``out.unstable`` and ``out.unreadable``."""
     for f in walk(root, include, skip):
         if f.unreadable:
-            (unreadable if f.is_dir else unstable).append(f.path)
+            (out.unreadable if f.is_dir else out.unstable).append(f.path)
             continue
         if f.is_dir:
-            entries[f.path] = FileMeta(f.path, is_dir=True)
+            yield FileMeta(f.path, is_dir=True)
             continue
         assert f.st is not None
         digest = cache.get(f.path, f.st)
@@ -382,15 +407,14 @@ def build_manifest(
             digest = b""
         if digest is None:
             if flag_edits and cache.known(f.path) is not None:
-                flags = frozenset({"local-edit"})
+                flags = LOCAL_EDIT
             r = read_stable(root / f.path, keep_data=False)
             if r is None:
                 continue
             if isinstance(r, Unstable):
-                unstable.append(f.path)
+                out.unstable.append(f.path)
                 continue
             digest = r.digest
             if not flags:
                 cache.put_key(f.path, (r.size, r.mtime_ns, r.ino), digest)
-        entries[f.path] = FileMeta(f.path, False, f.st.st_size, f.st.st_mtime_ns, digest, flags)
-    return Manifest(entries, unstable, unreadable)
+        yield FileMeta(f.path, False, f.st.st_size, f.st.st_mtime_ns, digest, flags)

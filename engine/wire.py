@@ -27,7 +27,7 @@ A peer that breaks a rule gets :class:`RemoteProtocolError`; we breaking one is 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -295,17 +295,22 @@ class ReceiverProtocol(_Base):
         return codec.encode({"k": "ack", "seq": seq, "problems": [p.to_wire() for p in problems]})
 
     def manifest(self, req_id: int, entries: Iterable[FileMeta], seq: int) -> bytes:
-        out: list[bytes] = []
+        return b"".join(self.manifest_parts(req_id, entries)) + self.manifest_end(req_id, seq)
+
+    def manifest_parts(self, req_id: int, entries: Iterable[FileMeta]) -> Iterator[bytes]:
+        """The entries as parts of at most MANIFEST_PART_ENTRIES, encoded as they come."""
         part: list[Any] = []
         for e in entries:
             part.append(e.to_wire())
             if len(part) >= MANIFEST_PART_ENTRIES:
-                out.append(codec.encode({"k": "mpart", "id": req_id, "entries": part}))
+                yield codec.encode({"k": "mpart", "id": req_id, "entries": part})
                 part = []
         if part:
-            out.append(codec.encode({"k": "mpart", "id": req_id, "entries": part}))
-        out.append(codec.encode({"k": "mend", "id": req_id, "seq": seq}))
-        return b"".join(out)
+            yield codec.encode({"k": "mpart", "id": req_id, "entries": part})
+
+    def manifest_end(self, req_id: int, seq: int) -> bytes:
+        """Closes a manifest: the entries describe the replica as of ``seq``."""
+        return codec.encode({"k": "mend", "id": req_id, "seq": seq})
 
     def pong(self, ts: int) -> bytes:
         return codec.encode({"k": "pong", "ts": ts})
