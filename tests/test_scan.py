@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from engine.scan import HashCache
+from engine import scan
+from engine.scan import LEASE_MAX, HashCache, StableRead, Unstable, open_for_writing, read_stable
 
 
 def test_the_hash_cache_round_trips_in_the_documented_format(tmp_path: Path) -> None:
@@ -36,3 +38,35 @@ def test_a_damaged_hash_cache_loads_what_it_can_and_warns(
     assert set(loaded._d.items()) <= set(c._d.items())  # never a wrong entry
     assert "hashcache.unreadable" in caplog.text
     assert HashCache.load(tmp_path / "missing")._d == {}
+
+
+needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="leases and /proc are Linux")
+
+
+@needs_linux
+def test_a_file_held_open_for_writing_is_not_read_and_is_found_in_proc(tmp_path: Path) -> None:
+    path = tmp_path / "held.json"
+    path.write_bytes(b'{"half": ')
+    with open(path, "ab") as writer:
+        writer.write(b"1")
+        writer.flush()
+        r = read_stable(path, lease_check=True)
+        if scan._lease_broken:
+            pytest.skip("read leases are not available on this file system")
+        assert isinstance(r, Unstable) and r.writing, r
+        busy, complete = open_for_writing([path])
+        assert busy == {path}
+        if os.geteuid() == 0:
+            assert complete  # as root every process is visible
+    r = read_stable(path, lease_check=True)
+    assert isinstance(r, StableRead) and r.data == b'{"half": 1'
+    assert open_for_writing([path])[0] == set()
+
+
+def test_a_check_that_needs_a_lease_treats_a_file_too_large_for_one_as_being_written(tmp_path: Path) -> None:
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(LEASE_MAX + 1))  # never leased: a writer must not wait on a long read
+    r = read_stable(path, lease_check=True, require_lease=True)
+    assert isinstance(r, Unstable) and r.writing
+    r = read_stable(path, lease_check=True)  # without the requirement it is read
+    assert isinstance(r, StableRead) and r.size == LEASE_MAX + 1
