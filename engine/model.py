@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,7 +182,8 @@ class FileMeta:
             and all(isinstance(f, str) for f in flags)
         ):
             raise ValueError("manifest entry has a field of the wrong type")
-        return cls(path, is_dir, size, mtime_ns, digest, frozenset(flags) if flags else NO_FLAGS)
+        # The path is interned: the same string is a key of the hash cache and of the source manifest.
+        return cls(sys.intern(path), is_dir, size, mtime_ns, digest, frozenset(flags) if flags else NO_FLAGS)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -273,7 +273,9 @@ def _walk_dir(folder: Path, rel: str, skip: Path | None) -> Iterator[Found]:
     for e in entries:
         if is_temp_name(e.name):
             continue
-        child = f"{rel}/{e.name}"
+        # Interned: the same path is a key in the hash cache and in both manifests of a reconciliation;
+        # one string object serves them all (about 11 MB per copy at 100,000 files).
+        child = sys.intern(f"{rel}/{e.name}")
         try:
             if e.is_symlink():
                 continue
@@ -303,10 +305,10 @@ class HashCache:
         return None
 
     def put(self, path: str, st: os.stat_result, digest: bytes) -> None:
-        self._d[path] = (*file_key(st), digest)
+        self._d[sys.intern(path)] = (*file_key(st), digest)
 
     def put_key(self, path: str, key: tuple[int, int, int], digest: bytes) -> None:
-        self._d[path] = (*key, digest)
+        self._d[sys.intern(path)] = (*key, digest)
 
     def known(self, path: str) -> tuple[int, int, int, bytes] | None:
         return self._d.get(path)
@@ -344,7 +346,7 @@ class HashCache:
                     k: Any = u.unpack()
                     v: Any = u.unpack()
                     if isinstance(k, str) and isinstance(v, list) and len(v) == 4:
-                        c._d[k] = (int(v[0]), int(v[1]), int(v[2]), bytes(v[3]))
+                        c._d[sys.intern(k)] = (int(v[0]), int(v[1]), int(v[2]), bytes(v[3]))
         except FileNotFoundError:
             pass
         except Exception as e:  # a damaged cache only costs re-hashing
