@@ -167,6 +167,8 @@ def run_demo(seconds: float, rooms: int, rate: float, keep: bool) -> int:
                 live.update(_table(cfg, batches[0], time.monotonic() - t0))
                 report = asyncio.run(verify(cfg.sender, check))
             live.update(_table(cfg, batches[0], time.monotonic() - t0))
+        if not con.is_terminal:
+            con.line()  # the last frame of a Live that is not on a terminal ends without a newline
         if report.identical:
             con.print(
                 f"[green]verified[/]: the replica is identical to the source, "
