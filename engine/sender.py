@@ -269,6 +269,8 @@ class Sender:
         elif h.kind == "created":
             self._created(rel, h.is_dir, now, complete=False)
         elif not h.is_dir:
+            if h.kind == "closed":
+                self._writer_since.pop(rel, None)  # a close vouches for the file again
             self.tracker.hint(h.kind, rel, now)
         self._poke()
 
