@@ -332,6 +332,47 @@ def test_a_close_lost_in_an_overflow_does_not_wait_for_max_open(
     assert "send.max_open" not in pair.log("send"), pair.all_logs()
 
 
+def test_a_writer_pausing_for_seconds_mid_file_never_has_its_half_shipped(pair: Pair) -> None:
+    """The file has no close event for several seconds, so the sender checks it again and again (the
+    check for a lost close); each check must find the writer and leave the file alone."""
+    folder = pair.source / "databases" / "room-1"
+    folder.mkdir(parents=True)
+    pair.start("receive")
+    pair.start("send")
+    pair.wait_converged()
+    target = pair.target / "databases" / "room-1" / "meeting.json"
+    whole = json.dumps({"subject": "x" * 3000, "attendees": list(range(200))}).encode()
+    half = whole[: len(whole) // 2]
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def watch_replica() -> None:
+        while not stop.is_set():
+            try:
+                data = target.read_bytes()
+            except FileNotFoundError:
+                continue
+            if data != whole:
+                seen.append(data)
+
+    checker = threading.Thread(target=watch_replica, daemon=True)
+    checker.start()
+    try:
+        with open(folder / "meeting.json", "wb") as f:
+            f.write(half)
+            f.flush()
+            stop.wait(4.0)  # four times the 1 s after which a file without a close event is checked
+            assert not target.exists(), "the replica holds the file while its writer is half way"
+            f.write(whole[len(half) :])
+        pair.wait_converged(timeout=15)
+    finally:
+        stop.set()
+        checker.join(timeout=5)
+    assert target.read_bytes() == whole
+    assert not seen, f"the replica held a partial version: {len(seen[0])} of {len(whole)} bytes"
+    assert "send.max_open" not in pair.log("send")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 5. The epoch fence
 
