@@ -38,14 +38,15 @@ from engine.errors import (
 from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.journal import Journal
 from engine.model import Change, FileMeta, Op, check_relpath, is_temp_name, is_under, to_posix_rel
-from engine.plan import diff, expected_after, mass_delete
+from engine.plan import diff, expected_after, mass_delete, same
 from engine.scan import (
     SMALL_FILE,
     HashCache,
+    Manifest,
     StableRead,
     Unstable,
-    build_manifest,
     iter_file_chunks,
+    iter_manifest,
     open_for_writing,
     read_stable,
 )
@@ -816,15 +817,21 @@ class Sender:
                 cur.close()
         expected = expected_after({m.path: m for m in replica}, tail)
         # A file the replica does not have is sent whatever its digest: do not read it twice.
-        m = build_manifest(self.cfg.source, self.cfg.include, self.cache, need_digest=expected.__contains__)
+        m = Manifest({}, [], [])
         source: dict[str, FileMeta] = {}
-        for path, meta in m.entries.items():
+        for meta in iter_manifest(
+            self.cfg.source, self.cfg.include, self.cache, m, need_digest=expected.__contains__
+        ):
+            path = meta.path
             try:
                 check_relpath(path)
             except PathRejected as e:
                 log.warning("send.skipped path=%r reason=%s", path, e.reason)
                 continue
-            source[path] = meta
+            # An entry the replica already has is kept as the replica's object: a large tree is not held
+            # twice while the two are compared (diff asks only same() of it).
+            have = expected.get(path)
+            source[path] = have if have is not None and same(meta, have) else meta
         return expected, source, m.unstable, m.unreadable
 
     # -- status ---------------------------------------------------------------------------------------------
