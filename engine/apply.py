@@ -170,21 +170,22 @@ class Applier:
     def _resolve(self, rel: str, checked: set[str] | None = None) -> str:
         check_relpath(rel, self.max_path_chars, self.max_path_depth)
         parts = rel.split("/")
-        root = self._root
+        folder = self._root  # OS form, joined with the OS's separator (a \\?\ root takes no "/")
         prefix = ""
         for name in parts[:-1]:
+            folder = os.path.join(folder, name)
             prefix = f"{prefix}/{name}" if prefix else name
             if checked is not None and prefix in checked:
                 continue
             try:
-                st = os.lstat(os.path.join(root, prefix))
+                st = os.lstat(folder)
             except (FileNotFoundError, NotADirectoryError):
                 break  # the rest does not exist yet: it will be created as real folders
             if statmod.S_ISLNK(st.st_mode) or _is_reparse(st):
                 raise PathRejected(rel, f"passes through a symlink at {name!r}")
             if checked is not None and statmod.S_ISDIR(st.st_mode):
                 checked.add(prefix)
-        return os.path.join(root, *parts)
+        return os.path.join(self._root, *parts)
 
     def clean_temps(self) -> int:
         """Remove temporary files left by a crash (anywhere below the root). Returns how many."""
