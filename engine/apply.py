@@ -52,10 +52,6 @@ log = logging.getLogger(__name__)
 WINDOWS = sys.platform == "win32"
 
 
-def temp_name() -> str:
-    return f".{TEMP_MARKER}{secrets.token_hex(8)}"
-
-
 @dataclass(slots=True)
 class PendingOp:
     """One record of a batch. Puts carry their content in memory or in a finished temporary file."""
@@ -91,7 +87,7 @@ class LargePut:
         self.final = final
         self.applier = applier
         final.parent.mkdir(parents=True, exist_ok=True)
-        self.temp = final.parent / temp_name()
+        self.temp = final.parent / applier._temp_name()
         self._f: IO[bytes] | None = open(self.temp, "xb")  # noqa: SIM115
         self._h = Hasher()
         self._n = 0
@@ -352,25 +348,25 @@ class Applier:
     def _temp_name(self) -> str:
         return f".{TEMP_MARKER}{self._temp_prefix}{next(self._temp_seq):x}"
 
-    def _make_dirs(self, folder: str, dirs: set[str]) -> None:
-        """``os.makedirs``, noting the folders whose entries it changed (for fsync where no syncfs)."""
+    def _missing_folders(self, folder: str) -> list[str]:
+        """``folder`` and its ancestors below the root that are not folders yet, deepest first."""
         missing: list[str] = []
         p = folder
         while p != self._root and not os.path.isdir(p):
             missing.append(p)
             p = os.path.dirname(p)
+        return missing
+
+    def _make_dirs(self, folder: str, dirs: set[str]) -> None:
+        """``os.makedirs``, noting the folders whose entries it changed (for fsync where no syncfs)."""
+        missing = self._missing_folders(folder)
         if missing:
             os.makedirs(folder, exist_ok=True)
             dirs.update(os.path.dirname(d) for d in missing)
 
     def _make_parent(self, final: str, dirs: set[str]) -> None:
         """Create the parent folders of ``final``, removing files that stand where a folder must be."""
-        missing: list[str] = []
-        p = os.path.dirname(final)
-        while p != self._root and not os.path.isdir(p):
-            missing.append(p)
-            p = os.path.dirname(p)
-        for d in reversed(missing):
+        for d in reversed(self._missing_folders(os.path.dirname(final))):
             if os.path.lexists(d):
                 _remove(d)
             os.mkdir(d)

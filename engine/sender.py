@@ -433,7 +433,7 @@ class Sender:
         # Reconciliation puts and checks have no close event vouching for them: leave alone what some
         # process holds open for writing.
         unvouched = [src / op[1] for op in batch if op[0] == "put" and op[2:] in (("force",), ("check",))]
-        busy, complete = open_for_writing(unvouched) if unvouched else (set(), True)
+        busy, complete = open_for_writing(unvouched)
         with self.jlock:
             j = self.journal
             for op in batch:
