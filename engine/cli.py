@@ -474,6 +474,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         if not isinstance(sd, str) or not sd:
             raise ConfigError(f"{role} -> state_dir: required")
         state_dir = Path(sd) if Path(sd).is_absolute() else args.config.parent.resolve() / sd
+        config.check_state_dir(state_dir, f"{role} -> state_dir")
         ident, created = identity.create(state_dir, str(section.get("node", role)), force=args.rotate)
         verb = "created" if created else "existing"
         print(f"{role} node ID ({verb}, {state_dir}): {ident.id}")

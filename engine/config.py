@@ -7,7 +7,9 @@ both. Unknown keys are errors, never ignored.
 from __future__ import annotations
 
 import ipaddress
+import math
 import platform
+import stat
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -38,6 +40,7 @@ class SenderConfig:
     journal_retain_hours: float = 24.0
     connect_timeout: float = 5.0
     retry_max: float = 5.0
+    silence_timeout: float = 15.0
     peer_id: str = ""
     insecure: bool = False
 
@@ -53,6 +56,7 @@ class ReceiverConfig:
     max_frame_mb: int = 2
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
+    silence_timeout: float = 15.0
     guard_history: int = 5
     max_path_chars: int = 1024
     max_path_depth: int = 64
@@ -77,6 +81,63 @@ class Config:
         if self.receiver is None:
             raise ConfigError(f"{self.path}: no [receiver] section")
         return self.receiver
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key allows: ``lo`` to ``hi`` (``lo`` itself excluded when ``lo_open``), and 0 as
+    well when ``off`` (0 turns the feature off)."""
+
+    lo: float
+    hi: float
+    unit: str = ""
+    off: bool = False
+    lo_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        if self.off and value == 0:
+            return True
+        above = value > self.lo if self.lo_open else value >= self.lo
+        return above and value <= self.hi  # NaN fails both comparisons
+
+    def describe(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        text = (
+            f"more than {self.lo:g} and at most {self.hi:g}{unit}"
+            if self.lo_open
+            else f"{self.lo:g} to {self.hi:g}{unit}"
+        )
+        return f"0 (off) or {text}" if self.off else text
+
+
+#: INVARIANT: every numeric key of every section has its range here (a test walks the dataclasses), and
+#: every default lies in it. A value outside breaks replication in a way that is hard to see (0 retries
+#: in a busy loop, a batch of 0 journals nothing, a frame limit below a content chunk refuses every put),
+#: so it is refused when the config is read. config.example.toml and the README state the same ranges.
+RANGES: dict[str, Range] = {
+    # [sender]
+    "reconcile_interval": Range(0.5, 604_800, "seconds", off=True),
+    "settle": Range(0.05, 60, "seconds"),
+    "max_open": Range(1, 3600, "seconds"),
+    "max_delete_share": Range(0, 1, "(a share of the replica's files)", lo_open=True),
+    "batch_files": Range(1, 100_000, "changes"),
+    "segment_mb": Range(1, 1024, "MiB"),
+    "journal_retain_hours": Range(0, 8760, "hours"),
+    "connect_timeout": Range(0.5, 300, "seconds"),
+    "retry_max": Range(0.1, 600, "seconds"),  # the wait starts at 0.1 s and doubles up to this
+    # both sections
+    "silence_timeout": Range(2, 600, "seconds"),
+    # [receiver]
+    "fsync_threads": Range(1, 256, "threads"),
+    "max_frame_mb": Range(2, 256, "MiB"),  # content travels in 1 MiB chunks, plus the frame's header
+    "handshake_timeout": Range(0.5, 300, "seconds"),
+    "idle_timeout": Range(10, 86_400, "seconds"),  # above the sender's ping interval
+    "guard_history": Range(1, 1000, "versions"),
+    "max_path_chars": Range(255, 32_767, "characters"),  # one name may have 255
+    "max_path_depth": Range(8, 1024, "folders"),
+}
+#: [[guard]] timeout, seconds.
+GUARD_TIMEOUT = Range(0.1, 600, "seconds")
 
 
 def parse_address(text: Any, key: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -110,15 +171,25 @@ def _build(cls: type[Any], section: dict[str, Any], name: str, base: Path, extra
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} -> {key}: expected true or false, got {value!r}")
         elif want in ("int", "float"):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"{name} -> {key}: expected a non-negative number, got {value!r}")
-            if want == "int" and not isinstance(value, int):
-                raise ConfigError(f"{name} -> {key}: expected a whole number, got {value!r}")
-            value = float(value) if want == "float" else value
+            value = _number(value, f"{name} -> {key}", RANGES[key], whole=want == "int")
         elif want == "str" and (not isinstance(value, str) or not value):
             raise ConfigError(f"{name} -> {key}: expected a non-empty string, got {value!r}")
         kw[key] = value
     return cls(**kw)
+
+
+def _number(value: Any, key: str, allowed: Range, whole: bool = False) -> Any:
+    """``value`` if it is a number ``allowed`` accepts (an int when ``whole``, else as a float); the error
+    names ``key`` and the range."""
+    kind = "a whole number" if whole else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected {kind} ({allowed.describe()}), got {value!r}")
+    if whole and not isinstance(value, int):
+        raise ConfigError(f"{key}: expected a whole number ({allowed.describe()}), got {value!r}")
+    if not allowed.allows(value):
+        shown = repr(value) if math.isfinite(value) else str(value)  # nan, inf: as TOML spells them
+        raise ConfigError(f"{key}: expected {allowed.describe()}, got {shown}")
+    return value if whole else float(value)
 
 
 def _path(section: dict[str, Any], key: str, name: str, base: Path) -> Path:
@@ -164,8 +235,6 @@ def parse(data: dict[str, Any], path: Path, default_node: str = "standby") -> Co
                 "include": tuple(include),
             },
         )
-        if not 0 < sender.max_delete_share <= 1:
-            raise ConfigError("sender -> max_delete_share: expected a share in (0, 1]")
         sender = _secure(sender, "sender", sender.peer[0], "peer")
     if "receiver" in data:
         r = data["receiver"]
@@ -210,9 +279,7 @@ def _guards(items: Any) -> tuple[GuardRule, ...]:
         command = g.get("command", [])
         if not isinstance(command, list) or not all(isinstance(x, str) for x in command):
             raise ConfigError(f"{name} -> command: expected a list of strings (argv; {{path}} is the file)")
-        timeout = g.get("timeout", 5.0)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise ConfigError(f"{name} -> timeout: expected seconds")
+        timeout = _number(g.get("timeout", 5.0), f"{name} -> timeout", GUARD_TIMEOUT)
         try:
             out.append(GuardRule(pattern, rule, tuple(command), float(timeout)))  # type: ignore[arg-type]
         except ValueError as e:
@@ -255,4 +322,30 @@ def load(path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return parse(data, path, platform.node() or "standby")
+    cfg = parse(data, path, platform.node() or "standby")
+    for name, section in (("sender", cfg.sender), ("receiver", cfg.receiver)):
+        if section is not None:
+            check_state_dir(section.state_dir, f"{name} -> state_dir")
+    return cfg
+
+
+def check_state_dir(path: Path, key: str) -> None:
+    """Refuse a state folder that cannot be one: ``path`` or the nearest of its parents that exists is not a
+    folder (a file there would otherwise surface later as a bare 'File exists' or 'Not a directory')."""
+    p = path
+    while True:
+        try:
+            st = p.stat()
+        except (FileNotFoundError, NotADirectoryError):  # not there yet (or under a file: found next)
+            if p.parent == p:
+                return
+            p = p.parent
+            continue
+        except OSError as e:
+            raise ConfigError(f"{key}: cannot use {path}: {e.strerror or e}") from None
+        if stat.S_ISDIR(st.st_mode):
+            return
+        where = f"{path} is a file" if p == path else f"{path} is inside {p}, which is a file"
+        raise ConfigError(
+            f"{key}: {where}, not a folder (the state folder holds the journal, keys and status)"
+        )
