@@ -9,9 +9,11 @@ version from a partial one without knowing which version it is. The writer runs 
 (``python -m tests.test_crash churn ...``) so the GIL of the test process does not slow it down; a checker
 thread walks the replica for the whole run and records every partial file it reads.
 
-A partial file the checker reads is a failure, with one distinction: if the sender journaled those very
-bytes (a torn read of the *source*, a known sender race pinned by a strict-xfail test here), crash
-consistency held and the loop ends as XFAIL; a partial file the receiver made itself fails the test.
+A partial file the checker reads is a failure. The report tells the two kinds apart: a partial file the
+receiver made itself (crash consistency broken), or a torn read of the *source* that the sender journaled
+and shipped (a sender bug: the race of a rewrite starting between a close event and the read, pinned
+deterministically by test_sender_never_ships_a_file_rewritten_after_its_close_event). Both fail the loop
+with the seed and the paths; neither is ever an XFAIL.
 
 Beside the two kill loops (marked ``soak``), deterministic tests: a receiver killed in the middle of a
 large put (a proxy freezes the transfer), and regressions for bugs the loops found, each driven to the
@@ -38,7 +40,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -490,34 +492,98 @@ def run_kill_loop(pair: Pair, role: str, seed: int) -> None:
     assert pair.stop("receive") == 0, pair.log("receive")
     leftovers += temp_files(pair.target)
     shipped = shipped_versions(pair) if checker.partials else {}
-    made_here = [p for p in checker.partials if p.digest not in shipped.get(f"databases/{p.path}", set())]
-    torn_reads = [p for p in checker.partials if p not in made_here]
     cuts = count_in_logs(pair, r"journal\.torn_tail_cut")
     temps = count_in_logs(pair, r"(?:receiver|apply)\.temps_removed count=\d+")
     print(
         f"[{role} sigkill loop] seed={seed} kills={kills} changes={stats.changes} ({stats}) "
-        f"partial_files={len(checker.partials)} (receiver-made={len(made_here)}, "
-        f"torn source reads shipped by the sender={len(torn_reads)}; read {checker.partial_reads} times) "
+        f"partial_files={len(checker.partials)} (read {checker.partial_reads} times) "
         f"checker_reads={checker.reads} "
         f"passes={checker.passes} torn_tails_made={tears} torn_tails_cut={cuts} temp_cleanups={temps} "
         f"churn={t_churn:.1f}s total={t_total:.1f}s"
     )
-    assert kills >= 20
-    assert cuts >= tears, f"seed={seed}: {tears} torn journal tails made, only {cuts} cut on open"
-    assert not leftovers, f"seed={seed}: temporary files left in the replica: {leftovers[:10]}"
-    assert not made_here, (
-        f"seed={seed}: the checker read {len(made_here)} partial file(s) at final paths of the replica "
-        f"that the sender never journaled (the receiver made them): {made_here[:5]}\n{pair.all_logs()}"
+    judge_loop(
+        LoopResult(role, seed, kills, tears, cuts, leftovers, checker.partials, shipped), pair.all_logs()
     )
-    if torn_reads:
-        # Crash consistency held; these partial files are torn *source* reads the sender journaled: a known
-        # sender race that shows up only now and then, pinned deterministically by
-        # test_sender_never_ships_a_file_rewritten_after_its_close_event. XFAIL, never silently green;
-        # every other failure above stays a hard failure.
-        pytest.xfail(
-            f"BUG (sender): {len(torn_reads)} torn source read(s) journaled and shipped, "
-            f"e.g. {torn_reads[:2]}"
-        )
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    """What a kill loop found, for :func:`judge_loop`."""
+
+    role: str
+    seed: int
+    kills: int
+    torn_tails_made: int
+    torn_tails_cut: int
+    leftovers: list[str]
+    partials: list[Partial]
+    #: Digests of every version the sender journaled per path (:func:`shipped_versions`).
+    shipped: dict[str, set[bytes]]
+
+
+def judge_loop(r: LoopResult, logs: str) -> None:
+    """Every check of a finished kill loop, each a hard failure naming the seed (no XFAIL: a torn source
+    read the sender shipped is a sender bug, reported with its paths, never hidden)."""
+    where = f"seed={r.seed} ({r.role} loop, {r.kills} kills)"
+    made_here = [p for p in r.partials if p.digest not in r.shipped.get(f"databases/{p.path}", set())]
+    torn_reads = [p for p in r.partials if p not in made_here]
+    print(
+        f"[{r.role} sigkill loop] seed={r.seed} receiver-made partial files={len(made_here)}, "
+        f"torn source reads shipped by the sender={len(torn_reads)}"
+    )
+    assert r.kills >= 20, f"{where}: only {r.kills} kills"
+    assert r.torn_tails_cut >= r.torn_tails_made, (
+        f"{where}: {r.torn_tails_made} torn journal tails made, only {r.torn_tails_cut} cut on open"
+    )
+    assert not r.leftovers, f"{where}: temporary files left in the replica: {r.leftovers[:10]}"
+    assert not made_here, (
+        f"{where}: the checker read {len(made_here)} partial file(s) at final paths of the replica "
+        f"that the sender never journaled (the receiver made them): {made_here[:5]}\n{logs}"
+    )
+    assert not torn_reads, (
+        f"{where}: BUG (sender): {len(torn_reads)} torn source read(s) journaled and shipped to the "
+        f"replica (the race test_sender_never_ships_a_file_rewritten_after_its_close_event pins): "
+        f"{[(p.path, p.size, p.problem, p.copy) for p in torn_reads[:10]]}\n{logs}"
+    )
+
+
+def test_a_torn_source_read_the_sender_shipped_fails_the_loop(tmp_path: Path) -> None:
+    """The verdict of a kill loop whose checker read a partial file the sender had journaled (a torn read
+    of the source): a hard failure naming the seed and the path, not an XFAIL that hides it."""
+    data = make_version(b"x" * 5000)[:2000]
+    copy = tmp_path / "0000-c000042.db"
+    copy.write_bytes(data)
+    torn = Partial(
+        "room-03/c000042.db",
+        len(data),
+        data[:48].hex(),
+        version_problem(data) or "",
+        str(copy),
+        digest_bytes(data),
+    )
+    whole = make_version(b"y" * 100)
+    result = LoopResult(
+        "send",
+        1234,
+        20,
+        3,
+        3,
+        [],
+        [torn],
+        {"databases/room-03/c000042.db": {digest_bytes(data), digest_bytes(whole)}},
+    )
+    try:
+        with pytest.raises(AssertionError) as failed:
+            judge_loop(result, "(logs)")
+    except pytest.xfail.Exception as e:
+        pytest.fail(f"a torn read shipped by the sender was turned into an XFAIL: {e}")
+    msg = str(failed.value)
+    assert "seed=1234" in msg and "room-03/c000042.db" in msg and "torn source read" in msg, msg
+    # The controls: the same loop without the partial file passes; one the sender never journaled fails
+    # as made by the receiver.
+    judge_loop(replace(result, partials=[]), "")
+    with pytest.raises(AssertionError, match="the receiver made them"):
+        judge_loop(replace(result, shipped={}), "")
 
 
 # ---- the tests -------------------------------------------------------------------------------------------
