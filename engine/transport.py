@@ -5,12 +5,17 @@ client first announces its (public) certificate in a short plaintext preamble::
 
     b"STBY1\\n" | u16 BE length | certificate DER
 
-The server refuses at once unless the certificate's ID is the pinned peer ID (logging the ID presented),
-answers one byte ``ACK``, then starts TLS 1.3 trusting exactly that certificate and requiring it: the TLS
-handshake proves the client holds its key. The client starts its handshake only after that byte, so no TLS
+The server refuses at once unless the certificate's ID is the pinned peer ID (logging the ID presented, and
+answering the line ``NAK`` so that the client can say why), else answers one byte ``ACK``, then starts
+TLS 1.3 trusting exactly that certificate and requiring it: the TLS handshake proves the client holds its
+key. The client starts its handshake only after that byte, so no TLS
 byte is ever read as part of the preamble. The client checks the server's certificate against its own
 pinned ID after the handshake (the handshake proves the server holds that key). Nothing but public
 certificates crosses in plaintext.
+
+Whatever else answers the preamble is described in the client's error, so that an operator can tell a
+refusal of our ID (``NAK``) from a peer that is not a standby receiver at all (an HTTP server's
+``HTTP/1.1 400 Bad Request``, a TLS server's alert) and from one that closed without a word.
 
 ``insecure`` mode skips all of this; the config only allows it on loopback addresses.
 """
@@ -18,6 +23,7 @@ certificates crosses in plaintext.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import struct
@@ -31,7 +37,15 @@ log = logging.getLogger(__name__)
 
 PREAMBLE = b"STBY1\n"
 ACK = b"\x06"
+#: The server's answer to a preamble whose ID it does not pin (then it closes). Printable, and unlike any
+#: TLS record or the ACK byte, so a client never mistakes it.
+NAK = b"STBY1 refused: node ID not pinned\n"
 MAX_CERT = 16 * 1024
+#: How long, and for how many bytes, the client reads an answer that is not ACK to describe it.
+ANSWER_WAIT = 1.0
+ANSWER_MAX = 256
+#: How long the server waits after NAK for the client to read it and close (a reset could beat it).
+NAK_LINGER = 0.5
 
 
 @dataclass(frozen=True)
@@ -62,22 +76,98 @@ def _peer_der(writer: asyncio.StreamWriter) -> bytes:
     return bytes(der)
 
 
+def _where(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return "the other end"
+
+
+async def _answer(reader: asyncio.StreamReader, first: bytes) -> bytes:
+    """What the peer answered instead of ACK: ``first`` and whatever follows it within ANSWER_WAIT, up to a
+    line end, EOF or ANSWER_MAX bytes."""
+    data = bytearray(first)
+    with contextlib.suppress(TimeoutError, OSError):
+        async with asyncio.timeout(ANSWER_WAIT):
+            while b"\n" not in data and len(data) < ANSWER_MAX:
+                more = await reader.read(ANSWER_MAX - len(data))
+                if not more:
+                    break
+                data += more
+    return bytes(data)
+
+
+def describe_answer(data: bytes) -> str:
+    """A short, printable account of bytes a peer sent (for an error message): the first line of text in
+    quotes, or what kind of bytes they are."""
+    if data[:1] == b"\x15" and data[1:2] == b"\x03":
+        return "a TLS alert: it speaks TLS, not standby's preamble"
+    if data[:1] == b"\x16" and data[1:2] == b"\x03":
+        return "a TLS handshake record: it speaks TLS, not standby's preamble"
+    line = data.split(b"\n", 1)[0].rstrip(b"\r")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:  # text cut inside a character at ANSWER_MAX is still text
+        text = line[: e.start].decode("utf-8") if e.end == len(line) else ""
+    if text and text.isprintable():
+        return repr(text[:100] + ("..." if len(text) > 100 else ""))
+    return f"{len(data)} bytes that are not text: {data[:16].hex(' ')}{' ...' if len(data) > 16 else ''}"
+
+
 async def client_upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: TlsSettings) -> str:
-    """Run the client side on a fresh connection; returns the server's ID (== the pinned one)."""
+    """Run the client side on a fresh connection; returns the server's ID (== the pinned one). On any
+    failure the connection is closed and the error says what the peer did: refused our ID
+    (:class:`PeerRefused`), answered as something else (:class:`RemoteProtocolError`), or closed without a
+    word (:class:`ConnectionError`)."""
+    try:
+        return await _client_upgrade(reader, writer, tls)
+    except BaseException:
+        writer.transport.abort()
+        raise
+
+
+async def _client_upgrade(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: TlsSettings
+) -> str:
+    where = _where(writer)
     der = tls.identity.cert_der
     writer.write(PREAMBLE + struct.pack(">H", len(der)) + der)
     await writer.drain()
     # RACE: the ClientHello must not share a read with the preamble, or the server's stream buffer would
     # swallow it before TLS starts. The server's ACK byte says it read exactly the preamble.
-    if await reader.read(1) != ACK:
-        raise PeerRefused("the receiver refused our node ID (is it pinned in its [receiver] peer_id?)")
+    try:
+        first = await reader.read(1)
+    except ConnectionResetError:
+        raise ConnectionResetError(
+            f"the peer at {where} reset the connection without answering our preamble "
+            "(is it a standby receiver?)"
+        ) from None
+    if not first:
+        raise ConnectionError(
+            f"the peer at {where} closed the connection without answering our preamble "
+            "(is it a standby receiver?)"
+        )
+    if first != ACK:
+        answer = await _answer(reader, first)
+        if answer.startswith(NAK):
+            raise PeerRefused(
+                f"the receiver at {where} refused our node ID {tls.identity.id}: it is not the one pinned "
+                "in its [receiver] peer_id"
+            )
+        raise RemoteProtocolError(
+            f"the peer at {where} is not a standby receiver (it answered {describe_answer(answer)})"
+        )
     try:
         await writer.start_tls(_context(False, tls, None))
     except (ssl.SSLError, ConnectionError) as e:
-        raise PeerRefused(f"TLS handshake failed (is our ID pinned on the receiver?): {e}") from None
+        raise PeerRefused(
+            f"TLS handshake with the receiver at {where} failed after it accepted our node ID "
+            f"(do this node's node.key and node.crt belong together?): {e}"
+        ) from None
     presented = node_id(_peer_der(writer))
     if presented != tls.peer_id:
-        raise PeerRefused(f"the receiver presented ID {presented}, not the pinned {tls.peer_id}")
+        raise PeerRefused(f"the receiver at {where} presented ID {presented}, not the pinned {tls.peer_id}")
     return presented
 
 
@@ -92,6 +182,14 @@ async def server_upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     der = await reader.readexactly(n)
     presented = node_id(der)
     if presented != tls.peer_id:
+        writer.write(NAK)
+        with contextlib.suppress(TimeoutError, OSError):
+            await writer.drain()
+            # Let the client read the refusal and close first: our caller aborts the connection, and a
+            # reset can make the client's OS drop the NAK unread.
+            async with asyncio.timeout(NAK_LINGER):
+                while await reader.read(4096):
+                    pass
         raise PeerRefused(f"peer presented ID {presented}, not the pinned {tls.peer_id}")
     if reader._buffer:  # type: ignore[attr-defined]
         raise RemoteProtocolError("the peer started TLS before the preamble was acknowledged")

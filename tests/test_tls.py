@@ -25,7 +25,7 @@ import pytest
 
 from engine import codec, identity
 from engine.model import PROTOCOL_VERSION
-from engine.transport import ACK, PREAMBLE
+from engine.transport import ACK, NAK, PREAMBLE
 from tests.pair import Pair, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -108,16 +108,20 @@ async def attempt(
                     await writer.drain()
                 if eof:
                     writer.write_eof()
-                if tls is not None:
-                    if send.startswith(PREAMBLE):
-                        # The receiver answers ACK once it has read exactly the preamble and accepted the ID.
-                        ack = await reader.readexactly(1)
-                        assert ack == ACK, ack
-                    elif send:
-                        await asyncio.sleep(pause)
+                refused = False
+                if tls is not None and send.startswith(PREAMBLE):
+                    # The receiver answers ACK once it has read exactly the preamble and accepted the ID,
+                    # else the NAK line (read below, as what the receiver sent).
+                    received = await reader.readexactly(1)
+                    refused = received != ACK
+                    if not refused:
+                        received = b""
+                elif tls is not None and send:
+                    await asyncio.sleep(pause)
+                if tls is not None and not refused:
                     await writer.start_tls(tls, ssl_handshake_timeout=wait)
                     tls_ok = True
-                if then:
+                if then and not refused:
                     writer.write(then)
                     await writer.drain()
                 while chunk := await reader.read(65536):
@@ -243,7 +247,8 @@ def test_certificate_of_another_identity_is_refused_and_its_id_logged(pair: Pair
             then=hello_frame(),
         )
     )
-    assert out.closed and out.received == b"", out
+    # The receiver says why (its NAK line, so the client can tell a refusal from a stranger), then closes.
+    assert out.closed and out.received == NAK, out
     assert not out.tls, "the receiver started TLS with an unpinned certificate"
     pair.wait_log("receive", "receiver.refused")
     (line,) = log_lines(pair, "receive", "receiver.refused")
@@ -257,7 +262,7 @@ def test_garbage_certificate_is_refused_by_its_id(pair: Pair) -> None:
     pair.start("receive")
     der = b"\x30\x82" + bytes(300)
     out = run(attempt(pair.port, preamble(der), tls=client_context()))
-    assert out.closed and not out.tls, out
+    assert out.closed and not out.tls and out.received == NAK, out
     pair.wait_log("receive", "receiver.refused")
     assert identity.node_id(der) in pair.log("receive")
     receiver_alive(pair)
@@ -513,7 +518,7 @@ def test_after_every_hostile_client_a_proper_sender_still_replicates(pair: Pair,
         )
 
     for out in run(gauntlet()):
-        assert out.closed and out.received in (b"", ACK), out
+        assert out.closed and out.received in (b"", ACK, NAK), out
     receiver_alive(pair)
     st = pair.wait_status(
         lambda s: (
