@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
@@ -88,10 +89,16 @@ def _stop(p: subprocess.Popen[bytes]) -> None:
             p.wait()
 
 
-def _table(cfg: config.Config, sim_batches: int, elapsed: float) -> Table:
+def _table(
+    cfg: config.Config,
+    sim_batches: int,
+    elapsed: float,
+    statuses: tuple[dict[str, Any], dict[str, Any]] | None = None,
+) -> Table:
     assert cfg.sender is not None and cfg.receiver is not None
-    s = read_status(cfg.sender.state_dir) or {}
-    r = read_status(cfg.receiver.state_dir) or {}
+    if statuses is None:
+        statuses = (read_status(cfg.sender.state_dir) or {}, read_status(cfg.receiver.state_dir) or {})
+    s, r = statuses
     t = Table(title=f"standby demo: {elapsed:5.1f} s, {sim_batches} writer batches")
     t.add_column("node")
     t.add_column("state")
@@ -116,6 +123,27 @@ def _table(cfg: config.Config, sim_batches: int, elapsed: float) -> Table:
         f"groups {rc.get('groups', 0)}, problems {rc.get('problems', 0)}",
     )
     return t
+
+
+def wait_final_status(
+    sender_state: Path, receiver_state: Path, verified_at: float, replica_seq: int, timeout: float = 5.0
+) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """The two nodes' status as of the verdict: wait until both have rewritten it since ``verified_at``
+    (wall clock; each does about once a second) and it shows the verified position (the receiver at
+    ``replica_seq`` or later, and the sender's head acknowledged and applied). A table printed from the
+    status read just before would show positions up to a second old next to "verified identical".
+    Returns the statuses and whether they settled within ``timeout`` (if not: the last ones read)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = read_status(sender_state) or {}
+        r = read_status(receiver_state) or {}
+        fresh = float(s.get("updated", 0)) > verified_at and float(r.get("updated", 0)) > verified_at
+        head = s.get("head", -1)
+        if fresh and s.get("acked_seq") == head == r.get("applied_seq") and head >= replica_seq:
+            return s, r, True
+        if time.monotonic() >= deadline:
+            return s, r, False
+        time.sleep(0.05)
 
 
 def run_demo(seconds: float, rooms: int, rate: float, keep: bool) -> int:
@@ -149,6 +177,7 @@ def run_demo(seconds: float, rooms: int, rate: float, keep: bool) -> int:
     w = threading.Thread(target=writer, name="writer", daemon=True)
     t0 = time.monotonic()
     rc = 1
+    settled = True
     try:
         w.start()
         with Live(_table(cfg, 0, 0.0), console=con, refresh_per_second=4) as live:
@@ -166,7 +195,14 @@ def run_demo(seconds: float, rooms: int, rate: float, keep: bool) -> int:
                 time.sleep(0.2)
                 live.update(_table(cfg, batches[0], time.monotonic() - t0))
                 report = asyncio.run(verify(cfg.sender, check))
-            live.update(_table(cfg, batches[0], time.monotonic() - t0))
+            statuses = None
+            if report.identical:
+                assert cfg.receiver is not None
+                s, r, settled = wait_final_status(
+                    cfg.sender.state_dir, cfg.receiver.state_dir, time.time(), report.replica_seq
+                )
+                statuses = (s, r)
+            live.update(_table(cfg, batches[0], time.monotonic() - t0, statuses))
         if not con.is_terminal:
             con.line()  # the last frame of a Live that is not on a terminal ends without a newline
         if report.identical:
@@ -174,6 +210,8 @@ def run_demo(seconds: float, rooms: int, rate: float, keep: bool) -> int:
                 f"[green]verified[/]: the replica is identical to the source, "
                 f"{report.source_entries} files and folders, by xxh3-128 hash"
             )
+            if not settled:
+                con.print("(the positions above are the last the nodes reported; they had not caught up)")
             rc = 0
         else:
             con.print(f"[red]{len(report.differences)} differences remain[/]:")
