@@ -56,5 +56,27 @@ class JournalError(ReplicationError):
     """The journal cannot be opened or read (not a torn tail: that is cut, not raised)."""
 
 
+class JournalDamaged(JournalError):
+    """The journal's bytes are inconsistent at a known place: a frame that is whole but not a valid entry,
+    a bad frame with a valid one after it, a seq out of order. Never cut on open: ``standby journal check``
+    reports it and ``standby journal repair`` keeps the valid prefix and moves the rest aside."""
+
+    def __init__(self, segment: str, offset: int, reason: str, hint: str = "") -> None:
+        where = f"journal segment {segment} at byte {offset}: {reason}"
+        super().__init__(f"{where} ({hint})" if hint else where)
+        self.segment = segment
+        self.offset = offset
+        self.reason = reason
+
+
+class JournalFull(JournalError):
+    """The journal's disk is full (ENOSPC) or over quota (EDQUOT). The journal stays consistent: it holds
+    exactly the entries up to ``Journal.pending``; whatever the failing call was appending is gone."""
+
+
+class StateLocked(ReplicationError):
+    """Another process holds the state folder (a second ``send`` or ``receive`` on the same folder)."""
+
+
 class ApplyError(ReplicationError):
     """A change could not be applied to the replica."""

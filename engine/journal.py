@@ -5,6 +5,7 @@ Layout of ``<state_dir>/journal/``::
     journal.id                      the journal's identity (hex), written once
     00000000000000000001.sbj        a segment, named by the first seq it holds
     00000000000000052213.sbj        ...
+    damaged-20261125T100000Z/       what ``standby journal repair`` set aside (never read, never deleted)
 
 A segment is a sequence of frames (see :mod:`engine.codec`). The first frame is the segment header
 ``{"k": "seg", "fmt": "standby-journal", "v": 1, "journal": ID, "first": SEQ}``. Then come entries: an
@@ -13,24 +14,37 @@ followed, for a put, by exactly ``c`` frames each holding one raw content chunk 
 1 MiB). These bytes are also the wire format of an entry, so the sender streams journal bytes as they are.
 
 INVARIANT: seqs are consecutive from the first segment to the head, with no gap.
-INVARIANT: only entries up to ``head`` (made durable by :meth:`Journal.commit`) are ever read.
-A torn tail (a crash mid-append) is cut back to the last whole entry when the journal is opened.
+INVARIANT: only entries up to ``head`` (made durable by :meth:`Journal.commit`) are ever read, and a cursor
+never reads a byte past the committed end (segment, offset) recorded with the head: bytes beyond it may
+still be truncated (an aborted put, a failed append) and written again.
+INVARIANT: a whole entry on disk is a finished one: a streamed put writes its last chunk only once its
+content is checked, so an aborted put is never whole, even for a moment.
+INVARIANT: only a torn tail is ever cut on open: a frame cut short (or failing its checksum) at the very end
+of the last segment, with no whole frame after it. A whole frame that is not a valid entry, a bad frame
+with a whole frame after it, or a seq out of order is damage: open refuses it (:class:`JournalDamaged`,
+naming segment and offset) and ``standby journal repair`` keeps the valid prefix and sets the rest aside.
+A full disk (ENOSPC, EDQUOT) raises :class:`JournalFull` and leaves the journal holding exactly the entries
+up to :attr:`Journal.pending`.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
+import re
 import secrets
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from engine import codec
 from engine.digest import DIGEST_SIZE, Hasher, digest_bytes
-from engine.errors import JournalError
+from engine.errors import JournalDamaged, JournalError, JournalFull
 from engine.model import CHUNK_SIZE, Change, Op, chunk_count
 
 log = logging.getLogger(__name__)
@@ -39,6 +53,16 @@ FORMAT = "standby-journal"
 FORMAT_VERSION = 1
 SUFFIX = ".sbj"
 DEFAULT_SEGMENT_BYTES = 64 << 20
+DAMAGED_PREFIX = "damaged-"
+#: Ends every message about a journal that open or a cursor found inconsistent.
+RECOVERY_HINT = (
+    "run: standby journal check --config FILE; "
+    "standby journal repair --config FILE keeps the valid prefix and sets the rest aside"
+)
+#: The errors that mean "no space left": the disk is full or the user is over quota.
+FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+#: Entry headers are small (two paths of at most 1,024 characters): a frame that could be one is below this.
+MAX_HEADER_FRAME = 16 << 10
 
 
 def fsync_dir(path: Path) -> None:
@@ -54,6 +78,12 @@ def fsync_dir(path: Path) -> None:
 
 def _seg_name(first: int) -> str:
     return f"{first:020d}{SUFFIX}"
+
+
+def _seg_header(journal_id: str, first: int) -> bytes:
+    return codec.encode(
+        {"k": "seg", "fmt": FORMAT, "v": FORMAT_VERSION, "journal": journal_id, "first": first}
+    )
 
 
 def entry_header(change: Change) -> dict[str, Any]:
@@ -74,6 +104,39 @@ class Entry:
 class _Segment:
     path: Path
     first: int
+    #: Size once sealed (a later segment exists); None for the segment being written.
+    end: int | None = None
+
+
+def _pread(f: io.FileIO, offset: int, n: int) -> bytes:
+    """Up to ``n`` bytes at ``offset`` (fewer only at the end of the file), straight from the OS: never
+    from a read-ahead buffer that a truncation may have made stale."""
+    parts: list[bytes] = []
+    while n > 0:
+        if sys.platform == "win32":
+            f.seek(offset)
+            b = f.read(n) or b""
+        else:
+            b = os.pread(f.fileno(), n, offset)
+        if not b:
+            break
+        parts.append(b)
+        offset += len(b)
+        n -= len(b)
+    return b"".join(parts)
+
+
+def _write_all(f: io.FileIO, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        view = view[n or 0 :]
+
+
+def _full_or_error(e: OSError, what: str) -> JournalError:
+    if e.errno in FULL_ERRNOS:
+        return JournalFull(f"journal disk full: {what}: {e.strerror or e} (nothing half-written was kept)")
+    return JournalError(f"journal write failed: {what}: {e.strerror or e}")
 
 
 class Journal:
@@ -95,25 +158,50 @@ class Journal:
         self.head = 0  # last durable seq
         self._next = 1  # next seq to assign
         self._segments: list[_Segment] = []
-        self._out: BinaryIO | None = None
+        self._out: io.FileIO | None = None  # unbuffered: what a write returned is in the file, no more
         self._out_size = 0
+        self._durable = 0  # end of the committed entries in the segment being written
         self._dirty = False
+        self._appender: PutAppender | None = None
+        self._broken = ""  # why appending is no longer possible (a failed append could not be undone)
+        # (head, first seq of the segment holding the committed end, byte offset of that end), replaced as
+        # one tuple so that a reader in another thread never sees half of an update.
+        self._committed: tuple[int, int, int] = (0, 0, 0)
 
     # -- opening ------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, folder: Path, **kw: Any) -> Journal:
         j = cls(folder, **kw)
-        j._open()
+        try:
+            j._open()
+        except OSError as e:
+            j._close_quietly()
+            if e.errno in FULL_ERRNOS:
+                raise JournalFull(f"journal disk full: {folder}: {e.strerror or e}") from e
+            raise
+        except BaseException:
+            j._close_quietly()
+            raise
         return j
 
+    def _close_quietly(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
     def _open(self) -> None:
+        if self.readonly and not self.folder.is_dir():
+            raise JournalError(f"{self.folder}: no journal here")
         self.folder.mkdir(parents=True, exist_ok=True)
         id_file = self.folder / "journal.id"
-        segs = sorted(p for p in self.folder.iterdir() if p.suffix == SUFFIX)
+        segs = sorted(p for p in self.folder.iterdir() if p.suffix == SUFFIX and p.is_file())
         if id_file.exists():
             self.id = id_file.read_text("ascii").strip()
         elif segs:
-            raise JournalError(f"{self.folder}: segments without journal.id; refusing to guess its identity")
+            raise JournalError(
+                f"{self.folder}: segments without journal.id; refusing to guess its identity "
+                f"({RECOVERY_HINT})"
+            )
         elif self.readonly:
             raise JournalError(f"{self.folder}: no journal here")
         else:
@@ -125,10 +213,9 @@ class Journal:
             os.replace(tmp, id_file)
             fsync_dir(self.folder)
         for p in segs:
-            stem = p.stem
-            if not stem.isdigit():
-                raise JournalError(f"{p}: not a segment name")
-            self._segments.append(_Segment(p, int(stem)))
+            if not p.stem.isdigit():
+                raise JournalError(f"{p}: not a segment name ({RECOVERY_HINT})")
+            self._segments.append(_Segment(p, int(p.stem)))
         if not self._segments:
             if self.readonly:
                 raise JournalError(f"{self.folder}: the journal holds no segment")
@@ -136,71 +223,78 @@ class Journal:
             self._next = 1
             self.head = 0
             return
+        for s in self._segments[:-1]:
+            s.end = s.path.stat().st_size
         last = self._segments[-1]
-        end, last_seq = self._scan_tail(last)
-        size = last.path.stat().st_size
-        self.head = last_seq
-        self._next = last_seq + 1
+        scan = scan_segment(last.path, self.id, last.first)
+        end = scan.end
+        if scan.problem and scan.torn and scan.end == 0 and not self.readonly:
+            # A crash while the segment was being created: it holds a prefix of its own header and no
+            # entry. Write the header again. Anything else is not ours to repair.
+            log.warning("journal.segment_header_repaired segment=%s", last.path.name)
+            end = self._rewrite_header(last)
+        elif scan.problem and (not scan.torn or scan.end == 0):
+            # RACE: a reader in another process may catch a live sender between an aborted put's
+            # truncation and the next append; opening again a moment later reads a consistent file.
+            raise JournalDamaged(str(last.path), scan.at, scan.problem, RECOVERY_HINT)
+        self.head = scan.last
+        self._next = scan.last + 1
         if self.readonly:  # a live sender may be appending: never cut, only read what is whole
+            self._committed = (self.head, last.first, end)
             return
-        if end < size:
-            log.warning("journal.torn_tail_cut segment=%s cut_at=%d size=%d", last.path.name, end, size)
+        if end < scan.size:
+            log.warning(
+                "journal.torn_tail_cut segment=%s cut_at=%d size=%d reason=%r",
+                last.path.name,
+                end,
+                scan.size,
+                scan.problem,
+            )
             with open(last.path, "rb+") as f:
                 f.truncate(end)
                 os.fsync(f.fileno())
-        self._out = open(last.path, "ab")  # noqa: SIM115 - held open for appends
-        self._out_size = end
-
-    def _scan_tail(self, seg: _Segment) -> tuple[int, int]:
-        """Return (end offset of the last whole entry, its seq) of a segment; checks seq continuity."""
-        data = seg.path.read_bytes()
-        res = codec.decode_at(data, 0)
-        if isinstance(res, codec.Torn) or not _is_seg_header(res[0], self.id, seg.first):
-            expected = self._seg_header(seg.first)
-            if len(data) < len(expected) and expected.startswith(data) and not self.readonly:
-                # A crash while the segment was being created: it holds a prefix of its own header and no
-                # entry. Write the header again. Anything else is not ours to repair.
-                log.warning("journal.segment_header_repaired segment=%s", seg.path.name)
-                self._rewrite_header(seg)
-                return len(expected), seg.first - 1
-            raise JournalError(f"{seg.path}: bad segment header (not a torn creation; refusing to guess)")
-        off = res[1]
-        seq = seg.first - 1
-        good = off
-        for header, _chunks, end in _iter_entries(data, off):
-            if header is None:
-                break
-            if header.seq != seq + 1:
-                raise JournalError(f"{seg.path}: seq {header.seq} follows {seq}")
-            seq = header.seq
-            good = end
-        return good, seq
+        self._out = open(last.path, "ab", buffering=0)  # noqa: SIM115 - held open for appends
+        self._out_size = self._durable = end
+        self._committed = (self.head, last.first, end)
 
     def _seg_header(self, first: int) -> bytes:
-        return codec.encode(
-            {"k": "seg", "fmt": FORMAT, "v": FORMAT_VERSION, "journal": self.id, "first": first}
-        )
+        return _seg_header(self.id, first)
 
-    def _rewrite_header(self, seg: _Segment) -> None:
+    def _rewrite_header(self, seg: _Segment) -> int:
+        header = self._seg_header(seg.first)
         with open(seg.path, "wb") as f:
-            f.write(self._seg_header(seg.first))
+            f.write(header)
             f.flush()
             os.fsync(f.fileno())
+        return len(header)
 
     def _start_segment(self, first: int) -> None:
-        if self._out is not None:
-            self._out.close()
         seg = _Segment(self.folder / _seg_name(first), first)
-        self._out = open(seg.path, "wb")  # noqa: SIM115
         header = self._seg_header(first)
-        self._out.write(header)
-        self._out.flush()  # INVARIANT: a listed segment always has its header readable
-        self._out_size = len(header)
-        self._dirty = True
-        if self.fsync:
-            os.fsync(self._out.fileno())
-            fsync_dir(self.folder)
+        try:
+            f = open(seg.path, "wb", buffering=0)  # noqa: SIM115 - held open for appends
+        except OSError as e:
+            raise _full_or_error(e, str(seg.path)) from e
+        try:
+            _write_all(f, header)  # INVARIANT: a listed segment always has its header readable
+            if self.fsync:
+                self._fsync(f)
+                fsync_dir(self.folder)
+        except OSError as e:
+            f.close()
+            try:
+                seg.path.unlink()
+            except OSError:
+                pass  # a prefix of a header: the next open writes it again
+            raise _full_or_error(e, str(seg.path)) from e
+        if self._out is not None:
+            self._segments[-1].end = self._out_size  # sealed before the committed end moves past it
+            self._out.close()
+        self._out = f
+        self._out_size = self._durable = len(header)
+        self._dirty = False
         self._segments.append(seg)
+        self._committed = (self.head, first, len(header))
 
     # -- appending ----------------------------------------------------------------------------------------
     @property
@@ -212,11 +306,50 @@ class Journal:
         """Seq of the last appended (maybe not yet durable) entry."""
         return self._next - 1
 
-    def _write(self, data: bytes) -> None:
+    def _fsync(self, f: io.FileIO) -> None:
+        """The one place the journal's data is fsynced (a seam for tests that inject a full disk)."""
+        os.fsync(f.fileno())
+
+    def _writable(self) -> io.FileIO:
+        if self.readonly:
+            raise JournalError(f"{self.folder}: the journal was opened read-only")
+        if self._broken:
+            raise JournalError(self._broken)
+        if self._appender is not None:
+            raise JournalError(f"entry {self._appender.change.seq}: a streamed put is still open")
         assert self._out is not None
-        self._out.write(data)
-        self._out_size += len(data)
+        return self._out
+
+    def _write(self, data: bytes) -> None:
+        """Append bytes at the end of the segment; on an OSError the caller undoes its entry (``_undo``)."""
+        assert self._out is not None
+        view = memoryview(data)
         self._dirty = True
+        while view:
+            n = self._out.write(view) or 0
+            self._out_size += n
+            view = view[n:]
+
+    def _undo(self, offset: int, e: OSError) -> JournalError:
+        """Cut the segment back to ``offset`` after a failed append; the error to raise for ``e``."""
+        seg = self._segments[-1].path
+        self._cut_back(offset)
+        err = _full_or_error(e, str(seg))
+        log.debug("journal.append_undone segment=%s offset=%d error=%r", seg.name, offset, e.strerror)
+        return err
+
+    def _cut_back(self, offset: int) -> None:
+        assert self._out is not None
+        try:
+            self._out.truncate(offset)
+            self._out.seek(offset)
+        except OSError as e:
+            self._broken = (
+                f"journal segment {self._segments[-1].path}: a failed append could not be removed ({e}); "
+                "restart to reopen the journal (its torn tail is cut then)"
+            )
+            raise JournalError(self._broken) from e
+        self._out_size = offset
 
     def _maybe_rotate(self) -> None:
         if self._out_size >= self.segment_bytes and self._next > self._segments[-1].first:
@@ -224,7 +357,10 @@ class Journal:
             self._start_segment(self._next)
 
     def append(self, change: Change, content: bytes | None = None) -> Change:
-        """Append one entry (content whole, for a put of a small file). Returns it with its seq."""
+        """Append one entry (content whole, for a put of a small file). Returns it with its seq.
+
+        Raises :class:`JournalFull` (disk full) with nothing of the entry left in the journal."""
+        self._writable()
         self._maybe_rotate()
         c = change
         if c.op is Op.PUT:
@@ -235,43 +371,66 @@ class Journal:
             change = Change(self._next, c.op, c.path, c.dst, len(data), c.mtime_ns, digest, n, c.ts_ns)
             parts = [codec.encode(entry_header(change))]
             parts.extend(codec.encode(data[i : i + CHUNK_SIZE]) for i in range(0, len(data), CHUNK_SIZE))
-            self._write(b"".join(parts))
+            raw = b"".join(parts)
         else:
             change = Change(self._next, c.op, c.path, c.dst, c.size, c.mtime_ns, c.digest, c.chunks, c.ts_ns)
-            self._write(codec.encode(entry_header(change)))
+            raw = codec.encode(entry_header(change))
+        start = self._out_size
+        try:
+            self._write(raw)
+        except OSError as e:
+            raise self._undo(start, e) from e
         self._next += 1
         return change
 
     def begin_put(self, change: Change) -> PutAppender:
         """Start a streamed put whose header (size, digest) is known; chunks follow."""
+        self._writable()
         self._maybe_rotate()
         change = replace(change, seq=self._next, chunks=chunk_count(change.size))
-        assert self._out is not None
-        self._out.flush()
         return PutAppender(self, change, self._out_size)
 
     def _truncate_to(self, offset: int) -> None:
-        assert self._out is not None
-        self._out.flush()
-        self._out.truncate(offset)
-        self._out.seek(offset)
-        self._out_size = offset
+        self._cut_back(offset)
 
     def commit(self) -> int:
-        """Make every appended entry durable (one fsync for the group); return the new head."""
+        """Make every appended entry durable (one fsync for the group); return the new head.
+
+        Raises :class:`JournalFull` if the fsync finds the disk full: then nothing appended since the last
+        commit can be trusted, so all of it is removed (``pending == head``)."""
+        if self.readonly:
+            return self.head
+        if self._broken:
+            raise JournalError(self._broken)
         if self._out is not None and self._dirty:
-            self._out.flush()
             if self.fsync:
-                os.fsync(self._out.fileno())
+                try:
+                    self._fsync(self._out)
+                except OSError as e:
+                    # After a failed fsync the kernel may have dropped the pages it could not write: only
+                    # what an earlier commit made durable is trusted.
+                    if self._appender is not None:
+                        self._appender._dead()
+                    self._next = self.head + 1
+                    raise self._undo(self._durable, e) from e
             self._dirty = False
+        seg = self._segments[-1]
+        # A put still being streamed is not committed, whatever was fsynced of it.
+        end = self._appender.start if self._appender is not None else self._out_size
+        self._durable = end
+        self._committed = (self._next - 1, seg.first, end)  # INVARIANT: before head, for readers
         self.head = self._next - 1
         return self.head
 
     def close(self) -> None:
         if self._out is not None:
-            self.commit()
-            self._out.close()
-            self._out = None
+            try:
+                if self._appender is not None:
+                    self._appender.abort()
+                self.commit()
+            finally:
+                self._out.close()
+                self._out = None
 
     # -- reading ------------------------------------------------------------------------------------------
     def cursor(self, seq: int) -> Cursor:
@@ -283,13 +442,27 @@ class Journal:
     def segments(self) -> list[tuple[Path, int]]:
         return [(s.path, s.first) for s in self._segments]
 
-    def prune(self, acked: int, keep_after_mtime: float) -> int:
-        """Delete whole segments whose entries are all acknowledged and that are older than the cut-off."""
+    def _readable_end(self, seg: _Segment) -> int:
+        """How many bytes of ``seg`` a cursor may read: never past the committed end."""
+        _head, first, end = self._committed  # read first: a sealed segment's end is set before it moves
+        if seg.first == first:
+            return end
+        if seg.end is not None:
+            return seg.end
+        if seg.first < first:  # not expected: sealed segments carry their end
+            return seg.path.stat().st_size
+        return 0  # started after the committed end: only its header (always readable) is there
+
+    def prune(self, acked: int, keep_after_mtime: float, *, pressure: bool = False) -> int:
+        """Delete whole segments whose entries are all acknowledged and that are older than the cut-off.
+
+        ``pressure=True`` (the journal's disk is full) deletes every wholly acknowledged segment whatever
+        its age. The segment being written is never deleted, nor anything not acknowledged."""
         removed = 0
         while len(self._segments) > 1 and self._segments[1].first - 1 <= acked:
             seg = self._segments[0]
             try:
-                if seg.path.stat().st_mtime >= keep_after_mtime:
+                if not pressure and seg.path.stat().st_mtime >= keep_after_mtime:
                     break
                 seg.path.unlink()
             except FileNotFoundError:
@@ -299,11 +472,16 @@ class Journal:
                 break
             self._segments.pop(0)
             removed += 1
+        if removed and pressure:
+            log.warning("journal.pruned_under_pressure segments=%d first_seq=%d", removed, self.first_seq)
         return removed
 
 
 class PutAppender:
-    """Streams one put's chunks into the journal; :meth:`abort` removes every byte it wrote."""
+    """Streams one put's chunks into the journal; :meth:`abort` removes every byte it wrote.
+
+    A :class:`JournalFull` from :meth:`write` or :meth:`finish` has already removed them: the put is over.
+    """
 
     def __init__(self, journal: Journal, change: Change, start: int) -> None:
         self.journal = journal
@@ -313,38 +491,66 @@ class PutAppender:
         self._written = 0
         self._chunks = 0
         self._buf = bytearray()
-        journal._write(codec.encode(entry_header(change)))
+        self._open = True
+        try:
+            journal._write(codec.encode(entry_header(change)))
+        except OSError as e:
+            self._open = False
+            raise journal._undo(start, e) from e
+        journal._appender = self
 
     def write(self, data: bytes) -> None:
         """Add content; it is framed in chunks of exactly CHUNK_SIZE (the last one shorter)."""
+        if not self._open:
+            raise JournalError(f"entry {self.change.seq}: the streamed put is over (finished or aborted)")
         self._hasher.update(data)
         self._written += len(data)
+        if self._written > self.change.size:
+            self._buf.clear()  # more than announced: finish() refuses it, nothing more is written
+            return
         self._buf += data
-        while len(self._buf) >= CHUNK_SIZE:
+        # The last chunk stays here until finish() has checked the content (see the INVARIANT above).
+        while len(self._buf) > CHUNK_SIZE:
             self._emit(bytes(self._buf[:CHUNK_SIZE]))
             del self._buf[:CHUNK_SIZE]
 
     def _emit(self, chunk: bytes) -> None:
+        try:
+            self.journal._write(codec.encode(chunk))
+        except OSError as e:
+            self._dead()
+            raise self.journal._undo(self.start, e) from e
         self._chunks += 1
-        self.journal._write(codec.encode(chunk))
+
+    def _dead(self) -> None:
+        self._open = False
+        if self.journal._appender is self:
+            self.journal._appender = None
 
     def finish(self) -> Change | None:
         """Close the entry. Returns None (and aborts) if the content did not match the header."""
-        if self._buf:
-            self._emit(bytes(self._buf))
-            self._buf.clear()
+        if not self._open:
+            return None
+        last = bytes(self._buf)
+        self._buf.clear()
         if (
             self._written != self.change.size
-            or self._chunks != self.change.chunks
+            or self._chunks + (1 if last else 0) != self.change.chunks
             or self._hasher.digest() != self.change.digest
         ):
             self.abort()
             return None
+        if last:
+            self._emit(last)
+        self._dead()
         self.journal._next += 1
         return self.change
 
     def abort(self) -> None:
-        self.journal._truncate_to(self.start)
+        """Remove every byte of this put (a no-op once it is over)."""
+        if self._open:
+            self._dead()
+            self.journal._cut_back(self.start)
 
 
 def _is_seg_header(v: Any, journal_id: str, first: int) -> bool:
@@ -358,45 +564,304 @@ def _is_seg_header(v: Any, journal_id: str, first: int) -> bool:
     )
 
 
-def _iter_entries(data: bytes, off: int) -> Iterator[tuple[Change | None, list[bytes], int]]:
-    """Yield (header, chunks, end) for each whole entry from ``off``; a final (None, [], off) if torn."""
-    while off < len(data):
-        res = codec.decode_at(data, off)
+# -- scanning: what open, check and repair know about a segment --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentScan:
+    """What a segment holds: its header and whole, valid entries up to ``end``, then maybe a problem."""
+
+    path: Path
+    first: int
+    size: int
+    end: int  # end of the valid prefix: the header and the whole entries after it (0: not even a header)
+    last: int  # seq of the last whole entry (first - 1 if none)
+    entries: int = 0
+    problem: str = ""  # why the bytes from ``end`` on are not whole entries ("" when there are none)
+    at: int = 0  # offset of the first bad frame (inside the entry starting at ``end``)
+    torn: bool = False  # a torn tail: the end of an interrupted append, the only thing open ever cuts
+
+
+class _FrameReader:
+    """Frames of a segment file by offset, through a read-ahead window. Used by scans only, which read a
+    file no writer truncates below what they scan (cursors read without a window: see Cursor)."""
+
+    WINDOW = 1 << 20
+
+    def __init__(self, f: io.FileIO, size: int) -> None:
+        self._f = f
+        self.size = size
+        self._base = 0
+        self._buf = b""
+
+    def _ensure(self, off: int, n: int) -> None:
+        if off < self._base or off + n > self._base + len(self._buf):
+            self._base = off
+            self._buf = _pread(self._f, off, max(n, self.WINDOW))
+
+    def frame_at(self, off: int) -> tuple[Any, int] | codec.Torn:
+        if self.size - off < codec.HEADER_SIZE:
+            return codec.Torn(off, "truncated header")
+        self._ensure(off, codec.HEADER_SIZE)
+        length, _crc = codec.HEADER.unpack_from(self._buf, off - self._base)
+        if length <= codec.DEFAULT_MAX_FRAME and off + codec.HEADER_SIZE + length <= self.size:
+            self._ensure(off, codec.HEADER_SIZE + length)
+        res = codec.decode_at(self._buf, off - self._base)
         if isinstance(res, codec.Torn):
-            yield None, [], off
-            return
-        value, nxt = res
-        try:
-            if not isinstance(value, dict) or value.get("k") != "e":
-                raise ValueError("not an entry header")
-            change = Change.from_wire(value)
-        except ValueError:
-            yield None, [], off
-            return
-        chunks: list[bytes] = []
-        for _ in range(change.chunks):
-            r = codec.decode_at(data, nxt)
-            if isinstance(r, codec.Torn) or not isinstance(r[0], bytes):
-                yield None, [], off
-                return
-            chunks.append(r[0])
-            nxt = r[1]
-        yield change, chunks, nxt
-        off = nxt
+            return codec.Torn(off, res.reason)
+        return res[0], res[1] + self._base
+
+    def declared_end(self, off: int) -> int | None:
+        """Where the frame at ``off`` says it ends, if its length is plausible and inside the file."""
+        if self.size - off < codec.HEADER_SIZE:
+            return None
+        self._ensure(off, codec.HEADER_SIZE)
+        length = int(codec.HEADER.unpack_from(self._buf, off - self._base)[0])
+        end = off + codec.HEADER_SIZE + length
+        return end if 0 < length <= codec.DEFAULT_MAX_FRAME and end < self.size else None
+
+
+#: Where a frame holding an entry header (a small msgpack map) or a content chunk (msgpack bin) may start:
+#: u32 length (small), u32 checksum, then the map or bin marker. Candidates are checked by checksum.
+_FRAME_START = re.compile(
+    rb"(?=[\x00-\xff]{2}[\x00-\x3f]\x00[\x00-\xff]{4}[\x80-\x8f\xde])"
+    rb"|(?=[\x00-\xff]{2}[\x00-\x10]\x00[\x00-\xff]{4}[\xc4\xc5\xc6])"
+)
+
+
+def _whole_frame_after(f: io.FileIO, rd: _FrameReader, at: int) -> int | None:
+    """Offset of a whole, valid frame after the bad frame at ``at``: first where that frame says it ends,
+    then anywhere later (an entry header or a content chunk). None: nothing after it is whole."""
+    end = rd.declared_end(at)
+    if end is not None and not isinstance(rd.frame_at(end), codec.Torn):
+        return end
+    step = 4 << 20
+    overlap = codec.DEFAULT_MAX_FRAME + codec.HEADER_SIZE
+    pos = at + 1
+    while pos < rd.size - codec.HEADER_SIZE:
+        buf = _pread(f, pos, step + overlap)
+        for m in _FRAME_START.finditer(buf):
+            i = m.start()
+            if i >= step:
+                break
+            res = codec.decode_at(buf, i)
+            if isinstance(res, codec.Torn):
+                continue
+            v = res[0]
+            if (isinstance(v, dict) and v.get("k") == "e") or isinstance(v, bytes):
+                return pos + i
+        pos += step
+    return None
+
+
+def scan_segment(path: Path, journal_id: str, first: int) -> SegmentScan:
+    """Walk a segment frame by frame and say how far it holds whole, valid entries, and why not further.
+
+    Decides torn tail against damage: a bad frame is a torn tail only if no whole frame follows it."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        rd = _FrameReader(f, size)
+        base = SegmentScan(path, first, size, 0, first - 1)
+        hdr = rd.frame_at(0)
+        if isinstance(hdr, codec.Torn) or not _is_seg_header(hdr[0], journal_id, first):
+            expected = _seg_header(journal_id, first)
+            if size < len(expected) and expected.startswith(_pread(f, 0, size)):
+                return replace(base, problem="torn segment header (a crash while it was created)", torn=True)
+            why = hdr.reason if isinstance(hdr, codec.Torn) else "not this journal's header for this name"
+            return replace(base, problem=f"bad segment header: {why}")
+        off = hdr[1]
+        seq = first - 1
+        count = 0
+
+        def bad(at: int, reason: str) -> SegmentScan:
+            nxt = _whole_frame_after(f, rd, at)
+            if nxt is None:
+                return replace(base, end=off, last=seq, entries=count, problem=reason, at=at, torn=True)
+            why = f"{reason}, with a whole frame after it at byte {nxt}"
+            return replace(base, end=off, last=seq, entries=count, problem=why, at=at)
+
+        def damaged(at: int, reason: str) -> SegmentScan:
+            return replace(base, end=off, last=seq, entries=count, problem=reason, at=at)
+
+        while off < size:
+            r = rd.frame_at(off)
+            if isinstance(r, codec.Torn):
+                return bad(off, f"bad frame: {r.reason}")
+            value, nxt = r
+            try:
+                if not isinstance(value, dict) or value.get("k") != "e":
+                    raise ValueError("not an entry header")
+                change = Change.from_wire(value)
+            except ValueError as e:
+                return damaged(off, f"a whole frame that is not a valid entry after seq {seq}: {e}")
+            if change.seq != seq + 1:
+                return damaged(off, f"seq {change.seq} follows {seq}")
+            total = 0
+            for i in range(change.chunks):
+                c = rd.frame_at(nxt)
+                if isinstance(c, codec.Torn):
+                    return bad(
+                        nxt, f"content frame {i + 1} of {change.chunks} of entry {change.seq}: {c.reason}"
+                    )
+                if not isinstance(c[0], bytes):
+                    return damaged(nxt, f"content frame {i + 1} of entry {change.seq} is not bytes")
+                total += len(c[0])
+                nxt = c[1]
+            if total != change.size:
+                return damaged(
+                    off, f"entry {change.seq} holds {total} content bytes, its header says {change.size}"
+                )
+            seq = change.seq
+            off = nxt
+            count += 1
+        return replace(base, end=off, last=seq, entries=count)
+
+
+# -- check and repair: the documented recovery from damage ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JournalCheck:
+    """A whole-journal check: every segment scanned in order until the first problem."""
+
+    folder: Path
+    id: str
+    scans: tuple[SegmentScan, ...]  # in order, the last one the first with a problem (if any)
+    later: tuple[Path, ...] = ()  # segments after the bad one, not scanned
+    problem: str = ""  # a problem no segment scan names (no journal.id, a file that is not a segment)
+
+    @property
+    def bad(self) -> SegmentScan | None:
+        """The first segment with a problem (its valid prefix ends at ``end``)."""
+        return self.scans[-1] if self.scans and self.scans[-1].problem else None
+
+    @property
+    def torn_tail_only(self) -> bool:
+        """The only problem is a torn tail of the last segment (open cuts it: not damage)."""
+        b = self.bad
+        return b is not None and b.torn and not self.later and not self.problem
+
+    @property
+    def damaged(self) -> bool:
+        return bool(self.problem) or (self.bad is not None and not self.torn_tail_only)
+
+    @property
+    def first_seq(self) -> int:
+        return self.scans[0].first if self.scans else 0
+
+    @property
+    def last_seq(self) -> int:
+        """The last seq of the valid prefix."""
+        return self.scans[-1].last if self.scans else 0
+
+
+def check(folder: Path) -> JournalCheck:
+    """Scan the whole journal, read-only: the valid prefix and the first problem. Takes no lock."""
+    if not folder.is_dir():
+        raise JournalError(f"{folder}: no journal here")
+    id_file = folder / "journal.id"
+    segs = sorted(p for p in folder.iterdir() if p.suffix == SUFFIX and p.is_file())
+    journal_id = id_file.read_text("ascii").strip() if id_file.exists() else ""
+    if not journal_id:
+        return JournalCheck(
+            folder, "", (), tuple(segs), problem="no journal.id: the journal's identity is lost"
+        )
+    odd = [p for p in segs if not p.stem.isdigit()]
+    if odd:
+        return JournalCheck(folder, journal_id, (), (), problem=f"{odd[0].name}: not a segment name")
+    scans: list[SegmentScan] = []
+    for i, p in enumerate(segs):
+        first = int(p.stem)
+        scan = scan_segment(p, journal_id, first)
+        if scans and first != scans[-1].last + 1:
+            why = f"starts at seq {first}, but the segment before ends at seq {scans[-1].last}"
+            scan = replace(scan, end=0, last=first - 1, entries=0, at=0, torn=False, problem=why)
+        if scan.problem and scan.torn and i < len(segs) - 1:
+            scan = replace(
+                scan, torn=False, problem=f"{scan.problem} (not the last segment: a later one exists)"
+            )
+        scans.append(scan)
+        if scan.problem:
+            return JournalCheck(folder, journal_id, tuple(scans), tuple(segs[i + 1 :]))
+    return JournalCheck(folder, journal_id, tuple(scans))
+
+
+@dataclass(frozen=True, slots=True)
+class RepairResult:
+    check: JournalCheck
+    aside: Path | None = None  # the damaged-<UTC time> folder, if anything was set aside
+    moved: tuple[str, ...] = field(default=())  # one line per thing set aside
+
+
+def repair(folder: Path, now: datetime | None = None) -> RepairResult:
+    """Keep the valid prefix; move everything after it into ``damaged-<UTC time>/``. Never deletes.
+
+    The caller holds the state lock (no sender runs). Safe to run again after a crash part way: later
+    segments move first (the journal is a prefix at every step), then the bad segment's tail is copied
+    aside (and made durable) before the segment is cut."""
+    result = check(folder)
+    bad = result.bad
+    if result.problem:
+        raise JournalError(
+            f"{folder}: {result.problem}; repair cannot rebuild this, restore it from a backup"
+        )
+    if bad is None:
+        return RepairResult(result)
+    stamp = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    aside = folder / f"{DAMAGED_PREFIX}{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = folder / f"{DAMAGED_PREFIX}{stamp}-{n}"
+    aside.mkdir()
+    moved: list[str] = []
+    for p in reversed(result.later):
+        os.replace(p, aside / p.name)
+        moved.append(f"{p.name} (whole segment)")
+    if bad.end == 0:
+        os.replace(bad.path, aside / bad.path.name)
+        moved.append(f"{bad.path.name} (whole segment: {bad.problem})")
+    else:
+        tail = aside / f"{bad.path.name}.from-{bad.end}"
+        with open(bad.path, "rb") as src, open(tail, "wb") as dst:
+            src.seek(bad.end)
+            while block := src.read(1 << 20):
+                dst.write(block)
+            dst.flush()
+            os.fsync(dst.fileno())
+        fsync_dir(aside)
+        with open(bad.path, "rb+") as f:
+            f.truncate(bad.end)
+            os.fsync(f.fileno())
+        moved.append(f"{bad.path.name} bytes {bad.end}..{bad.size} as {tail.name} ({bad.problem})")
+    moved.reverse()
+    fsync_dir(aside)
+    fsync_dir(folder)
+    kept = [s for s in result.scans if s.end > 0]
+    if not kept and not any(p.suffix == SUFFIX for p in folder.iterdir()):
+        # Nothing left: a fresh header for the first seq, so the journal goes on where it was.
+        (folder / bad.path.name).write_bytes(_seg_header(result.id, bad.first))
+        fsync_dir(folder)
+    log.warning("journal.repaired folder=%s aside=%s kept_through=%d", folder, aside.name, result.last_seq)
+    return RepairResult(result, aside, tuple(moved))
 
 
 class Cursor:
-    """Reads forward from a seq, across segments, never past the durable head.
+    """Reads forward from a seq, across segments, never past the committed end.
 
     Works frame by frame, so a 2 GiB put is read in 1 MiB pieces: :meth:`next_header` then, for a put,
     :meth:`chunks` (or :meth:`skip_chunks`); or :meth:`read_raw` for wire-ready bytes.
+
+    INVARIANT: reads go straight to the OS at an explicit offset, each bounded by the journal's committed
+    end: no read-ahead buffer can serve bytes that an aborted put's truncation has since replaced.
     """
 
     def __init__(self, journal: Journal, seq: int) -> None:
         self.journal = journal
         self.seq = seq  # seq of the next header to read
-        self._f: BinaryIO | None = None
-        self._seg_first = -1  # first seq of the open segment (indexes shift when old ones are pruned)
+        self._f: io.FileIO | None = None
+        self._seg: _Segment | None = None
+        self._off = 0  # offset of the next frame in the open segment
         self._cur: Change | None = None  # header whose chunks are still to be read
         self._remaining = 0
         try:
@@ -406,7 +871,7 @@ class Cursor:
             raise
 
     def _seek(self, seq: int) -> None:
-        segs = self.journal._segments
+        segs = list(self.journal._segments)
         seg = max((s for s in segs if s.first <= seq), key=lambda s: s.first)
         self._open_segment(seg)
         while self.seq < seq:
@@ -415,52 +880,84 @@ class Cursor:
             self.skip_chunks()
 
     def _next_segment(self) -> _Segment | None:
-        later = [s for s in self.journal._segments if s.first > self._seg_first]
+        assert self._seg is not None
+        later = [s for s in list(self.journal._segments) if s.first > self._seg.first]
         return min(later, key=lambda s: s.first) if later else None
+
+    def _damaged(self, offset: int, reason: str) -> JournalDamaged:
+        where = str(self._seg.path) if self._seg is not None else str(self.journal.folder)
+        return JournalDamaged(where, offset, reason, RECOVERY_HINT)
 
     def _open_segment(self, seg: _Segment) -> None:
         if self._f is not None:
             self._f.close()
-        self._f = open(seg.path, "rb")  # noqa: SIM115
-        self._seg_first = seg.first
-        header = self._read_frame(skip=False)
+            self._f = None
+        self._f = open(seg.path, "rb", buffering=0)  # noqa: SIM115
+        self._seg = seg
+        self._off = 0
+        # The header is written whole when the segment is created and never changes: always readable.
+        header = self._read_frame(skip=False, limit=None)
         if header is None or not _is_seg_header(header[0], self.journal.id, seg.first):
-            raise JournalError(f"{seg.path}: bad segment header")
+            raise self._damaged(0, "bad segment header")
         self.seq = seg.first
 
-    def _read_frame(self, skip: bool) -> tuple[Any, bytes] | None:
+    def _read_exact(self, offset: int, n: int) -> bytes:
         assert self._f is not None
-        head = self._f.read(codec.HEADER_SIZE)
-        if len(head) < codec.HEADER_SIZE:
+        data = _pread(self._f, offset, n)
+        if len(data) < n:
+            raise self._damaged(
+                offset, f"the segment ends at byte {offset + len(data)}, before its committed end"
+            )
+        return data
+
+    def _read_frame(self, skip: bool, limit: int | None = -1) -> tuple[Any, bytes] | None:
+        """The frame at the cursor, or None at the committed end of the open segment."""
+        assert self._seg is not None
+        if limit == -1:
+            limit = self.journal._readable_end(self._seg)
+        off = self._off
+        if limit is not None and off >= limit:
             return None
+        head = self._read_exact(off, codec.HEADER_SIZE)
         length, _crc = codec.HEADER.unpack(head)
+        end = off + codec.HEADER_SIZE + length
+        if length > codec.DEFAULT_MAX_FRAME or (limit is not None and end > limit):
+            raise self._damaged(off, f"a frame of {length} bytes runs past the committed end (byte {limit})")
         if skip:
-            self._f.seek(length, os.SEEK_CUR)
+            self._off = end
             return None, b""
-        raw = head + self._f.read(length)
+        raw = head + self._read_exact(off + codec.HEADER_SIZE, length)
         res = codec.decode_at(raw, 0)
         if isinstance(res, codec.Torn):
-            raise JournalError(f"journal frame near seq {self.seq} is corrupt: {res.reason}")
+            raise self._damaged(off, f"frame near seq {self.seq} is corrupt: {res.reason}")
+        self._off = end
         return res[0], raw
 
     def _header_frame(self) -> tuple[Change, bytes] | None:
         if self._remaining:
             raise JournalError("read the previous entry's chunks first")
-        if self.seq > self.journal.head:
+        head = self.journal.head
+        if self.seq > head:
             return None
+        off = self._off
         frame = self._read_frame(skip=False)
         if frame is None:
             nxt = self._next_segment()
             if nxt is not None:
                 self._open_segment(nxt)
                 return self._header_frame()
-            raise JournalError(f"journal ends before durable head {self.journal.head} (at {self.seq})")
+            raise self._damaged(off, f"the journal ends before its durable head {head} (at seq {self.seq})")
         value, raw = frame
-        if not isinstance(value, dict) or value.get("k") != "e":
-            raise JournalError(f"expected an entry header at seq {self.seq}")
-        change = Change.from_wire(value)
+        try:
+            if not isinstance(value, dict) or value.get("k") != "e":
+                raise ValueError("not an entry header")
+            change = Change.from_wire(value)
+        except ValueError as e:
+            raise self._damaged(
+                off, f"expected entry {self.seq}, found a frame that is not one: {e}"
+            ) from None
         if change.seq != self.seq:
-            raise JournalError(f"expected seq {self.seq}, found {change.seq}")
+            raise self._damaged(off, f"expected seq {self.seq}, found {change.seq}")
         self._cur = change
         self._remaining = change.chunks
         if not self._remaining:
@@ -468,9 +965,10 @@ class Cursor:
         return change, raw
 
     def _chunk_frame(self, skip: bool) -> bytes:
+        off = self._off
         frame = self._read_frame(skip=skip)
         if frame is None or (not skip and not isinstance(frame[0], bytes)):
-            raise JournalError(f"entry {self.seq} is missing content")
+            raise self._damaged(off, f"entry {self.seq} is missing content")
         self._remaining -= 1
         if not self._remaining:
             self.seq += 1

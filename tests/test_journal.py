@@ -22,8 +22,8 @@ import pytest
 
 from engine import codec
 from engine.digest import digest_bytes
-from engine.errors import JournalError
-from engine.journal import DEFAULT_SEGMENT_BYTES, Cursor, Entry, Journal
+from engine.errors import JournalDamaged, JournalError
+from engine.journal import DEFAULT_SEGMENT_BYTES, RECOVERY_HINT, Cursor, Entry, Journal
 from engine.model import CHUNK_SIZE, Change, Op
 
 # A segment header is 87 bytes for small seqs; with this limit every segment holds exactly one small
@@ -589,24 +589,32 @@ def test_torn_tail_in_a_multi_chunk_put(tmp_path: Path) -> None:
         check_reopens_at(folder, DEFAULT_SEGMENT_BYTES, made, N if whole else N - 1, end if whole else start)
 
 
-GARBAGE: dict[str, bytes] = {
+#: What an interrupted append can leave after the last whole entry: cut on open.
+TORN_GARBAGE: dict[str, bytes] = {
     "one-zero": b"\x00",
     "zeros-short-of-a-header": b"\x00" * 7,
     "zero-length-frame": b"\x00" * 8,
     "zeros": b"\x00" * 4096,
     "ones": b"\xff" * 100,
     "all-bytes": bytes(range(256)) * 3,
-    "frame-not-an-entry": codec.encode({"k": "x"}),
-    "frame-a-string": codec.encode("just a string"),
-    "entry-with-unknown-op": codec.encode({"k": "e", "s": N + 1, "o": "bogus", "p": "x"}),
     "put-header-without-its-chunk": codec.encode(
         {"k": "e", "s": N + 1, "o": "put", "p": "x", "z": 3, "m": 0, "h": digest_bytes(b"abc"), "c": 1}
     ),
     "torn-frame": codec.encode({"k": "e", "s": N + 1, "o": "delete", "p": "x"})[:-1],
 }
 
+#: Whole frames (length and checksum good) that are not a valid next entry: no append leaves these, so they
+#: are damage (or a newer format), refused and never cut.
+INTACT_GARBAGE: dict[str, bytes] = {
+    "frame-not-an-entry": codec.encode({"k": "x"}),
+    "frame-a-string": codec.encode("just a string"),
+    "entry-with-unknown-op": codec.encode({"k": "e", "s": N + 1, "o": "bogus", "p": "x"}),
+    "entry-with-a-seq-gap": codec.encode({"k": "e", "s": N + 2, "o": "delete", "p": "x"}),
+    "entry-repeating-a-seq": codec.encode({"k": "e", "s": N, "o": "delete", "p": "x"}),
+}
 
-@pytest.mark.parametrize("garbage", list(GARBAGE))
+
+@pytest.mark.parametrize("garbage", list(TORN_GARBAGE))
 def test_garbage_after_the_last_entry_is_cut(tmp_path: Path, garbage: str) -> None:
     folder = tmp_path / "j"
     made = build(folder, DEFAULT_SEGMENT_BYTES, LAST_ENTRIES["put-small"])
@@ -614,14 +622,53 @@ def test_garbage_after_the_last_entry_is_cut(tmp_path: Path, garbage: str) -> No
         seg = last_segment(j)
     end = seg.stat().st_size
     with open(seg, "ab") as f:
-        f.write(GARBAGE[garbage])
+        f.write(TORN_GARBAGE[garbage])
     check_reopens_at(folder, DEFAULT_SEGMENT_BYTES, made, N, end)
+
+
+def check_refused(folder: Path, seg: Path, at: int, **kw: Any) -> JournalDamaged:
+    """Opening (to write or read-only) refuses, naming segment and offset, and changes no byte."""
+    before = snapshot(folder)
+    for readonly in (False, True):
+        with pytest.raises(JournalDamaged) as exc:
+            jopen(folder, readonly=readonly, **kw).close()
+        e = exc.value
+        assert (e.segment, e.offset) == (str(seg), at), str(e)
+        assert str(seg) in str(e) and f"byte {at}" in str(e)
+        assert str(e).endswith(f"({RECOVERY_HINT})")
+        assert snapshot(folder) == before
+    return e
+
+
+@pytest.mark.parametrize("garbage", list(INTACT_GARBAGE))
+def test_a_whole_frame_that_is_no_valid_entry_after_the_last_entry_is_refused(
+    tmp_path: Path, garbage: str
+) -> None:
+    folder = tmp_path / "j"
+    build(folder, DEFAULT_SEGMENT_BYTES, LAST_ENTRIES["put-small"])
+    with closing(jopen(folder)) as j:
+        seg = last_segment(j)
+    end = seg.stat().st_size
+    with open(seg, "ab") as f:
+        f.write(INTACT_GARBAGE[garbage])
+    check_refused(folder, seg, end)
+
+
+def frame_bounds(data: bytes, start: int, end: int) -> list[int]:
+    """Offsets of the frames between ``start`` and ``end``, and ``end``."""
+    bounds = [start]
+    while bounds[-1] < end:
+        res = codec.decode_at(data, bounds[-1])
+        assert not isinstance(res, codec.Torn)
+        bounds.append(res[1])
+    return bounds
 
 
 @pytest.mark.parametrize(
     "segment_bytes", [DEFAULT_SEGMENT_BYTES, ONE_ENTRY_SEGMENTS], ids=["one-seg", "many-seg"]
 )
 def test_flipped_byte_in_the_last_entry_at_every_offset(tmp_path: Path, segment_bytes: int) -> None:
+    """A damaged last frame is a torn tail (cut); a damaged frame with a whole frame after it is not."""
     folder = tmp_path / "j"
     made = build(folder, segment_bytes, LAST_ENTRIES["put-streamed"])
     with closing(jopen(folder, segment_bytes=segment_bytes)) as j:
@@ -629,12 +676,17 @@ def test_flipped_byte_in_the_last_entry_at_every_offset(tmp_path: Path, segment_
     start, end = last_entry_span(seg, N)
     snap = snapshot(folder)
     original = seg.read_bytes()
+    header_end = frame_bounds(original, start, end)[1]  # the entry is its header frame, then one chunk
+    assert header_end < end
     for i in range(start, end):
         restore(folder, snap)
         damaged = bytearray(original)
         damaged[i] ^= 0x01 if i % 2 else 0xFF  # a single bit, or a whole byte
         seg.write_bytes(bytes(damaged))
-        check_reopens_at(folder, segment_bytes, made, N - 1, start)
+        if i < header_end:  # the header frame is bad, and its whole content frame follows
+            check_refused(folder, seg, start, segment_bytes=segment_bytes)
+        else:
+            check_reopens_at(folder, segment_bytes, made, N - 1, start)
 
 
 def test_torn_header_of_the_first_segment_starts_again(tmp_path: Path) -> None:
@@ -817,3 +869,121 @@ def test_writes_of_any_size_are_framed_in_whole_chunks(tmp_path: Path) -> None:
         got = list(entries(j))
     assert b"".join(got[-1].chunks) == BIG
     assert all(len(c) == CHUNK_SIZE for c in got[-1].chunks[:-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Damage inside the journal is refused, never cut: only a torn tail is
+
+
+def raw_segment(folder: Path, frames: list[bytes]) -> Path:
+    """A journal whose one segment holds ``frames`` after its header, written byte for byte."""
+    with closing(jopen(folder)) as j:
+        seg = last_segment(j)
+    with open(seg, "ab") as f:
+        f.write(b"".join(frames))
+    return seg
+
+
+def delete_frame(seq: int, path: str) -> bytes:
+    return codec.encode({"k": "e", "s": seq, "o": "delete", "p": path})
+
+
+#: Entry headers whose frame is whole (length and checksum good) but that do not decode as an entry.
+UNDECODABLE: dict[str, dict[str, Any]] = {
+    "op-of-a-newer-version": {"k": "e", "s": 3, "o": "chmod", "p": "x"},
+    "path-not-a-string": {"k": "e", "s": 3, "o": "delete", "p": 7},
+    "put-chunk-count-wrong": {"k": "e", "s": 3, "o": "put", "p": "x", "z": 1, "h": b"0" * 16, "c": 5},
+    "mtime-not-a-number": {"k": "e", "s": 3, "o": "put", "p": "x", "z": 0, "m": "x", "h": b"0" * 16, "c": 0},
+    "not-an-entry": {"k": "note", "s": 3},
+}
+
+
+@pytest.mark.parametrize("kind", list(UNDECODABLE))
+def test_an_undecodable_entry_in_the_middle_is_refused_and_nothing_is_cut(tmp_path: Path, kind: str) -> None:
+    folder = tmp_path / "j"
+    frames = [delete_frame(1, "a"), delete_frame(2, "b"), codec.encode(UNDECODABLE[kind]), delete_frame(4, "d")]
+    seg = raw_segment(folder, frames)
+    size = seg.stat().st_size
+    at = size - len(frames[3]) - len(frames[2])
+    e = check_refused(folder, seg, at)
+    assert "not a valid entry" in e.reason
+    assert seg.stat().st_size == size
+
+
+def test_a_bad_frame_in_the_middle_is_refused_and_nothing_is_cut(tmp_path: Path) -> None:
+    folder = tmp_path / "j"
+    bad = bytearray(delete_frame(2, "b"))
+    bad[-1] ^= 0x01  # its checksum no longer matches
+    seg = raw_segment(folder, [delete_frame(1, "a"), bytes(bad), delete_frame(3, "c")])
+    size = seg.stat().st_size
+    e = check_refused(folder, seg, size - len(delete_frame(3, "c")) - len(bad))
+    assert "checksum mismatch" in e.reason and "whole frame after it" in e.reason
+
+
+def test_a_cursor_names_segment_and_offset_of_damage_in_an_earlier_segment(tmp_path: Path) -> None:
+    folder = tmp_path / "j"
+    build(folder, ONE_ENTRY_SEGMENTS, LAST_ENTRIES["delete"])
+    seg2 = folder / f"{2:020d}.sbj"
+    data = seg2.read_bytes()
+    start, _ = last_entry_span(seg2, 2)
+    seg2.write_bytes(data[:start] + delete_frame(7, "x"))  # only the last segment is scanned on open
+    with closing(jopen(folder, segment_bytes=ONE_ENTRY_SEGMENTS)) as j, closing(j.cursor(1)) as cur:
+        assert cur.next() is not None
+        with pytest.raises(JournalDamaged) as exc:
+            cur.next()
+    assert (exc.value.segment, exc.value.offset) == (str(seg2), start)
+    assert "expected seq 2, found 7" in str(exc.value) and str(exc.value).endswith(f"({RECOVERY_HINT})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A cursor reads only committed bytes, straight from the file
+
+
+@pytest.mark.parametrize("read", ["next", "read_raw"])
+@pytest.mark.parametrize("opened", ["before-the-put", "during-the-put"])
+def test_a_cursor_never_serves_bytes_an_aborted_put_left_behind(tmp_path: Path, read: str, opened: str) -> None:
+    """The sender's crash 'journal frame near seq N is corrupt: truncated payload': its cursor's read-ahead
+    buffer held the first bytes of a large put still being appended; the put was aborted (its source file
+    changed while read) and other entries were written at the same offset; the cursor served stale bytes."""
+    folder = tmp_path / "j"
+    with closing(jopen(folder)) as j:
+        for i in range(3):  # more than a read-ahead buffer (8 KiB): a cursor made first reads on later
+            j.append(put(f"a{i}", bytes(5000)), bytes(5000))
+        j.commit()
+        cur = j.cursor(1) if opened == "before-the-put" else None
+        appender = j.begin_put(put("big", BIG))
+        appender.write(BIG[: 2 * CHUNK_SIZE])  # on disk (two chunk frames), not committed
+        j.commit()
+        cur = cur or j.cursor(1)
+        other = jopen(folder, readonly=True)  # another process' view, e.g. `standby journal list`
+        with closing(cur), closing(other):
+            assert other.head == 3
+            if read == "next":
+                assert [e.change.path for e in iter(cur.next, None)] == ["a0", "a1", "a2"]
+            else:
+                raw, done = cur.read_raw()
+                assert [c.seq for c in done] == [1, 2, 3]
+                assert decode_all(raw) == [f for c in done for f in entry_frames(c, bytes(5000))]
+            appender.abort()
+            made = [j.append(delete("x")), j.append(put("y", b"why"), b"why")]
+            j.commit()
+            if read == "next":
+                got = [e.change for e in iter(cur.next, None)]
+                assert got == made
+            else:
+                raw, done = cur.read_raw()
+                assert done == made
+                assert decode_all(raw) == entry_frames(made[0]) + entry_frames(made[1], b"why")
+            assert [e.change.path for e in entries(other)] == ["a0", "a1", "a2"]
+
+
+def test_a_cursor_stops_at_the_committed_end_even_when_more_bytes_are_whole(tmp_path: Path) -> None:
+    with closing(jopen(tmp_path / "j")) as j:
+        j.append(delete("a"))
+        j.commit()
+        j.append(delete("b"))  # whole on disk, not committed
+        with closing(j.cursor(1)) as cur:
+            assert cur.read_raw()[1] == [Change(1, Op.DELETE, "a")]
+            j.head += 1  # a bug that moved the head without a commit must not reach uncommitted bytes
+            with pytest.raises(JournalDamaged):
+                cur.read_raw()
