@@ -901,7 +901,12 @@ UNDECODABLE: dict[str, dict[str, Any]] = {
 @pytest.mark.parametrize("kind", list(UNDECODABLE))
 def test_an_undecodable_entry_in_the_middle_is_refused_and_nothing_is_cut(tmp_path: Path, kind: str) -> None:
     folder = tmp_path / "j"
-    frames = [delete_frame(1, "a"), delete_frame(2, "b"), codec.encode(UNDECODABLE[kind]), delete_frame(4, "d")]
+    frames = [
+        delete_frame(1, "a"),
+        delete_frame(2, "b"),
+        codec.encode(UNDECODABLE[kind]),
+        delete_frame(4, "d"),
+    ]
     seg = raw_segment(folder, frames)
     size = seg.stat().st_size
     at = size - len(frames[3]) - len(frames[2])
@@ -941,7 +946,9 @@ def test_a_cursor_names_segment_and_offset_of_damage_in_an_earlier_segment(tmp_p
 
 @pytest.mark.parametrize("read", ["next", "read_raw"])
 @pytest.mark.parametrize("opened", ["before-the-put", "during-the-put"])
-def test_a_cursor_never_serves_bytes_an_aborted_put_left_behind(tmp_path: Path, read: str, opened: str) -> None:
+def test_a_cursor_never_serves_bytes_an_aborted_put_left_behind(
+    tmp_path: Path, read: str, opened: str
+) -> None:
     """The sender's crash 'journal frame near seq N is corrupt: truncated payload': its cursor's read-ahead
     buffer held the first bytes of a large put still being appended; the put was aborted (its source file
     changed while read) and other entries were written at the same offset; the cursor served stale bytes."""
