@@ -165,16 +165,27 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="history: machine-readable output")
     sp = cmd(
         "journal",
-        "inspect the journal or replay it into a folder",
+        "inspect, check, repair the journal or replay it into a folder",
         "list: the journal's segments and positions.\n"
         "replay: rebuild a tree from the journal into a new folder, up to a seq or a time\n"
-        "(point-in-time recovery). The output is built aside and renamed into place when whole.",
+        "(point-in-time recovery). The output is built aside and renamed into place when whole.\n"
+        "check: read every segment; report the valid prefix and the first damage (segment, byte,\n"
+        "why). Exit 0 whole, 1 damaged. Read-only: safe while the sender runs.\n"
+        "repair: with the sender stopped, keep the valid prefix and move everything after it into\n"
+        "<state_dir>/journal/damaged-<UTC time>/ (never deletes); prints what it set aside.",
     )
     conf(sp)
-    sp.add_argument("action", choices=["list", "replay"])
+    sp.add_argument("action", choices=["list", "replay", "check", "repair"])
     sp.add_argument("--out", type=Path, help="replay: the folder to create (must not exist)")
-    sp.add_argument("--until-seq", type=int, help="replay: last entry to apply")
-    sp.add_argument("--until-time", help="replay: last moment to apply (ISO 8601, e.g. 2026-11-25T10:00:00)")
+    sp.add_argument(
+        "--until-seq", type=int, metavar="N", help="replay: last entry to apply (within the journal's seqs)"
+    )
+    sp.add_argument(
+        "--until-time",
+        metavar="TIME",
+        help="replay: last moment to apply, ISO 8601: 2026-11-25T10:00:00 is local time,\n"
+        "2026-11-25T10:00:00+01:00 or 2026-11-25T09:00:00Z carry their own offset",
+    )
     return p
 
 
@@ -208,46 +219,64 @@ def _run_async(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
+    from engine import statelock
+    from engine.errors import StateLocked
     from engine.guards import sender_check
     from engine.sender import Sender
     from engine.transport import settings_for
 
     cfg = config.load(args.config)
+    # One process per state folder, for the life of the process: a second sender would interleave its
+    # seqs with ours in the one journal.
+    try:
+        lock = statelock.acquire(cfg.need_sender().state_dir, "standby send")
+    except StateLocked as e:
+        print(f"standby: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     if hasattr(signal, "SIGIO"):
         # Read leases (engine.scan) notify a breaking writer's open with SIGIO; we release them ourselves
         # within microseconds, so the signal carries nothing we need (and would end the process).
         signal.signal(signal.SIGIO, signal.SIG_IGN)
-    s = Sender(
-        cfg.need_sender(),
-        allow_mass_delete=args.allow_mass_delete,
-        check=sender_check(cfg),
-        tls=settings_for(cfg.need_sender()),
-    )
+    with lock:
+        s = Sender(
+            cfg.need_sender(),
+            allow_mass_delete=args.allow_mass_delete,
+            check=sender_check(cfg),
+            tls=settings_for(cfg.need_sender()),
+        )
 
-    async def main(stop: asyncio.Event) -> int:
-        await s.run(stop)
-        return EXIT_OK
+        async def main(stop: asyncio.Event) -> int:
+            await s.run(stop)
+            return EXIT_OK
 
-    return _run_async(main)
+        return _run_async(main)
 
 
 def _cmd_receive(args: argparse.Namespace) -> int:
+    from engine import statelock
+    from engine.errors import StateLocked
     from engine.guards import receiver_check
     from engine.receiver import Receiver
     from engine.transport import settings_for
 
     cfg = config.load(args.config)
-    r = Receiver(
-        cfg.need_receiver(),
-        check=receiver_check(cfg),
-        tls=settings_for(cfg.need_receiver()),
-    )
+    try:  # one process per state folder (see _cmd_send)
+        lock = statelock.acquire(cfg.need_receiver().state_dir, "standby receive")
+    except StateLocked as e:
+        print(f"standby: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    with lock:
+        r = Receiver(
+            cfg.need_receiver(),
+            check=receiver_check(cfg),
+            tls=settings_for(cfg.need_receiver()),
+        )
 
-    async def main(stop: asyncio.Event) -> int:
-        await r.serve(stop)
-        return EXIT_OK
+        async def main(stop: asyncio.Event) -> int:
+            await r.serve(stop)
+            return EXIT_OK
 
-    return _run_async(main)
+        return _run_async(main)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -435,23 +464,32 @@ def _cmd_guard(args: argparse.Namespace) -> int:
 
 
 def _cmd_journal(args: argparse.Namespace) -> int:
-    from engine.replay import list_journal, replay
+    from engine.replay import check_journal, list_journal, parse_until_time, repair_journal, replay
 
     cfg = config.load(args.config).need_sender()
+    folder = cfg.state_dir / "journal"
     if args.action == "list":
-        list_journal(cfg.state_dir / "journal")
+        list_journal(folder)
+        return EXIT_OK
+    if args.action == "check":  # read-only: never takes the state lock
+        return EXIT_OK if check_journal(folder, args.config) else EXIT_DIFF
+    if args.action == "repair":
+        from engine import statelock
+        from engine.errors import StateLocked
+
+        try:
+            lock = statelock.acquire(cfg.state_dir, "standby journal repair")
+        except StateLocked as e:
+            print(f"standby: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        with lock:
+            repair_journal(folder)
         return EXIT_OK
     if args.out is None:
         raise ConfigError("journal replay: --out FOLDER is required")
-    until_ns = None
-    if args.until_time:
-        from datetime import datetime
-
-        try:
-            until_ns = int(datetime.fromisoformat(args.until_time).timestamp() * 1e9)
-        except ValueError:
-            raise ConfigError(f"--until-time: not an ISO 8601 time: {args.until_time!r}") from None
-    replay(cfg.state_dir / "journal", args.out, until_seq=args.until_seq, until_ns=until_ns)
+    until = parse_until_time(args.until_time) if args.until_time else None
+    res = replay(folder, args.out, until_seq=args.until_seq, until=until)
+    print(res.summary(args.out, until))
     return EXIT_OK
 
 

@@ -1,8 +1,11 @@
-"""Point-in-time recovery: rebuild a tree from the journal, and list what the journal holds.
+"""Point-in-time recovery and the journal's tools: replay into a new folder, list, check, repair.
 
 Restore is validate, plan, apply in order into a temporary output, rename: the output folder appears only
-when it is whole. Replay starts from the first entry the journal still keeps; a journal pruned past its
-start recovers only a tree that already holds everything before that (``--base``-less replays say so).
+when it is whole. A replay that cannot be answered is refused before anything is written (a negative seq,
+a seq past the head, a seq or a time before the first entry kept). Replay starts from the first entry the
+journal still keeps; a journal pruned past its start recovers only what changed since (the output says so).
+
+``--until-time`` is ISO 8601; without a UTC offset it is the local time of this machine.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from engine import journal as jn
 from engine.apply import Applier, PendingOp
 from engine.errors import ConfigError, JournalError
 from engine.journal import Journal
@@ -46,19 +52,145 @@ def list_journal(folder: Path) -> None:
         j.close()
 
 
-def replay(folder: Path, out: Path, until_seq: int | None = None, until_ns: int | None = None) -> int:
-    """Apply the journal's entries (up to a seq or a time) into a new folder ``out``. Returns the last seq."""
+# -- replay -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UntilTime:
+    """A ``--until-time``: the moment in ns since 1970, and how to say it back (with its time zone)."""
+
+    ns: int
+    text: str
+
+
+def parse_until_time(text: str) -> UntilTime:
+    """ISO 8601 with or without a UTC offset; without one it is this machine's local time."""
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"--until-time: not an ISO 8601 time: {text!r} (e.g. 2026-11-25T10:00:00 for local time, "
+            "2026-11-25T10:00:00+01:00 or 2026-11-25T09:00:00Z)"
+        ) from None
+    if dt.tzinfo is None:
+        local = dt.astimezone()  # a naive time is local time
+        return UntilTime(_ns(local), f"{text} local time (UTC{_offset(local)})")
+    return UntilTime(_ns(dt), dt.isoformat())
+
+
+def _ns(dt: datetime) -> int:
+    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+
+
+def _offset(dt: datetime) -> str:
+    z = dt.strftime("%z") or "+0000"
+    return f"{z[:3]}:{z[3:5]}"
+
+
+def _when(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class _Window:
+    first: int  # first seq kept
+    head: int
+    first_ts: int  # wall time of the first kept entry (0 if unknown or no entry)
+    head_ts: int
+
+    @property
+    def pruned(self) -> bool:
+        return self.first > 1
+
+    def __str__(self) -> str:
+        if self.head < self.first:
+            return "the journal holds no entry"
+        s = f"the journal holds seqs {self.first}..{self.head}"
+        if self.first_ts and self.head_ts:
+            s += f", written {_when(self.first_ts)} .. {_when(self.head_ts)}"
+        if self.pruned:
+            s += f"; entries before {self.first} were pruned"
+        return s
+
+
+def _window(j: Journal) -> _Window:
+    def ts(seq: int) -> int:
+        cur = j.cursor(seq)
+        try:
+            c = cur.next_header()
+            return c.ts_ns if c is not None else 0
+        finally:
+            cur.close()
+
+    if j.head < j.first_seq:
+        return _Window(j.first_seq, j.head, 0, 0)
+    return _Window(j.first_seq, j.head, ts(j.first_seq), ts(j.head))
+
+
+def _refuse_unanswerable(w: _Window, until_seq: int | None, until: UntilTime | None) -> None:
+    """One clear line for a replay whose tree cannot be rebuilt (ConfigError: exit 2)."""
+    if until_seq is not None:
+        if until_seq < 0:
+            raise ConfigError(f"--until-seq {until_seq}: a seq is not negative ({w})")
+        if until_seq > w.head:
+            raise ConfigError(f"--until-seq {until_seq} is past the journal's head {w.head} ({w})")
+        if until_seq < w.first and w.pruned:
+            raise ConfigError(
+                f"--until-seq {until_seq} is before the first entry kept, {w.first}: older entries were "
+                f"pruned, so that tree cannot be rebuilt ({w})"
+            )
+        if until_seq < w.first:
+            raise ConfigError(f"--until-seq {until_seq} is before the journal's first entry, {w.first} ({w})")
+    if until is not None:
+        if w.head < w.first:
+            raise ConfigError(f"--until-time {until.text}: {w}")
+        if w.first_ts and until.ns < w.first_ts:
+            kind = (
+                "the first entry kept (older entries were pruned)"
+                if w.pruned
+                else "the journal's first entry"
+            )
+            raise ConfigError(f"--until-time {until.text} is before {kind}, at {_when(w.first_ts)} ({w})")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    first: int  # first seq applied (the first kept)
+    last: int  # last seq applied (first - 1: none)
+    pruned: bool  # entries before ``first`` were pruned: the tree holds only what changed since
+
+    def summary(self, out: Path, until: UntilTime | None = None) -> str:
+        s = f"replayed seqs {self.first}..{self.last} into {out}" if self.last >= self.first else ""
+        s = s or f"replayed no entry into {out}"
+        if until is not None:
+            s += f" (entries up to {until.text})"
+        if self.pruned:
+            s += f"; entries before {self.first} were pruned: the tree holds only what changed since"
+        return s
+
+
+def replay(
+    folder: Path, out: Path, until_seq: int | None = None, until: UntilTime | None = None
+) -> ReplayResult:
+    """Apply the journal's entries (up to a seq or a time) into a new folder ``out``."""
     if out.exists():
         raise ConfigError(f"--out {out}: already exists; replay writes a new folder")
     if not folder.is_dir():
         raise JournalError(f"{folder}: no journal here")
     j = Journal.open(folder, fsync=False, readonly=True)
+    try:
+        w = _window(j)
+        _refuse_unanswerable(w, until_seq, until)
+    except BaseException:
+        j.close()
+        raise
     tmp = out.with_name(f".{out.name}.replay-{os.getpid()}")
     tmp.mkdir(parents=True)
     applier = Applier(tmp, fsync=True)
-    last = 0
+    last = j.first_seq - 1
+    until_ns = None if until is None else until.ns
     try:
-        if j.first_seq > 1:
+        if w.pruned:
             log.warning(
                 "replay.partial first_seq=%d (older entries were pruned: the result holds only what "
                 "changed since)",
@@ -98,10 +230,67 @@ def replay(folder: Path, out: Path, until_seq: int | None = None, until_ns: int 
         cur.close()
         os.replace(tmp, out)
         log.info("replay.done out=%s last_seq=%d", out, last)
-        return last
+        return ReplayResult(j.first_seq, last, w.pruned)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         applier.close()
         j.close()
+
+
+# -- check and repair ---------------------------------------------------------------------------------------
+
+
+def check_journal(folder: Path, config: Path | str = "FILE") -> bool:
+    """Print what a whole-journal check found; True when the journal is whole (a torn tail is not damage:
+    the sender cuts it when it next opens the journal). Read-only: takes no lock."""
+    res = jn.check(folder)
+    lines = [f"journal {res.id or '(no id)'} in {folder}: {len(res.scans) + len(res.later)} segment(s)"]
+    bad = res.bad
+    if res.problem:
+        lines.append(f"damaged: {res.problem}")
+        lines.append("a repair cannot rebuild this: restore the journal folder from a backup")
+    elif bad is None:
+        lines.append(f"whole: entries {res.first_seq}..{res.last_seq}")
+    elif res.torn_tail_only:
+        lines.append(f"whole: entries {res.first_seq}..{res.last_seq}")
+        lines.append(
+            f"torn tail: {bad.path.name} bytes {bad.end}..{bad.size} ({bad.problem}): an interrupted "
+            "append, cut when the sender next opens the journal"
+        )
+    else:
+        lines.append(f"damaged: segment {bad.path} at byte {bad.at}: {bad.problem}")
+        if res.last_seq >= res.first_seq:
+            lines.append(
+                f"valid prefix: entries {res.first_seq}..{res.last_seq} "
+                f"(up to byte {bad.end} of {bad.path.name})"
+            )
+        else:
+            lines.append("valid prefix: no entry")
+        aside = [f"{bad.path.name} bytes {bad.end}..{bad.size}" if bad.end else f"{bad.path.name} (whole)"]
+        aside += [f"{p.name} (whole)" for p in res.later]
+        lines.append("a repair sets aside (moves, never deletes): " + ", ".join(aside))
+        lines.append(f"run: standby journal repair --config {config}   (with the sender stopped)")
+    print("\n".join(lines))
+    return not res.damaged
+
+
+def repair_journal(folder: Path) -> None:
+    """Keep the valid prefix, set the rest aside, print what was set aside. The caller holds the lock."""
+    res = jn.repair(folder)
+    chk = res.check
+    if res.aside is None:
+        span = f"entries {chk.first_seq}..{chk.last_seq}"
+        print(f"journal {chk.id} in {folder} is whole ({span}): nothing to repair")
+        return
+    kept = (
+        f"kept entries {chk.first_seq}..{chk.last_seq}" if chk.last_seq >= chk.first_seq else "kept no entry"
+    )
+    print(f"journal {chk.id} repaired: {kept}; set aside in {res.aside}:")
+    for line in res.moved:
+        print(f"  {line}")
+    print(
+        f"the sender goes on from seq {chk.last_seq + 1}; a receiver that applied later entries starts a new "
+        "stream there and is reconciled"
+    )
