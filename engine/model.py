@@ -27,6 +27,16 @@ MAX_PATH_CHARS = 1024
 MAX_NAME_CHARS = 255
 MAX_PATH_DEPTH = 64
 
+#: Modification times travel as msgpack int64 nanoseconds since 1970: signed (a file may be dated before
+#: 1970), from 1677-09-21 to 2262-04-11. A scan clamps a time beyond that range into it (see clamp_ns).
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+
+
+def clamp_ns(ns: int) -> int:
+    """``ns`` if an int64 holds it, else the nearest bound (a file dated after 2262 or before 1677)."""
+    return INT64_MIN if ns < INT64_MIN else INT64_MAX if ns > INT64_MAX else ns
+
 
 @dataclass(frozen=True, order=True, slots=True)
 class Pos:
@@ -117,7 +127,7 @@ class Change:
             path=path,
             dst=dst,
             size=size,
-            mtime_ns=_int(d, "m", 0),
+            mtime_ns=_mtime(d, "m"),
             digest=digest,
             chunks=chunks,
             ts_ns=_int(d, "t", 0),
@@ -137,6 +147,19 @@ def _int(d: dict[str, Any], key: str, default: int | None = None) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 1 << 63:
         raise ValueError(f"field {key!r} is not a non-negative integer")
     return v
+
+
+def _mtime(d: dict[str, Any], key: str) -> int:
+    """A modification time: any int64 (signed: before 1970 is negative)."""
+    v = d.get(key, 0)
+    if not _is_mtime(v):
+        raise ValueError(f"field {key!r} is not a 64-bit signed integer")
+    assert isinstance(v, int)
+    return v
+
+
+def _is_mtime(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and INT64_MIN <= v <= INT64_MAX
 
 
 #: The flags of almost every manifest entry: one shared object (an empty frozenset is not a singleton, and
@@ -174,9 +197,7 @@ class FileMeta:
             and isinstance(size, int)
             and not isinstance(size, bool)
             and size >= 0
-            and isinstance(mtime_ns, int)
-            and not isinstance(mtime_ns, bool)
-            and mtime_ns >= 0
+            and _is_mtime(mtime_ns)
             and isinstance(digest, bytes)
             and isinstance(flags, list)
             and all(isinstance(f, str) for f in flags)

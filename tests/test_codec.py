@@ -20,7 +20,7 @@ from engine import codec
 from engine.codec import DEFAULT_MAX_FRAME, HEADER_SIZE, FrameDecoder, Torn, decode_at
 from engine.digest import checksum
 from engine.errors import FrameError, ReplicationError
-from engine.model import CHUNK_SIZE
+from engine.model import CHUNK_SIZE, INT64_MAX, INT64_MIN, Change, FileMeta, Op, clamp_ns
 
 VALUES: list[Any] = [
     None,
@@ -405,3 +405,45 @@ def test_property_decode_at_returns_value_or_torn(data: bytes) -> None:
     if not isinstance(res, Torn):
         _value, end = res
         assert HEADER_SIZE <= end <= len(data)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modification times in entry headers and manifest entries: any int64, signed (before 1970 is negative)
+
+MTIMES_OK = [0, 1, -1, -86_400 * 10**9, -1_009_843_200 * 10**9, INT64_MIN, INT64_MAX]
+MTIMES_BAD: list[Any] = [INT64_MAX + 1, INT64_MIN - 1, 2**64 - 1, True, 1.5, "0", None, b"\x00"]
+
+
+def _through_a_frame(value: Any) -> Any:
+    dec = FrameDecoder()
+    dec.feed(codec.encode(value))
+    ok, got = dec.next()
+    assert ok
+    return got
+
+
+@pytest.mark.parametrize("mtime", MTIMES_OK)
+def test_a_put_header_carries_any_int64_mtime(mtime: int) -> None:
+    c = Change(7, Op.PUT, "databases/a.json", size=3, mtime_ns=mtime, digest=bytes(16), chunks=1, ts_ns=9)
+    assert Change.from_wire(_through_a_frame(c.to_wire())) == c
+
+
+@pytest.mark.parametrize("mtime", MTIMES_OK)
+def test_a_manifest_entry_carries_any_int64_mtime(mtime: int) -> None:
+    e = FileMeta("databases/a.json", size=3, mtime_ns=mtime, digest=bytes(16))
+    assert FileMeta.from_wire(_through_a_frame(e.to_wire())) == e
+
+
+@pytest.mark.parametrize("mtime", MTIMES_BAD, ids=repr)
+def test_an_mtime_outside_int64_or_not_an_int_is_refused(mtime: Any) -> None:
+    header = {"s": 1, "o": "put", "p": "a", "z": 1, "m": mtime, "h": bytes(16), "c": 1}
+    with pytest.raises(ValueError, match="field 'm' is not a 64-bit signed integer"):
+        Change.from_wire(header)
+    with pytest.raises(ValueError, match="wrong type"):
+        FileMeta.from_wire(["a", False, 1, mtime, bytes(16), []])
+
+
+def test_clamp_ns_keeps_a_time_inside_int64() -> None:
+    assert clamp_ns(10_413_792_000 * 10**9) == INT64_MAX  # 2300-01-01
+    assert clamp_ns(-(2**70)) == INT64_MIN
+    assert [clamp_ns(m) for m in MTIMES_OK] == MTIMES_OK
