@@ -44,12 +44,29 @@ from engine.model import (
     is_temp_name,
     is_under,
 )
-from engine.scan import HashCache
+from engine.scan import HashCache, stat_key
 from engine.wire import Problem
 
 log = logging.getLogger(__name__)
 
 WINDOWS = sys.platform == "win32"
+
+#: The earliest time Windows can set on a file (1601-01-01, FILETIME 0), in ns since 1970.
+WINDOWS_MIN_MTIME_NS = -11_644_473_600 * 1_000_000_000
+
+
+def settable_mtime_ns(path: str, mtime_ns: int, windows: bool = WINDOWS) -> int:
+    """The mtime to set for ``mtime_ns``: itself, except on Windows before 1601, which it cannot hold
+    (clamped to 1601-01-01 with a note in the log)."""
+    if windows and mtime_ns < WINDOWS_MIN_MTIME_NS:
+        log.warning(
+            "apply.mtime_clamped path=%r mtime_ns=%d used=%d (Windows holds no time before 1601)",
+            path,
+            mtime_ns,
+            WINDOWS_MIN_MTIME_NS,
+        )
+        return WINDOWS_MIN_MTIME_NS
+    return mtime_ns
 
 
 @dataclass(slots=True)
@@ -63,10 +80,10 @@ class PendingOp:
 
 @dataclass(frozen=True, slots=True)
 class _Temp:
-    """A finished temporary file and its stat (None: not taken; a large put's)."""
+    """A finished temporary file. (Its stat is taken only once it is in place: the rename moves the
+    change time the hash cache keys on.)"""
 
     path: str
-    stat: os.stat_result | None
 
 
 #: A new temporary file: never an existing one; binary on Windows.
@@ -112,7 +129,8 @@ class LargePut:
                 os.fsync(f.fileno())
         finally:
             f.close()
-        os.utime(self.temp, ns=(self.change.mtime_ns, self.change.mtime_ns))
+        mtime = settable_mtime_ns(self.change.path, self.change.mtime_ns)
+        os.utime(self.temp, ns=(mtime, mtime))
         return None
 
     def discard(self) -> None:
@@ -145,6 +163,8 @@ class Applier:
         self._syncfs = _syncfs_for(root, sync_mode) if fsync else None
         #: Called after a small put is in place (guard history): (change, content).
         self.on_put: Callable[[Change, bytes], None] | None = None
+        #: Called after a rename record has run, also when a replay finds it done (guard history): (src, dst).
+        self.on_rename: Callable[[str, str], None] | None = None
         self._threads = max(1, threads)
         self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="apply")
         self._root = os.fspath(root)
@@ -323,6 +343,7 @@ class Applier:
     def _write_temp(self, final: str, c: Change, data: bytes, force_fsync: bool = False) -> _Temp:
         """A temporary file beside ``final`` holding ``data`` with the change's mtime (its folder exists)."""
         tmp = os.path.join(os.path.dirname(final), self._temp_name())
+        mtime = settable_mtime_ns(c.path, c.mtime_ns)
         fd = os.open(tmp, _CREATE_FLAGS, 0o666)
         try:
             try:
@@ -330,20 +351,18 @@ class Applier:
                 while view:
                     view = view[os.write(fd, view) :]
                 if not WINDOWS:  # in the same fsync as the content
-                    os.utime(fd, ns=(c.mtime_ns, c.mtime_ns))
+                    os.utime(fd, ns=(mtime, mtime))
                 if self.fsync and (self._syncfs is None or force_fsync):
                     os.fsync(fd)
-                st = os.fstat(fd)
             finally:
                 os.close(fd)
             if WINDOWS:
                 # Windows sets the last write time when the last writing handle closes: set it after.
-                os.utime(tmp, ns=(c.mtime_ns, c.mtime_ns))
-                st = os.stat(tmp)
+                os.utime(tmp, ns=(mtime, mtime))
         except BaseException:
             _unlink(tmp)
             raise
-        return _Temp(tmp, st)
+        return _Temp(tmp)
 
     def _temp_name(self) -> str:
         return f".{TEMP_MARKER}{self._temp_prefix}{next(self._temp_seq):x}"
@@ -380,7 +399,7 @@ class Applier:
         if c.op is Op.PUT:
             removed = False
             if temp is None and op.temp is not None:  # a large put, written as it arrived
-                temp = _Temp(os.fspath(op.temp), None)
+                temp = _Temp(os.fspath(op.temp))
             if temp is not None and moved and not os.path.exists(temp.path):
                 temp = None  # an earlier record of this batch removed its folder: write it again
             if temp is None:  # parent was blocked in phase 1, or removed since
@@ -402,7 +421,8 @@ class Applier:
                 raise
             dirs.add(os.path.dirname(final))
             try:
-                self.cache.put(c.path, temp.stat if temp.stat is not None else os.stat(final), c.digest)
+                # INVARIANT: the key is taken after the rename, which moves the change time (ctime).
+                self.cache.put_key(c.path, stat_key(final, os.stat(final)), c.digest)
             except FileNotFoundError:
                 pass
             if self.on_put is not None and op.data is not None:
@@ -425,6 +445,8 @@ class Applier:
             dst = self._resolve(c.dst)
             if not os.path.lexists(final):
                 if os.path.lexists(dst):
+                    if self.on_rename is not None:
+                        self.on_rename(c.path, c.dst)  # idempotent: a crash may have come before it
                     return False  # already renamed (a replayed record)
                 res.problems.append(Problem(c.seq, c.path, "missing-source", f"rename to {c.dst!r}"))
                 return False
@@ -439,6 +461,14 @@ class Applier:
             dirs.add(os.path.dirname(final))
             dirs.add(os.path.dirname(dst))
             self._move_cache(c.path, c.dst)
+            try:
+                st = os.stat(dst, follow_symlinks=False)
+                if statmod.S_ISREG(st.st_mode):  # a renamed file's change time moved (a folder's files' not)
+                    self.cache.rekey(c.dst, stat_key(dst, st))
+            except FileNotFoundError:
+                pass
+            if self.on_rename is not None:
+                self.on_rename(c.path, c.dst)
         return True
 
     def _forget(self, rel: str) -> None:

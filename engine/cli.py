@@ -125,6 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     conf(sp)
     sp.add_argument(
+        "--full",
+        action="store_true",
+        help="hash every file on both sides, trusting neither side's hash cache (reads the whole set)",
+    )
+    sp.add_argument(
         "--settle",
         type=float,
         default=0.0,
@@ -288,7 +293,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     check = sender_check(full)
     deadline = time.monotonic() + args.settle
     while True:
-        report = asyncio.run(verify(cfg, check))
+        report = asyncio.run(verify(cfg, check, full=args.full))
         if report.identical or time.monotonic() >= deadline:
             break
         time.sleep(0.5)
@@ -308,30 +313,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         )
     else:
         from rich.console import Console
-        from rich.table import Table
 
-        con = Console()
-        for d in report.held:
-            con.print(f"[yellow]held[/]: {d.path}: {d.detail}")
-        if report.identical and not report.differences:
-            con.print(
-                f"[green]identical[/]: {report.source_entries} entries on both sides "
-                f"(replica at seq {report.replica_seq})"
-            )
-        elif report.identical:
-            con.print(
-                f"[green]identical[/] apart from {len(report.held)} held file(s) "
-                f"(replica at seq {report.replica_seq})"
-            )
-        else:
-            t = Table(title=f"{len(report.differences)} differences (replica at seq {report.replica_seq})")
-            for col in ("path", "kind", "detail"):
-                t.add_column(col)
-            for d in report.differences[:1000]:
-                t.add_row(d.path, d.kind, d.detail)
-            con.print(t)
-        if report.unstable:
-            con.print(f"{len(report.unstable)} files were changing while read and were not compared")
+        from engine.observer import report_lines
+
+        # One line per difference, never wrapped or cut whatever the width (a path is copied from here),
+        # and no markup: a path may hold brackets.
+        con = Console(soft_wrap=True, highlight=False, markup=False, emoji=False)
+        for style, line in report_lines(report):
+            con.print(line, style=style)
     return EXIT_OK if report.identical else EXIT_DIFF
 
 

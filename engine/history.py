@@ -1,7 +1,9 @@
 """The receiver's history of guarded files: the last N good versions of each, kept in its state folder.
 
 ``<state_dir>/guard-history/<quoted relative path>/<n>-<seq>-<mtime_ns>.v`` holds one version's bytes; ``n``
-counts up per file (never the wall clock, which may step back), the newest version has the largest.
+counts up per file (never the wall clock, which may step back), the newest version has the largest;
+``mtime_ns`` is signed (``-86400000000000`` for a file dated 1969-12-31). A rename in the replica moves the
+versions with the file (:meth:`GuardHistory.rename`).
 Versions are written like replica files (temp, fsync, rename) right after the version was applied, and
 only good versions ever get here: a torn one is refused before it is applied. ``standby guard history``
 lists them; ``standby guard restore`` puts one back atomically.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -18,7 +21,8 @@ from urllib.parse import quote, unquote
 from engine.digest import digest_bytes
 from engine.errors import ReplicationError
 from engine.journal import fsync_dir
-from engine.model import TEMP_MARKER, check_relpath
+from engine.model import TEMP_MARKER, check_relpath, is_under
+from engine.scan import link_in_path
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,8 @@ class GuardHistory:
         for name in names:
             if not name.endswith(".v"):
                 continue
-            parts = name[:-2].split("-")
-            if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            parts = name[:-2].split("-", 2)
+            if len(parts) != 3 or not all(p.isdigit() for p in (*parts[:2], parts[2].removeprefix("-"))):
                 continue
             out.append((int(parts[0]), int(parts[1]), int(parts[2]), d / name))
         out.sort(reverse=True)
@@ -92,9 +96,38 @@ class GuardHistory:
         except FileNotFoundError:
             return []
 
+    def rename(self, src: str, dst: str) -> None:
+        """Follow a rename in the replica: the versions of ``src`` and of every path below it (a folder's
+        files) move to the new path, replacing those of the file the rename replaced. Idempotent."""
+        if src == dst:
+            return
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return
+        moved = False
+        for name in names:
+            rel = unquote(name)
+            if not is_under(rel, src):
+                continue
+            old, new = self.folder / name, self._dir(dst + rel[len(src) :])
+            # (the same folder: a case-only rename where names are not case-sensitive)
+            if new.exists() and not os.path.samefile(old, new):
+                shutil.rmtree(new)
+            os.replace(old, new)
+            moved = True
+        if moved and self.fsync:
+            fsync_dir(self.folder)
+
     def restore(self, rel: str, index: int, target_root: Path) -> Version:
-        """Put version ``index`` back at ``rel`` under ``target_root``: temp, fsync, rename, fsync folder."""
+        """Put version ``index`` back at ``rel`` under ``target_root``: temp, fsync, rename, fsync folder.
+        Refused if a folder on the way is a symlink or junction: nothing outside the replica is written."""
         check_relpath(rel)
+        link = link_in_path(target_root, rel)
+        if link is not None:
+            raise ReplicationError(
+                f"{rel!r} passes through a symlink at {link!r} in the replica: not restored"
+            )
         versions = self.versions(rel)
         if not versions:
             raise ReplicationError(f"no kept versions of {rel!r}")

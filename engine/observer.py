@@ -17,8 +17,10 @@ from engine.transport import TlsSettings, client_upgrade, settings_for
 
 
 async def fetch_manifest(
-    cfg: SenderConfig, tls: TlsSettings | None, timeout: float = 60.0
+    cfg: SenderConfig, tls: TlsSettings | None, timeout: float = 60.0, full: bool = False
 ) -> tuple[int, list[FileMeta]]:
+    """The receiver's manifest of ``cfg.include`` and the seq it describes. ``full``: the receiver hashes
+    every file instead of trusting its hash cache (a receiver older than the flag ignores it)."""
     host, port = cfg.peer
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
@@ -40,7 +42,7 @@ async def fetch_manifest(
                         raise PeerRefused(f"{ev.code}: {ev.reason}")
                     if isinstance(ev, wire.Welcome) and not asked:
                         asked = True
-                        writer.write(proto.manifest_request(1, cfg.include))
+                        writer.write(proto.manifest_request(1, cfg.include, full=full))
                         await writer.drain()
                     elif isinstance(ev, wire.ManifestPart):
                         entries.extend(ev.entries)
@@ -123,10 +125,46 @@ def mark_held(diffs: list[Difference], source: Path, check: ContentCheck | None)
     return out
 
 
-async def verify(cfg: SenderConfig, check: ContentCheck | None = None) -> VerifyReport:
-    seq, entries = await fetch_manifest(cfg, settings_for(cfg))
-    cache = HashCache.load(cfg.state_dir / "hashcache")
-    m = await asyncio.to_thread(build_manifest, cfg.source, cfg.include, cache)
+#: How long a full verify waits for the receiver's manifest: every file of the replica is read for it.
+FULL_TIMEOUT = 3600.0
+
+
+async def verify(cfg: SenderConfig, check: ContentCheck | None = None, full: bool = False) -> VerifyReport:
+    """Compare the source with the receiver's manifest. ``full``: hash every file on both sides, whatever
+    either hash cache holds (a cache keyed on a stat can be fooled by a file system that keeps no change
+    time, or by a clock set back)."""
+    timeout = FULL_TIMEOUT if full else 60.0
+    seq, entries = await fetch_manifest(cfg, settings_for(cfg), timeout, full=full)
+    # The sender's cache is only read here (the running sender owns the file).
+    cache = HashCache() if full else HashCache.load(cfg.state_dir / "hashcache")
+    m = await asyncio.to_thread(build_manifest, cfg.source, cfg.include, cache, full=full)
     replica = {e.path: e for e in entries}
     diffs = await asyncio.to_thread(mark_held, compare(m.entries, replica), cfg.source, check)
     return VerifyReport(seq, len(m.entries), len(replica), diffs, m.unstable)
+
+
+#: At most this many differences are listed in the text report (``--json`` lists them all).
+REPORT_LIMIT = 1000
+
+
+def report_lines(report: VerifyReport, limit: int = REPORT_LIMIT) -> list[tuple[str, str]]:
+    """The text report as (style, line): every difference once (a held file among them, as ``held``), whole
+    paths however long, then the verdict. Pure: the caller prints (and colours by style)."""
+    out: list[tuple[str, str]] = []
+    for d in report.differences[:limit]:
+        out.append(("yellow" if d.kind == "held" else "red", f"{d.kind}: {d.path}: {d.detail}"))
+    if len(report.differences) > limit:
+        out.append(("red", f"... and {len(report.differences) - limit} more (--json lists them all)"))
+    at = f"(replica at seq {report.replica_seq})"
+    held = len(report.held)
+    if report.identical and not held:
+        out.append(("green", f"identical: {report.source_entries} entries on both sides {at}"))
+    elif report.identical:
+        out.append(("green", f"identical apart from {held} held file(s) {at}"))
+    else:
+        n = len(report.differences) - held
+        extra = f" and {held} held file(s)" if held else ""
+        out.append(("red", f"different: {n} difference(s){extra} {at}"))
+    if report.unstable:
+        out.append(("yellow", f"{len(report.unstable)} files were changing while read and were not compared"))
+    return out

@@ -76,6 +76,7 @@ class Receiver:
                     history.record(c.path, c.seq, c.mtime_ns, data)
 
             self.applier.on_put = keep
+            self.applier.on_rename = history.rename  # the versions follow a renamed file or folder
         else:
             self.history = None
         self.journal = self.position.current.journal
@@ -205,8 +206,12 @@ class Receiver:
         try:
             await conn.run()
         except RemoteProtocolError as e:
-            self.counters["protocol_errors"] += 1
-            log.warning("receiver.protocol_error peer=%s error=%s", addr, e)
+            if conn.admitted:  # an admitted peer that broke the protocol
+                self.counters["protocol_errors"] += 1
+                log.warning("receiver.protocol_error peer=%s error=%s", addr, e)
+            else:  # never a valid handshake: plain TCP, garbage, TLS without the preamble
+                self.counters["refused_peers"] += 1
+                log.warning("receiver.refused peer=%s reason=%s", addr, e)
         except ApplyError as e:
             self.counters["apply_errors"] += 1
             log.error(
@@ -244,6 +249,8 @@ class _Conn:
         self._failed: BaseException | None = None
         self.peer_id = ""
         self.last_rx = time.monotonic()
+        #: The handshake completed and the peer was welcomed (until then a fault is a refusal).
+        self.admitted = False
 
     def cleanup(self) -> None:
         if isinstance(self.cur, LargePut):
@@ -356,6 +363,7 @@ class _Conn:
             hello.epoch,
         )
         self.writer.write(self.proto.welcome(rx.journal, rx.seq, rx.epoch))
+        self.admitted = True
         await self.writer.drain()
         return True
 
@@ -438,8 +446,9 @@ class _Conn:
                         yield e
 
                 with rx.apply_lock:
+                    # A full request (verify --full) hashes every file and leaves the cache alone.
                     found = iter_manifest(
-                        rx.cfg.target, include, rx.cache, Manifest({}, [], []), rx._skip, True
+                        rx.cfg.target, include, rx.cache, Manifest({}, [], []), rx._skip, True, full=ev.full
                     )
                     return list(self.proto.manifest_parts(ev.id, noting(found))), edits
 

@@ -1,7 +1,9 @@
 """Walking a replicated set, stable reads and the hash cache. Decides nothing about what changed.
 
-A *stable read* takes a stat before and after reading and hashing a file; if size, mtime or file id moved,
-the read is :class:`Unstable` and must be retried later: a version that mixes two writes is never used.
+A *stable read* takes a stat before and after reading and hashing a file; if size, mtime, file id or change
+time moved, the read is :class:`Unstable` and must be retried later: a version that mixes two writes is
+never used. Modification times leave here clamped into int64 nanoseconds (:func:`wire_mtime`), the range the
+journal and the wire hold. Walks never pass a symlink or junction, above an include item or below it.
 On Windows files are opened with FILE_SHARE_READ | FILE_SHARE_WRITE | FILE_SHARE_DELETE, so a read never
 makes the service's own write, rename or delete fail.
 """
@@ -12,6 +14,7 @@ import errno
 import logging
 import os
 import stat as statmod
+import struct
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,12 +24,14 @@ from typing import IO, Any
 import msgpack
 
 from engine.digest import Hasher, digest_bytes
-from engine.model import CHUNK_SIZE, NO_FLAGS, FileMeta, is_temp_name
+from engine.model import CHUNK_SIZE, NO_FLAGS, FileMeta, clamp_ns, is_temp_name
 
 log = logging.getLogger(__name__)
 
 #: Files up to this size are read whole into memory; larger ones are streamed.
 SMALL_FILE = 4 << 20
+
+WINDOWS = sys.platform == "win32"
 
 
 def open_shared(path: str | Path) -> IO[bytes]:
@@ -60,23 +65,150 @@ def open_shared(path: str | Path) -> IO[bytes]:
     return open(fd, "rb", buffering=0)
 
 
-def file_key(st: os.stat_result) -> tuple[int, int, int]:
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
+#: What the hash cache knows a file version by: (size, mtime ns, file id, change time ns). The change time
+#: (POSIX st_ctime; Windows' ChangeTime, not st_ctime, which is the creation time there) moves on every
+#: write even when the writer puts size and mtime back (``touch -r``, ``cp -p``). None: not known, and a
+#: key holding None never matches.
+FileKey = tuple[int, int, int, int | None]
 
 
-def same_key(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
-    """Size and mtime equal, and the file id too where both are known (Windows' DirEntry.stat() gives
-    0 for the file id)."""
-    return a[0] == b[0] and a[1] == b[1] and (a[2] == b[2] or a[2] == 0 or b[2] == 0)
+def file_key(st: os.stat_result, change_ns: int | None) -> FileKey:
+    """The key of a stat whose change time is ``change_ns`` (see :func:`change_time_ns`). The mtime is
+    clamped into int64, as everywhere it is used."""
+    return (
+        st.st_size,
+        clamp_ns(st.st_mtime_ns),
+        st.st_ino,
+        None if change_ns is None else clamp_ns(change_ns),
+    )
+
+
+def stat_key(path: str | Path, st: os.stat_result) -> FileKey:
+    """The key of the file at ``path`` whose stat is ``st``."""
+    return file_key(st, change_time_ns(path, st))
+
+
+def change_time_ns(path: str | Path, st: os.stat_result) -> int | None:
+    """The time the file's content or metadata last changed: st_ctime on POSIX; on Windows (where st_ctime
+    is the creation time) the ChangeTime of FILE_BASIC_INFO, which costs an open. None if unreadable."""
+    if not WINDOWS:
+        return st.st_ctime_ns
+    return _win_change_time_ns(path)  # pragma: no cover - Windows
+
+
+def same_key(a: FileKey, b: FileKey) -> bool:
+    """Size, mtime and change time equal and known, and the file id too where both are known (Windows'
+    DirEntry.stat() gives 0 for the file id)."""
+    return (
+        a[0] == b[0]
+        and a[1] == b[1]
+        and (a[2] == b[2] or a[2] == 0 or b[2] == 0)
+        and a[3] is not None
+        and a[3] == b[3]
+    )
+
+
+#: FILE_BASIC_INFO: CreationTime, LastAccessTime, LastWriteTime, ChangeTime (LARGE_INTEGER, 100 ns units
+#: since 1601-01-01 UTC), FileAttributes (DWORD); 40 bytes with its padding.
+_BASIC_INFO = struct.Struct("<qqqqI")
+BASIC_INFO_SIZE = 40
+#: 100 ns intervals from 1601-01-01 to 1970-01-01.
+_FILETIME_1970 = 116_444_736_000_000_000
+
+
+def change_time_from_basic_info(buf: bytes) -> int:
+    """The ChangeTime of a FILE_BASIC_INFO structure, in ns since 1970 (negative before). Pure."""
+    if len(buf) < _BASIC_INFO.size:
+        raise ValueError(f"FILE_BASIC_INFO is {_BASIC_INFO.size} bytes, got {len(buf)}")
+    change = _BASIC_INFO.unpack_from(buf)[3]
+    return int((change - _FILETIME_1970) * 100)
+
+
+def _win_handle_change_time_ns(handle: int) -> int | None:  # pragma: no cover - Windows
+    """GetFileInformationByHandleEx(FileBasicInfo) on an open handle; None if it fails."""
+    import ctypes
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined,unused-ignore]
+    fn = kernel32.GetFileInformationByHandleEx
+    fn.restype = wintypes.BOOL
+    fn.argtypes = [wintypes.HANDLE, ctypes.c_int, wintypes.LPVOID, wintypes.DWORD]
+    buf = ctypes.create_string_buffer(BASIC_INFO_SIZE)
+    if not fn(handle, 0, buf, BASIC_INFO_SIZE):  # 0: FileBasicInfo
+        return None
+    return change_time_from_basic_info(buf.raw)
+
+
+def _win_change_time_ns(path: str | Path) -> int | None:  # pragma: no cover - Windows
+    """Open ``path`` for its attributes only (sharing everything, not following a reparse point) and read
+    its ChangeTime."""
+    import ctypes
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined,unused-ignore]
+    create = kernel32.CreateFileW
+    create.restype = wintypes.HANDLE
+    create.argtypes = [
+        wintypes.LPCWSTR,
+        wintypes.DWORD,
+        wintypes.DWORD,
+        wintypes.LPVOID,
+        wintypes.DWORD,
+        wintypes.DWORD,
+        wintypes.HANDLE,
+    ]
+    read_attributes, share_all, open_existing = 0x80, 0x7, 3
+    flags = 0x02000000 | 0x00200000  # FILE_FLAG_BACKUP_SEMANTICS | FILE_FLAG_OPEN_REPARSE_POINT
+    h = create(str(path), read_attributes, share_all, None, open_existing, flags, None)
+    if h == wintypes.HANDLE(-1).value:
+        return None
+    try:
+        return _win_handle_change_time_ns(h)
+    finally:
+        kernel32.CloseHandle(h)
+
+
+def _open_change_time_ns(f: IO[bytes]) -> int | None:  # pragma: no cover - Windows
+    """The ChangeTime of a file open in ``f`` (Windows)."""
+    import msvcrt  # type: ignore[import-not-found,unused-ignore]
+
+    return _win_handle_change_time_ns(msvcrt.get_osfhandle(f.fileno()))  # type: ignore[attr-defined,unused-ignore]
+
+
+#: Paths whose out-of-range mtime was already logged (bounded: a note per path, not per scan).
+_clamp_noted: set[str] = set()
+
+
+def wire_mtime(path: str | Path, mtime_ns: int) -> int:
+    """``mtime_ns`` as it is journaled, sent and listed: clamped into int64 (a file dated after 2262-04-11
+    or before 1677-09-21), with a note in the log the first time a path is clamped."""
+    v = clamp_ns(mtime_ns)
+    if v != mtime_ns:
+        key = os.fspath(path)
+        if key not in _clamp_noted and len(_clamp_noted) < 10_000:
+            _clamp_noted.add(key)
+            log.warning(
+                "scan.mtime_clamped path=%r mtime_ns=%d used=%d (beyond what a 64-bit time holds)",
+                key,
+                mtime_ns,
+                v,
+            )
+    return v
 
 
 @dataclass(frozen=True, slots=True)
 class StableRead:
     size: int
-    mtime_ns: int
+    mtime_ns: int  # clamped into int64 (see wire_mtime)
     ino: int
     digest: bytes
     data: bytes | None  # whole content for small files; None for streamed ones
+    change_ns: int | None = None  # see change_time_ns
+
+    @property
+    def key(self) -> FileKey:
+        """The hash cache key of the version read."""
+        return (self.size, self.mtime_ns, self.ino, self.change_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +273,7 @@ def read_stable(
         parts: list[bytes] = []
         small = keep_data and before.st_size <= inline_max
         with open_shared(path) as f:
+            change_before = _open_change_time_ns(f) if WINDOWS else before.st_ctime_ns
             lease = _take_lease(f.fileno()) if lease_check and before.st_size <= LEASE_MAX else None
             if lease is False:
                 return Unstable("open for writing by another process", writing=True)
@@ -160,18 +293,23 @@ def read_stable(
             finally:
                 if lease:
                     _drop_lease(f.fileno())
+            change_after = _open_change_time_ns(f) if WINDOWS else None
         after = os.stat(path, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:  # locked, delete pending, unreadable: try again later, never give up the process
         return Unstable(f"cannot read it now: {e.strerror or e}")
-    if not same_key(file_key(before), file_key(after)):
+    if not WINDOWS:
+        change_after = after.st_ctime_ns
+    kb, ka = file_key(before, change_before), file_key(after, change_after)
+    # A write that put size and mtime back still moves the change time.
+    if kb[3] != ka[3] or not same_key((*kb[:3], 0), (*ka[:3], 0)):
         return Unstable("file changed while it was read")
     data = b"".join(parts) if small else None
     if data is not None and len(data) != after.st_size:
         return Unstable("size changed while it was read")
     digest = h.digest() if data is None else digest_bytes(data)
-    return StableRead(after.st_size, after.st_mtime_ns, after.st_ino, digest, data)
+    return StableRead(after.st_size, wire_mtime(path, after.st_mtime_ns), after.st_ino, digest, data, ka[3])
 
 
 def open_for_writing(paths: Sequence[Path]) -> tuple[set[Path], bool]:
@@ -242,12 +380,34 @@ class Found:
     unreadable: bool = False  # listing the folder (or stat of the file) failed: say nothing about it
 
 
+def link_in_path(root: str | Path, rel: str) -> str | None:
+    """The first folder of ``rel`` (a checked relative path) below ``root`` that is a symlink or a Windows
+    junction or other reparse point, or None: then every existing folder on the way is a real one inside
+    the root. The last component is not looked at (callers treat it themselves)."""
+    folder = os.fspath(root)
+    for name in rel.split("/")[:-1]:
+        folder = os.path.join(folder, name)
+        try:
+            st = os.lstat(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # the rest does not exist: nothing to follow
+        if statmod.S_ISLNK(st.st_mode) or getattr(st, "st_file_attributes", 0) & 0x400:
+            return name
+    return None
+
+
 def walk(root: Path, include: Sequence[str], skip: Path | None = None) -> Iterator[Found]:
     """Every folder and regular file of the replicated set, as relative POSIX paths.
 
-    Symlinks and temporary files are skipped; so is ``skip`` (a state folder inside the root).
+    Symlinks and temporary files are skipped; so is ``skip`` (a state folder inside the root), and an
+    include item below a symlinked folder (``config/config.json`` with ``config`` a link): nothing outside
+    the root is ever listed or read.
     """
     for item in include:
+        link = link_in_path(root, item)
+        if link is not None:
+            log.warning("scan.symlink_skipped path=%r link=%r (a symlink is never followed)", item, link)
+            continue
         p = root / item
         try:
             st = os.stat(p, follow_symlinks=False)
@@ -292,25 +452,40 @@ def _walk_dir(folder: Path, rel: str, skip: Path | None) -> Iterator[Found]:
             yield Found(child, False, None, unreadable=True)
 
 
+#: The first value of a hash cache file; a file without it (an older format) is dropped, costing re-hashing.
+CACHE_HEADER = {"fmt": "standby-hashcache", "v": 2}
+
+
 class HashCache:
-    """Digests of files keyed on (size, mtime, file id): an unchanged file is never hashed again."""
+    """Digests of files keyed on :data:`FileKey`: an unchanged file is never hashed again.
+
+    File format (version 2): the msgpack map :data:`CACHE_HEADER`, then one msgpack map of relative path to
+    ``[size, mtime_ns, file id, change_ns or nil, digest]``.
+    """
 
     def __init__(self) -> None:
-        self._d: dict[str, tuple[int, int, int, bytes]] = {}
+        self._d: dict[str, tuple[int, int, int, int | None, bytes]] = {}
 
-    def get(self, path: str, st: os.stat_result) -> bytes | None:
+    def get(self, path: str, key: FileKey) -> bytes | None:
         v = self._d.get(path)
-        if v is not None and same_key((v[0], v[1], v[2]), file_key(st)):
-            return v[3]
+        if v is not None and same_key((v[0], v[1], v[2], v[3]), key):
+            return v[4]
         return None
 
-    def put(self, path: str, st: os.stat_result, digest: bytes) -> None:
-        self._d[sys.intern(path)] = (*file_key(st), digest)
+    def put_key(self, path: str, key: tuple[int, ...] | FileKey, digest: bytes) -> None:
+        """Record ``digest`` for the version of ``path`` known by ``key``. A key without a change time
+        (size, mtime, file id) is kept but never matches: the file is hashed once more to learn it."""
+        change = key[3] if len(key) > 3 else None
+        self._d[sys.intern(path)] = (key[0], key[1], key[2], change, digest)
 
-    def put_key(self, path: str, key: tuple[int, int, int], digest: bytes) -> None:
-        self._d[sys.intern(path)] = (*key, digest)
+    def rekey(self, path: str, key: FileKey) -> None:
+        """``path`` was moved by us (a rename moves the change time): keep its digest under ``key`` if size,
+        mtime and file id are still those recorded."""
+        v = self._d.get(path)
+        if v is not None and same_key((v[0], v[1], v[2], 0), (*key[:3], 0)):
+            self._d[path] = (*key, v[4])
 
-    def known(self, path: str) -> tuple[int, int, int, bytes] | None:
+    def known(self, path: str) -> tuple[int, int, int, int | None, bytes] | None:
         return self._d.get(path)
 
     def drop(self, path: str) -> None:
@@ -330,6 +505,7 @@ class HashCache:
             # Written entry by entry (a map header, then key, value, ...): the same bytes as one packed
             # map, without building the whole encoding in memory.
             pk = msgpack.Packer(use_bin_type=True)
+            f.write(pk.pack(CACHE_HEADER))
             f.write(pk.pack_map_header(len(snapshot)))
             for k, v in snapshot.items():
                 f.write(pk.pack(k) + pk.pack(v))
@@ -342,16 +518,34 @@ class HashCache:
             # Entry by entry: the cache of a large tree is never held twice (as decoded lists and tuples).
             with open(path, "rb") as f:
                 u = msgpack.Unpacker(f, raw=False, max_buffer_size=64 << 20)
+                if u.read_map_header() != len(CACHE_HEADER):
+                    raise _OldFormat
+                head = {u.unpack(): u.unpack() for _ in CACHE_HEADER}
+                if head != CACHE_HEADER:
+                    raise _OldFormat
                 for _ in range(u.read_map_header()):
                     k: Any = u.unpack()
                     v: Any = u.unpack()
-                    if isinstance(k, str) and isinstance(v, list) and len(v) == 4:
-                        c._d[sys.intern(k)] = (int(v[0]), int(v[1]), int(v[2]), bytes(v[3]))
+                    if (
+                        isinstance(k, str)
+                        and isinstance(v, list)
+                        and len(v) == 5
+                        and all(isinstance(x, int) for x in v[:3])
+                        and (v[3] is None or isinstance(v[3], int))
+                        and isinstance(v[4], bytes)
+                    ):
+                        c._d[sys.intern(k)] = (v[0], v[1], v[2], v[3], v[4])
         except FileNotFoundError:
             pass
+        except _OldFormat:
+            log.info("hashcache.old_format path=%s (dropped; files are hashed again once)", path)
         except Exception as e:  # a damaged cache only costs re-hashing
             log.warning("hashcache.unreadable path=%s error=%s", path, e)
         return c
+
+
+class _OldFormat(Exception):
+    """A hash cache file of another format version."""
 
 
 LOCAL_EDIT: frozenset[str] = frozenset({"local-edit"})
@@ -372,15 +566,17 @@ def build_manifest(
     skip: Path | None = None,
     flag_edits: bool = False,
     need_digest: Callable[[str], bool] | None = None,
+    full: bool = False,
 ) -> Manifest:
     """Path, size, mtime and digest of every file and folder in the set, hashing only cache misses.
 
-    With ``flag_edits`` (the receiver), a file whose stat no longer matches what standby itself last wrote
-    is flagged ``local-edit``. ``need_digest(path)`` False leaves a file's digest empty (it is sent
-    anyway: the replica does not have it), so it is not read here.
+    With ``flag_edits`` (the receiver), a file whose content, size or mtime no longer match what standby
+    itself last wrote is flagged ``local-edit``. ``need_digest(path)`` False leaves a file's digest empty
+    (it is sent anyway: the replica does not have it), so it is not read here.
     """
     m = Manifest({}, [], [])
-    m.entries = {e.path: e for e in iter_manifest(root, include, cache, m, skip, flag_edits, need_digest)}
+    found = iter_manifest(root, include, cache, m, skip, flag_edits, need_digest, full)
+    m.entries = {e.path: e for e in found}
     return m
 
 
@@ -392,9 +588,13 @@ def iter_manifest(
     skip: Path | None = None,
     flag_edits: bool = False,
     need_digest: Callable[[str], bool] | None = None,
+    full: bool = False,
 ) -> Iterator[FileMeta]:
     """The entries of :func:`build_manifest` one by one (so a large manifest need not be held whole);
-    the paths that could not be read are added to ``out.unstable`` and ``out.unreadable``."""
+    the paths that could not be read are added to ``out.unstable`` and ``out.unreadable``.
+
+    ``full``: every file is read and hashed, whatever the cache says (``standby verify --full``); the cache
+    is neither consulted nor changed."""
     for f in walk(root, include, skip):
         if f.unreadable:
             (out.unreadable if f.is_dir else out.unstable).append(f.path)
@@ -403,20 +603,29 @@ def iter_manifest(
             yield FileMeta(f.path, is_dir=True)
             continue
         assert f.st is not None
-        digest = cache.get(f.path, f.st)
+        os_path = root / f.path
+        digest = None if full else cache.get(f.path, stat_key(os_path, f.st))
         flags: frozenset[str] = NO_FLAGS
         if digest is None and need_digest is not None and not need_digest(f.path):
             digest = b""
         if digest is None:
-            if flag_edits and cache.known(f.path) is not None:
-                flags = LOCAL_EDIT
-            r = read_stable(root / f.path, keep_data=False)
+            r = read_stable(os_path, keep_data=False)
             if r is None:
                 continue
             if isinstance(r, Unstable):
                 out.unstable.append(f.path)
                 continue
             digest = r.digest
-            if not flags:
-                cache.put_key(f.path, (r.size, r.mtime_ns, r.ino), digest)
-        yield FileMeta(f.path, False, f.st.st_size, f.st.st_mtime_ns, digest, flags)
+            if full:
+                pass
+            elif flag_edits and _edited(cache.known(f.path), r):
+                flags = LOCAL_EDIT  # not cached: flagged again until the sender repairs it
+            else:
+                cache.put_key(f.path, r.key, digest)
+        yield FileMeta(f.path, False, f.st.st_size, wire_mtime(f.path, f.st.st_mtime_ns), digest, flags)
+
+
+def _edited(known: tuple[int, int, int, int | None, bytes] | None, r: StableRead) -> bool:
+    """A replica file standby wrote (``known``) that someone else changed: its content, size or mtime
+    differ from what was written. Only its change time moving (a chmod, an indexer) is no edit."""
+    return known is not None and (known[4] != r.digest or known[0] != r.size or known[1] != r.mtime_ns)

@@ -10,7 +10,7 @@ Conversation (S = sender or observer, R = receiver)::
     R: welcome {v, node, journal, seq, epoch}  or  refuse {code, reason}, then close
     S: stream {journal, from}                  sender only: entries follow, seqs consecutive from `from`
     S: e {s, o, p, ...}  [bytes] * c           entries (header, then c content chunks)
-    S: mreq {id, include}                      manifest request, answered after all earlier entries
+    S: mreq {id, include[, full]}              manifest request, answered after all earlier entries
     S: ping {ts}
     R: ack {seq, problems}                     all entries <= seq are durable on the replica
     R: mpart {id, entries} ... mend {id, seq}  manifest of the replica as of entry `seq`
@@ -84,6 +84,7 @@ class Chunk:
 class ManifestRequest:
     id: int
     include: tuple[str, ...]
+    full: bool = False  # hash every file, ignoring the receiver's hash cache (absent on the wire: False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +230,10 @@ class ReceiverProtocol(_Base):
             inc = v.get("include")
             if not isinstance(inc, list) or not all(isinstance(x, str) for x in inc) or len(inc) > 1000:
                 raise RemoteProtocolError("mreq: include is not a list of strings")
-            return ManifestRequest(_field(v, "id", int, "mreq"), tuple(inc))
+            full = v.get("full", False)
+            if not isinstance(full, bool):
+                raise RemoteProtocolError("mreq: full is not a boolean")
+            return ManifestRequest(_field(v, "id", int, "mreq"), tuple(inc), full)
         if kind == "ping":
             return Ping(_field(v, "ts", int, "ping"))
         if self.role != "sender":
@@ -419,10 +423,15 @@ class SenderProtocol(_Base):
             self.sent.last_seq = c.seq
         return raw
 
-    def manifest_request(self, req_id: int, include: Sequence[str]) -> bytes:
+    def manifest_request(self, req_id: int, include: Sequence[str], full: bool = False) -> bytes:
+        """``full``: the receiver hashes every file, whatever its cache says (only sent when set, so a
+        request without it is the one every receiver version understands)."""
         if self.state not in (State.READY, State.STREAMING):
             raise LocalProtocolError("mreq before welcome")
-        return codec.encode({"k": "mreq", "id": req_id, "include": list(include)})
+        req: dict[str, Any] = {"k": "mreq", "id": req_id, "include": list(include)}
+        if full:
+            req["full"] = True
+        return codec.encode(req)
 
     def ping(self, ts: int) -> bytes:
         return codec.encode({"k": "ping", "ts": ts})

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from engine.apply import Applier, PendingOp
+from engine.apply import WINDOWS_MIN_MTIME_NS, Applier, PendingOp, settable_mtime_ns
 from engine.digest import digest_bytes
 from engine.errors import ApplyError
-from engine.model import Change, Op
+from engine.model import INT64_MAX, Change, Op
+from engine.scan import build_manifest, stat_key
 from tests.pair import temp_files
 
 MTIME = 1_700_000_000_123_456_789
@@ -49,7 +51,7 @@ def test_a_group_of_puts_lands_whole_with_its_mtimes_and_no_temp_files(applier: 
     for p in want:
         st = os.stat(applier.root / p)
         assert st.st_mtime_ns == MTIME
-        assert applier.cache.get(p, st) == digest_bytes(want[p])
+        assert applier.cache.get(p, stat_key(applier.root / p, st)) == digest_bytes(want[p])
 
 
 def test_applying_a_group_twice_gives_the_same_tree(applier: Applier) -> None:
@@ -132,3 +134,76 @@ def test_a_put_that_replaces_a_folder_does_not_lose_a_later_put_into_it(applier:
     assert res.problems == []
     assert files(applier.root) == {"databases/f/z.json": b"z"}  # the later record wins
     assert not temp_files(applier.root)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modification times outside 1970..2262, and the hash cache key of what the applier wrote
+
+SIGNED_MTIMES = {
+    "1969-12-31": -86_400 * 10**9,
+    "1938-01-01": -1_009_843_200 * 10**9,
+    "the int64 maximum (2262, where a later source time is clamped)": INT64_MAX,
+}
+
+
+@pytest.mark.parametrize("mtime", SIGNED_MTIMES.values(), ids=SIGNED_MTIMES.keys())
+def test_any_int64_mtime_is_applied(applier: Applier, mtime: int) -> None:
+    data = b"dated"
+    big = os.urandom(5 << 20)  # streamed (a large put): its time is set on the temporary file after close
+    ops = [
+        PendingOp(
+            Change(1, Op.PUT, "databases/a.json", size=5, mtime_ns=mtime, digest=digest_bytes(data)), data
+        ),
+        PendingOp(
+            Change(2, Op.PUT, "databases/big.bin", size=len(big), mtime_ns=mtime, digest=digest_bytes(big))
+        ),
+    ]
+    large = applier.begin_large(ops[1].change)
+    large.write(big)
+    assert large.finish() is None
+    ops[1].temp = large.temp
+    res = applier.apply_batch(ops)
+    assert res.problems == [] and res.applied == 2
+    for rel in ("databases/a.json", "databases/big.bin"):
+        assert (applier.root / rel).stat().st_mtime_ns == mtime, rel
+
+
+def test_windows_clamps_a_time_before_1601_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    before_1601 = WINDOWS_MIN_MTIME_NS - 1
+    assert settable_mtime_ns("a", before_1601, windows=True) == WINDOWS_MIN_MTIME_NS
+    assert "apply.mtime_clamped path='a'" in caplog.text
+    assert settable_mtime_ns("a", WINDOWS_MIN_MTIME_NS, windows=True) == WINDOWS_MIN_MTIME_NS
+    assert settable_mtime_ns("a", -1, windows=True) == -1
+    assert settable_mtime_ns("a", before_1601, windows=False) == before_1601
+    assert WINDOWS_MIN_MTIME_NS == -11_644_473_600 * 10**9  # 1601-01-01 UTC
+
+
+def test_the_cache_key_of_an_applied_file_is_taken_once_it_is_in_place(applier: Applier) -> None:
+    # The rename into place, and a later rename record, move the file's change time: the key recorded must
+    # be the final one, or every manifest would re-hash (and flag as a local edit) what standby wrote.
+    time.sleep(0.01)
+    applier.apply_batch([put(1, "databases/r1/a.json", b"a"), put(2, "databases/r1/b.json", b"b")])
+    time.sleep(0.01)
+    applier.apply_batch([op(3, Op.RENAME, "databases/r1/a.json", "databases/r1/c.json")])
+    applier.apply_batch([op(4, Op.RENAME, "databases/r1", "databases/r2")])
+    for rel, data in (("databases/r2/c.json", b"a"), ("databases/r2/b.json", b"b")):
+        p = applier.root / rel
+        assert applier.cache.get(rel, stat_key(p, p.stat())) == digest_bytes(data), rel
+    m = build_manifest(applier.root, ["databases"], applier.cache, flag_edits=True)
+    assert {e.path for e in m.entries.values() if e.flags} == set()
+
+
+def test_a_replica_edit_that_puts_size_and_mtime_back_is_flagged_and_listed(applier: Applier) -> None:
+    applier.apply_batch([put(1, "config/config.json", b'{"x": 1}')])
+    p = applier.root / "config" / "config.json"
+    st = p.stat()
+    time.sleep(0.01)
+    p.write_bytes(b'{"y": 2}')
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch -r
+    e = build_manifest(applier.root, ["config/config.json"], applier.cache, flag_edits=True).entries[
+        "config/config.json"
+    ]
+    assert e.digest == digest_bytes(b'{"y": 2}'), (
+        "the manifest listed the content standby wrote, not the edit"
+    )
+    assert "local-edit" in e.flags

@@ -45,6 +45,7 @@ import pytest
 
 from engine import history
 from engine.digest import digest_bytes
+from engine.errors import ReplicationError
 from engine.guard import GuardRule, check_content
 from engine.simulator import (
     CONFIG_PATH,
@@ -648,3 +649,117 @@ def test_a_bad_guard_table_exits_2_naming_it(
     assert named in line, f"{case}: the message does not name {named!r}: {line}"
     started = [p for p in (pair.sender_state / "journal", pair.receiver_state / "position") if p.exists()]
     assert not started, f"{case}: a bad config still started work: {started}"
+
+
+# ---- 6. history across renames, odd times and symlinks; verify's text report ------------------------------
+def test_guard_history_follows_a_renamed_folder(pair: Pair) -> None:
+    configure(pair, GUARDS)
+    room = make_tree(pair, 1, 1, seed=17)[0]
+    rel = cookie_relpath(room)
+    start_alive(pair, "receive")
+    start_alive(pair, "send")
+    pair.wait_converged()
+    rng = random.Random(6)
+    data = make_cookie(room, 1, rng)
+    write_in_place(pair.source / rel, data, pieces=2, piece_delay=0.002)
+    wait_for(lambda: (pair.target / rel).read_bytes() == data, 20, "the new cookie on the passive")
+    r = pair.cli("guard", "history", "--config", str(pair.config), rel, "--json")
+    assert r.returncode == 0, r.stderr
+    before = json.loads(r.stdout)
+    assert len(before) == 2, before  # the initial version and the rewrite
+
+    folder = rel.rsplit("/", 2)[0] + "/" + room  # databases/<room>
+    moved_folder = folder + "-moved"
+    moved = moved_folder + "/" + rel.rsplit("/", 1)[1]
+    (pair.source / folder).rename(pair.source / moved_folder)
+    pair.wait_converged()
+    assert (pair.target / moved).read_bytes() == data
+
+    r = pair.cli("guard", "history", "--config", str(pair.config), moved, "--json")
+    assert r.returncode == 0, r.stderr
+    after = json.loads(r.stdout)
+    assert [v["digest"] for v in after] == [v["digest"] for v in before], (
+        f"the kept versions did not follow the rename: {after}\n{pair.all_logs()}"
+    )
+    r = pair.cli("guard", "history", "--config", str(pair.config), rel, "--json")
+    assert json.loads(r.stdout) == [], "the old path still has versions"
+
+    # and restore works under the new path
+    assert pair.stop("send") == 0 and pair.stop("receive") == 0
+    r = pair.cli("guard", "restore", "--config", str(pair.config), moved, "--version", "1")
+    assert r.returncode == 0, r.stderr
+    assert digest_bytes((pair.target / moved).read_bytes()).hex() == before[1]["digest"]
+
+
+def test_guard_history_of_files_dated_before_1970_and_renames(tmp_path: Path) -> None:
+    kept = history.GuardHistory(tmp_path / "guard-history", keep=3, fsync=False)
+    rel = "databases/r1/sync.cookie"
+    kept.record(rel, 1, -86_400 * 10**9, b"v1")  # 1969-12-31
+    kept.record(rel, 2, -1_009_843_200 * 10**9, b"v2")  # 1938
+    kept.record("databases/r1/other.cookie", 3, 5, b"o")
+    kept.record("databases/r10/sync.cookie", 4, 5, b"not below r1")
+    assert [(v.seq, v.mtime_ns) for v in kept.versions(rel)] == [
+        (2, -1_009_843_200 * 10**9),
+        (1, -86_400 * 10**9),
+    ]
+
+    kept.record("databases/r2/sync.cookie", 9, 9, b"replaced by the rename")
+    kept.rename("databases/r1", "databases/r2")
+    kept.rename("databases/r1", "databases/r2")  # a replayed record finds its work done
+    assert kept.versions(rel) == []
+    assert [v.path.read_bytes() for v in kept.versions("databases/r2/sync.cookie")] == [b"v2", b"v1"]
+    assert [v.path.read_bytes() for v in kept.versions("databases/r2/other.cookie")] == [b"o"]
+    assert [v.path.read_bytes() for v in kept.versions("databases/r10/sync.cookie")] == [b"not below r1"]
+    kept.rename("databases/r2/sync.cookie", "databases/r2/renamed.cookie")
+    assert len(kept.versions("databases/r2/renamed.cookie")) == 2
+
+    # restore puts the 1938 time back
+    target = tmp_path / "replica"
+    v = kept.restore("databases/r2/renamed.cookie", 0, target)
+    assert (target / "databases/r2/renamed.cookie").read_bytes() == b"v2"
+    assert (target / "databases/r2/renamed.cookie").stat().st_mtime_ns == v.mtime_ns == -1_009_843_200 * 10**9
+
+
+def test_guard_restore_never_writes_through_a_symlink(tmp_path: Path) -> None:
+    kept = history.GuardHistory(tmp_path / "guard-history", fsync=False)
+    kept.record("config/config.json", 1, 1, b"{}")
+    target, outside = tmp_path / "replica", tmp_path / "outside"
+    target.mkdir()
+    outside.mkdir()
+    (target / "config").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ReplicationError, match="symlink at 'config'"):
+        kept.restore("config/config.json", 0, target)
+    assert list(outside.iterdir()) == []
+
+
+def test_verify_lists_a_held_file_once_and_long_paths_whole(pair: Pair) -> None:
+    configure(pair, GUARDS)
+    room = make_tree(pair, 2, 1, seed=19)[0]
+    rel = cookie_relpath(room)
+    long_rel = "databases/" + "/".join(["a-rather-long-folder-name-for-meetings"] * 3) + "/m.json"
+    assert len(long_rel) > 100
+    (pair.source / long_rel).parent.mkdir(parents=True)
+    (pair.source / long_rel).write_text('{"m": 1}', "utf-8")
+    start_alive(pair, "receive")
+    start_alive(pair, "send")
+    pair.wait_converged()
+    new = make_cookie(room, 1000, random.Random(8))
+    torn_write(pair.source / rel, new, len(new) // 2 // 4 * 4)
+    pair.wait_log("send", f"guard.torn path={rel!r}")
+    assert pair.stop("send") == 0
+    (pair.target / long_rel).write_text('{"m": "changed on the passive"}', "utf-8")
+
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "verify", "--config", str(pair.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
+    assert r.returncode == 1, f"verify exited {r.returncode}\n{r.stdout}{r.stderr}"
+    lines = r.stdout.splitlines()
+    assert sum(rel in line for line in lines) == 1, f"the held file is not listed exactly once:\n{r.stdout}"
+    assert any(line.startswith(f"held: {rel}: ") for line in lines), r.stdout
+    assert any(line.startswith(f"content: {long_rel}: ") for line in lines), f"a path was cut:\n{r.stdout}"

@@ -8,7 +8,8 @@ still advancing), write nothing outside its target, and keep serving.
 
 The pair runs in loopback ``insecure`` mode (plain TCP): what these tests attack is the frame and record
 layer behind the handshake, which a peer holding the pinned sender key reaches just the same. Attacks on the
-TLS handshake and the ID pinning themselves live in tests/test_tls.py.
+TLS handshake and the ID pinning themselves live in tests/test_tls.py; the one test here that runs the
+receiver with TLS checks how such attempts are counted (``refused_peers``, never ``protocol_errors``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine import codec, wire
+from engine import codec, identity, wire
 from engine.digest import checksum, digest_bytes
 from engine.journal import entry_header
 from engine.model import CHUNK_SIZE, Change, Op, chunk_count
+from engine.transport import PREAMBLE
 from tests.pair import Pair, temp_files, wait_for
 
 #: Paths a peer may send that must never be applied: (path, what it tries).
@@ -334,6 +336,117 @@ def test_a_broken_frame_closes_the_connection_and_the_receiver_keeps_serving(
         peer.assert_closed_by_peer(within=5)  # well before the 10 s handshake timeout
     finally:
         peer.close()
-    pair.wait_log("receive", "receiver.protocol_error", timeout=5)
+    # Before a valid hello the peer was never admitted: refused. After it: a protocol error.
+    pair.wait_log("receive", "receiver.protocol_error" if after_handshake else "receiver.refused", timeout=5)
+    wait_counters(
+        pair,
+        {"protocol_errors": 1, "refused_peers": 0}
+        if after_handshake
+        else {"protocol_errors": 0, "refused_peers": 1},
+    )
     assert_receiver_alive(pair)
     assert_proper_sender_applies(pair, fault.replace(" ", "-"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refused peers and protocol errors are counted apart
+
+
+def receiver_counters(pair: Pair) -> dict[str, int]:
+    data: dict[str, int] = pair.status()["receiver"]["counters"]
+    return data
+
+
+def wait_counters(pair: Pair, want: dict[str, int]) -> None:
+    pair.wait_status(
+        lambda s: all(s["receiver"]["counters"].get(k) == v for k, v in want.items()),
+        10,
+        f"the receiver's counters to be {want}",
+    )
+
+
+def raw_attempt(port: int, data: bytes) -> None:
+    """Connect, send ``data`` and wait until the receiver closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        try:
+            while s.recv(1 << 16):
+                pass
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+
+
+def test_a_connection_that_never_completes_a_handshake_is_a_refused_peer(pair: Pair) -> None:
+    # TLS receiver, as deployed: plain TCP, garbage and a TLS client that does not wait for the ACK byte
+    # never complete a valid handshake. They are refused peers, not protocol errors.
+    pair.start("receive")
+    wait_counters(pair, {"refused_peers": 0, "protocol_errors": 0})
+    cert = identity.load(pair.sender_state).cert_der
+    raw_attempt(pair.port, wire.SenderProtocol("plain", 1).hello())  # plain TCP, no preamble
+    raw_attempt(pair.port, b"GET / HTTP/1.1\r\nHost: standby\r\n\r\n")  # garbage
+    # the pinned certificate, then TLS bytes before the receiver's ACK
+    raw_attempt(pair.port, PREAMBLE + struct.pack(">H", len(cert)) + cert + b"\x16\x03\x01\x00\x05hello")
+    wait_counters(pair, {"refused_peers": 3, "protocol_errors": 0})
+    refused = [line for line in pair.log("receive").splitlines() if " receiver.refused " in line]
+    assert len(refused) == 3, refused
+    assert "receiver.protocol_error" not in pair.log("receive")
+    assert_receiver_alive(pair)
+
+
+def test_an_admitted_peer_that_breaks_the_protocol_is_a_protocol_error(receiver: Pair) -> None:
+    pair = receiver
+    wait_counters(pair, {"refused_peers": 0, "protocol_errors": 0})
+    raw_attempt(pair.port, b"\xff" * 64)  # before any hello: refused
+    wait_counters(pair, {"refused_peers": 1, "protocol_errors": 0})
+    peer = RawPeer(pair.port)
+    try:
+        peer.start_stream()  # admitted
+        peer.send(b"\xff" * 4096)
+        peer.assert_closed_by_peer(within=5)
+    finally:
+        peer.close()
+    wait_counters(pair, {"refused_peers": 1, "protocol_errors": 1})
+    assert_receiver_alive(pair)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Manifests never list or hash anything outside the replica
+
+
+def ask_manifest(port: int, include: list[str]) -> list[str]:
+    """The paths of the receiver's manifest of ``include``, asked by an observer over real TCP."""
+    peer = RawPeer(port, role="observer")
+    try:
+        peer.handshake()
+        peer.send(peer.proto.manifest_request(1, include))
+        paths: list[str] = []
+        while True:
+            ev = peer.event()
+            if isinstance(ev, wire.ManifestPart):
+                paths.extend(e.path for e in ev.entries)
+            elif isinstance(ev, wire.ManifestEnd):
+                return sorted(paths)
+    finally:
+        peer.close()
+
+
+def test_a_manifest_never_follows_a_symlink_above_an_include(receiver: Pair) -> None:
+    pair = receiver
+    outside = pair.base / "outside"
+    (outside / "inner").mkdir(parents=True)
+    (outside / "inner" / "secret.txt").write_bytes(b"secret")
+    (outside / "config.json").write_bytes(b'{"secret": true}')
+    (pair.target / "lnk").symlink_to(outside, target_is_directory=True)
+    (pair.target / "config").symlink_to(outside, target_is_directory=True)  # the default include's folder
+    (pair.target / "databases" / "room").mkdir(parents=True)
+    (pair.target / "databases" / "room" / "m.json").write_bytes(b"{}")
+    (pair.target / "databases" / "room" / "lnk").symlink_to(outside, target_is_directory=True)
+
+    got = ask_manifest(
+        pair.port,
+        ["lnk/inner", "lnk/inner/secret.txt", "config/config.json", "databases/room/lnk/inner", "databases"],
+    )
+    assert got == ["databases", "databases/room", "databases/room/m.json"], got
+    assert "scan.symlink_skipped path='lnk/inner'" in pair.log("receive")
+    assert "scan.symlink_skipped path='config/config.json'" in pair.log("receive")
+    assert_receiver_alive(pair)

@@ -1,43 +1,218 @@
-"""The hash cache on disk: saved and loaded entry by entry, and a damaged file only costs re-hashing."""
+"""The hash cache on disk: saved and loaded entry by entry, and a damaged file only costs re-hashing; its key
+sees a rewrite that put size and mtime back; times outside 1970..2262; walks never pass a symlink."""
 
 from __future__ import annotations
 
+import logging
 import os
+import struct
 import sys
+import time
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from engine import scan
-from engine.scan import LEASE_MAX, HashCache, StableRead, Unstable, open_for_writing, read_stable
+from engine import codec, scan
+from engine.digest import digest_bytes
+from engine.model import INT64_MAX, FileMeta
+from engine.scan import (
+    LEASE_MAX,
+    HashCache,
+    StableRead,
+    Unstable,
+    build_manifest,
+    open_for_writing,
+    read_stable,
+    stat_key,
+)
 
 
 def test_the_hash_cache_round_trips_in_the_documented_format(tmp_path: Path) -> None:
     c = HashCache()
     for i in range(500):
-        c.put_key(f"databases/r/{i}.json", (i, i * 1_000_003, i + 7), os.urandom(16))
+        c.put_key(f"databases/r/{i}.json", (i, i * 1_000_003 - 10**18, i + 7, i * 3), os.urandom(16))
+    c.put_key("no-change-time", (1, 2, 3), bytes(16))  # kept, but it never matches
     c.save(tmp_path / "hashcache")
     raw = (tmp_path / "hashcache").read_bytes()
-    assert msgpack.unpackb(raw, raw=False) == {k: list(v) for k, v in c._d.items()}  # one msgpack map
-    assert HashCache.load(tmp_path / "hashcache")._d == c._d
+    u = msgpack.Unpacker(raw=False)
+    u.feed(raw)
+    assert next(u) == {"fmt": "standby-hashcache", "v": 2}  # the format header, then one map
+    assert next(u) == {k: list(v) for k, v in c._d.items()}
+    assert list(u) == []
+    loaded = HashCache.load(tmp_path / "hashcache")
+    assert loaded._d == c._d
+    assert loaded.known("no-change-time") == (1, 2, 3, None, bytes(16))
+    assert loaded.get("no-change-time", (1, 2, 3, None)) is None
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong type"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong type", "header only"])
 def test_a_damaged_hash_cache_loads_what_it_can_and_warns(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     c = HashCache()
     for i in range(100):
-        c.put_key(f"f{i}", (i, i, i), bytes(16))
+        c.put_key(f"f{i}", (i, i, i, i), bytes(16))
     c.save(tmp_path / "hashcache")
     raw = (tmp_path / "hashcache").read_bytes()
-    bad = {"truncated": raw[: len(raw) // 2], "garbage": b"\x00\xff" * 50, "wrong type": b"\x93\x01\x02\x03"}
+    header = msgpack.packb(scan.CACHE_HEADER)
+    bad = {
+        "truncated": raw[: len(raw) // 2],
+        "garbage": header + b"\x00\xff" * 50,
+        "wrong type": header + b"\x93\x01\x02\x03",
+        "header only": header,
+    }
     (tmp_path / "hashcache").write_bytes(bad[damage])
     loaded = HashCache.load(tmp_path / "hashcache")
     assert set(loaded._d.items()) <= set(c._d.items())  # never a wrong entry
     assert "hashcache.unreadable" in caplog.text
     assert HashCache.load(tmp_path / "missing")._d == {}
+
+
+def test_a_hash_cache_of_the_old_format_is_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Version 1: one map of path -> [size, mtime, file id, digest], keyed without a change time.
+    (tmp_path / "hashcache").write_bytes(msgpack.packb({"databases/a.json": [3, 5, 7, bytes(16)]}))
+    caplog.set_level(logging.INFO)
+    assert HashCache.load(tmp_path / "hashcache")._d == {}
+    assert "hashcache.old_format" in caplog.text
+    assert "hashcache.unreadable" not in caplog.text
+
+
+def rewrite_keeping_size_and_mtime(path: Path, data: bytes) -> None:
+    """What ``cp -p`` or an editor plus ``touch -r`` do: new content, same size, the old mtime put back."""
+    st = path.stat()
+    assert len(data) == st.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+
+
+def test_a_same_size_rewrite_with_its_mtime_put_back_is_hashed_again(tmp_path: Path) -> None:
+    (tmp_path / "databases").mkdir()
+    f = tmp_path / "databases" / "m.json"
+    f.write_bytes(b'{"room": 1}')
+    cache = HashCache()
+    first = build_manifest(tmp_path, ["databases"], cache).entries["databases/m.json"]
+    assert first.digest == digest_bytes(b'{"room": 1}')
+    rewrite_keeping_size_and_mtime(f, b'{"room": 2}')
+    second = build_manifest(tmp_path, ["databases"], cache).entries["databases/m.json"]
+    assert second.digest == digest_bytes(b'{"room": 2}'), "the cache served the old content's digest"
+    assert second.mtime_ns == first.mtime_ns
+    # and the saved cache carries the change time across a restart
+    cache.save(tmp_path / "hashcache")
+    rewrite_keeping_size_and_mtime(f, b'{"room": 3}')
+    third = build_manifest(tmp_path, ["databases"], HashCache.load(tmp_path / "hashcache"))
+    assert third.entries["databases/m.json"].digest == digest_bytes(b'{"room": 3}')
+
+
+def test_a_replica_file_edited_with_size_and_mtime_put_back_is_flagged(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    f = tmp_path / "config" / "config.json"
+    f.write_bytes(b'{"a": 1}')
+    cache = HashCache()
+    assert (
+        build_manifest(tmp_path, ["config/config.json"], cache, flag_edits=True)
+        .entries["config/config.json"]
+        .flags
+        == frozenset()
+    )
+    rewrite_keeping_size_and_mtime(f, b'{"b": 2}')
+    for _ in range(2):  # flagged until repaired: the edit is not learnt into the cache
+        e = build_manifest(tmp_path, ["config/config.json"], cache, flag_edits=True).entries[
+            "config/config.json"
+        ]
+        assert e.digest == digest_bytes(b'{"b": 2}') and "local-edit" in e.flags, e
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="chmod changes no content key on Windows")
+def test_a_chmod_on_the_replica_is_no_local_edit(tmp_path: Path) -> None:
+    f = tmp_path / "a.json"
+    f.write_bytes(b"{}")
+    cache = HashCache()
+    build_manifest(tmp_path, ["a.json"], cache, flag_edits=True)
+    before = cache.known("a.json")
+    time.sleep(0.01)
+    f.chmod(0o600)  # moves only the change time
+    e = build_manifest(tmp_path, ["a.json"], cache, flag_edits=True).entries["a.json"]
+    assert e.flags == frozenset(), "a chmod was reported as a local edit"
+    after = cache.known("a.json")
+    assert before is not None and after is not None and after[3] != before[3], "the new key was not learnt"
+
+
+def test_verify_full_ignores_a_cache_that_lies(tmp_path: Path) -> None:
+    f = tmp_path / "a.json"
+    f.write_bytes(b"{}")
+    cache = HashCache()
+    cache.put_key("a.json", stat_key(f, f.stat()), digest_bytes(b"not the content"))
+    assert build_manifest(tmp_path, ["a.json"], cache).entries["a.json"].digest == digest_bytes(
+        b"not the content"
+    )
+    full = build_manifest(tmp_path, ["a.json"], cache, full=True).entries["a.json"]
+    assert full.digest == digest_bytes(b"{}")
+    known = cache.known("a.json")
+    assert known is not None and known[4] == digest_bytes(b"not the content"), "a full walk changed the cache"
+
+
+def test_file_basic_info_change_time() -> None:
+    # FILE_BASIC_INFO as GetFileInformationByHandleEx fills it: four FILETIMEs (100 ns since 1601) and the
+    # attributes, padded to 40 bytes.
+    epoch_1970 = 116_444_736_000_000_000
+    change = epoch_1970 + 17_000_000_000 * 10_000_000 + 1234567  # 2508-..., 123.4567 ms past a second
+    buf = struct.pack("<qqqqI4x", 1, 2, 3, change, 0x20)
+    assert len(buf) == scan.BASIC_INFO_SIZE
+    assert scan.change_time_from_basic_info(buf) == 17_000_000_000 * 10**9 + 123_456_700
+    assert scan.change_time_from_basic_info(struct.pack("<qqqqI", 0, 0, 0, 0, 0)) == -epoch_1970 * 100
+    with pytest.raises(ValueError):
+        scan.change_time_from_basic_info(b"\0" * 16)
+
+
+FAR_FUTURE_NS = 10_413_792_000 * 10**9  # 2300-01-01, above what an int64 of ns holds
+
+
+def test_times_before_1970_and_after_2262_are_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    old, future = tmp_path / "old.json", tmp_path / "future.json"
+    old.write_bytes(b"1969")
+    future.write_bytes(b"2300")
+    os.utime(old, ns=(-86_400 * 10**9, -86_400 * 10**9))  # 1969-12-31
+    os.utime(future, ns=(FAR_FUTURE_NS, FAR_FUTURE_NS))
+    if future.stat().st_mtime_ns != FAR_FUTURE_NS:
+        pytest.skip("this file system cannot hold a time after 2262")
+    r = read_stable(old)
+    assert isinstance(r, StableRead) and r.mtime_ns == -86_400 * 10**9
+    r = read_stable(future)
+    assert isinstance(r, StableRead) and r.mtime_ns == INT64_MAX
+    assert "scan.mtime_clamped" in caplog.text and "future.json" in caplog.text
+    m = build_manifest(tmp_path, ["old.json", "future.json"], HashCache())
+    assert m.entries["old.json"].mtime_ns == -86_400 * 10**9
+    assert m.entries["future.json"].mtime_ns == INT64_MAX  # the same as what is sent: never re-sent
+    for e in m.entries.values():
+        dec = codec.FrameDecoder()
+        dec.feed(codec.encode(e.to_wire()))
+        assert FileMeta.from_wire(dec.next()[1]) == e
+
+
+def test_an_include_below_a_symlinked_folder_is_not_listed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root, outside = tmp_path / "replica", tmp_path / "outside"
+    (outside / "inner").mkdir(parents=True)
+    (outside / "inner" / "secret.txt").write_bytes(b"secret")
+    (outside / "config.json").write_bytes(b"{}")
+    root.mkdir()
+    (root / "lnk").symlink_to(outside, target_is_directory=True)
+    (root / "config").symlink_to(outside, target_is_directory=True)
+    (root / "databases" / "deep").mkdir(parents=True)
+    (root / "databases" / "deep" / "lnk").symlink_to(outside, target_is_directory=True)
+    m = build_manifest(
+        root, ["lnk/inner", "config/config.json", "databases/deep/lnk/inner", "databases"], HashCache()
+    )
+    assert sorted(m.entries) == ["databases", "databases/deep"], m.entries
+    assert "scan.symlink_skipped" in caplog.text
+    assert scan.link_in_path(root, "lnk/inner/secret.txt") == "lnk"
+    assert scan.link_in_path(root, "databases/deep/lnk/x") == "lnk"
+    assert scan.link_in_path(root, "databases/deep/missing/x") is None
+    assert scan.link_in_path(root, "lnk") is None  # the last component is the caller's
 
 
 needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="leases and /proc are Linux")
