@@ -752,7 +752,11 @@ class JournalCheck:
     @property
     def last_seq(self) -> int:
         """The last seq of the valid prefix."""
-        return self.scans[-1].last if self.scans else 0
+        if not self.scans:
+            return 0
+        if self.scans[-1].end == 0:  # nothing of the last one scanned is kept
+            return self.scans[-2].last if len(self.scans) > 1 else self.scans[-1].first - 1
+        return self.scans[-1].last
 
 
 def check(folder: Path) -> JournalCheck:

@@ -75,7 +75,7 @@ def parse_until_time(text: str) -> UntilTime:
     if dt.tzinfo is None:
         local = dt.astimezone()  # a naive time is local time
         return UntilTime(_ns(local), f"{text} local time (UTC{_offset(local)})")
-    return UntilTime(_ns(dt), dt.isoformat())
+    return UntilTime(_ns(dt), text)
 
 
 def _ns(dt: datetime) -> int:
@@ -242,6 +242,10 @@ def replay(
 # -- check and repair ---------------------------------------------------------------------------------------
 
 
+def _span(first: int, last: int) -> str:
+    return f"entries {first}..{last}" if last >= first else "no entry"
+
+
 def check_journal(folder: Path, config: Path | str = "FILE") -> bool:
     """Print what a whole-journal check found; True when the journal is whole (a torn tail is not damage:
     the sender cuts it when it next opens the journal). Read-only: takes no lock."""
@@ -252,22 +256,17 @@ def check_journal(folder: Path, config: Path | str = "FILE") -> bool:
         lines.append(f"damaged: {res.problem}")
         lines.append("a repair cannot rebuild this: restore the journal folder from a backup")
     elif bad is None:
-        lines.append(f"whole: entries {res.first_seq}..{res.last_seq}")
+        lines.append(f"whole: {_span(res.first_seq, res.last_seq)}")
     elif res.torn_tail_only:
-        lines.append(f"whole: entries {res.first_seq}..{res.last_seq}")
+        lines.append(f"whole: {_span(res.first_seq, res.last_seq)}")
         lines.append(
             f"torn tail: {bad.path.name} bytes {bad.end}..{bad.size} ({bad.problem}): an interrupted "
             "append, cut when the sender next opens the journal"
         )
     else:
         lines.append(f"damaged: segment {bad.path} at byte {bad.at}: {bad.problem}")
-        if res.last_seq >= res.first_seq:
-            lines.append(
-                f"valid prefix: entries {res.first_seq}..{res.last_seq} "
-                f"(up to byte {bad.end} of {bad.path.name})"
-            )
-        else:
-            lines.append("valid prefix: no entry")
+        where = f" (up to byte {bad.end} of {bad.path.name})" if bad.end else ""
+        lines.append(f"valid prefix: {_span(res.first_seq, res.last_seq)}{where}")
         aside = [f"{bad.path.name} bytes {bad.end}..{bad.size}" if bad.end else f"{bad.path.name} (whole)"]
         aside += [f"{p.name} (whole)" for p in res.later]
         lines.append("a repair sets aside (moves, never deletes): " + ", ".join(aside))
@@ -281,13 +280,11 @@ def repair_journal(folder: Path) -> None:
     res = jn.repair(folder)
     chk = res.check
     if res.aside is None:
-        span = f"entries {chk.first_seq}..{chk.last_seq}"
-        print(f"journal {chk.id} in {folder} is whole ({span}): nothing to repair")
+        print(
+            f"journal {chk.id} in {folder} is whole ({_span(chk.first_seq, chk.last_seq)}): nothing to repair"
+        )
         return
-    kept = (
-        f"kept entries {chk.first_seq}..{chk.last_seq}" if chk.last_seq >= chk.first_seq else "kept no entry"
-    )
-    print(f"journal {chk.id} repaired: {kept}; set aside in {res.aside}:")
+    print(f"journal {chk.id} repaired: kept {_span(chk.first_seq, chk.last_seq)}; set aside in {res.aside}:")
     for line in res.moved:
         print(f"  {line}")
     print(
