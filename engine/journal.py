@@ -856,9 +856,12 @@ class Cursor:
     Works frame by frame, so a 2 GiB put is read in 1 MiB pieces: :meth:`next_header` then, for a put,
     :meth:`chunks` (or :meth:`skip_chunks`); or :meth:`read_raw` for wire-ready bytes.
 
-    INVARIANT: reads go straight to the OS at an explicit offset, each bounded by the journal's committed
-    end: no read-ahead buffer can serve bytes that an aborted put's truncation has since replaced.
+    INVARIANT: reads go to the OS at explicit offsets and never past the journal's committed end, read-ahead
+    included: committed bytes never change, so nothing a cursor holds can be made stale by the truncation
+    of an aborted put (which only ever cuts bytes past the committed end).
     """
+
+    READ_AHEAD = 64 << 10
 
     def __init__(self, journal: Journal, seq: int) -> None:
         self.journal = journal
@@ -866,6 +869,8 @@ class Cursor:
         self._f: io.FileIO | None = None
         self._seg: _Segment | None = None
         self._off = 0  # offset of the next frame in the open segment
+        self._ahead = b""  # committed bytes of the open segment from offset _ahead_at (see the INVARIANT)
+        self._ahead_at = 0
         self._cur: Change | None = None  # header whose chunks are still to be read
         self._remaining = 0
         try:
@@ -899,15 +904,25 @@ class Cursor:
         self._f = open(seg.path, "rb", buffering=0)  # noqa: SIM115
         self._seg = seg
         self._off = 0
+        self._ahead = b""
         # The header is written whole when the segment is created and never changes: always readable.
         header = self._read_frame(skip=False, limit=None)
         if header is None or not _is_seg_header(header[0], self.journal.id, seg.first):
             raise self._damaged(0, "bad segment header")
         self.seq = seg.first
 
-    def _read_exact(self, offset: int, n: int) -> bytes:
+    def _read_exact(self, offset: int, n: int, limit: int | None) -> bytes:
+        """``n`` bytes at ``offset``; may read ahead, but only up to ``limit`` (the committed end)."""
         assert self._f is not None
-        data = _pread(self._f, offset, n)
+        at = offset - self._ahead_at
+        if at >= 0 and at + n <= len(self._ahead):
+            return self._ahead[at : at + n]
+        if limit is None or n >= self.READ_AHEAD or limit - offset <= n:
+            data = _pread(self._f, offset, n)
+        else:
+            self._ahead = _pread(self._f, offset, min(self.READ_AHEAD, limit - offset))
+            self._ahead_at = offset
+            data = self._ahead[:n]
         if len(data) < n:
             raise self._damaged(
                 offset, f"the segment ends at byte {offset + len(data)}, before its committed end"
@@ -922,7 +937,7 @@ class Cursor:
         off = self._off
         if limit is not None and off >= limit:
             return None
-        head = self._read_exact(off, codec.HEADER_SIZE)
+        head = self._read_exact(off, codec.HEADER_SIZE, limit)
         length, _crc = codec.HEADER.unpack(head)
         end = off + codec.HEADER_SIZE + length
         if length > codec.DEFAULT_MAX_FRAME or (limit is not None and end > limit):
@@ -930,7 +945,7 @@ class Cursor:
         if skip:
             self._off = end
             return None, b""
-        raw = head + self._read_exact(off + codec.HEADER_SIZE, length)
+        raw = head + self._read_exact(off + codec.HEADER_SIZE, length, limit)
         res = codec.decode_at(raw, 0)
         if isinstance(res, codec.Torn):
             raise self._damaged(off, f"frame near seq {self.seq} is corrupt: {res.reason}")
