@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -21,3 +22,18 @@ async def run_critical(fn: Callable[[], T]) -> T:
     except asyncio.CancelledError:
         await asyncio.wait({fut})
         raise
+
+
+def tune_socket(writer: asyncio.StreamWriter, silence: float) -> None:
+    """Let the kernel give up on a dead peer too: keepalive probes, and (Linux) TCP_USER_TIMEOUT so that
+    data unacknowledged for ``silence`` seconds fails the connection. The application-level liveness
+    check (:class:`engine.wire.Liveness`) is the rule; this only bounds what a write can block on."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux only; Windows relies on keepalive and liveness
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(silence * 1000))
+    except OSError:  # not a TCP socket (tests over socket pairs), or an option the OS refuses
+        pass

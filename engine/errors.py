@@ -40,6 +40,11 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol forbids (bad or hostile peer)."""
 
 
+class PeerSilent(ConnectionError):
+    """No whole frame came from the peer for the silence timeout: a dead host, a cut or a stalled proxy.
+    A ConnectionError: the link drops and reconnects, like any other broken connection."""
+
+
 class PeerRefused(ReplicationError):
     """The peer refused us at the handshake (version, epoch fence, busy...)."""
 

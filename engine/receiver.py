@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import wire
+from engine.aio import tune_socket
 from engine.apply import Applier, LargePut, PendingOp, PositionFile
 from engine.config import ReceiverConfig
 from engine.errors import ApplyError, PathRejected, PeerRefused, RemoteProtocolError
@@ -29,9 +30,6 @@ from engine.status import write_status_quiet
 from engine.transport import TlsSettings, server_upgrade
 
 log = logging.getLogger(__name__)
-
-#: A sender connection silent this long (it pings every 5 s) may be replaced by a new one.
-SILENT_TAKEOVER = 20.0
 
 #: How often (seconds) the replica's hash cache is saved while changes are being applied.
 CACHE_SAVE_INTERVAL = 60.0
@@ -91,6 +89,7 @@ class Receiver:
             "groups": 0,
             "problems": 0,
             "refused_peers": 0,
+            "silent_peer_drops": 0,
             "protocol_errors": 0,
             "apply_errors": 0,
         }
@@ -179,10 +178,10 @@ class Receiver:
         }
 
     async def take_over_silent(self, new: _Conn) -> bool:
-        """A sender connection silent for longer than SILENT_TAKEOVER is presumed dead (a host that
+        """A sender connection silent for longer than silence_timeout is presumed dead (a host that
         rebooted, a cut without FIN): close it and let ``new`` in, once its in-flight group is done."""
         old = self._sender_conn
-        if old is None or time.monotonic() - old.last_rx < SILENT_TAKEOVER:
+        if old is None or time.monotonic() - old.last_rx < self.cfg.silence_timeout:
             return False
         log.warning(
             "receiver.takeover peer=%s (the connection from %s was silent for %.0f s)",
@@ -287,9 +286,17 @@ class _Conn:
                     hello = ev
         if not await self._admit(hello):
             return
+        tune_socket(self.writer, cfg.silence_timeout)
+        live = wire.Liveness(cfg.silence_timeout, time.monotonic())
+        # The heartbeat runs beside the stream loop, so that a long manifest walk or a slow group apply
+        # (the loop waits for it) never looks like a dead receiver to the sender.
+        beat = asyncio.create_task(self._heartbeat(live.interval))
         try:
-            await self._stream(cfg.idle_timeout)
+            await self._stream(live)
         finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
             # The group being applied finishes (and its position is saved) however the connection ended;
             # an error it raised is the one reported.
             if self._applying is not None:
@@ -297,26 +304,46 @@ class _Conn:
             if self._failed is not None:
                 raise self._failed
 
-    async def _stream(self, idle_timeout: float) -> None:
+    async def _heartbeat(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.writer.write(self.proto.pong(0))
+
+    async def _stream(self, live: wire.Liveness) -> None:
         while True:
             try:
-                async with asyncio.timeout(idle_timeout):
+                async with asyncio.timeout(max(0.0, live.deadline() - time.monotonic())):
                     data = await self.reader.read(1 << 20)
             except TimeoutError:
-                log.info("receiver.idle_close peer=%s after=%gs", self.addr, idle_timeout)
+                if not live.silent(time.monotonic()):
+                    continue
+                self.rx.counters["silent_peer_drops"] += 1
+                log.warning(
+                    "receiver.peer_silent peer=%s after=%gs (no whole frame; dropping the connection)",
+                    self.addr,
+                    live.timeout,
+                )
+                await self._commit()
                 return
             if not data:
                 await self._commit()
                 return
-            self.last_rx = time.monotonic()
             self.proto.receive_data(data)
+            heard = False
             while (ev := self.proto.next_event()) is not None:
+                heard = True
+                self.last_rx = time.monotonic()
                 await self._on_event(ev)
                 if len(self.group) >= GROUP_RECORDS or self.group_bytes >= GROUP_BYTES:
                     await self._commit()  # backpressure: at most one group gathers while one is applied
             # What arrived is applied at once, or as soon as the group being applied is durable; reading
             # goes on meanwhile (pipelined).
             self._start_apply()
+            if heard:
+                # Counted from now: time spent above (a manifest walk, waiting for a group) was ours, not
+                # the peer's silence. Bytes that completed no frame are not life.
+                self.last_rx = time.monotonic()
+                live.heard(self.last_rx)
 
     async def _admit(self, hello: wire.Hello) -> bool:
         rx = self.rx

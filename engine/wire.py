@@ -11,10 +11,15 @@ Conversation (S = sender or observer, R = receiver)::
     S: stream {journal, from}                  sender only: entries follow, seqs consecutive from `from`
     S: e {s, o, p, ...}  [bytes] * c           entries (header, then c content chunks)
     S: mreq {id, include[, full]}              manifest request, answered after all earlier entries
-    S: ping {ts}
+    S: ping {ts}                               when it has sent nothing else for a while
     R: ack {seq, problems}                     all entries <= seq are durable on the replica
     R: mpart {id, entries} ... mend {id, seq}  manifest of the replica as of entry `seq`
-    R: pong {ts}
+    R: pong {ts}                               the answer to a ping, or unsolicited as a heartbeat
+
+Liveness (both sides, see :class:`Liveness`): each side sends something at least every third of the
+silence timeout (entries or pings one way, acks or pongs the other), and a peer from which no whole
+frame has come for the silence timeout is dropped (:class:`PeerSilent`). Bytes that never complete a frame
+(a flipped length, a stalled proxy trickling) do not count as life.
 
 Rules (the transition table):
 - R accepts only ``hello`` first; S accepts only ``welcome``/``refuse`` first.
@@ -32,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine import codec
-from engine.errors import LocalProtocolError, RemoteProtocolError
+from engine.errors import FrameError, LocalProtocolError, RemoteProtocolError
 from engine.model import PROTOCOL_VERSION, Change, FileMeta
 
 MANIFEST_PART_ENTRIES = 2000
@@ -165,7 +170,7 @@ class _Base:
             return False, None
         try:
             return self._dec.next()
-        except Exception as e:  # FrameError: a stream cannot resynchronise
+        except FrameError as e:  # a stream cannot resynchronise; any other exception is a bug of ours
             self.state = State.CLOSED
             self._fault = f"bad frame: {e}"
             raise RemoteProtocolError(self._fault) from None
@@ -435,3 +440,40 @@ class SenderProtocol(_Base):
 
     def ping(self, ts: int) -> bytes:
         return codec.encode({"k": "ping", "ts": ts})
+
+
+# ---- liveness -------------------------------------------------------------------------------------------
+class Liveness:
+    """When to send a keepalive and when the peer counts as silent. Pure: the caller passes the time.
+
+    ``heard(now)`` after every whole frame (event) received, ``sent(now)`` after every frame written.
+    ``silent(now)`` once nothing whole has come for ``timeout`` seconds; ``due(now)`` when nothing has been
+    written for a third of it (the peer's own timer must never fire on a healthy link).
+    """
+
+    def __init__(self, timeout: float, now: float) -> None:
+        if timeout <= 0:
+            raise LocalProtocolError("the silence timeout must be positive")
+        self.timeout = timeout
+        self.last_heard = now
+        self.last_sent = now
+
+    def heard(self, now: float) -> None:
+        self.last_heard = now
+
+    def sent(self, now: float) -> None:
+        self.last_sent = now
+
+    @property
+    def interval(self) -> float:
+        return self.timeout / 3
+
+    def silent(self, now: float) -> bool:
+        return now - self.last_heard >= self.timeout
+
+    def due(self, now: float) -> bool:
+        return now - self.last_sent >= self.interval
+
+    def deadline(self) -> float:
+        """The moment the peer becomes silent if nothing else is heard."""
+        return self.last_heard + self.timeout

@@ -574,7 +574,7 @@ RECEIVER_RULES: dict[str, Bad] = {
     "put: size bool": bad([SND, ST1], header(1, "put", z=True, m=0, h=DIG, c=1)),
     "put: chunks bool": bad([SND, ST1], header(1, "put", z=1, m=0, h=DIG, c=True)),
     "put: mtime str": bad([SND, ST1], header(1, "put", z=1, m="0", h=DIG, c=1)),
-    "put: mtime negative": bad([SND, ST1], header(1, "put", z=1, m=-1, h=DIG, c=1)),
+    "put: mtime past int64": bad([SND, ST1], header(1, "put", z=1, m=2**63, h=DIG, c=1)),
     "entry: ts negative": bad([SND, ST1], header(1, t=-1)),
     "entry: ts float": bad([SND, ST1], header(1, t=1.5)),
     # mreq and ping fields
@@ -786,8 +786,8 @@ LAX_SENDER_RULES: dict[str, Bad] = {
     "mpart: entry size bool": bad(
         [welcome()], {"k": "mpart", "id": 1, "entries": [[*GOOD_META[:2], True, *GOOD_META[3:]]]}
     ),
-    "mpart: entry mtime negative": bad(
-        [welcome()], {"k": "mpart", "id": 1, "entries": [[*GOOD_META[:3], -5, *GOOD_META[4:]]]}
+    "mpart: entry mtime past int64": bad(
+        [welcome()], {"k": "mpart", "id": 1, "entries": [[*GOOD_META[:3], 2**63, *GOOD_META[4:]]]}
     ),
 }
 
