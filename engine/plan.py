@@ -141,3 +141,74 @@ def mass_delete(plan: Plan, max_share: float) -> str | None:
             f"replica ({share:.0%} > max_delete_share {max_share:.0%})"
         )
     return None
+
+
+# ---- live deletions --------------------------------------------------------------------------------------
+#: A burst of live deletions is looked at DELETE_QUIET after its first one. If it is small by then (fewer
+#: than small_burst() files: ordinary churn, one meeting at a time) it is judged at once; else it is a mass
+#: deletion, held until the deletions have slowed down to churn again (fewer than small_burst() within
+#: the last DELETE_QUIET: a long ``rm -rf`` is judged when it has finished) or DELETE_MAX_HOLD has passed,
+#: and judged whole.
+DELETE_QUIET = 0.25
+DELETE_MAX_HOLD = 10.0
+#: The share rule compares with the most files the replica held within this many seconds.
+DELETE_WINDOW = 60.0
+#: An include folder emptied by at least this many deletions is a wipe (fewer: a tiny tree, not judged).
+MIN_JUDGED = 4
+
+
+def small_burst(replica_files: int) -> int:
+    """Fewer file deletions than this within DELETE_QUIET are ordinary churn, judged without waiting."""
+    return max(32, replica_files // 100)
+
+
+def deletion_release_at(now: float, first: float, count: int, lately: int, small: int) -> float:
+    """When a burst of ``count`` deletions, the first seen at ``first`` and ``lately`` of them within the
+    last DELETE_QUIET, is judged (a time at or before ``now``: judge it now)."""
+    if count < small:
+        return first + DELETE_QUIET
+    if lately < small:  # slowed down to churn again (or stopped)
+        return first + DELETE_QUIET
+    return min(now + DELETE_QUIET / 5, first + DELETE_MAX_HOLD)
+
+
+@dataclass(frozen=True, slots=True)
+class DeletionFacts:
+    """What the sender found on the source when it judged a burst of deletions (gathered by I/O)."""
+
+    root_present: bool
+    #: Include items that are folders on the replica and are gone from the source.
+    vanished: tuple[str, ...] = ()
+    #: Include folders still there but holding no file, with how many file deletions emptied them.
+    emptied: tuple[tuple[str, int], ...] = ()
+    files_deleted: int = 0  # file deletions in this burst
+    replica_files: int = 0  # files the replica holds now (as the sender knows it)
+    peak_files: int = 0  # the most it held within DELETE_WINDOW
+
+
+def deletion_verdict(f: DeletionFacts, max_share: float) -> str | None:
+    """Why a burst of live deletions looks like a wipe (then none of it is journaled), or None.
+
+    The rules, judged on the burst as a whole before any of it is journaled: the source root is gone;
+    an include folder is gone or was emptied; or the replica would hold less than ``1 - max_share`` of
+    the most files it held within DELETE_WINDOW seconds (so several bursts in a row count together, and
+    churn that deletes and creates as much is no wipe). Replicas under MIN_JUDGED files are not judged
+    by share."""
+    if not f.root_present:
+        return "the source root vanished or moved away; refusing to propagate the wipe"
+    if f.vanished:
+        return (
+            f"the replicated folder {f.vanished[0]!r} vanished on the source; refusing to remove it (or "
+            "anything in it) on the replica"
+        )
+    for inc, n in f.emptied:
+        if n >= MIN_JUDGED:
+            return f"the replicated folder {inc!r} was emptied on the source ({n} files deleted)"
+    peak = max(f.peak_files, f.replica_files)
+    lost = peak - (f.replica_files - f.files_deleted)
+    if peak >= MIN_JUDGED and lost > 0 and lost / peak > max_share:
+        return (
+            f"the replica would lose {lost} of its {peak} files within {DELETE_WINDOW:g} s "
+            f"({lost / peak:.0%} > max_delete_share {max_share:.0%})"
+        )
+    return None

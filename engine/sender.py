@@ -17,6 +17,7 @@ import functools
 import itertools
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -25,12 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import wire
-from engine.aio import run_critical
+from engine.aio import run_critical, tune_socket
 from engine.config import SenderConfig
 from engine.errors import (
     EpochFenced,
+    JournalError,
     PathRejected,
     PeerRefused,
+    PeerSilent,
     RemoteProtocolError,
     ReplicationError,
     SafetyHalt,
@@ -38,7 +41,18 @@ from engine.errors import (
 from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.journal import Journal
 from engine.model import Change, FileMeta, Op, check_relpath, is_temp_name, is_under, to_posix_rel
-from engine.plan import diff, expected_after, mass_delete, same
+from engine.plan import (
+    DELETE_QUIET,
+    DELETE_WINDOW,
+    DeletionFacts,
+    deletion_release_at,
+    deletion_verdict,
+    diff,
+    expected_after,
+    mass_delete,
+    same,
+    small_burst,
+)
 from engine.scan import (
     SMALL_FILE,
     HashCache,
@@ -59,9 +73,11 @@ log = logging.getLogger(__name__)
 
 
 INFLIGHT_BYTES = 64 << 20
-#: Seconds a deletion seen by the watcher waits before it is journaled (see _deleted).
-DELETE_DELAY = 0.1
 DRAIN_SECONDS = 5.0
+#: How often the source root's identity is checked (moved away, deleted, moved back).
+ROOT_CHECK = 1.0
+#: While halted, how often held deletions are judged again (the files may have come back).
+HALT_RECHECK = 1.0
 
 
 def read_epoch(state_dir: Any) -> int:
@@ -80,12 +96,13 @@ class _BatchResult:
     appended: int = 0
     retry: list[str] = field(default_factory=list)
     held: list[tuple[str, str]] = field(default_factory=list)
-    halt: str | None = None
     vanished: list[str] = field(default_factory=list)
     writing: list[str] = field(default_factory=list)
     superseded: int = 0
     done: list[str] = field(default_factory=list)
     unchanged: int = 0
+    files_deleted: int = 0
+    files_created: int = 0
 
 
 class _Stop(Exception):
@@ -148,7 +165,14 @@ class Sender:
             "overflows": 0,
             "refused_by_receiver": 0,
             "reconnects": 0,
+            "silent_peer_drops": 0,
+            "journal_read_errors": 0,
+            "watch_failures": 0,
+            "halts": 0,
         }
+        #: Files on the replica as the sender knows it: from the last reconciliation, plus files created
+        #: minus files deleted since (before the first one: the hash cache's size). None: not known yet.
+        self._replica_files: int | None = None
         self.last_reconcile: dict[str, Any] = {}
         self.started = time.time()
         self.stopping = False
@@ -157,6 +181,18 @@ class Sender:
         self._kick: asyncio.Event | None = None
         self._reconcile_req: asyncio.Event | None = None
         self._reconcile_reason = "start"
+        # Live deletions (see _gate): the burst not yet judged, how many ops at the front of ``ops`` were
+        # judged and approved, the halt that holds them, and what was deleted lately (for the share).
+        self._del_first: float | None = None
+        self._del_times: deque[float] = deque()  # of the burst's deletions within the last DELETE_QUIET
+        self._del_count = 0
+        self._approved = 0
+        self.halt: str | None = None
+        self._halt_checked = 0.0
+        self._counts: deque[tuple[float, int]] = deque()  # (when, replica files then): the window's peak
+        self.watch_error: str | None = None
+        self._watch_retry = 1.0
+        self._bg: set[asyncio.Future[Any]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -168,7 +204,20 @@ class Sender:
         self._wake, self._kick, self._reconcile_req = asyncio.Event(), asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         self._watcher = Watcher(loop, self.cfg.source, self.cfg.include, self._on_hint)
-        await asyncio.to_thread(self._watcher.start)
+        try:
+            await asyncio.to_thread(self._watcher.start)
+        except OSError as e:  # e.g. the inotify watch limit: run on reconciliation and keep retrying
+            self._watch_failed(e)
+        missing = await asyncio.to_thread(self._missing_includes)
+        if len(missing) == len(self.cfg.include):
+            log.warning(
+                "send.include_matches_nothing source=%s include=%s (nothing to replicate yet; check the "
+                "include list; items are picked up when they appear)",
+                self.cfg.source,
+                ",".join(self.cfg.include),
+            )
+        elif missing:
+            log.warning("send.include_missing items=%s (picked up when they appear)", ",".join(missing))
         log.info(
             "send.started source=%s include=%s peer=%s:%d journal=%s head=%d epoch=%d",
             self.cfg.source,
@@ -184,12 +233,18 @@ class Sender:
                 tg.create_task(self._link_loop(), name="link")
                 tg.create_task(self._reconciler(), name="reconciler")
                 tg.create_task(self._status_loop(), name="status")
+                tg.create_task(self._source_monitor(), name="source-monitor")
                 tg.create_task(self._stopper(stop), name="stopper")
         except* _Stop:
             pass
         except* ReplicationError as eg:
             raise eg.exceptions[0] from None
         finally:
+            self.stopping = True
+            for fut in list(self._bg):  # a walk or a watcher restart still running in a worker thread
+                fut.cancel()
+            if self._bg:
+                await asyncio.wait(self._bg, timeout=10)
             if self._watcher is not None:
                 await asyncio.to_thread(self._watcher.stop)
             await asyncio.to_thread(self._close)
@@ -248,6 +303,15 @@ class Sender:
                 self.tracker.move(src, dst)
                 for index in (self._writer_since, self._retries):
                     _move_tree(index, src, dst)
+                if not h.is_dir and src not in self.shipped and self.cache.known(src) is None:
+                    # The replica never had src (a file written under a temporary name and renamed into
+                    # place): a rename would only come back as "missing source". The destination is put
+                    # (below), and src deleted in case an old copy is there: a deletion of one file the
+                    # replica does not know, so not one the wipe rules need to judge.
+                    self.ops.append(("delete", src, "unknown"))
+                    self.tracker.ready_now(dst, now)
+                    self._poke()
+                    return
                 self.ops.append(("rename", src, dst))
                 # The replica's copy of src may be older than the file now at dst (changed while we were
                 # down, or while a reconciliation that leaves touched paths alone ran): look at dst again.
@@ -279,11 +343,18 @@ class Sender:
         self.tracker.forget(rel)
         for index in (self._writer_since, self._retries):
             _move_tree(index, rel, None)
-        # Held back DELETE_DELAY first: a whole replicated folder being removed shows as file deletions
-        # before the folder's own; by the time they are journaled the safety halt can see the folder gone.
-        self.ops.append(("rmdir" if is_dir else "delete", rel, repr(time.monotonic() + DELETE_DELAY)))
+        # Held until the burst it belongs to is judged whole (see _gate): a whole replicated folder being
+        # removed shows as file deletions long before the folder's own.
+        self._queue_deletion(("rmdir" if is_dir else "delete", rel), time.monotonic())
         if is_dir and rel in self.cfg.include:
             self._restart_watch()
+
+    def _queue_deletion(self, op: tuple[str, str], now: float) -> None:
+        if self._del_first is None:
+            self._del_first = now
+        self._del_times.append(now)
+        self._del_count += 1
+        self.ops.append(op)
 
     def _created(self, rel: str, is_dir: bool, now: float, complete: bool) -> None:
         if not is_dir:
@@ -298,26 +369,112 @@ class Sender:
         # Files made inside a new folder before its watch existed get no events of their own.
         asyncio.get_running_loop().call_later(0.05, self._scan_new_dir, rel)
 
+    def _background(self, fut: asyncio.Future[Any]) -> None:
+        self._bg.add(fut)
+        fut.add_done_callback(self._bg.discard)
+
     def _restart_watch(self) -> None:
-        """An included folder appeared or vanished: plan the watches again. Events during the restart may
-        be lost, so a reconciliation follows."""
-        if self._watcher is None:
+        """An included folder appeared or vanished, or the source root came back: plan the watches again.
+        Events during the restart may be lost, so a reconciliation follows."""
+        if self._watcher is None or self.stopping:
             return
         fut = asyncio.get_running_loop().run_in_executor(None, self._watcher.restart)
-        fut.add_done_callback(lambda _f: self.request_reconcile("watch-restart"))
+        self._background(fut)
+        fut.add_done_callback(self._watch_restarted)
+
+    def _watch_restarted(self, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled():
+            return
+        e = fut.exception()
+        if isinstance(e, OSError):
+            self._watch_failed(e)
+        elif e is not None:
+            log.error("watch.restart_failed error=%r (a bug; the sender stops)", e)
+            raise e
+        else:
+            if self.watch_error is not None:
+                log.info("watch.restored (watching again after: %s)", self.watch_error)
+            self.watch_error = None
+            self._watch_retry = 1.0
+        self.request_reconcile("watch-restart")
+
+    def _watch_failed(self, e: OSError) -> None:
+        """Without a watcher, changes are found only by reconciliation: say so loudly, reconcile at once
+        and try again with backoff (1 s doubling to 60 s)."""
+        self.watch_error = str(e) or type(e).__name__
+        self.counters["watch_failures"] += 1
+        log.error(
+            "watch.failed error=%s retry_in=%gs (changes are found by reconciliation until it works; "
+            "on Linux check fs.inotify.max_user_watches)",
+            self.watch_error,
+            self._watch_retry,
+        )
+        self.request_reconcile("watch-failed")
+        if not self.stopping:
+            asyncio.get_running_loop().call_later(self._watch_retry, self._restart_watch)
+        self._watch_retry = min(60.0, self._watch_retry * 2)
+
+    def _missing_includes(self) -> list[str]:
+        return [inc for inc in self.cfg.include if not os.path.lexists(self.cfg.source / inc)]
+
+    async def _source_monitor(self) -> None:
+        """The source root moved away, deleted or moved back: the watches follow the old folder, so a
+        root that comes back (the same folder or another) is watched again and reconciled."""
+        ident = await asyncio.to_thread(_dir_id, self.cfg.source)
+        lost = ident is None
+        while True:
+            await asyncio.sleep(ROOT_CHECK)
+            now_id = await asyncio.to_thread(_dir_id, self.cfg.source)
+            if now_id is None:
+                if not lost:
+                    log.warning(
+                        "send.source_root_missing root=%s (moved away or deleted: deletions are held; "
+                        "replication resumes and reconciles when it is back)",
+                        self.cfg.source,
+                    )
+                lost = True
+            elif lost or now_id != ident:
+                log.warning(
+                    "send.source_root_back root=%s (%s; watching it again and reconciling)",
+                    self.cfg.source,
+                    "the same folder" if now_id == ident else "another folder",
+                )
+                ident, lost = now_id, False
+                self._restart_watch()
+                self._poke()
 
     def _scan_new_dir(self, rel: str, mkdirs: bool = True) -> None:
-        now = time.monotonic()
-        base = self.cfg.source / rel
-        for dirpath, dirnames, filenames in os.walk(base):
+        """Files made inside a new folder before its watch existed get no events of their own: walk it
+        (in a worker thread; the loop never blocks on a large folder) and hint what is there."""
+        if self.stopping:
+            return
+        fut = asyncio.ensure_future(asyncio.to_thread(self._walk_new_dir, rel, mkdirs))
+        self._background(fut)
+        fut.add_done_callback(self._new_dir_walked)
+
+    def _walk_new_dir(self, rel: str, mkdirs: bool) -> tuple[list[str], list[str]]:
+        dirs: list[str] = []
+        files: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(self.cfg.source / rel):
             dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
             sub = to_posix_rel(os.path.relpath(dirpath, self.cfg.source), os.sep)
             if mkdirs:
-                for d in dirnames:
-                    self.ops.append(("mkdir", f"{sub}/{d}"))
-            for f in filenames:
-                if not is_temp_name(f):
-                    self.tracker.hint("scanned", f"{sub}/{f}", now)
+                dirs.extend(f"{sub}/{d}" for d in dirnames)
+            files.extend(f"{sub}/{f}" for f in filenames if not is_temp_name(f))
+        return dirs, files
+
+    def _new_dir_walked(self, fut: asyncio.Future[tuple[list[str], list[str]]]) -> None:
+        if fut.cancelled() or self.stopping:
+            return
+        if (e := fut.exception()) is not None:
+            log.warning("send.walk_failed error=%s (the next reconciliation covers it)", e)
+            self.request_reconcile("walk-failed")
+            return
+        dirs, files = fut.result()
+        now = time.monotonic()
+        self.ops.extend(("mkdir", d) for d in dirs)
+        for f in files:
+            self.tracker.hint("scanned", f, now)
         self._poke()
 
     def _poke(self) -> None:
@@ -349,7 +506,10 @@ class Sender:
                 )
             # Held open past max_open: shipped from a stable read even though a writer has it open.
             self.ops.extend(("put", p, "max_open") for p in due.forced)
-            n, hold_until = self._takeable(now)
+            n, hold_until, judge = self._gate(now)
+            if judge:
+                await self._judge_deletions(now)
+                continue
             if n == 0:
                 nd = self.tracker.next_due()
                 if hold_until is not None:
@@ -360,6 +520,7 @@ class Sender:
                         await self._wake.wait()
                 continue
             batch = [self.ops.popleft() for _ in range(n)]
+            self._approved = max(0, self._approved - n)
             self._reading = {op[1] for op in batch if op[0] == "put"}
             gen = self.tracker.gen
             try:
@@ -388,14 +549,16 @@ class Sender:
             for p in res.done:
                 self._retries.pop(p, None)
                 self._writer_since.pop(p, None)
+            if res.files_deleted or res.files_created:
+                files = self._replica_estimate() + res.files_created - res.files_deleted
+                self._replica_files = max(0, files)
+                self._counts.append((now, self._replica_files))
             if res.appended:
                 self.counters["journaled"] += res.appended
                 if self.behind_since is None:
                     self.behind_since = time.time()
                 if self._kick is not None:
                     self._kick.set()
-            if res.halt:
-                raise SafetyHalt(res.halt)
             if now - last_prune > 60:
                 last_prune = now
                 cutoff = time.time() - self.cfg.journal_retain_hours * 3600
@@ -404,19 +567,114 @@ class Sender:
                 if removed:
                     log.info("journal.pruned segments=%d", removed)
 
-    def _takeable(self, now: float) -> tuple[int, float | None]:
-        """How many ops from the front may be journaled now (order is kept: a held deletion holds back
-        what follows it), and until when the first held one waits."""
+    def _gate(self, now: float) -> tuple[int, float | None, bool]:
+        """How many ops from the front may be journaled now, until when the rest waits, and whether the
+        deletions at the front are to be judged now.
+
+        INVARIANT: no deletion is journaled before the burst it belongs to was judged whole (see
+        :func:`engine.plan.deletion_verdict`); order is kept, so a held deletion holds back what follows
+        it. A burst is judged once deletions have been quiet for a moment (a long ``rm -rf`` is judged
+        when it has finished, or at the latest after DELETE_MAX_HOLD); while halted, every HALT_RECHECK."""
         n = 0
         for op in self.ops:
             if n >= self.cfg.batch_files:
                 break
-            if op[0] in ("delete", "rmdir") and len(op) > 2:
-                until = float(op[2])
-                if until > now:
-                    return n, until
+            if op[0] in ("delete", "rmdir") and len(op) == 2 and n >= self._approved:
+                if n:
+                    return n, None, False  # journal what comes before the burst first
+                if self.halt is not None:
+                    at = self._halt_checked + HALT_RECHECK
+                else:
+                    first = now if self._del_first is None else self._del_first
+                    while self._del_times and now - self._del_times[0] > DELETE_QUIET:
+                        self._del_times.popleft()
+                    small = small_burst(self._replica_estimate())
+                    at = deletion_release_at(now, first, self._del_count, len(self._del_times), small)
+                return 0, at, now >= at
             n += 1
-        return n, None
+        return n, None, False
+
+    async def _judge_deletions(self, now: float) -> None:
+        """Judge every queued deletion as one burst (I/O in a worker thread). Deletions of paths that exist
+        again are dropped (a folder deleted and put back); a wipe halts them all; else they are approved."""
+        ops = list(self.ops)
+        while self._counts and now - self._counts[0][0] > DELETE_WINDOW:
+            self._counts.popleft()
+        peak = max((c for _t, c in self._counts), default=0)
+        facts, drop = await asyncio.to_thread(self._deletion_facts, ops, peak)
+        if drop:
+            # Only the pipeline takes ops from the front; the snapshot is still a prefix of self.ops.
+            kept = [op for i, op in enumerate(ops) if i not in drop]
+            for _ in range(len(ops)):
+                self.ops.popleft()
+            self.ops.extendleft(reversed(kept))
+            log.info("send.deletions_dropped count=%d (the paths exist again on the source)", len(drop))
+        why = None if self.allow_mass_delete else deletion_verdict(facts, self.cfg.max_delete_share)
+        self._halt_checked = time.monotonic()
+        if why is not None:
+            if why != self.halt:
+                self.counters["halts"] += 1
+                log.error(
+                    "send.halted reason=%s (nothing was deleted on the replica; the deletions and the "
+                    "changes after them wait: they go on by themselves if the files come back; to confirm "
+                    "the deletion, restart with --allow-mass-delete)",
+                    why,
+                )
+            self.halt = why
+            return
+        if self.halt is not None:
+            log.warning("send.halt_cleared (was: %s)", self.halt)
+            self.halt = None
+        self._approved = len(ops) - len(drop)
+        self._del_first, self._del_count = None, 0
+        self._del_times.clear()
+        self._poke()
+
+    def _replica_estimate(self) -> int:
+        return len(self.cache) if self._replica_files is None else self._replica_files
+
+    def _deletion_facts(self, ops: list[tuple[str, ...]], peak: int) -> tuple[DeletionFacts, set[int]]:
+        """Worker thread: what the source looks like for the deletions among ``ops``."""
+        src = self.cfg.source
+        root_present = src.is_dir()
+        drop: set[int] = set()
+        files = 0
+        under: dict[str, int] = {}
+        folders: set[str] = set()  # include items known to be folders (something below them was deleted)
+        for i, op in enumerate(ops):
+            kind, path = op[0], op[1]
+            if kind not in ("delete", "rmdir") or len(op) > 2:
+                continue
+            if root_present:
+                p = src / path
+                back = p.is_dir() if kind == "rmdir" else p.is_file()
+                if back and not p.is_symlink():
+                    drop.add(i)
+                    continue
+            if kind == "delete":
+                files += 1
+            for inc in self.cfg.include:
+                if path == inc and kind == "rmdir":
+                    folders.add(inc)
+                elif is_under(path, inc) and path != inc:
+                    folders.add(inc)
+                    if kind == "delete":
+                        under[inc] = under.get(inc, 0) + 1
+        vanished = tuple(inc for inc in sorted(folders) if root_present and not (src / inc).is_dir())
+        emptied = tuple(
+            (inc, n)
+            for inc, n in sorted(under.items())
+            if inc not in vanished and not _holds_a_file(src / inc)
+        )
+        facts = DeletionFacts(
+            root_present=root_present,
+            vanished=vanished,
+            emptied=emptied,
+            files_deleted=files,
+            replica_files=self._replica_estimate(),
+            peak_files=max(peak, self._replica_estimate()),
+        )
+        return facts, drop
 
     def _prune(self, acked: int, cutoff: float) -> int:
         with self.jlock:
@@ -466,18 +724,17 @@ class Sender:
                     if op[2:] != ("force",) and self.shipped.get(path) == (r.size, r.mtime_ns, r.digest):
                         res.unchanged += 1
                         continue
+                    new = path not in self.shipped and self.cache.known(path) is None
                     if not self._put(j, path, r, ts, res):
                         continue
+                    res.files_created += new
                     self.shipped[path] = (r.size, r.mtime_ns, r.digest)
                 elif kind in ("delete", "rmdir"):
-                    halt = self._deletion_halt(path, kind)
-                    if halt:
-                        res.halt = halt
-                        break
                     j.append(Change(0, Op.DELETE if kind == "delete" else Op.RMDIR, path, ts_ns=ts))
                     self.cache.drop(path)
                     if kind == "delete":
                         self.shipped.pop(path, None)
+                        res.files_deleted += op[2:] != ("unknown",)  # not a file the replica never had
                     else:
                         _move_tree(self.shipped, path, None)
                 elif kind == "mkdir":
@@ -522,26 +779,8 @@ class Sender:
             if ap.finish() is None:
                 res.retry.append(path)
                 return False
-        self.cache.put_key(path, (r.size, r.mtime_ns, r.ino), r.digest)
+        self.cache.put_key(path, r.key, r.digest)
         return True
-
-    def _deletion_halt(self, path: str, kind: str) -> str | None:
-        if not self.cfg.source.is_dir():
-            return f"source root {self.cfg.source} vanished; refusing to propagate the wipe"
-        if self.allow_mass_delete:
-            return None
-        for inc in self.cfg.include:
-            if is_under(path, inc) and path != inc and not (self.cfg.source / inc).is_dir():
-                return (
-                    f"the replicated folder {inc!r} vanished on the source; refusing to remove it (or "
-                    "anything in it) on the replica (restart with --allow-mass-delete to confirm)"
-                )
-        if kind == "rmdir" and path in self.cfg.include:
-            return (
-                f"the replicated folder {path!r} was removed on the source; refusing to remove it on "
-                "the replica (restart with --allow-mass-delete to confirm)"
-            )
-        return None
 
     # -- the link -----------------------------------------------------------------------------------------
     async def _link_loop(self) -> None:
@@ -553,6 +792,14 @@ class Sender:
                 raise eg.exceptions[0] from None
             except* PeerRefused as eg:
                 log.warning("send.refused peer=%s:%d reason=%s", *self.cfg.peer, eg.exceptions[0])
+            except* JournalError as eg:
+                # The journal on disk is what it is; a read that failed (a segment pruned under us, a
+                # damaged frame) is retried from the receiver's position on a fresh connection and cursor.
+                self.counters["journal_read_errors"] += 1
+                log.error(
+                    "send.journal_read_failed error=%s (the link restarts from the receiver's position)",
+                    eg.exceptions[0],
+                )
             except* (OSError, EOFError, RemoteProtocolError, TimeoutError) as eg:
                 e = eg.exceptions[0]
                 if self.connected:
@@ -588,6 +835,7 @@ class Sender:
         host, port = self.cfg.peer
         async with asyncio.timeout(self.cfg.connect_timeout):
             reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+            tune_socket(writer, self.cfg.silence_timeout)
             if self.tls is not None:
                 await client_upgrade(reader, writer, self.tls)
         try:
@@ -630,20 +878,20 @@ class Sender:
             log.info("send.connected peer=%s:%d node=%r from=%d head=%d", host, port, ev.node, start, j.head)
             self.request_reconcile("connect")
             cursor = await asyncio.to_thread(j.cursor, start)
+            live = wire.Liveness(self.cfg.silence_timeout, time.monotonic())
             try:
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._stream_out(writer, proto, cursor))
-                    tg.create_task(self._read_in(reader, proto))
+                    tg.create_task(self._stream_out(writer, proto, cursor, live))
+                    tg.create_task(self._read_in(reader, proto, live))
             finally:
                 cursor.close()
         finally:
             writer.transport.abort()
 
     async def _stream_out(
-        self, writer: asyncio.StreamWriter, proto: wire.SenderProtocol, cursor: Any
+        self, writer: asyncio.StreamWriter, proto: wire.SenderProtocol, cursor: Any, live: wire.Liveness
     ) -> None:
         assert self._kick is not None
-        last_ping = time.monotonic()
         while True:
             while self._control and not cursor.in_entry:  # never between a put's chunks
                 req = self._control.popleft()
@@ -652,28 +900,46 @@ class Sender:
             if cursor.seq <= self.journal.head and (self._inflight_bytes < INFLIGHT_BYTES or cursor.in_entry):
                 raw, done = await asyncio.to_thread(cursor.read_raw)
                 writer.write(proto.entries(raw, done))
+                live.sent(time.monotonic())
                 self._inflight.append((proto.sent.last_seq, len(raw)))
                 self._inflight_bytes += len(raw)
                 self.sent = proto.sent.last_seq
                 await writer.drain()
                 continue
             await writer.drain()
+            now = time.monotonic()
+            if live.due(now) and not cursor.in_entry:
+                writer.write(proto.ping(time.time_ns()))
+                live.sent(now)
+                continue
             self._kick.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
+                async with asyncio.timeout(max(0.0, live.last_sent + live.interval - now)):
                     await self._kick.wait()
-            if time.monotonic() - last_ping > 5.0 and not cursor.in_entry:
-                last_ping = time.monotonic()
-                writer.write(proto.ping(time.time_ns()))
 
-    async def _read_in(self, reader: asyncio.StreamReader, proto: wire.SenderProtocol) -> None:
+    async def _read_in(
+        self, reader: asyncio.StreamReader, proto: wire.SenderProtocol, live: wire.Liveness
+    ) -> None:
+        """Events from the receiver. RACE: a receiver that stops answering (a dead host, a stalled proxy, a
+        corrupt frame length that leaves us waiting for bytes that never come) is dropped once no whole
+        frame has come for the silence timeout; the receiver sends a heartbeat well within it."""
         assert self._kick is not None
         while True:
-            data = await reader.read(1 << 20)
+            try:
+                async with asyncio.timeout(max(0.0, live.deadline() - time.monotonic())):
+                    data = await reader.read(1 << 20)
+            except TimeoutError:
+                if live.silent(time.monotonic()):
+                    self.counters["silent_peer_drops"] += 1
+                    raise PeerSilent(
+                        f"no whole frame from the receiver for {live.timeout:g}s (silence_timeout)"
+                    ) from None
+                continue
             if not data:
                 raise ConnectionError("receiver closed the connection")
             proto.receive_data(data)
             while (ev := proto.next_event()) is not None:
+                live.heard(time.monotonic())
                 if isinstance(ev, wire.Ack):
                     self._on_ack(ev)
                 elif isinstance(ev, wire.ManifestPart):
@@ -744,8 +1010,12 @@ class Sender:
                 f"{why}; nothing was deleted. If this is intended, restart with --allow-mass-delete"
             )
         now = time.monotonic()
+        # The replica as of the manifest; the plan's puts and deletions adjust it as they are journaled.
+        self._replica_files = plan.replica_files
+        self._counts.append((now, plan.replica_files))
         for op, path in plan.removals:
-            self.ops.append(("rmdir" if op is Op.RMDIR else "delete", path))
+            # Judged whole by mass_delete above: not held again as a burst of live deletions.
+            self.ops.append(("rmdir" if op is Op.RMDIR else "delete", path, "reconciled"))
         for path in plan.mkdirs:
             self.ops.append(("mkdir", path))
         # A guarded file that differs because its source version is torn is *held*, not a difference to
@@ -857,6 +1127,8 @@ class Sender:
             "lag_records": max(0, head - self.acked),
             "lag_seconds": round(lag_s, 3),
             "pending_paths": len(self.tracker) + len(self.ops),
+            "halt": self.halt,
+            "watch_error": self.watch_error,
             "counters": dict(self.counters),
             "last_reconcile": self.last_reconcile,
             "started": self.started,
@@ -876,3 +1148,17 @@ def _move_tree(index: dict[str, Any], src: str, dst: str | None) -> None:
         v = index.pop(k)
         if dst is not None:
             index[dst + k[len(src) :]] = v
+
+
+def _dir_id(path: Any) -> tuple[int, int] | None:
+    """(device, file id) of a folder, or None if it is not one (st_ino is the file index on Windows)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def _holds_a_file(folder: Any) -> bool:
+    """Whether any file is left below ``folder`` (stops at the first one)."""
+    return any(filenames for _dirpath, _dirnames, filenames in os.walk(folder))

@@ -4,7 +4,8 @@ Rules (one place):
 - ``modified`` marks a path dirty and *writing*: where the OS reports close-after-write (Linux), a writing
   file is not read before its ``closed`` hint, so a writer that pauses mid-file never gets its half read.
 - ``closed`` ends writing: the path is due at once.
-- ``created`` / ``scanned`` mark a path dirty; due after ``settle`` unless a write starts.
+- ``created`` / ``scanned`` / ``attrib`` (metadata only, e.g. an mtime set) mark a path dirty; due after
+  ``settle`` unless a write starts.
 - Without close events (Windows), every hint restarts the ``settle`` interval; due when it has passed.
 - A writing path whose close has not come after ``check_after`` is handed out to be *checked*: the caller
   asks the OS whether a writer still holds it open (a close event can be lost in a queue overflow, and the
@@ -88,7 +89,7 @@ class Tracker:
                 self._paths[path] = _PathState(now, now, False, gen)
             else:
                 st.writing, st.due, st.gen = False, now, gen
-        else:  # created, scanned
+        else:  # created, scanned, attrib
             if st is None:
                 self._paths[path] = _PathState(now, now + self.settle, False, gen)
             elif not st.writing:

@@ -23,6 +23,7 @@ from watchdog.events import (
     DirDeletedEvent,
     DirModifiedEvent,
     DirMovedEvent,
+    FileAttribEvent,
     FileClosedEvent,
     FileClosedNoWriteEvent,
     FileCreatedEvent,
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Hint:
-    """kind: created, modified, closed, deleted, moved, overflow, error. Paths are absolute OS strings."""
+    """kind: created, modified, attrib, closed, deleted, moved, overflow. Paths are absolute OS strings.
+    ``attrib``: metadata only (an mtime set by ``touch``, ``cp -p``, ``git``): the file is read again, and
+    shipped if its mtime (or anything else we replicate) differs from what was shipped."""
 
     kind: str
     path: str
@@ -65,6 +68,8 @@ def classify(event: FileSystemEvent) -> Hint | None:
         return Hint("closed", src)
     if isinstance(event, FileModifiedEvent):
         return Hint("modified", src)
+    if isinstance(event, FileAttribEvent):
+        return Hint("attrib", src)
     return None
 
 
@@ -97,6 +102,7 @@ EVENT_FILTER = [
     FileCreatedEvent,
     DirCreatedEvent,
     FileModifiedEvent,
+    FileAttribEvent,
     FileClosedEvent,
     FileDeletedEvent,
     DirDeletedEvent,
