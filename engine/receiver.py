@@ -142,7 +142,10 @@ class Receiver:
                 log.info("receiver.stopped seq=%d", self.seq)
 
     def _save(self) -> None:
-        self.cache.save(self.cfg.state_dir / "hashcache")
+        try:
+            self.cache.save(self.cfg.state_dir / "hashcache")
+        except OSError as e:
+            log.warning("hashcache.save_failed error=%s (costs only re-hashing after a restart)", e)
         write_status_quiet(self.cfg.state_dir, self.status())
 
     async def _status_loop(self) -> None:

@@ -10,12 +10,14 @@ makes the service's own write, rename or delete fail.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat as statmod
 import struct
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -465,6 +467,11 @@ class HashCache:
 
     def __init__(self) -> None:
         self._d: dict[str, tuple[int, int, int, int | None, bytes]] = {}
+        # RACE: saves come from several threads (after a reconciliation, on a timer, at stop): one at a
+        # time, each through a temporary file of its own, and none when nothing changed since the last.
+        self._save_lock = threading.Lock()
+        self._changes = 0
+        self._saved_at = -1
 
     def get(self, path: str, key: FileKey) -> bytes | None:
         v = self._d.get(path)
@@ -477,6 +484,7 @@ class HashCache:
         (size, mtime, file id) is kept but never matches: the file is hashed once more to learn it."""
         change = key[3] if len(key) > 3 else None
         self._d[sys.intern(path)] = (key[0], key[1], key[2], change, digest)
+        self._changes += 1
 
     def rekey(self, path: str, key: FileKey) -> None:
         """``path`` was moved by us (a rename moves the change time): keep its digest under ``key`` if size,
@@ -484,32 +492,48 @@ class HashCache:
         v = self._d.get(path)
         if v is not None and same_key((v[0], v[1], v[2], 0), (*key[:3], 0)):
             self._d[path] = (*key, v[4])
+            self._changes += 1
 
     def known(self, path: str) -> tuple[int, int, int, int | None, bytes] | None:
         return self._d.get(path)
 
     def drop(self, path: str) -> None:
-        self._d.pop(path, None)
+        if self._d.pop(path, None) is not None:
+            self._changes += 1
 
     def retain(self, paths: set[str]) -> None:
         for p in [p for p in self._d if p not in paths]:
             del self._d[p]
+            self._changes += 1
 
     def __len__(self) -> int:
         return len(self._d)
 
-    def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            snapshot = dict(self._d)  # RACE: another thread may add entries; a C-level copy is atomic
-            # Written entry by entry (a map header, then key, value, ...): the same bytes as one packed
-            # map, without building the whole encoding in memory.
-            pk = msgpack.Packer(use_bin_type=True)
-            f.write(pk.pack(CACHE_HEADER))
-            f.write(pk.pack_map_header(len(snapshot)))
-            for k, v in snapshot.items():
-                f.write(pk.pack(k) + pk.pack(v))
-        os.replace(tmp, path)
+    def save(self, path: Path) -> bool:
+        """Write the cache to ``path`` (atomically, by rename); False if nothing changed since the last
+        save, so nothing was written. Raises OSError (the caller logs it: a lost cache costs re-hashing)."""
+        with self._save_lock:
+            changes = self._changes
+            if changes == self._saved_at and path.exists():
+                return False
+            tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    snapshot = dict(self._d)  # RACE: another thread may add entries; a C-level copy is atomic
+                    # Written entry by entry (a map header, then key, value, ...): the same bytes as one
+                    # packed map, without building the whole encoding in memory.
+                    pk = msgpack.Packer(use_bin_type=True)
+                    f.write(pk.pack(CACHE_HEADER))
+                    f.write(pk.pack_map_header(len(snapshot)))
+                    for k, v in snapshot.items():
+                        f.write(pk.pack(k) + pk.pack(v))
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            self._saved_at = changes
+            return True
 
     @classmethod
     def load(cls, path: Path) -> HashCache:

@@ -31,6 +31,7 @@ from engine.config import SenderConfig
 from engine.errors import (
     EpochFenced,
     JournalError,
+    JournalFull,
     PathRejected,
     PeerRefused,
     PeerSilent,
@@ -103,6 +104,8 @@ class _BatchResult:
     unchanged: int = 0
     files_deleted: int = 0
     files_created: int = 0
+    #: The journal's disk was full: nothing of this batch can be trusted to be journaled; it is retried.
+    journal_full: str | None = None
 
 
 class _Stop(Exception):
@@ -169,6 +172,7 @@ class Sender:
             "journal_read_errors": 0,
             "watch_failures": 0,
             "halts": 0,
+            "journal_full": 0,
         }
         #: Files on the replica as the sender knows it: from the last reconciliation, plus files created
         #: minus files deleted since (before the first one: the hash cache's size). None: not known yet.
@@ -191,6 +195,8 @@ class Sender:
         self._halt_checked = 0.0
         self._counts: deque[tuple[float, int]] = deque()  # (when, replica files then): the window's peak
         self.watch_error: str | None = None
+        self.journal_error: str | None = None
+        self._full_backoff = 1.0
         self._watch_retry = 1.0
         self._bg: set[asyncio.Future[Any]] = set()
 
@@ -253,7 +259,10 @@ class Sender:
     def _close(self) -> None:
         with self.jlock:
             self.journal.close()
-        self.cache.save(self.cfg.state_dir / "hashcache")
+        try:
+            self.cache.save(self.cfg.state_dir / "hashcache")  # a no-op if a reconciliation just saved it
+        except OSError as e:
+            log.warning("hashcache.save_failed error=%s (costs only re-hashing after a restart)", e)
         write_status_quiet(self.cfg.state_dir, self.status())
 
     async def _stopper(self, stop: asyncio.Event) -> None:
@@ -527,6 +536,12 @@ class Sender:
                 res = await run_critical(functools.partial(self._journal_batch, batch, gen))
             finally:
                 self._reading = set()
+            if res.journal_full is not None:
+                await self._journal_full(batch, res.journal_full)
+                continue
+            if self.journal_error is not None:
+                log.warning("journal.writable_again (was: %s)", self.journal_error)
+                self.journal_error, self._full_backoff = None, 1.0
             now = time.monotonic()
             for p in res.vanished:
                 self._vanished[p] = now
@@ -566,6 +581,28 @@ class Sender:
                 removed = await run_critical(functools.partial(self._prune, acked, cutoff))
                 if removed:
                     log.info("journal.pruned segments=%d", removed)
+
+    async def _journal_full(self, batch: list[tuple[str, ...]], why: str) -> None:
+        """The journal's disk is full: the whole batch goes back to the front of the queue (puts forced, so
+        that nothing is skipped as already shipped; whatever did reach the journal is re-sent harmlessly),
+        acknowledged segments are pruned whatever their age, and the batch is tried again with backoff."""
+        self.counters["journal_full"] += 1
+        if self.journal_error is None:
+            log.error(
+                "journal.full error=%s (changes wait and nothing is lost; acknowledged segments are pruned "
+                "to make room; free space in the state folder's file system)",
+                why,
+            )
+        self.journal_error = why
+        again = [("put", op[1], "force") if op[0] == "put" else op for op in batch]
+        self.ops.extendleft(reversed(again))
+        self._approved += len(batch)  # deletions among them were judged already
+        acked = min(self.acked, self.journal.head)
+        removed = await run_critical(functools.partial(self._prune, acked, 0.0, True))
+        if removed:
+            log.warning("journal.pruned_for_space segments=%d", removed)
+        await asyncio.sleep(self._full_backoff)
+        self._full_backoff = min(30.0, self._full_backoff * 2)
 
     def _gate(self, now: float) -> tuple[int, float | None, bool]:
         """How many ops from the front may be journaled now, until when the rest waits, and whether the
@@ -676,9 +713,9 @@ class Sender:
         )
         return facts, drop
 
-    def _prune(self, acked: int, cutoff: float) -> int:
+    def _prune(self, acked: int, cutoff: float, pressure: bool = False) -> int:
         with self.jlock:
-            return self.journal.prune(acked, cutoff)
+            return self.journal.prune(acked, cutoff, pressure=pressure)
 
     def _journal_batch(self, batch: list[tuple[str, ...]], gen: int) -> _BatchResult:
         """One group: read, check and append every change in order, then one fsync. Worker thread.
@@ -694,56 +731,65 @@ class Sender:
         busy, complete = open_for_writing(unvouched)
         with self.jlock:
             j = self.journal
-            for op in batch:
-                kind, path = op[0], op[1]
-                ts = time.time_ns()
-                if kind == "put":
-                    if busy and src / path in busy:
-                        res.writing.append(path)
-                        continue
-                    guarded = self.check is not None and self.check.guarded(path)
-                    r = read_stable(
-                        self._os_path(path),
-                        inline_max=GUARD_MAX_BYTES if guarded else SMALL_FILE,
-                        lease_check=op[2:] != ("max_open",),
-                        # A check that could not see every process needs the lease's word instead.
-                        require_lease=op[2:] == ("check",) and not complete,
-                    )
-                    if r is None:
-                        res.vanished.append(path)  # gone again (a delete or move hint follows)
-                        continue
-                    if isinstance(r, Unstable):
-                        (res.writing if r.writing else res.retry).append(path)
-                        continue
-                    # RACE: the loop records hints while this thread reads; a dict lookup is atomic.
-                    if self.tracker.touched_after(path, gen):
-                        res.superseded += 1
-                        continue
-                    if self._retries or self._writer_since:
-                        res.done.append(path)
-                    if op[2:] != ("force",) and self.shipped.get(path) == (r.size, r.mtime_ns, r.digest):
-                        res.unchanged += 1
-                        continue
-                    new = path not in self.shipped and self.cache.known(path) is None
-                    if not self._put(j, path, r, ts, res):
-                        continue
-                    res.files_created += new
-                    self.shipped[path] = (r.size, r.mtime_ns, r.digest)
-                elif kind in ("delete", "rmdir"):
-                    j.append(Change(0, Op.DELETE if kind == "delete" else Op.RMDIR, path, ts_ns=ts))
-                    self.cache.drop(path)
-                    if kind == "delete":
-                        self.shipped.pop(path, None)
-                        res.files_deleted += op[2:] != ("unknown",)  # not a file the replica never had
-                    else:
-                        _move_tree(self.shipped, path, None)
-                elif kind == "mkdir":
-                    j.append(Change(0, Op.MKDIR, path, ts_ns=ts))
-                elif kind == "rename":
-                    j.append(Change(0, Op.RENAME, path, dst=op[2], ts_ns=ts))
-                    _move_tree(self.shipped, path, op[2])
-                res.appended += 1
-            j.commit()
+            try:
+                for op in batch:
+                    kind, path = op[0], op[1]
+                    ts = time.time_ns()
+                    if kind == "put":
+                        if busy and src / path in busy:
+                            res.writing.append(path)
+                            continue
+                        guarded = self.check is not None and self.check.guarded(path)
+                        r = read_stable(
+                            self._os_path(path),
+                            inline_max=GUARD_MAX_BYTES if guarded else SMALL_FILE,
+                            lease_check=op[2:] != ("max_open",),
+                            # A check that could not see every process needs the lease's word instead.
+                            require_lease=op[2:] == ("check",) and not complete,
+                        )
+                        if r is None:
+                            res.vanished.append(path)  # gone again (a delete or move hint follows)
+                            continue
+                        if isinstance(r, Unstable):
+                            (res.writing if r.writing else res.retry).append(path)
+                            continue
+                        # RACE: the loop records hints while this thread reads; a dict lookup is atomic.
+                        if self.tracker.touched_after(path, gen):
+                            res.superseded += 1
+                            continue
+                        if self._retries or self._writer_since:
+                            res.done.append(path)
+                        if op[2:] != ("force",) and self.shipped.get(path) == (r.size, r.mtime_ns, r.digest):
+                            res.unchanged += 1
+                            continue
+                        new = path not in self.shipped and self.cache.known(path) is None
+                        if not self._put(j, path, r, ts, res):
+                            continue
+                        res.files_created += new
+                        self.shipped[path] = (r.size, r.mtime_ns, r.digest)
+                    elif kind in ("delete", "rmdir"):
+                        j.append(Change(0, Op.DELETE if kind == "delete" else Op.RMDIR, path, ts_ns=ts))
+                        self.cache.drop(path)
+                        if kind == "delete":
+                            self.shipped.pop(path, None)
+                            res.files_deleted += op[2:] != ("unknown",)  # not a file the replica never had
+                        else:
+                            _move_tree(self.shipped, path, None)
+                    elif kind == "mkdir":
+                        j.append(Change(0, Op.MKDIR, path, ts_ns=ts))
+                    elif kind == "rename":
+                        j.append(Change(0, Op.RENAME, path, dst=op[2], ts_ns=ts))
+                        _move_tree(self.shipped, path, op[2])
+                    res.appended += 1
+                j.commit()
+            except JournalFull as e:
+                # Nothing of this batch is trusted to be journaled: the caller puts it all back. What an
+                # append left pending is committed if it can be (else the journal drops it itself).
+                try:
+                    j.commit()
+                except JournalFull:
+                    pass
+                return _BatchResult(journal_full=str(e))
         return res
 
     def _put(self, j: Journal, path: str, r: StableRead, ts: int, res: _BatchResult) -> bool:
@@ -1053,8 +1099,10 @@ class Sender:
             len(edits),
             time.monotonic() - t0,
         )
-        with contextlib.suppress(OSError):
+        try:
             await asyncio.to_thread(self.cache.save, self.cfg.state_dir / "hashcache")
+        except OSError as e:
+            log.warning("hashcache.save_failed error=%s (costs only re-hashing after a restart)", e)
 
     def _held(self, paths: list[str]) -> dict[str, str]:
         """Worker thread: the guarded files among ``paths`` whose source version fails its rule."""
@@ -1129,6 +1177,7 @@ class Sender:
             "pending_paths": len(self.tracker) + len(self.ops),
             "halt": self.halt,
             "watch_error": self.watch_error,
+            "journal_error": self.journal_error,
             "counters": dict(self.counters),
             "last_reconcile": self.last_reconcile,
             "started": self.started,

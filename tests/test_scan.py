@@ -7,6 +7,7 @@ import logging
 import os
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -245,3 +246,31 @@ def test_a_check_that_needs_a_lease_treats_a_file_too_large_for_one_as_being_wri
     assert isinstance(r, Unstable) and r.writing
     r = read_stable(path, lease_check=True)  # without the requirement it is read
     assert isinstance(r, StableRead) and r.size == LEASE_MAX + 1
+
+
+def test_hash_cache_saves_from_several_threads_never_collide(tmp_path: Path) -> None:
+    """A reconciliation's save, the status timer's and the one at stop may overlap: each must succeed and
+    leave a whole file (they shared one temporary name, so one replace found the other's file gone)."""
+    cache = HashCache()
+    for i in range(20_000):
+        cache.put_key(f"databases/room/{i:06d}.json", (10, i, i, i), b"\x01" * 16)
+    dest = tmp_path / "hashcache"
+    errors: list[BaseException] = []
+
+    def saver() -> None:
+        try:
+            for i in range(30):
+                cache.put_key(f"x/{threading.get_ident()}-{i}", (1, 1, 1, 1), b"\x02" * 16)
+                cache.save(dest)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=saver) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(HashCache.load(dest)) == len(cache)
+    assert not [p for p in tmp_path.iterdir() if p.name != "hashcache"], "temporary files left behind"
+    assert cache.save(dest) is False, "a save with nothing changed wrote the file again"
