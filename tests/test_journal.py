@@ -1,9 +1,11 @@
 """The durable journal, on real files in tmp_path.
 
 Covers appending (whole and streamed puts, deletes, renames), group commit, cursors and ``read_raw``,
-reopening, segment rotation, pruning, and the torn tail: a journal cut or damaged anywhere inside its last
-entry reopens at the last whole entry and carries on with consecutive seqs. Most tests run with
-``fsync=False`` for speed; the reopen test runs with fsync on.
+reopening, segment rotation, pruning, and the torn tail: a journal cut anywhere inside its last entry, or
+with its last frame damaged, reopens at the last whole entry and carries on with consecutive seqs. Damage
+that is not a torn tail (a whole frame that is no valid entry, a bad frame with a whole frame after it) is
+refused, naming segment and offset, and nothing is cut. Cursors read only committed bytes. Most tests run
+with ``fsync=False`` for speed; the reopen test runs with fsync on.
 """
 
 from __future__ import annotations
