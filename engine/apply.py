@@ -44,7 +44,7 @@ from engine.model import (
     is_temp_name,
     is_under,
 )
-from engine.scan import HashCache, stat_key
+from engine.scan import HashCache, iter_file_chunks, stat_key
 from engine.wire import Problem
 
 log = logging.getLogger(__name__)
@@ -428,6 +428,9 @@ class Applier:
             if self.on_put is not None and op.data is not None:
                 self.on_put(c, op.data)
             return removed
+        if c.op is Op.TOUCH:
+            self._touch(c, final, dirs, res)
+            return False
         if c.op is Op.DELETE or c.op is Op.RMDIR:
             if os.path.lexists(final):
                 _remove(final)
@@ -470,6 +473,35 @@ class Applier:
             if self.on_rename is not None:
                 self.on_rename(c.path, c.dst)
         return True
+
+    def _touch(self, c: Change, final: str, dirs: set[str], res: BatchResult) -> None:
+        """Set a file's mtime, if it holds the content the change is about (else: "stale")."""
+        try:
+            st = os.stat(final, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        ok = st is not None and statmod.S_ISREG(st.st_mode) and st.st_size == c.size
+        if ok:
+            assert st is not None
+            digest = self.cache.get(c.path, stat_key(final, st))
+            if digest is None:
+                h = Hasher()
+                for chunk in iter_file_chunks(Path(final)):
+                    h.update(chunk)
+                digest = h.digest()
+            ok = digest == c.digest
+        if not ok or st is None:
+            res.problems.append(
+                Problem(c.seq, c.path, "stale", "the replica does not hold the content whose time changed")
+            )
+            return
+        os.utime(final, ns=(st.st_atime_ns, settable_mtime_ns(c.path, c.mtime_ns)))
+        if self.fsync and self._syncfs is None:
+            with open(final, "rb+") as f:  # the inode's new time durable (Windows needs write access)
+                os.fsync(f.fileno())
+        dirs.add(os.path.dirname(final))  # with syncfs: one call at the end makes it durable
+        # INVARIANT: the key is taken after the time is set, which moves the change time (ctime).
+        self.cache.put_key(c.path, stat_key(final, os.stat(final)), c.digest)
 
     def _forget(self, rel: str) -> None:
         self.cache.drop(rel)

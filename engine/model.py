@@ -65,6 +65,9 @@ class Op(enum.StrEnum):
     MKDIR = "mkdir"
     RMDIR = "rmdir"
     RENAME = "rename"
+    #: The modification time of a file changed and its content did not: ``m`` is the new time, ``z`` and
+    #: ``h`` the content it applies to (a replica holding other content reports "stale").
+    TOUCH = "touch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,8 @@ class Change:
             d["d"] = self.dst
         if self.op is Op.PUT:
             d.update(z=self.size, m=self.mtime_ns, h=self.digest, c=self.chunks)
+        elif self.op is Op.TOUCH:
+            d.update(z=self.size, m=self.mtime_ns, h=self.digest)
         if self.ts_ns:
             d["t"] = self.ts_ns
         return d
@@ -114,10 +119,12 @@ class Change:
         if op is Op.RENAME and not dst:
             raise ValueError("rename without destination")
         digest = d.get("h", b"")
-        if not isinstance(digest, bytes) or (op is Op.PUT and len(digest) != 16):
-            raise ValueError("put digest is not 16 bytes")
+        if not isinstance(digest, bytes) or (op in (Op.PUT, Op.TOUCH) and len(digest) != 16):
+            raise ValueError(f"{op.value} digest is not 16 bytes")
         size = _int(d, "z", 0)
         chunks = _int(d, "c", 0)
+        if op is not Op.PUT and chunks:
+            raise ValueError(f"a {op.value} carries no content, but announces {chunks} chunks")
         if op is Op.PUT and chunks != chunk_count(size):
             # The chunk count follows from the size: the chunk size is fixed by the protocol.
             raise ValueError(f"put of {size} bytes announces {chunks} chunks")

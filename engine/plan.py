@@ -33,6 +33,10 @@ def expected_after(manifest: Mapping[str, FileMeta], changes: Iterable[Change]) 
             m[c.path] = FileMeta(c.path, False, c.size, c.mtime_ns, c.digest)
         elif c.op in (Op.DELETE, Op.RMDIR):
             _drop_tree(m, c.path)
+        elif c.op is Op.TOUCH:
+            old = m.get(c.path)
+            if old is not None and not old.is_dir and old.size == c.size and old.digest == c.digest:
+                m[c.path] = FileMeta(c.path, False, c.size, c.mtime_ns, c.digest, old.flags)
         elif c.op is Op.MKDIR:
             if not (c.path in m and m[c.path].is_dir):
                 _drop_tree(m, c.path)

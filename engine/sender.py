@@ -759,8 +759,16 @@ class Sender:
                             continue
                         if self._retries or self._writer_since:
                             res.done.append(path)
-                        if op[2:] != ("force",) and self.shipped.get(path) == (r.size, r.mtime_ns, r.digest):
+                        prev = self.shipped.get(path) if op[2:] != ("force",) else None
+                        if prev == (r.size, r.mtime_ns, r.digest):
                             res.unchanged += 1
+                            continue
+                        if prev is not None and prev[0] == r.size and prev[2] == r.digest:
+                            # Only its time changed (touch, cp -p, git): the time travels, not the content.
+                            j.append(Change(0, Op.TOUCH, path, "", r.size, r.mtime_ns, r.digest, 0, ts))
+                            self.shipped[path] = (r.size, r.mtime_ns, r.digest)
+                            self.cache.put_key(path, r.key, r.digest)
+                            res.appended += 1
                             continue
                         new = path not in self.shipped and self.cache.known(path) is None
                         if not self._put(j, path, r, ts, res):
@@ -1012,6 +1020,10 @@ class Sender:
             )
             if p.code == "missing-source":
                 self.request_reconcile("rename-missing-source")
+            elif p.code == "stale":  # a time change for content the replica does not hold: send it all
+                self.shipped.pop(p.path, None)
+                self.ops.append(("put", p.path, "force"))
+                self._poke()
         self._kick.set()
 
     # -- reconciliation -------------------------------------------------------------------------------------

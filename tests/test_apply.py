@@ -207,3 +207,28 @@ def test_a_replica_edit_that_puts_size_and_mtime_back_is_flagged_and_listed(appl
         "the manifest listed the content standby wrote, not the edit"
     )
     assert "local-edit" in e.flags
+
+
+def test_a_touch_sets_the_time_of_the_content_it_names_and_nothing_else(applier: Applier) -> None:
+    data = b"meeting 7"
+    applier.apply_batch([put(1, "databases/a.json", data), put(2, "databases/b.json", b"other 9")])
+    new_time = 1_500_000_000_123_456_789
+    touch = Change(
+        3, Op.TOUCH, "databases/a.json", size=len(data), mtime_ns=new_time, digest=digest_bytes(data)
+    )
+    stale = Change(
+        4, Op.TOUCH, "databases/b.json", size=7, mtime_ns=new_time, digest=digest_bytes(b"not it!")
+    )
+    missing = Change(5, Op.TOUCH, "databases/c.json", size=1, mtime_ns=new_time, digest=digest_bytes(b"c"))
+    res = applier.apply_batch([PendingOp(touch), PendingOp(stale), PendingOp(missing)])
+    root = applier.root
+    assert os.stat(root / "databases" / "a.json").st_mtime_ns == new_time
+    assert (root / "databases" / "a.json").read_bytes() == data
+    assert os.stat(root / "databases" / "b.json").st_mtime_ns == MTIME, "a stale touch changed the time"
+    assert not (root / "databases" / "c.json").exists()
+    assert [(p.seq, p.code) for p in res.problems] == [(4, "stale"), (5, "stale")]
+    # The cache learnt the new key: the file is not hashed again for a manifest.
+    st = os.stat(root / "databases" / "a.json")
+    assert applier.cache.get("databases/a.json", stat_key(root / "databases" / "a.json", st)) == digest_bytes(
+        data
+    )

@@ -447,3 +447,22 @@ def test_clamp_ns_keeps_a_time_inside_int64() -> None:
     assert clamp_ns(10_413_792_000 * 10**9) == INT64_MAX  # 2300-01-01
     assert clamp_ns(-(2**70)) == INT64_MIN
     assert [clamp_ns(m) for m in MTIMES_OK] == MTIMES_OK
+
+
+@pytest.mark.parametrize("mtime", MTIMES_OK)
+def test_a_touch_header_carries_its_time_size_and_digest(mtime: int) -> None:
+    c = Change(8, Op.TOUCH, "databases/a.json", size=3, mtime_ns=mtime, digest=bytes(range(16)), ts_ns=9)
+    wire = c.to_wire()
+    assert wire["o"] == "touch" and "c" not in wire
+    assert Change.from_wire(_through_a_frame(wire)) == c
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"h": b"short"}, {"h": "0" * 16}, {"c": 1}],
+    ids=["digest too short", "digest a string", "announces content"],
+)
+def test_a_touch_without_a_digest_or_with_content_is_refused(fields: dict[str, Any]) -> None:
+    d = {"s": 1, "o": "touch", "p": "a", "z": 1, "m": 5, "h": bytes(16)} | fields
+    with pytest.raises(ValueError):
+        Change.from_wire(d)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from engine import config, sender
+from engine.journal import Journal
 from engine.transport import settings_for
 from engine.watch import Watcher
 from tests.pair import Pair, wait_for
@@ -33,6 +34,28 @@ def test_an_mtime_only_change_is_replicated_at_once(pair: Pair) -> None:
 
     os.utime(f, ns=(time.time_ns(), 1_600_000_000_123_456_789))  # content unchanged, as `touch -d`, git do
     wait_for(lambda: _mtime(replica) == _mtime(f), 5, "the new mtime on the replica")
+    assert _journaled_ops(pair)[-1] == "touch", "the time change was shipped with its content"
+
+    # A replica whose content differs (edited behind our back, same size) answers "stale": the whole
+    # file is sent instead, and the replica ends equal to the source.
+    replica.write_bytes(b"X" * replica.stat().st_size)
+    os.utime(f, ns=(time.time_ns(), 1_600_000_000_999_999_999))
+    pair.wait_converged(timeout=10)
+    assert _journaled_ops(pair)[-2:] == ["touch", "put"], _journaled_ops(pair)
+
+
+def _journaled_ops(pair: Pair) -> list[str]:
+    j = Journal.open(pair.sender_state / "journal", readonly=True)
+    try:
+        cur = j.cursor(j.first_seq)
+        ops = []
+        while (c := cur.next_header()) is not None:
+            cur.skip_chunks()
+            ops.append(c.op.value)
+        cur.close()
+        return ops
+    finally:
+        j.close()
 
 
 def test_files_created_by_temp_and_rename_cost_no_reconciliation(pair: Pair) -> None:

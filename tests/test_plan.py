@@ -112,3 +112,14 @@ def test_the_example_config_loads() -> None:
     cfg = load(Path(__file__).resolve().parent.parent / "config.example.toml")
     assert cfg.sender is not None and cfg.receiver is not None and len(cfg.guards) == 2
     assert cfg.sender.include == ("databases", "config/config.json")
+
+
+def test_a_touch_changes_the_expected_time_of_the_content_it_names_only() -> None:
+    a, b = f("databases/a", b"1", 10), f("databases/b", b"2", 10)
+    touch_a = Change(5, Op.TOUCH, "databases/a", size=1, mtime_ns=99, digest=digest_bytes(b"1"))
+    touch_b = Change(6, Op.TOUCH, "databases/b", size=1, mtime_ns=99, digest=digest_bytes(b"x"))
+    touch_c = Change(7, Op.TOUCH, "databases/c", size=1, mtime_ns=99, digest=digest_bytes(b"c"))
+    got = expected_after(m(a, b), [touch_a, touch_b, touch_c])
+    assert got["databases/a"].mtime_ns == 99
+    assert got["databases/b"].mtime_ns == 10  # stale on the replica: it keeps its time
+    assert "databases/c" not in got
