@@ -61,8 +61,6 @@ RECOVERY_HINT = (
 )
 #: The errors that mean "no space left": the disk is full or the user is over quota.
 FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
-#: Entry headers are small (two paths of at most 1,024 characters): a frame that could be one is below this.
-MAX_HEADER_FRAME = 16 << 10
 
 
 def fsync_dir(path: Path) -> None:
@@ -621,10 +619,11 @@ class _FrameReader:
         return end if 0 < length <= codec.DEFAULT_MAX_FRAME and end < self.size else None
 
 
-#: Where a frame holding an entry header (a small msgpack map) or a content chunk (msgpack bin) may start:
-#: u32 length (small), u32 checksum, then the map or bin marker. Candidates are checked by checksum.
+#: Where a frame may start that holds an entry header (a msgpack map under 16 KiB: two paths of at most
+#: 1,024 characters) or a content chunk (msgpack bin, at most about 1 MiB): u32 length (little-endian),
+#: u32 checksum, then the map or bin marker. Each candidate is then decoded and its checksum checked.
 _FRAME_START = re.compile(
-    rb"(?=[\x00-\xff]{2}[\x00-\x3f]\x00[\x00-\xff]{4}[\x80-\x8f\xde])"
+    rb"(?=[\x00-\xff][\x00-\x3f]\x00\x00[\x00-\xff]{4}[\x80-\x8f\xde])"
     rb"|(?=[\x00-\xff]{2}[\x00-\x10]\x00[\x00-\xff]{4}[\xc4\xc5\xc6])"
 )
 
@@ -707,7 +706,7 @@ def scan_segment(path: Path, journal_id: str, first: int) -> SegmentScan:
                     return damaged(nxt, f"content frame {i + 1} of entry {change.seq} is not bytes")
                 total += len(c[0])
                 nxt = c[1]
-            if total != change.size:
+            if change.op is Op.PUT and total != change.size:  # a touch names a size but carries nothing
                 return damaged(
                     off, f"entry {change.seq} holds {total} content bytes, its header says {change.size}"
                 )

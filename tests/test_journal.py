@@ -917,14 +917,28 @@ def test_an_undecodable_entry_in_the_middle_is_refused_and_nothing_is_cut(tmp_pa
     assert seg.stat().st_size == size
 
 
-def test_a_bad_frame_in_the_middle_is_refused_and_nothing_is_cut(tmp_path: Path) -> None:
+#: Damage to a frame in the middle: (offset in the frame, xor mask, what the scan finds at that frame).
+MIDDLE_DAMAGE: dict[str, tuple[int, int, str]] = {
+    "payload": (-1, 0x01, "checksum mismatch"),
+    "length-longer": (0, 0x01, "checksum mismatch"),  # one byte longer: the next frame's start is lost
+    "length-huge": (3, 0x80, "exceeds the limit"),
+    "length-past-the-end": (2, 0x08, "truncated payload"),  # 512 KiB: past the end of the file
+}
+
+
+@pytest.mark.parametrize("damage", list(MIDDLE_DAMAGE))
+def test_a_bad_frame_in_the_middle_is_refused_and_nothing_is_cut(tmp_path: Path, damage: str) -> None:
+    """A bad frame with whole frames after it is not a torn tail, wherever its own length says it ends."""
     folder = tmp_path / "j"
+    at, mask, why = MIDDLE_DAMAGE[damage]
     bad = bytearray(delete_frame(2, "b"))
-    bad[-1] ^= 0x01  # its checksum no longer matches
-    seg = raw_segment(folder, [delete_frame(1, "a"), bytes(bad), delete_frame(3, "c")])
+    bad[at] ^= mask
+    after = [delete_frame(3, "c"), codec.encode(put("d", b"dee").to_wire() | {"k": "e", "s": 4, "c": 1})]
+    after.append(codec.encode(b"dee"))
+    seg = raw_segment(folder, [delete_frame(1, "a"), bytes(bad), *after])
     size = seg.stat().st_size
-    e = check_refused(folder, seg, size - len(delete_frame(3, "c")) - len(bad))
-    assert "checksum mismatch" in e.reason and "whole frame after it" in e.reason
+    e = check_refused(folder, seg, size - sum(map(len, after)) - len(bad))
+    assert why in e.reason and "whole frame after it" in e.reason, e.reason
 
 
 def test_a_cursor_names_segment_and_offset_of_damage_in_an_earlier_segment(tmp_path: Path) -> None:
