@@ -1010,3 +1010,14 @@ def test_a_cursor_stops_at_the_committed_end_even_when_more_bytes_are_whole(tmp_
             j.head += 1  # a bug that moved the head without a commit must not reach uncommitted bytes
             with pytest.raises(JournalDamaged):
                 cur.read_raw()
+
+
+def test_entries_without_content_that_name_a_size_reopen_whole(tmp_path: Path) -> None:
+    """A touch names the size and digest of the content it applies to, and carries none."""
+    folder = tmp_path / "j"
+    with closing(jopen(folder)) as j:
+        j.append(put("a", b"abc"), b"abc")
+        touch = j.append(Change(0, Op.TOUCH, "a", size=3, mtime_ns=5, digest=digest_bytes(b"abc")))
+        j.commit()
+    with closing(jopen(folder)) as j:
+        assert j.head == 2 and [e.change for e in entries(j)][1] == touch
