@@ -24,6 +24,7 @@ IO = {
     "aio",
     "logs",
     "simulator",
+    "statelock",
 }
 EDGE = {"cli", "demo", "__main__"}
 #: Pure modules may use these standard modules; nothing that reads the clock or does I/O by itself.
@@ -65,6 +66,6 @@ def test_nothing_imports_the_edge() -> None:
 
 
 def test_one_importer_each_for_watchdog_and_xxhash() -> None:
-    for lib, owner in (("watchdog", "watch"), ("xxhash", "digest")):
+    for lib, owner in (("watchdog", "watch"), ("xxhash", "digest"), ("filelock", "statelock")):
         users = {p.stem for p in ENGINE.glob("*.py") if any(m.split(".")[0] == lib for m in imports(p))}
         assert users == {owner}, f"{lib} is imported by {users}"
