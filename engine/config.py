@@ -349,3 +349,81 @@ def check_state_dir(path: Path, key: str) -> None:
         raise ConfigError(
             f"{key}: {where}, not a folder (the state folder holds the journal, keys and status)"
         )
+
+
+# [service]: how the agent controls the Synergy Join service on this server (engine.service). Kept apart
+# from RANGES until config.example.toml documents the section (a test requires every RANGES key there).
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    backend: str = "windows"
+    name: str = "SynergySKYEnterpriseSchedulingService"
+    start: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()
+    status: tuple[str, ...] = ()
+    timeout: float = 60.0
+    failover_after: float = 300.0
+
+
+SERVICE_BACKENDS = ("windows", "systemd", "command")
+SERVICE_RANGES: dict[str, Range] = {
+    "timeout": Range(1, 3600, "seconds"),  # one start or stop, and one status command
+    "failover_after": Range(10, 86_400, "seconds"),  # below 10 s a restart of the service is a failover
+}
+_SERVICE_ARGV = ("start", "stop", "status")
+#: A unit name systemctl takes as a name, never as an option or a path.
+_UNIT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:-_.@")
+
+
+def parse_service(section: dict[str, Any]) -> ServiceConfig:
+    """The ``[service]`` table as a :class:`ServiceConfig`; every error names ``service -> KEY``."""
+    if not isinstance(section, dict):
+        raise ConfigError("service: expected a table")
+    later = {*SERVICE_RANGES, *_SERVICE_ARGV}
+    cfg: ServiceConfig = _build(
+        ServiceConfig, {k: v for k, v in section.items() if k not in later}, "service", Path("."), {}
+    )
+    if cfg.backend not in SERVICE_BACKENDS:
+        known = ", ".join(repr(b) for b in SERVICE_BACKENDS)
+        raise ConfigError(f"service -> backend: expected one of {known}, got {cfg.backend!r}")
+    _service_name(cfg.name, cfg.backend)
+    numbers = {
+        key: _number(section[key], f"service -> {key}", allowed)
+        for key, allowed in SERVICE_RANGES.items()
+        if key in section
+    }
+    argv: dict[str, Any] = {}
+    for key in _SERVICE_ARGV:
+        if key not in section:
+            if cfg.backend == "command":
+                raise ConfigError(f"service -> {key}: required with backend = 'command' (a list: argv)")
+            continue
+        if cfg.backend != "command":
+            raise ConfigError(f"service -> {key}: only used with backend = 'command', not {cfg.backend!r}")
+        value = section[key]
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(x, str) for x in value)
+            or not value[0]
+        ):
+            raise ConfigError(
+                f"service -> {key}: expected a non-empty list of strings (the program, then its "
+                f"arguments), got {value!r}"
+            )
+        argv[key] = tuple(value)
+    return replace(cfg, **numbers, **argv)
+
+
+def _service_name(name: str, backend: str) -> None:
+    if any(ord(c) < 32 or c in "/\\" for c in name) or len(name) > 256:
+        raise ConfigError(
+            f"service -> name: expected a service name of at most 256 characters, without '/', '\\' or "
+            f"control characters, got {name!r}"
+        )
+    if backend == "systemd" and (name.startswith("-") or not set(name) <= _UNIT_CHARS):
+        raise ConfigError(
+            f"service -> name: expected a systemd unit name (letters, digits and ':-_.@', not starting "
+            f"with '-'), got {name!r}"
+        )
