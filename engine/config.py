@@ -131,7 +131,7 @@ RANGES: dict[str, Range] = {
     "fsync_threads": Range(1, 256, "threads"),
     "max_frame_mb": Range(2, 256, "MiB"),  # content travels in 1 MiB chunks, plus the frame's header
     "handshake_timeout": Range(0.5, 300, "seconds"),
-    "idle_timeout": Range(10, 86_400, "seconds"),  # above the sender's ping interval
+    "idle_timeout": Range(10, 86_400, "seconds"),  # unused (silence_timeout decides); kept for old configs
     "guard_history": Range(1, 1000, "versions"),
     "max_path_chars": Range(255, 32_767, "characters"),  # one name may have 255
     "max_path_depth": Range(8, 1024, "folders"),

@@ -159,6 +159,9 @@ DELETE_MAX_HOLD = 10.0
 DELETE_WINDOW = 60.0
 #: An include folder emptied by at least this many deletions is a wipe (fewer: a tiny tree, not judged).
 MIN_JUDGED = 4
+#: The share rule needs at least this many files lost: a small tree's ordinary churn (a few dozen meetings
+#: booked and deleted) swings by half without being a wipe; emptying or removing it is still caught.
+SHARE_MIN_FILES = 100
 
 
 def small_burst(replica_files: int) -> int:
@@ -196,8 +199,8 @@ def deletion_verdict(f: DeletionFacts, max_share: float) -> str | None:
     The rules, judged on the burst as a whole before any of it is journaled: the source root is gone;
     an include folder is gone or was emptied; or the replica would hold less than ``1 - max_share`` of
     the most files it held within DELETE_WINDOW seconds (so several bursts in a row count together, and
-    churn that deletes and creates as much is no wipe). Replicas under MIN_JUDGED files are not judged
-    by share."""
+    churn that deletes and creates as much is no wipe). Fewer than SHARE_MIN_FILES files lost are not
+    judged by share."""
     if not f.root_present:
         return "the source root vanished or moved away; refusing to propagate the wipe"
     if f.vanished:
@@ -210,7 +213,7 @@ def deletion_verdict(f: DeletionFacts, max_share: float) -> str | None:
             return f"the replicated folder {inc!r} was emptied on the source ({n} files deleted)"
     peak = max(f.peak_files, f.replica_files)
     lost = peak - (f.replica_files - f.files_deleted)
-    if peak >= MIN_JUDGED and lost > 0 and lost / peak > max_share:
+    if lost >= SHARE_MIN_FILES and lost / peak > max_share:
         return (
             f"the replica would lose {lost} of its {peak} files within {DELETE_WINDOW:g} s "
             f"({lost / peak:.0%} > max_delete_share {max_share:.0%})"

@@ -27,11 +27,13 @@ def test_the_verdict_names_each_kind_of_wipe() -> None:
     assert "emptied" in (deletion_verdict(emptied, 0.5) or "")
     tiny = DeletionFacts(root_present=True, emptied=(("databases", 3),), files_deleted=3, replica_files=3)
     assert deletion_verdict(tiny, 0.5) is None  # a tree of 3 files is not judged
-    share = DeletionFacts(root_present=True, files_deleted=30, replica_files=70, peak_files=100)
+    share = DeletionFacts(root_present=True, files_deleted=300, replica_files=700, peak_files=1000)
     why = deletion_verdict(share, 0.5) or ""
-    assert "lose 60 of its 100 files" in why and "max_delete_share" in why
-    churn = DeletionFacts(root_present=True, files_deleted=30, replica_files=100, peak_files=110)
+    assert "lose 600 of its 1000 files" in why and "max_delete_share" in why
+    churn = DeletionFacts(root_present=True, files_deleted=300, replica_files=1000, peak_files=1100)
     assert deletion_verdict(churn, 0.5) is None  # as many created as deleted meanwhile: no wipe
+    small = DeletionFacts(root_present=True, files_deleted=30, replica_files=70, peak_files=100)
+    assert deletion_verdict(small, 0.5) is None  # a small tree's churn: fewer than 100 files lost
 
 
 def test_a_small_burst_is_judged_at_once_and_a_mass_deletion_once_it_slows_down() -> None:
@@ -151,15 +153,15 @@ def test_deleting_half_the_files_one_room_at_a_time_halts_by_share(pair: Pair) -
     """Deletions spread over several bursts count together within the window."""
     dbs = pair.source / "databases"
     for room in range(10):
-        write_files(dbs / f"room-{room}", 10)
+        write_files(dbs / f"room-{room}", 30)
     pair.start("receive")
     pair.start("send")
     pair.wait_converged()
 
     for room in range(6):
         shutil.rmtree(dbs / f"room-{room}")
-        time.sleep(1.0)  # each burst judged on its own
+        time.sleep(1.0)  # each burst (30 files: churn-sized) judged on its own
     wait_for(lambda: _halted(pair), 15, "the sender to halt by share")
     assert "max_delete_share" in pair.log("send")
     left = len(files_below(pair.target / "databases"))
-    assert left >= 50, f"only {left} of 100 files left on the replica"
+    assert left >= 150, f"only {left} of 300 files left on the replica"
