@@ -227,7 +227,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
     from engine import statelock
     from engine.errors import StateLocked
     from engine.guards import sender_check
-    from engine.sender import Sender
+    from engine.node import SenderNode
     from engine.transport import settings_for
 
     cfg = config.load(args.config)
@@ -243,7 +243,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
         # within microseconds, so the signal carries nothing we need (and would end the process).
         signal.signal(signal.SIGIO, signal.SIG_IGN)
     with lock:
-        s = Sender(
+        s = SenderNode(
             cfg.need_sender(),
             allow_mass_delete=args.allow_mass_delete,
             check=sender_check(cfg),

@@ -648,12 +648,13 @@ def hooked_send(config: Path, victim: str, path: Path, next_version: Path, hold:
     watcher's hints for it in the next ``late`` s reach the sender ``late`` s late. So the rewrite surely
     starts after the close event and before the read, and its hint comes after the read: the window of
     the race, which a loaded machine opens by itself now and then."""
-    from engine import sender, tracker
+    from engine import tracker
     from engine.cli import main
+    from engine.sender.intake import Intake
     from engine.watch import Hint
 
     due = tracker.Tracker.due
-    on_hint = sender.Sender._on_hint
+    on_hint = Intake.on_hint
     fired: list[float] = []
 
     def hooked_due(self: tracker.Tracker, now: float) -> tracker.Due:
@@ -674,14 +675,14 @@ def hooked_send(config: Path, victim: str, path: Path, next_version: Path, hold:
             timer.start()
         return out
 
-    def hooked_on_hint(self: sender.Sender, h: Hint) -> None:
+    def hooked_on_hint(self: Intake, h: Hint) -> None:
         if fired and h.path == str(path) and time.monotonic() < fired[0] + late:
             asyncio.get_running_loop().call_later(late, on_hint, self, h)
             return
         on_hint(self, h)
 
     tracker.Tracker.due = hooked_due  # type: ignore[method-assign]
-    sender.Sender._on_hint = hooked_on_hint  # type: ignore[method-assign]
+    Intake.on_hint = hooked_on_hint  # type: ignore[method-assign]
     return main(["--log-level", "debug", "send", "--config", str(config)])
 
 

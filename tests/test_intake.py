@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from engine import config, sender
+from engine import config
 from engine.journal import Journal
+from engine.node import SenderNode
+from engine.sender import intake
 from engine.transport import settings_for
 from engine.watch import Watcher
 from tests.pair import Pair, wait_for
@@ -116,9 +118,9 @@ class _FailingWatcher(Watcher):
         super().start()
 
 
-def _run_sender(pair: Pair, until: Any, timeout: float = 30) -> sender.Sender:
+def _run_sender(pair: Pair, until: Any, timeout: float = 30) -> SenderNode:
     cfg = config.load(pair.config).need_sender()
-    s = sender.Sender(cfg, tls=settings_for(cfg))
+    s = SenderNode(cfg, tls=settings_for(cfg))
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -138,21 +140,21 @@ def test_a_watcher_that_cannot_start_is_an_error_retried_and_reconciled(
 ) -> None:
     write_files(pair.source / "databases" / "room", 3)
     pair.start("receive")
-    monkeypatch.setattr(sender, "Watcher", _FailingWatcher)
+    monkeypatch.setattr(intake, "Watcher", _FailingWatcher)
     _FailingWatcher.failures = 2
     seen_error: list[str] = []
 
-    def done(s: sender.Sender) -> bool:
-        if s.watch_error:
-            seen_error.append(s.watch_error)
-            if s.status()["watch_error"] != s.watch_error:
+    def done(s: SenderNode) -> bool:
+        if s.intake.watch_error:
+            seen_error.append(s.intake.watch_error)
+            if s.status()["watch_error"] != s.intake.watch_error:
                 raise AssertionError("the status does not show the watcher error")
-        return bool(seen_error) and s.watch_error is None and pair.converged()
+        return bool(seen_error) and s.intake.watch_error is None and pair.converged()
 
     with caplog.at_level("INFO"):
         s = _run_sender(pair, done)
     assert seen_error and "watch limit" in seen_error[0]
-    assert s.watch_error is None, "the watcher was never restored"
+    assert s.intake.watch_error is None, "the watcher was never restored"
     assert s.counters["watch_failures"] == 2
     text = caplog.text
     assert "watch.failed" in text and "watch.restored" in text, text
@@ -175,8 +177,8 @@ def test_a_new_folder_is_walked_off_the_event_loop(pair: Pair, monkeypatch: pyte
 
     monkeypatch.setattr(os, "walk", walk)
 
-    def made(s: sender.Sender) -> bool:
-        if s.connected and not (pair.source / "databases" / "new").exists():
+    def made(s: SenderNode) -> bool:
+        if s.link.connected and not (pair.source / "databases" / "new").exists():
             tmp = pair.base / "staged"
             write_files(tmp / "sub", 20)
             os.rename(tmp, pair.source / "databases" / "new")  # a folder moved in whole

@@ -26,7 +26,7 @@ IO = {
     "simulator",
     "statelock",
 }
-EDGE = {"cli", "demo", "__main__"}
+EDGE = {"cli", "demo", "node", "__main__"}
 #: Pure modules may use these standard modules; nothing that reads the clock or does I/O by itself.
 FORBIDDEN_IN_PURE = {"asyncio", "socket", "time", "subprocess", "watchdog", "aiofiles", "smbprotocol"}
 
