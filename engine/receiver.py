@@ -95,7 +95,8 @@ class Receiver:
         }
         self.last_apply = 0.0
         self.started = time.time()
-        self._conns: set[asyncio.StreamWriter] = set()
+        #: One task per connection (its writer to abort it): stopping waits for them, never polls.
+        self._conns: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self._server: asyncio.Server | None = None
         self.bound: tuple[str, int] | None = None
 
@@ -122,13 +123,11 @@ class Receiver:
         finally:
             log.info("receiver.stopping")
             self._server.close()
-            for w in list(self._conns):
+            for w in list(self._conns.values()):
                 w.transport.abort()
             # The group being applied finishes (and its position is saved) before anything is closed.
-            with contextlib.suppress(asyncio.TimeoutError):
-                async with asyncio.timeout(120):
-                    while self._conns:
-                        await asyncio.sleep(0.01)
+            if self._conns:
+                await asyncio.wait(set(self._conns), timeout=120)
             status_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await status_task
@@ -193,18 +192,19 @@ class Receiver:
             time.monotonic() - old.last_rx,
         )
         old.writer.transport.abort()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(60):
-                while self.sender is not None:
-                    await asyncio.sleep(0.01)
+        if old.task is not None:  # its in-flight group finishes and its position is saved first
+            await asyncio.wait({old.task}, timeout=60)
         return self.sender is None
 
     # -- one connection -------------------------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         addr = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self._conns.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns[task] = writer
         conn = _Conn(self, reader, writer, addr)
+        conn.task = task
         try:
             await conn.run()
         except RemoteProtocolError as e:
@@ -226,7 +226,7 @@ class Receiver:
             if conn.is_sender:
                 self.sender = None
                 self._sender_conn = None
-            self._conns.discard(writer)
+            self._conns.pop(task, None)
             writer.transport.abort()
 
 
@@ -251,6 +251,7 @@ class _Conn:
         self._failed: BaseException | None = None
         self.peer_id = ""
         self.last_rx = time.monotonic()
+        self.task: asyncio.Task[Any] | None = None
         #: The handshake completed and the peer was welcomed (until then a fault is a refusal).
         self.admitted = False
 
