@@ -17,8 +17,7 @@ from typing import Any
 
 from engine.errors import ConfigError, PathRejected
 from engine.guard import GuardRule
-from engine.identity import parse_id
-from engine.model import check_relpath
+from engine.model import check_relpath, parse_id
 
 DEFAULT_PORT = 7420
 
@@ -203,7 +202,9 @@ def _path(section: dict[str, Any], key: str, name: str, base: Path) -> Path:
 
 
 def parse(data: dict[str, Any], path: Path, default_node: str = "standby") -> Config:
-    base = path.parent.resolve()
+    """The config in ``data`` (a decoded TOML document) read from ``path``: relative paths in it are
+    relative to ``path``'s folder (``load`` passes it absolute)."""
+    base = path.parent
     for key in data:
         if key not in ("sender", "receiver", "guard"):
             raise ConfigError(f"{key}: unknown section (known: sender, receiver, guard)")
@@ -322,7 +323,7 @@ def load(path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    cfg = parse(data, path, platform.node() or "standby")
+    cfg = parse(data, path.resolve(), platform.node() or "standby")
     for name, section in (("sender", cfg.sender), ("receiver", cfg.receiver)):
         if section is not None:
             check_state_dir(section.state_dir, f"{name} -> state_dir")

@@ -11,10 +11,11 @@ and a rule:
 - ``command``: an external validator run on the file, exit 0 meaning good.
 
 Owns: the glob dialect (:func:`matches`), rule lookup (:func:`find_guard`), the content rules
-(:func:`check_content`), the stat-before-and-after check (:func:`stable`) and the one impure function,
-:func:`run_command_rule`, which runs a validator process.
+(:func:`check_content`), the stat-before-and-after check (:func:`stable`), and for command rules the
+validator's argv and the verdict on its exit (:func:`command_argv`, :func:`command_verdict`); the process
+itself is run by :func:`engine.guards.run_command_rule`.
 
-Must not: read files, stat them, read the clock, or log. Everything but :func:`run_command_rule` is a pure
+Must not: read files, stat them, run processes, read the clock, or log. Everything here is a pure
 function of its arguments; the I/O layers (``scan``) read the bytes, take the stats and decide what to do
 with a refusal (hold the file back and retry later), this module only gives the verdict.
 
@@ -31,7 +32,6 @@ import binascii
 import functools
 import json
 import re
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -198,7 +198,8 @@ def find_guard(guards: Sequence[GuardRule], relpath: str) -> GuardRule | None:
 def check_content(rule: GuardRule, data: bytes) -> Verdict:
     """Judge the whole content ``data`` of a file guarded by ``rule``.
 
-    Raises ValueError for ``command`` rules: those read the file themselves, see :func:`run_command_rule`.
+    Raises ValueError for ``command`` rules: those read the file themselves, see
+    :func:`engine.guards.run_command_rule`.
     """
     if rule.rule == "base64":
         return _check_base64(data)
@@ -265,40 +266,25 @@ def stable(before: tuple[int, int], after: tuple[int, int]) -> Verdict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The one impure function. Kept last and apart: it starts a process and waits for it.
+# Command rules: the argv to run and the verdict on its result (the process itself is run by engine.guards).
 
 
-def run_command_rule(rule: GuardRule, path: str) -> Verdict:
-    """Run the validator of a ``command`` rule on the file at OS path ``path``; exit status 0 is good.
-
-    ``{path}`` in any argv item is replaced by ``path``. No shell is involved. The validator gets no stdin;
-    its output is captured and the first line of its stderr is quoted in the reason on failure.
-
-    RACE: the validator opens the file itself. Pass the path of a private snapshot of the bytes about to be
-    shipped, not the live file, or the validator and the sender may see different contents.
-    """
+def command_argv(rule: GuardRule, path: str) -> list[str]:
+    """The validator's argv for the file at OS path ``path``: ``{path}`` in any item is replaced."""
     if rule.rule != "command":
         raise ValueError(f"run_command_rule needs a command rule, not {rule.rule!r}")
-    argv = [item.replace("{path}", path) for item in rule.command]
-    try:
-        proc = subprocess.run(
-            argv, timeout=rule.timeout, capture_output=True, stdin=subprocess.DEVNULL, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return Verdict(False, f"validator timed out after {rule.timeout:g} s")
-    except FileNotFoundError:
-        return Verdict(False, f"validator not found: {argv[0]}")
-    except PermissionError:
-        return Verdict(False, f"validator not executable: {argv[0]}")
-    except OSError as e:
-        return Verdict(False, f"validator could not start: {argv[0]}: {e.strerror or e}")
-    if proc.returncode == 0:
+    return [item.replace("{path}", path) for item in rule.command]
+
+
+def command_verdict(returncode: int, stderr: bytes) -> Verdict:
+    """Exit status 0 is good; otherwise the status and the first line of stderr are the reason."""
+    if returncode == 0:
         return GOOD
-    lines = proc.stderr.decode("utf-8", errors="replace").strip().splitlines()
+    lines = stderr.decode("utf-8", errors="replace").strip().splitlines()
     first = lines[0].strip() if lines else ""
     status = (
-        f"validator killed by signal {-proc.returncode}"
-        if proc.returncode < 0
-        else f"validator exited with code {proc.returncode}"
+        f"validator killed by signal {-returncode}"
+        if returncode < 0
+        else f"validator exited with code {returncode}"
     )
     return Verdict(False, f"{status}: {first}" if first else status)

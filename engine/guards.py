@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
 from engine.config import Config
-from engine.guard import GuardRule, check_content, compile_pattern, run_command_rule
+from engine.guard import GuardRule, Verdict, check_content, command_argv, command_verdict, compile_pattern
 
 #: Guarded files are checked whole, in memory; a larger one is held back (it cannot be checked).
 GUARD_MAX_BYTES = 64 << 20
@@ -70,3 +71,28 @@ def sender_check(cfg: Config) -> GuardCheck | None:
 def receiver_check(cfg: Config) -> GuardCheck | None:
     r = cfg.need_receiver()
     return content_check(cfg.guards, r.state_dir / "guard-scratch")
+
+
+def run_command_rule(rule: GuardRule, path: str) -> Verdict:
+    """Run the validator of a ``command`` rule on the file at OS path ``path``; exit status 0 is good.
+
+    ``{path}`` in any argv item is replaced by ``path``. No shell is involved. The validator gets no stdin;
+    its output is captured and the first line of its stderr is quoted in the reason on failure.
+
+    RACE: the validator opens the file itself. Pass the path of a private snapshot of the bytes about to be
+    shipped, not the live file, or the validator and the sender may see different contents.
+    """
+    argv = command_argv(rule, path)
+    try:
+        proc = subprocess.run(
+            argv, timeout=rule.timeout, capture_output=True, stdin=subprocess.DEVNULL, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return Verdict(False, f"validator timed out after {rule.timeout:g} s")
+    except FileNotFoundError:
+        return Verdict(False, f"validator not found: {argv[0]}")
+    except PermissionError:
+        return Verdict(False, f"validator not executable: {argv[0]}")
+    except OSError as e:
+        return Verdict(False, f"validator could not start: {argv[0]}: {e.strerror or e}")
+    return command_verdict(proc.returncode, proc.stderr)

@@ -7,31 +7,17 @@ The ID is printed by ``standby init`` and is safe to share: it names a key, it d
 
 from __future__ import annotations
 
-import base64
 import datetime
-import hashlib
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import ConfigError
+from engine.model import node_id
 
 KEY_FILE = "node.key"
 CERT_FILE = "node.crt"
-
-
-def node_id(cert_der: bytes) -> str:
-    raw = base64.b32encode(hashlib.sha256(cert_der).digest()).decode("ascii").rstrip("=")
-    return "-".join(raw[i : i + 4] for i in range(0, len(raw), 4))
-
-
-def parse_id(text: str, key: str) -> str:
-    """Normalise a pinned ID from config (case, dashes and spaces do not matter); error names ``key``."""
-    raw = "".join(c for c in text.upper() if c not in "- ")
-    if len(raw) != 52 or any(c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567" for c in raw):
-        raise ConfigError(f"{key}: not a node ID (52 base32 characters, as printed by `standby init`)")
-    return "-".join(raw[i : i + 4] for i in range(0, 52, 4))
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,16 @@ INVARIANT: every relative path that reaches an I/O layer has passed :func:`check
 
 from __future__ import annotations
 
+import base64
 import enum
 import functools
+import hashlib
 import re
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import PathRejected
+from engine.errors import ConfigError, PathRejected
 
 PROTOCOL_VERSION = 1
 
@@ -302,3 +304,17 @@ def is_under(path: str, folder: str) -> bool:
 def to_posix_rel(os_rel: str, sep: str) -> str:
     """Turn an OS-relative path (separator ``sep``) into POSIX form. Pure: Windows logic is testable."""
     return os_rel.replace(sep, "/") if sep != "/" else os_rel
+
+
+# ---- node IDs (see engine.identity for the key files they name) ------------------------------------------
+def node_id(cert_der: bytes) -> str:
+    raw = base64.b32encode(hashlib.sha256(cert_der).digest()).decode("ascii").rstrip("=")
+    return "-".join(raw[i : i + 4] for i in range(0, len(raw), 4))
+
+
+def parse_id(text: str, key: str) -> str:
+    """Normalise a pinned ID from config (case, dashes and spaces do not matter); error names ``key``."""
+    raw = "".join(c for c in text.upper() if c not in "- ")
+    if len(raw) != 52 or any(c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567" for c in raw):
+        raise ConfigError(f"{key}: not a node ID (52 base32 characters, as printed by `standby init`)")
+    return "-".join(raw[i : i + 4] for i in range(0, 52, 4))

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 from engine.config import ReceiverConfig, SenderConfig
 from engine.errors import PeerRefused, RemoteProtocolError
-from engine.identity import Identity, load, node_id
+from engine.identity import Identity, load
+from engine.model import node_id
 
 log = logging.getLogger(__name__)
 

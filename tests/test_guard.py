@@ -18,9 +18,9 @@ from engine.guard import (
     compile_pattern,
     find_guard,
     matches,
-    run_command_rule,
     stable,
 )
+from engine.guards import run_command_rule
 
 DATA = Path(__file__).parent / "data" / "guard"
 BOM = b"\xef\xbb\xbf"

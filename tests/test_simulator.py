@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.guard import GuardRule, check_content, run_command_rule
+from engine.guard import GuardRule, check_content
+from engine.guards import run_command_rule
 from engine.simulator import (
     COOKIE_MAX_CHARS,
     COOKIE_MIN_CHARS,

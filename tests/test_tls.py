@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from engine import codec, identity
-from engine.model import PROTOCOL_VERSION
+from engine.model import PROTOCOL_VERSION, node_id
 from engine.transport import ACK, NAK, PREAMBLE
 from tests.pair import Pair, wait_for
 
@@ -264,7 +264,7 @@ def test_garbage_certificate_is_refused_by_its_id(pair: Pair) -> None:
     out = run(attempt(pair.port, preamble(der), tls=client_context()))
     assert out.closed and not out.tls and out.received == NAK, out
     pair.wait_log("receive", "receiver.refused")
-    assert identity.node_id(der) in pair.log("receive")
+    assert node_id(der) in pair.log("receive")
     receiver_alive(pair)
 
 
