@@ -36,12 +36,9 @@ SMALL_FILE = 4 << 20
 WINDOWS = sys.platform == "win32"
 
 
-def open_shared(path: str | Path) -> IO[bytes]:
-    """Open for reading without denying writers, renamers or deleters (matters on Windows only)."""
-    if sys.platform != "win32":
-        return open(path, "rb", buffering=0)
-    import ctypes  # pragma: no cover - Windows
-    import msvcrt  # type: ignore[import-not-found,unused-ignore]
+def _create_file_w() -> tuple[Any, Any]:  # pragma: no cover - Windows
+    """kernel32 and its CreateFileW, typed (Windows only)."""
+    import ctypes
     from ctypes import wintypes
 
     kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined,unused-ignore]
@@ -56,6 +53,18 @@ def open_shared(path: str | Path) -> IO[bytes]:
         wintypes.DWORD,
         wintypes.HANDLE,
     ]
+    return kernel32, create
+
+
+def open_shared(path: str | Path) -> IO[bytes]:
+    """Open for reading without denying writers, renamers or deleters (matters on Windows only)."""
+    if sys.platform != "win32":
+        return open(path, "rb", buffering=0)
+    import ctypes  # pragma: no cover - Windows
+    import msvcrt  # type: ignore[import-not-found,unused-ignore]
+    from ctypes import wintypes
+
+    _kernel32, create = _create_file_w()
     generic_read, share_all, open_existing, normal = 0x80000000, 0x7, 3, 0x80
     h = create(str(path), generic_read, share_all, None, open_existing, normal, None)
     if h == wintypes.HANDLE(-1).value:
@@ -144,21 +153,9 @@ def _win_handle_change_time_ns(handle: int) -> int | None:  # pragma: no cover -
 def _win_change_time_ns(path: str | Path) -> int | None:  # pragma: no cover - Windows
     """Open ``path`` for its attributes only (sharing everything, not following a reparse point) and read
     its ChangeTime."""
-    import ctypes
     from ctypes import wintypes
 
-    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined,unused-ignore]
-    create = kernel32.CreateFileW
-    create.restype = wintypes.HANDLE
-    create.argtypes = [
-        wintypes.LPCWSTR,
-        wintypes.DWORD,
-        wintypes.DWORD,
-        wintypes.LPVOID,
-        wintypes.DWORD,
-        wintypes.DWORD,
-        wintypes.HANDLE,
-    ]
+    kernel32, create = _create_file_w()
     read_attributes, share_all, open_existing = 0x80, 0x7, 3
     flags = 0x02000000 | 0x00200000  # FILE_FLAG_BACKUP_SEMANTICS | FILE_FLAG_OPEN_REPARSE_POINT
     h = create(str(path), read_attributes, share_all, None, open_existing, flags, None)
