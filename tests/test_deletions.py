@@ -6,10 +6,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+from engine.config import SenderConfig
+from engine.journal import Journal
+from engine.model import Op
 from engine.plan import DeletionFacts, deletion_release_at, deletion_verdict, small_burst
+from engine.scan import HashCache
+from engine.sender.intake import Intake, Pending
 from tests.pair import Pair, wait_for
 from tests.test_replication import files_below, write_files
 
@@ -165,3 +171,36 @@ def test_deleting_half_the_files_one_room_at_a_time_halts_by_share(pair: Pair) -
     assert "max_delete_share" in pair.log("send")
     left = len(files_below(pair.target / "databases"))
     assert left >= 150, f"only {left} of 300 files left on the replica"
+
+
+# ---- the gate in-process (a fake clock; no watcher, no link) ----------------------------------------------
+def _intake(tmp_path: Path) -> Intake:
+    cfg = SenderConfig(source=tmp_path / "src", peer=("127.0.0.1", 1), state_dir=tmp_path / "state")
+    (tmp_path / "src" / "databases").mkdir(parents=True)
+    journal = Journal.open(tmp_path / "state" / "journal")
+    return Intake(
+        cfg,
+        journal,
+        threading.Lock(),
+        HashCache(),
+        {},
+        acked=lambda: 0,
+        on_appended=lambda: None,
+        on_reconcile=lambda _reason: None,
+        clock=lambda: 0.0,
+    )
+
+
+def test_deletions_queued_while_a_burst_was_judged_are_judged_in_their_turn(tmp_path: Path) -> None:
+    """After a burst is approved its bookkeeping is reset; a deletion queued meanwhile must still come to
+    judgement (it was once postponed for ever: each look started its quiet time again)."""
+    intake = _intake(tmp_path)
+    try:
+        intake.ops.append(Pending(Op.DELETE, "databases/a.json"))
+        intake._del_first = None  # as right after an approval, with this one queued during it
+        n, at, judge = intake._gate(100.0)
+        assert (n, judge) == (0, False) and at == 100.25
+        n, at, judge = intake._gate(100.3)
+        assert judge, "the deletion is never judged"
+    finally:
+        intake.journal.close()

@@ -601,7 +601,9 @@ class Intake:
                 if self.halt is not None:
                     at = self._halt_checked + HALT_RECHECK
                 else:
-                    first = now if self._del_first is None else self._del_first
+                    if self._del_first is None:  # deletions queued while the last burst was judged
+                        self._del_first = now
+                    first = self._del_first
                     while self._del_times and now - self._del_times[0] > DELETE_QUIET:
                         self._del_times.popleft()
                     small = small_burst(self._replica_estimate())
