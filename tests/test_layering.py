@@ -41,6 +41,7 @@ IO = {
     "logs",
     "simulator",
     "statelock",
+    "rolestate",
     "service",
     "service.scm",
     "service.systemd",
