@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError, PathRejected
+from engine.failover import Policy, Role
 from engine.guard import GuardRule
 from engine.model import check_relpath, parse_id
 
@@ -70,6 +71,7 @@ class Config:
     sender: SenderConfig | None
     receiver: ReceiverConfig | None
     guards: tuple[GuardRule, ...] = ()
+    node: NodeSetup | None = None  # a node config (``load(path, allow_node=True)``); sender, receiver None
 
     def need_sender(self) -> SenderConfig:
         if self.sender is None:
@@ -314,7 +316,10 @@ def _secure(section: Any, name: str, host: str, addr_key: str) -> Any:
     return replace(section, peer_id=parse_id(section.peer_id, f"{name} -> peer_id"))
 
 
-def load(path: Path) -> Config:
+def load(path: Path, allow_node: bool = False) -> Config:
+    """The config in the file at ``path``. A node config (a ``[node]`` section, read by ``standby run``) is
+    read into :attr:`Config.node` when ``allow_node``; otherwise it is refused with one line, so a command
+    that reads ``[sender]`` or ``[receiver]`` never runs a node's part outside its role machine."""
     try:
         text = path.read_text("utf-8")
     except OSError as e:
@@ -323,6 +328,15 @@ def load(path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    if "node" in data:
+        if not allow_node:
+            raise ConfigError(
+                f"{path}: a node config ([node]), read by `standby run`; this command reads [sender] and "
+                "[receiver] configs and does not read node configs yet"
+            )
+        setup = parse_node(data, path.resolve())
+        check_state_dir(setup.node.state_dir, "node -> state_dir")
+        return Config(setup.path, None, None, setup.guards, setup)
     cfg = parse(data, path.resolve(), platform.node() or "standby")
     for name, section in (("sender", cfg.sender), ("receiver", cfg.receiver)):
         if section is not None:
@@ -353,7 +367,7 @@ def check_state_dir(path: Path, key: str) -> None:
 
 
 # [service]: how the agent controls the Synergy Join service on this server (engine.service). Kept apart
-# from RANGES until config.example.toml documents the section (a test requires every RANGES key there).
+# from RANGES, which is by key alone (``timeout`` differs by section): NODE_RANGES holds it by section.
 
 
 @dataclass(frozen=True)
@@ -428,3 +442,287 @@ def _service_name(name: str, backend: str) -> None:
             f"service -> name: expected a systemd unit name (letters, digits and ':-_.@', not starting "
             f"with '-'), got {name!r}"
         )
+
+
+# ---- the node: one config per server, read by `standby run` ------------------------------------------------
+#
+# A node config has [node] and [peer] (and optionally [service], [failover], [alert], [[guard]]) instead of
+# [sender] and [receiver]: the agent replicates as a sender while the node is active and as a receiver while
+# it is passive, so it derives both parts' configs from the one file (NodeSetup.sender/receiver).
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    listen: tuple[str, int]  # replication and agent-to-agent traffic (TLS unless insecure)
+    root: Path  # the replicated root: the sender's source when active, the receiver's target when passive
+    state_dir: Path  # see NodeSetup for its layout
+    include: tuple[str, ...] = SenderConfig.include
+    initial_role: Role = Role.PASSIVE  # only when there is no durable role yet (engine.rolestate)
+    insecure: bool = False  # plaintext, loopback only
+    preferred: bool = False  # the node failback returns to (kept for a later feature)
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    name: str
+    address: tuple[str, int]
+    id: str = ""  # the peer's node ID; "" only with [node] insecure
+
+
+@dataclass(frozen=True)
+class FailoverConfig:
+    # failover_after is in [service], where it was first (ServiceConfig.failover_after).
+    flap_window: float = 21_600.0
+    start_alone_after: float = 0.0  # 0: never
+    fence_command: tuple[str, ...] = ()  # argv; exit 0 means the old active is fenced
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    command: tuple[str, ...] = ()  # argv; gets each alert event as JSON on stdin
+    timeout: float = 10.0
+
+
+#: The part folders below a node's state folder.
+SENDER_DIR = "sender"
+RECEIVER_DIR = "receiver"
+
+
+@dataclass(frozen=True)
+class NodeSetup:
+    """A node config: everything ``standby run`` needs on one server.
+
+    The state folder (``[node] state_dir``) is laid out as::
+
+        node.key, node.crt   the node's one identity: both parts present it, and the peer pins its ID
+        standby.lock         held by `standby run` for its life (engine.statelock)
+        role                 the durable role, epochs and boot counter (engine.rolestate)
+        sender/              the sender part's state_dir: journal/, epoch, hashcache, status.json, ...
+        receiver/            the receiver part's state_dir: position, hashcache, status.json, guard-history/
+
+    A folder per part, not one folder for both: the parts keep files of the same names (``hashcache``,
+    ``status.json``, ``guard-scratch``) that would overwrite each other on a node that is one and then the
+    other, and each part's state outlives a change of role: the journal stays for ``journal replay``, the
+    receiver's position and guard history for the next time the node is passive. The journal
+    (``sender/journal/``) and the receiver's position (``receiver/position``) can never be taken for each
+    other. The identity, the lock and the role belong to the node, not to a part, so they stay at the top.
+
+    For the composition root this means: TLS comes from the node's folder,
+    ``TlsSettings(identity.load(setup.node.state_dir), setup.peer.id)`` (``transport.settings_for(part)``
+    would look in the part's folder), and one lock, on the node's folder, covers both parts (no other
+    command reads a node config: :func:`load` refuses it without ``allow_node``).
+    """
+
+    path: Path
+    node: NodeConfig
+    peer: PeerConfig
+    service: ServiceConfig = ServiceConfig()
+    failover: FailoverConfig = FailoverConfig()
+    alert: AlertConfig = AlertConfig()
+    guards: tuple[GuardRule, ...] = ()
+
+    def sender(self) -> SenderConfig:
+        """The sender part, run while the node is active: it ships ``root`` to the peer."""
+        n = self.node
+        return SenderConfig(
+            source=n.root,
+            peer=self.peer.address,
+            state_dir=n.state_dir / SENDER_DIR,
+            include=n.include,
+            node=n.name,
+            peer_id=self.peer.id,
+            insecure=n.insecure,
+        )
+
+    def receiver(self) -> ReceiverConfig:
+        """The receiver part, run while the node is passive: it applies the peer's changes to ``root``."""
+        n = self.node
+        return ReceiverConfig(
+            listen=n.listen,
+            target=n.root,
+            state_dir=n.state_dir / RECEIVER_DIR,
+            node=n.name,
+            peer_id=self.peer.id,
+            insecure=n.insecure,
+        )
+
+    def parts(self) -> Config:
+        """Both parts as a :class:`Config`, for code written against one (``engine.guards``)."""
+        return Config(self.path, self.sender(), self.receiver(), self.guards)
+
+    def policy(self) -> Policy:
+        """The role machine's policy from ``[service] failover_after`` and ``[failover]``."""
+        f = self.failover
+        return Policy(
+            failover_after=self.service.failover_after,
+            flap_window=f.flap_window,
+            start_alone_after=f.start_alone_after or None,
+            fence_command=bool(f.fence_command),
+        )
+
+
+FAILOVER_RANGES: dict[str, Range] = {
+    # below a minute a flapping service fails over back and forth about as fast as it can restart
+    "flap_window": Range(60, 604_800, "seconds"),
+    # below a minute a restarted active would start alone before a rebooting peer could answer
+    "start_alone_after": Range(60, 604_800, "seconds", off=True),
+}
+ALERT_RANGES: dict[str, Range] = {"timeout": Range(1, 600, "seconds")}
+#: Every numeric key of a node config's own sections, by section ([node] and [peer] have none). Kept apart
+#: from RANGES, which is by key alone: ``timeout`` means one thing in [service], another in [alert] and in
+#: [[guard]]. config.example.toml states each range in its section (a test checks).
+NODE_RANGES: dict[str, dict[str, Range]] = {
+    "service": SERVICE_RANGES,
+    "failover": FAILOVER_RANGES,
+    "alert": ALERT_RANGES,
+}
+NODE_SECTIONS = ("node", "peer", "service", "failover", "alert", "guard")
+_NODE_KEYS = ("name", "listen", "root", "include", "state_dir", "initial_role", "insecure", "preferred")
+_PEER_KEYS = ("name", "address", "id")
+_INITIAL_ROLES = {"active": Role.ACTIVE, "passive": Role.PASSIVE}
+
+
+def parse_node(data: dict[str, Any], path: Path) -> NodeSetup:
+    """The node config in ``data`` (a decoded TOML document with ``[node]``) read from ``path``: relative
+    paths in it are relative to ``path``'s folder (``load`` passes it absolute). Every error is one
+    ConfigError naming the key path (``node -> listen``)."""
+    base = path.parent
+    for key in data:
+        if key in ("sender", "receiver"):
+            raise ConfigError(
+                f"{key}: not part of a node config: [node] and [peer] give what the {key} needs (a file "
+                "with [node] is read by `standby run`)"
+            )
+        if key not in NODE_SECTIONS:
+            raise ConfigError(f"{key}: unknown section (known in a node config: {', '.join(NODE_SECTIONS)})")
+    n = _table(data, "node", _NODE_KEYS)
+    p = _table(data, "peer", _PEER_KEYS)
+    name = _name(n, "node")
+    listen = parse_address(_required(n, "listen", "node"), "node -> listen")
+    root = _path(n, "root", "node", base)
+    state_dir = _path(n, "state_dir", "node", base)
+    if state_dir == root or state_dir.is_relative_to(root):
+        raise ConfigError(
+            f"node -> state_dir: {state_dir} is inside root ({root}); keep the state folder outside the "
+            "replicated root"
+        )
+    include = n.get("include", list(SenderConfig.include))
+    if not isinstance(include, list) or not include or not all(isinstance(x, str) for x in include):
+        raise ConfigError(f"node -> include: expected a non-empty list of relative paths, got {include!r}")
+    for item in include:
+        try:
+            check_relpath(item)
+        except PathRejected as e:
+            raise ConfigError(f"node -> include: {e}") from None
+    role = n.get("initial_role", "passive")
+    if role not in _INITIAL_ROLES:
+        raise ConfigError(f"node -> initial_role: expected 'active' or 'passive', got {role!r}")
+    insecure, preferred = _flag(n, "insecure", "node"), _flag(n, "preferred", "node")
+    node = NodeConfig(
+        name, listen, root, state_dir, tuple(include), _INITIAL_ROLES[role], insecure, preferred
+    )
+
+    peer_name = _name(p, "peer")
+    if peer_name.casefold() == name.casefold():
+        raise ConfigError(f"peer -> name: {peer_name!r} is this node's own name (node -> name)")
+    address = parse_address(_required(p, "address", "peer"), "peer -> address")
+    if address == listen:
+        raise ConfigError(f"peer -> address: {address[0]}:{address[1]} is this node's own (node -> listen)")
+    peer_id = ""
+    if "id" in p:
+        if not isinstance(p["id"], str):
+            raise ConfigError(f"peer -> id: expected the peer's node ID as a string, got {p['id']!r}")
+        peer_id = parse_id(p["id"], "peer -> id")
+    if insecure:
+        for key, host in (("node -> listen", listen[0]), ("peer -> address", address[0])):
+            if not is_loopback(host):
+                raise ConfigError(
+                    f"node -> insecure: plaintext is only allowed on loopback, but {key} is {host!r}; pin "
+                    "the peer's ID with [peer] id instead"
+                )
+    elif not peer_id:
+        raise ConfigError(
+            "peer -> id: required: run `standby init --config FILE` on the other server and copy the node "
+            "ID it prints (or [node] insecure = true, loopback only)"
+        )
+    peer = PeerConfig(peer_name, address, peer_id)
+
+    service = parse_service(data.get("service", {}))
+    f = _table(data, "failover", ("flap_window", "start_alone_after", "fence_command"), required=False)
+    failover = FailoverConfig(
+        flap_window=_section_number(f, "failover", "flap_window", FailoverConfig.flap_window),
+        start_alone_after=_section_number(
+            f, "failover", "start_alone_after", FailoverConfig.start_alone_after
+        ),
+        fence_command=_argv(f.get("fence_command", []), "failover -> fence_command"),
+    )
+    a = _table(data, "alert", ("command", "timeout"), required=False)
+    alert = AlertConfig(
+        command=_argv(a.get("command", []), "alert -> command"),
+        timeout=_section_number(a, "alert", "timeout", AlertConfig.timeout),
+    )
+    return NodeSetup(path, node, peer, service, failover, alert, _guards(data.get("guard", [])))
+
+
+def load_node(path: Path) -> NodeSetup:
+    """The node config in the file at ``path`` (``load(path, allow_node=True)``); a file without ``[node]``
+    is an error."""
+    cfg = load(path, allow_node=True)
+    if cfg.node is None:
+        raise ConfigError(f"{path}: not a node config (no [node] section; `standby run` needs one)")
+    return cfg.node
+
+
+def _table(data: dict[str, Any], name: str, known: tuple[str, ...], required: bool = True) -> dict[str, Any]:
+    """Section ``name`` of ``data`` (``{}`` when absent and not ``required``); no key outside ``known``."""
+    if name not in data:
+        if required:
+            raise ConfigError(f"{name}: required in a node config")
+        return {}
+    section = data[name]
+    if not isinstance(section, dict):
+        raise ConfigError(f"{name}: expected a table")
+    if name == "failover" and "failover_after" in section:
+        raise ConfigError("failover -> failover_after: set it in [service] (service -> failover_after)")
+    for key in section:
+        if key not in known:
+            raise ConfigError(f"{name} -> {key}: unknown key (known: {', '.join(sorted(known))})")
+    return section
+
+
+def _required(section: dict[str, Any], key: str, name: str) -> Any:
+    if key not in section:
+        raise ConfigError(f"{name} -> {key}: required")
+    return section[key]
+
+
+def _name(section: dict[str, Any], name: str) -> str:
+    v = _required(section, "name", name)
+    if not isinstance(v, str) or not v or len(v) > 255 or any(ord(c) < 32 for c in v):
+        raise ConfigError(
+            f"{name} -> name: expected a name of 1 to 255 characters without control characters, got {v!r}"
+        )
+    return v
+
+
+def _flag(section: dict[str, Any], key: str, name: str) -> bool:
+    v = section.get(key, False)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{name} -> {key}: expected true or false, got {v!r}")
+    return v
+
+
+def _section_number(section: dict[str, Any], name: str, key: str, default: float) -> float:
+    if key not in section:
+        return default
+    return float(_number(section[key], f"{name} -> {key}", NODE_RANGES[name][key]))
+
+
+def _argv(value: Any, key: str) -> tuple[str, ...]:
+    """A command as an argv list (run without a shell): ``[]`` for none, else a program and its arguments."""
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value) or (value and not value[0]):
+        raise ConfigError(
+            f"{key}: expected a list of strings (the program, then its arguments; [] for none), got {value!r}"
+        )
+    return tuple(value)
