@@ -115,3 +115,11 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         return len(self._buf) - self._pos
+
+    def take_buffered(self) -> bytes:
+        """The bytes fed but not yet taken out as frames (a whole frame is consumed only when taken);
+        the decoder is empty afterwards. For handing a stream over to another protocol."""
+        rest = bytes(self._buf[self._pos :])
+        self._buf.clear()
+        self._pos = 0
+        return rest

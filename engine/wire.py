@@ -571,10 +571,8 @@ _E = TypeVar("_E", bound=enum.Enum)
 
 
 def _hand_over(proto: _Base) -> bytes:
-    """The bytes ``proto`` has received but not parsed; closes it. INVARIANT: codec.FrameDecoder keeps
-    them as ``_buf[_pos:]`` (a whole frame is consumed only when taken out)."""
-    dec = proto._dec
-    rest = bytes(dec._buf[dec._pos :])
+    """The bytes ``proto`` has received but not parsed; closes it."""
+    rest = proto._dec.take_buffered()
     proto.state = State.CLOSED
     return rest
 
