@@ -101,6 +101,41 @@ def _parser() -> argparse.ArgumentParser:
         "of the replica, or a whole replicated folder)",
     )
     sp = cmd(
+        "run",
+        "run this server's agent: its role, the service, failover and replication",
+        "The one long-running command on each server of an HA pair (a node config: [node], [peer],\n"
+        "[service], see config.example.toml). It replicates to the peer while this node is active and\n"
+        "from it while passive, starts the service only as active, watches the active's service from\n"
+        "the passive and fails over when it has been down for [service] failover_after, with proof that\n"
+        "the old active cannot run it (its agent stopped it, or [failover] fence_command). Runs in the\n"
+        "foreground until SIGINT/SIGTERM (a planned stop, announced to the peer).",
+    )
+    conf(sp)
+    sp = cmd(
+        "failover",
+        "make the passive active now (from either server)",
+        "Ask the agents to fail over now, without waiting for failover_after: the active stops its\n"
+        "service and is fenced, then the passive starts its own. --force (on the passive) promotes even\n"
+        "when the active's agent cannot be reached: only when you KNOW the active is down, or both run.",
+    )
+    conf(sp)
+    sp.add_argument("--force", action="store_true", help="promote without proof (the active is down)")
+    sp = cmd(
+        "maintenance",
+        "open or close a maintenance window (no automatic failover while open)",
+        "start --for 30m: no automatic failover for that long (reboots, upgrades); end: close it.",
+    )
+    conf(sp)
+    sp.add_argument("action", choices=["start", "end"])
+    sp.add_argument("--for", dest="duration", default="30m", metavar="DURATION", help="e.g. 90s, 30m, 2h")
+    sp = cmd(
+        "rejoin",
+        "let a fenced node become passive again",
+        "A fenced node keeps its data untouched and never starts the service; rejoin makes it passive,\n"
+        "so the replica follows the active again.",
+    )
+    conf(sp)
+    sp = cmd(
         "init",
         "create this node's key and certificate; print its node ID",
         "Create the private key and self-signed certificate of each section's node in its state_dir (if\n"
@@ -324,10 +359,47 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.identical else EXIT_DIFF
 
 
+def _node_status(args: argparse.Namespace, setup: config.NodeSetup) -> int:
+    """The agent's status: exit 0 healthy, 1 degraded (peer silent, the active's service not running,
+    a node fenced, an alert pending), 5 the agent is not running."""
+    from engine.status import read_status
+
+    st = read_status(setup.node.state_dir) or {"running": False, "note": "no status recorded"}
+    peer = st.get("peer") or {}
+    degraded = [
+        why
+        for cond, why in (
+            (st.get("role") == "fenced", "this node is fenced"),
+            (st.get("role") == "active" and st.get("service") != "running", "the service is not running"),
+            (peer.get("reachable") is False, "the peer's agent is silent"),
+        )
+        if cond
+    ]
+    st["degraded"] = degraded
+    if args.json:
+        print(json.dumps(st, indent=1, sort_keys=True))
+    else:
+        state = "running" if st.get("running") else "NOT RUNNING"
+        print(f"{setup.node.name}: {st.get('role', '?')} at epoch {st.get('epoch', '?')} ({state})")
+        print(f"  service: {st.get('service', '?')} for {st.get('service_for', '?')} s")
+        reach = "reachable" if peer.get("reachable") else f"silent for {peer.get('silent_for')} s"
+        print(
+            f"  peer {peer.get('name', '?')}: {peer.get('role') or '?'} at epoch {peer.get('epoch')}, {reach}"
+        )
+        print(f"  maintenance: {'open' if st.get('maintenance') else 'closed'}")
+        for why in degraded:
+            print(f"  degraded: {why}")
+    if not st.get("running"):
+        return EXIT_ERROR
+    return EXIT_DIFF if degraded else EXIT_OK
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from engine.status import read_status
 
-    cfg = config.load(args.config)
+    cfg = config.load(args.config, allow_node=True)
+    if cfg.node is not None:
+        return _node_status(args, cfg.node)
     out: dict[str, Any] = {}
     for role, section in (("sender", cfg.sender), ("receiver", cfg.receiver)):
         if section is not None:
@@ -493,6 +565,16 @@ def _cmd_init(args: argparse.Namespace) -> int:
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{args.config}: {e}") from None
     done = False
+    node = data.get("node")
+    if isinstance(node, dict):
+        sd = node.get("state_dir")
+        if not isinstance(sd, str) or not sd:
+            raise ConfigError("node -> state_dir: required")
+        state_dir = Path(sd) if Path(sd).is_absolute() else args.config.parent.resolve() / sd
+        config.check_state_dir(state_dir, "node -> state_dir")
+        ident, created = identity.create(state_dir, str(node.get("name", "node")), force=args.rotate)
+        print(f"node ID ({'created' if created else 'existing'}, {state_dir}): {ident.id}")
+        return EXIT_OK
     for role in ("sender", "receiver"):
         section = data.get(role)
         if not isinstance(section, dict):
@@ -511,7 +593,69 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from engine import statelock
+    from engine.errors import StateLocked
+    from engine.node import Agent
+
+    setup = config.load_node(args.config)
+    try:
+        lock = statelock.acquire(setup.node.state_dir, "standby run")
+    except StateLocked as e:
+        print(f"standby: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if hasattr(signal, "SIGIO"):
+        signal.signal(signal.SIGIO, signal.SIG_IGN)  # read leases (see _cmd_send)
+    with lock:
+        agent = Agent(setup)
+
+        async def main(stop: asyncio.Event) -> int:
+            await agent.run(stop)
+            return EXIT_OK
+
+        return _run_async(main)
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 7 * 86400:
+        raise ConfigError(f"--for: {text!r} is not a duration up to 7 days (e.g. 90s, 30m, 2h)")
+    return value
+
+
+def _agent_command(args: argparse.Namespace, name: str, cmd_args: dict[str, Any]) -> int:
+    from engine.node import send_command
+
+    setup = config.load_node(args.config)
+    ok, text = send_command(setup.node.state_dir, name, cmd_args)
+    print(f"standby: {text}", file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if ok else EXIT_ERROR
+
+
+def _cmd_failover(args: argparse.Namespace) -> int:
+    return _agent_command(args, "failover-force" if args.force else "failover", {})
+
+
+def _cmd_maintenance(args: argparse.Namespace) -> int:
+    if args.action == "end":
+        return _agent_command(args, "maintenance-end", {})
+    return _agent_command(args, "maintenance-start", {"seconds": _duration(args.duration)})
+
+
+def _cmd_rejoin(args: argparse.Namespace) -> int:
+    return _agent_command(args, "rejoin", {})
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _cmd_run,
+    "failover": _cmd_failover,
+    "maintenance": _cmd_maintenance,
+    "rejoin": _cmd_rejoin,
     "init": _cmd_init,
     "send": _cmd_send,
     "receive": _cmd_receive,

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,9 @@ from engine.status import write_status_quiet
 from engine.transport import TlsSettings, server_upgrade
 
 log = logging.getLogger(__name__)
+
+#: Takes over an agent's connection: (reader, writer, bytes already received behind the hello, address).
+AgentHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes, str], Awaitable[None]]
 
 #: How often (seconds) the replica's hash cache is saved while changes are being applied.
 CACHE_SAVE_INTERVAL = 60.0
@@ -99,6 +102,11 @@ class Receiver:
         self._conns: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self._server: asyncio.Server | None = None
         self.bound: tuple[str, int] | None = None
+        #: Set by a node's agent: it takes over connections whose hello says role "agent" (the bytes that
+        #: came behind the hello are handed along), and says when senders may stream (only while the node
+        #: is passive or promoting). Without an agent, agents are refused and senders always accepted.
+        self.on_agent: AgentHandler | None = None
+        self.accept_senders: Callable[[], bool] = lambda: True
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event) -> None:
@@ -291,6 +299,10 @@ class _Conn:
         if not await self._admit(hello):
             return
         tune_socket(self.writer, cfg.silence_timeout)
+        if hello.role == "agent":
+            assert self.rx.on_agent is not None
+            await self.rx.on_agent(self.reader, self.writer, self.proto.take_buffered(), self.addr)
+            return
         live = wire.Liveness(cfg.silence_timeout, time.monotonic())
         # The heartbeat runs beside the stream loop, so that a long manifest walk or a slow group apply
         # (the loop waits for it) never looks like a dead receiver to the sender.
@@ -359,6 +371,10 @@ class _Conn:
                 "busy",
                 f"another sender ({rx.sender['node']} from {rx.sender['address']}) is connected",
             )
+        elif hello.role == "agent" and rx.on_agent is None:
+            refuse = ("role", "no agent runs here (a `standby receive`, not a `standby run`)")
+        elif hello.role == "sender" and not rx.accept_senders():
+            refuse = ("role", "this node is not passive: it takes no replication stream")
         elif hello.role == "sender" and hello.epoch < rx.epoch:
             refuse = (
                 "epoch",

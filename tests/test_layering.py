@@ -42,6 +42,7 @@ IO = {
     "simulator",
     "statelock",
     "rolestate",
+    "peer",
     "service",
     "service.scm",
     "service.systemd",

@@ -1,0 +1,115 @@
+"""The HA pair end to end: two `standby run` agents (real processes, TLS on 127.0.0.1), each controlling
+its own service (a real process, through the command backend). Both services are sampled every 50 ms
+for the whole of every test, which fails if they ever run at once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.ha import HaNode, Sampler, make_pair, same_trees, wait_for
+from tests.test_replication import write_files
+
+FAILOVER_AFTER = 10.0
+
+
+@pytest.fixture
+def ha(tmp_path: Path) -> Iterator[tuple[HaNode, HaNode, Sampler]]:
+    a, b = make_pair(tmp_path, FAILOVER_AFTER)
+    sampler = Sampler([a, b])
+    sampler.start()
+    try:
+        yield a, b, sampler
+    finally:
+        sampler.stop()
+        for n in (a, b):
+            n.cleanup()
+    assert not sampler.both, f"both services ran at once, {len(sampler.both)} samples of {sampler.samples}"
+
+
+def _logs(*nodes: HaNode) -> str:
+    return "\n".join(f"--- {n.name}\n{n.log()[-6000:]}" for n in nodes)
+
+
+def _up(a: HaNode, b: HaNode) -> None:
+    a.start()
+    b.start()
+    wait_for(lambda: a.service_pid() is not None, 30, "the active's service to start")
+    wait_for(lambda: b.status().get("role") == "passive", 30, "the passive to say so")
+
+
+def test_the_active_runs_the_service_and_replicates_to_the_passive(
+    ha: tuple[HaNode, HaNode, Sampler],
+) -> None:
+    a, b, _sampler = ha
+    write_files(a.root / "databases" / "room-1", 20)
+    _up(a, b)
+    try:
+        wait_for(lambda: same_trees(a, b), 30, "the passive's replica")
+    except AssertionError:
+        raise AssertionError(_logs(a, b)) from None
+    assert b.service_pid() is None
+    st = a.status()
+    assert st["role"] == "active" and st["epoch"] >= 1, st
+    assert a.cli("status", "--json").returncode == 0
+
+
+def test_a_dead_service_fails_over_and_the_old_active_is_fenced(ha: tuple[HaNode, HaNode, Sampler]) -> None:
+    a, b, sampler = ha
+    write_files(a.root / "databases" / "room-1", 20)
+    _up(a, b)
+    wait_for(lambda: same_trees(a, b), 30, "the first copy")
+    write_files(a.root / "databases" / "room-2", 5)  # changes the service made just before it died
+    wait_for(lambda: same_trees(a, b), 30, "the last changes")
+
+    t0 = time.monotonic()
+    a.kill_service()
+    try:
+        wait_for(lambda: b.service_pid() is not None, FAILOVER_AFTER + 20, "the passive's service")
+    except AssertionError:
+        raise AssertionError(_logs(a, b)) from None
+    rto = time.monotonic() - t0
+    print(
+        f"\nRTO (service killed -> the other service runs): {rto:.1f} s (failover_after {FAILOVER_AFTER:g} s)"
+    )
+    assert rto <= FAILOVER_AFTER + 5 + 5, f"RTO {rto:.1f} s"
+    wait_for(lambda: a.status().get("role") == "fenced", 15, "the old active to be fenced")
+    assert b.status()["epoch"] > a.status().get("epoch", 0) - 1
+    assert (b.root / "databases" / "room-2").is_dir(), "changes acknowledged before the failover were lost"
+    assert a.service_pid() is None
+    # The old active's agent restarted: it stays fenced and never starts its service.
+    a.stop()
+    a.start()
+    time.sleep(5)
+    assert a.service_pid() is None
+    assert a.status().get("role") == "fenced", a.status()
+    assert not sampler.both
+
+
+def test_no_promotion_without_proof_and_force_promotes(ha: tuple[HaNode, HaNode, Sampler]) -> None:
+    a, b, _sampler = ha
+    _up(a, b)
+    a.kill()  # the agent and its service die together (a host gone)
+    a.kill_service()
+    time.sleep(FAILOVER_AFTER + 5)
+    assert b.service_pid() is None, "promoted without proof that the old active cannot run the service"
+    assert b.status().get("role") == "passive"
+    r = b.cli("failover", "--force")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: b.service_pid() is not None, 30, "the forced promotion")
+    assert b.status().get("role") == "active"
+
+
+def test_a_maintenance_window_suppresses_failover(ha: tuple[HaNode, HaNode, Sampler]) -> None:
+    a, b, _sampler = ha
+    _up(a, b)
+    wait_for(lambda: (b.status().get("peer") or {}).get("reachable") is True, 20, "the agents to meet")
+    r = a.cli("maintenance", "start", "--for", "2m")
+    assert r.returncode == 0, r.stderr
+    time.sleep(2)
+    a.kill_service()
+    time.sleep(FAILOVER_AFTER + 5)
+    assert b.service_pid() is None, "failed over during a maintenance window"
