@@ -213,7 +213,7 @@ def deletion_verdict(f: DeletionFacts, max_share: float) -> str | None:
             return f"the replicated folder {inc!r} was emptied on the source ({n} files deleted)"
     peak = max(f.peak_files, f.replica_files)
     lost = peak - (f.replica_files - f.files_deleted)
-    if lost >= SHARE_MIN_FILES and lost / peak > max_share:
+    if peak > 0 and lost >= SHARE_MIN_FILES and lost / peak > max_share:
         return (
             f"the replica would lose {lost} of its {peak} files within {DELETE_WINDOW:g} s "
             f"({lost / peak:.0%} > max_delete_share {max_share:.0%})"

@@ -204,3 +204,24 @@ def test_deletions_queued_while_a_burst_was_judged_are_judged_in_their_turn(tmp_
         assert judge, "the deletion is never judged"
     finally:
         intake.journal.close()
+
+
+def test_a_reconciliation_restarts_the_share_window_from_the_counted_replica(tmp_path: Path) -> None:
+    """The count between reconciliations drifts (after a restart a put is taken for a new file when the
+    hash cache does not know it): an old, drifted peak must not make ordinary deletions look like a wipe
+    (the sender kill loop halted on 'lose 1276 of its 1873 files' with 600 on the replica)."""
+    intake = _intake(tmp_path)
+    (tmp_path / "src" / "databases" / "kept.json").write_text("{}", "utf-8")  # not emptied
+    try:
+        ops = [Pending(Op.DELETE, f"databases/r/{i}.json") for i in range(120)]
+        facts, _ = intake._deletion_facts(ops, 0)
+        assert facts.replica_files == 0 and deletion_verdict(facts, 0.5) is None  # not counted yet
+        intake._replica_files = 1873
+        intake._counts.append((0.0, 1873))
+        intake.queue_plan([], [], [], [], intake.mark(), 600)
+        peak = max(c for _t, c in intake._counts)
+        facts, _ = intake._deletion_facts(ops, peak)
+        assert (facts.replica_files, facts.peak_files) == (600, 600)
+        assert deletion_verdict(facts, 0.5) is None  # 120 of 600
+    finally:
+        intake.journal.close()

@@ -4,6 +4,11 @@ for the whole of every test, which fails if they ever run at once."""
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import random
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +37,10 @@ def ha(tmp_path: Path) -> Iterator[tuple[HaNode, HaNode, Sampler]]:
 
 def _logs(*nodes: HaNode) -> str:
     return "\n".join(f"--- {n.name}\n{n.log()[-6000:]}" for n in nodes)
+
+
+def _meets(n: HaNode) -> bool:
+    return (n.status().get("peer") or {}).get("reachable") is True
 
 
 def _up(a: HaNode, b: HaNode) -> None:
@@ -113,3 +122,85 @@ def test_a_maintenance_window_suppresses_failover(ha: tuple[HaNode, HaNode, Samp
     a.kill_service()
     time.sleep(FAILOVER_AFTER + 5)
     assert b.service_pid() is None, "failed over during a maintenance window"
+
+
+def test_an_announced_stop_of_the_active_agent_holds_failover(ha: tuple[HaNode, HaNode, Sampler]) -> None:
+    """A reboot of the active: its agent stops gracefully (announced), then its service stops. The
+    passive alerts instead of counting, and does not promote."""
+    a, b, _sampler = ha
+    _up(a, b)
+    wait_for(lambda: (b.status().get("peer") or {}).get("reachable") is True, 20, "the agents to meet")
+    assert a.stop() == 0, a.log()
+    a.kill_service()
+    time.sleep(FAILOVER_AFTER + 5)
+    assert b.service_pid() is None, "failed over after an announced stop"
+    assert b.status().get("role") == "passive"
+
+
+def test_a_frozen_peer_is_reported_silent_and_degraded(ha: tuple[HaNode, HaNode, Sampler]) -> None:
+    a, b, _sampler = ha
+    _up(a, b)
+    wait_for(lambda: (b.status().get("peer") or {}).get("reachable") is True, 20, "the agents to meet")
+    assert a.proc is not None
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: (b.status().get("peer") or {}).get("reachable") is False, 20, "the peer silent")
+        r = b.cli("status", "--json")
+        assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+        assert "silent" in " ".join(json.loads(r.stdout)["degraded"])
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    wait_for(lambda: b.cli("status").returncode == 0, 30, "healthy again")
+
+
+def test_sigkill_of_either_agent_during_a_promotion_never_makes_two_actives(
+    ha: tuple[HaNode, HaNode, Sampler],
+) -> None:
+    """Rounds of: the active's service dies; around the moment the passive promotes, one agent (either)
+    is SIGKILLed and started again. Never two services at once (the sampler); in the end exactly one runs;
+    the epoch in each node's status never goes back."""
+    a, b, sampler = ha
+    seed = random.SystemRandom().randrange(1 << 32)
+    rng = random.Random(seed)
+    print(f"\nseed {seed}")
+    _up(a, b)
+    epochs: dict[str, int] = {}
+
+    def check_epochs() -> None:
+        for n in (a, b):
+            e = n.status().get("epoch")
+            if isinstance(e, int):
+                assert e >= epochs.get(n.name, 0), f"seed={seed}: {n.name}'s epoch went back to {e}"
+                epochs[n.name] = e
+
+    for rnd in range(3):
+        wait_for(
+            lambda: (a.service_pid() is None) != (b.service_pid() is None), 60, f"round {rnd}: one active"
+        )
+        active, passive = (a, b) if a.service_pid() is not None else (b, a)
+        wait_for(functools.partial(_meets, passive), 30, "the agents to meet")
+        active.kill_service()
+        time.sleep(rng.uniform(FAILOVER_AFTER - 2, FAILOVER_AFTER + 3))
+        victim = rng.choice([active, passive])
+        victim.kill()
+        check_epochs()
+        time.sleep(rng.uniform(0, 1.5))
+        victim.start()
+        try:
+            wait_for(
+                lambda: (a.service_pid() is None) != (b.service_pid() is None),
+                FAILOVER_AFTER + 45,
+                f"seed={seed} round {rnd} ({victim.name} killed): exactly one service running",
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{_logs(a, b)}") from None
+        check_epochs()
+        for n in (a, b):  # a fenced node rejoins, so the next round has a passive
+            if n.status().get("role") == "fenced":
+                assert n.cli("rejoin").returncode == 0
+        wait_for(
+            lambda: {a.status().get("role"), b.status().get("role")} == {"active", "passive"},
+            30,
+            f"seed={seed} round {rnd}: an active and a passive",
+        )
+    assert not sampler.both, f"seed={seed}: both services ran at once"

@@ -241,7 +241,10 @@ class Intake:
         """What a reconciliation found different, in plan order; its deletions were judged already."""
         now = self.clock()
         # The replica as of the manifest; the plan's puts and deletions adjust it as they are journaled.
+        # INVARIANT: the window's peaks are of this count, so a count that drifted (a put taken for a new
+        # file after a restart, when the hash cache did not know the file) starts again from the truth.
         self._replica_files = replica_files
+        self._counts.clear()
         self._counts.append((now, replica_files))
         self.ops.extend(Pending(op, path, how=How.RECONCILED) for op, path in removals)
         self.ops.extend(Pending(Op.MKDIR, path) for path in mkdirs)
@@ -545,9 +548,8 @@ class Intake:
         for p in res.done:
             self._retries.pop(p, None)
             self._writer_since.pop(p, None)
-        if res.files_deleted or res.files_created:
-            files = self._replica_estimate() + res.files_created - res.files_deleted
-            self._replica_files = max(0, files)
+        if self._replica_files is not None and (res.files_deleted or res.files_created):
+            self._replica_files = max(0, self._replica_files + res.files_created - res.files_deleted)
             self._counts.append((now, self._replica_files))
         if res.appended:
             self.counters["journaled"] += res.appended
@@ -649,6 +651,8 @@ class Intake:
         self._poke()
 
     def _replica_estimate(self) -> int:
+        """The replica's file count as last known; before the first reconciliation the hash cache's size,
+        which only sizes bursts (the share rule waits for a count from a manifest, see _deletion_facts)."""
         return len(self.cache) if self._replica_files is None else self._replica_files
 
     def _deletion_facts(self, ops: list[Pending], peak: int) -> tuple[DeletionFacts, set[int]]:
@@ -689,8 +693,10 @@ class Intake:
             vanished=vanished,
             emptied=emptied,
             files_deleted=files,
-            replica_files=self._replica_estimate(),
-            peak_files=max(peak, self._replica_estimate()),
+            # No share rule before a reconciliation has counted the replica: the hash cache's size could be
+            # far off (it keeps renamed-away paths until the next one).
+            replica_files=self._replica_files or 0,
+            peak_files=max(peak, self._replica_files or 0),
         )
         return facts, drop
 
