@@ -21,6 +21,8 @@ from tests.pair import ROOT, free_port, tree, wait_for
 from tests.svc_helper import running
 
 SVC = str(ROOT / "tests" / "svc_helper.py")
+#: The alert command of the test nodes: appends each event (JSON on stdin) as a line to a file.
+ALERT_SCRIPT = "import sys; f = open(sys.argv[1], 'a'); f.write(sys.stdin.read().strip() + '\\n')"
 
 
 @dataclass
@@ -66,6 +68,9 @@ stop = {json.dumps([*cmd, "stop", str(self.svc)])}
 status = {json.dumps([*cmd, "status", str(self.svc)])}
 timeout = 20
 failover_after = {self.failover_after}
+
+[alert]
+command = {json.dumps([sys.executable, "-c", ALERT_SCRIPT, str(self.base / "alerts.jsonl")])}
 """,
             "utf-8",
         )
@@ -100,6 +105,13 @@ failover_after = {self.failover_after}
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout)
         return self.proc.returncode
+
+    def alerts(self) -> list[dict[str, Any]]:
+        try:
+            lines = (self.base / "alerts.jsonl").read_text("utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
 
     def service_pid(self) -> int | None:
         return running(self.svc)

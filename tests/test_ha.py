@@ -86,6 +86,10 @@ def test_a_dead_service_fails_over_and_the_old_active_is_fenced(ha: tuple[HaNode
     )
     assert rto <= FAILOVER_AFTER + 5 + 5, f"RTO {rto:.1f} s"
     wait_for(lambda: a.status().get("role") == "fenced", 15, "the old active to be fenced")
+    # The alert command got the decision, as JSON on stdin.
+    wait_for(lambda: any(e["event"] == "failover.done" for e in b.alerts()), 10, "the failover alert")
+    done = next(e for e in b.alerts() if e["event"] == "failover.done")
+    assert done["node"] == "join-b" and "active" in done["reason"], done
     assert b.status()["epoch"] > a.status().get("epoch", 0) - 1
     assert (b.root / "databases" / "room-2").is_dir(), "changes acknowledged before the failover were lost"
     assert a.service_pid() is None
