@@ -265,6 +265,11 @@ class SenderNode:
 
 
 # ---- the agent: one per server, both roles ----------------------------------------------------------------
+#: Test seam: ``STANDBY_CRASH_AFTER=ACTION:ROLE`` (e.g. ``PersistRole:active``) makes the agent kill itself
+#: (SIGKILL) right after it has run that action of the role machine while in that role: a crash at an exact
+#: step of a promotion, for the kill-loop tests. Never set in production.
+CRASH_AFTER = "STANDBY_CRASH_AFTER"
+
 #: How often the role machine is ticked, the service looked at and a heartbeat sent.
 TICK = 0.5
 SERVICE_POLL = 1.0
@@ -323,6 +328,7 @@ class Agent:
         self._caught_up: bool | None = None
         self.alerts: list[dict[str, Any]] = []
         self._bg: set[asyncio.Task[Any]] = set()
+        self._crash_after = os.environ.get(CRASH_AFTER, "")
 
     def _accepts_senders(self) -> bool:
         return self.state is not None and self.state.role in (failover.Role.PASSIVE, failover.Role.PROMOTING)
@@ -435,6 +441,12 @@ class Agent:
             await self._stop_sender()
         elif isinstance(a, failover.Alert):
             self._alert(a)
+        if self._crash_after and self._crash_after == f"{type(a).__name__}:{self._role_now()}":
+            log.warning("agent.crash_after step=%s (test seam %s)", self._crash_after, CRASH_AFTER)
+            _crash()
+
+    def _role_now(self) -> str:
+        return self.state.role.value if self.state is not None else ""
 
     # -- the service ----------------------------------------------------------------------------------------
     async def _poll_service(self) -> None:
@@ -666,3 +678,12 @@ def send_command(state_dir: Path, name: str, args: dict[str, Any], timeout: floa
         return bool(data.get("ok")), str(data.get("text", ""))
     (folder / f"{stem}.cmd").unlink(missing_ok=True)
     return False, f"no answer from the agent within {timeout:g} s (is `standby run` running?)"
+
+
+def _crash() -> None:
+    """Die at once, as a power cut would (the test seam above)."""
+    if sys.platform == "win32":
+        os._exit(137)
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)

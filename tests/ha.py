@@ -78,7 +78,7 @@ command = {json.dumps([sys.executable, "-c", ALERT_SCRIPT, str(self.base / "aler
     def log_path(self) -> Path:
         return self.base / f"run.{self.starts}.log"
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
         self.starts += 1
         with open(self.log_path(), "wb") as log:
             self.proc = subprocess.Popen(
@@ -86,6 +86,7 @@ command = {json.dumps([sys.executable, "-c", ALERT_SCRIPT, str(self.base / "aler
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
+                env={**os.environ, **(env or {})},
             )
 
     def log(self) -> str:

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +41,11 @@ def _logs(*nodes: HaNode) -> str:
 
 
 def _meets(n: HaNode) -> bool:
-    return (n.status().get("peer") or {}).get("reachable") is True
+    """This run of ``n``'s agent (not a status left by an earlier one) hears its peer."""
+    st = n.status()
+    return (
+        n.proc is not None and st.get("pid") == n.proc.pid and (st.get("peer") or {}).get("reachable") is True
+    )
 
 
 def _up(a: HaNode, b: HaNode) -> None:
@@ -208,3 +213,52 @@ def test_sigkill_of_either_agent_during_a_promotion_never_makes_two_actives(
             f"seed={seed} round {rnd}: an active and a passive",
         )
     assert not sampler.both, f"seed={seed}: both services ran at once"
+
+
+#: (node, the action after which its agent kills itself, as ACTION:ROLE; see engine.node.CRASH_AFTER).
+PROMOTION_STEPS = [
+    ("b", "RequestFence:promoting"),  # the passive asked the active to fence itself
+    ("a", "PersistRole:demoting"),  # the active persisted fenced at the new epoch
+    ("a", "StopService:demoting"),  # ... and asked its service to stop
+    ("a", "SendFenceAck:fenced"),  # ... and acknowledged
+    ("b", "PersistRole:active"),  # the passive persisted active at the new epoch
+    ("b", "BecomeSender:active"),  # ... and started sending
+    ("b", "StartService:active"),  # ... and asked its service to start
+]
+
+
+@pytest.mark.parametrize(("who", "step"), PROMOTION_STEPS, ids=[s for _w, s in PROMOTION_STEPS])
+def test_sigkill_at_each_step_of_a_promotion_leaves_one_active_or_none(
+    ha: tuple[HaNode, HaNode, Sampler], who: str, step: str
+) -> None:
+    """A manual failover, with one agent killing itself (SIGKILL) right after one step of it; then it is
+    started again. Never two services at once (the sampler); the epoch never goes back; in the end exactly
+    one service runs."""
+    a, b, sampler = ha
+    _up(a, b)
+    wait_for(lambda: _meets(b), 30, "the agents to meet")
+    victim = a if who == "a" else b
+    victim.stop()
+    victim.start(env={"STANDBY_CRASH_AFTER": step})
+    wait_for(lambda: _meets(a) and _meets(b), 30, "the agents to meet again")
+    epochs = {n.name: n.status().get("epoch", 0) for n in (a, b)}
+    r = b.cli("failover")
+    assert r.returncode == 0, r.stderr
+    assert victim.proc is not None
+    try:
+        victim.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{victim.name} never reached {step}\n{_logs(a, b)}") from None
+    assert victim.proc.returncode == -signal.SIGKILL, victim.proc.returncode
+    victim.start()
+    try:
+        wait_for(
+            lambda: (a.service_pid() is None) != (b.service_pid() is None) and _meets(a) and _meets(b),
+            60,
+            f"exactly one service after a crash at {victim.name} {step}",
+        )
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{_logs(a, b)}") from None
+    for n in (a, b):
+        assert n.status().get("epoch", 0) >= epochs[n.name], f"{n.name}'s epoch went back"
+    assert not sampler.both

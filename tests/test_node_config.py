@@ -349,7 +349,7 @@ def test_a_node_state_folder_that_is_a_file_is_refused(tmp_path: Path) -> None:
         load_node(write_node(tmp_path))
 
 
-@pytest.mark.parametrize("command", ["status", "send", "receive"])
+@pytest.mark.parametrize("command", ["send", "receive"])
 def test_the_cli_refuses_a_node_config_with_one_line(tmp_path: Path, command: str) -> None:
     path = write_node(tmp_path)
     one_config_error(cli(command, "--config", str(path)), str(path), "a node config", "standby run")
@@ -358,7 +358,13 @@ def test_the_cli_refuses_a_node_config_with_one_line(tmp_path: Path, command: st
 
 def test_the_cli_names_the_key_of_a_bad_node_config(tmp_path: Path) -> None:
     path = write_node(tmp_path, 'initial_role = "primary"')
-    # Today's commands refuse node configs before parsing them, so the key is checked through load_node.
     with pytest.raises(ConfigError, match=r"^node -> initial_role: expected 'active' or 'passive'"):
         load_node(path)
-    one_config_error(cli("status", "--config", str(path)), "a node config")
+    one_config_error(cli("status", "--config", str(path)), "node -> initial_role")
+
+
+def test_status_of_a_node_whose_agent_is_not_running_says_so(tmp_path: Path) -> None:
+    path = write_node(tmp_path)
+    r = cli("status", "--config", str(path))
+    assert r.returncode == 5, (r.returncode, r.stdout, r.stderr)
+    assert "NOT RUNNING" in r.stdout and "Traceback" not in r.stderr
