@@ -270,6 +270,9 @@ class SenderNode:
 #: step of a promotion, for the kill-loop tests. Never set in production.
 CRASH_AFTER = "STANDBY_CRASH_AFTER"
 
+#: The role machine's transition event names: the log line that starts with one says why a role changed.
+_MOVES = frozenset(t.event for t in failover.TRANSITIONS)
+
 #: How often the role machine is ticked, the service looked at and a heartbeat sent.
 TICK = 0.5
 SERVICE_POLL = 1.0
@@ -329,6 +332,7 @@ class Agent:
         self.alerts: list[dict[str, Any]] = []
         self._bg: set[asyncio.Task[Any]] = set()
         self._crash_after = os.environ.get(CRASH_AFTER, "")
+        self._why = "role machine"
 
     def _accepts_senders(self) -> bool:
         return self.state is not None and self.state.role in (failover.Role.PASSIVE, failover.Role.PROMOTING)
@@ -418,13 +422,15 @@ class Agent:
         self.state = st.state
         for line in st.log:
             log.info("%s", line)
+        # Why a role is persisted: the decision of this step, as logged (e.g. "promote.proven via=...").
+        self._why = next((line for line in st.log if line.split(" ", 1)[0] in _MOVES), "role machine")
         for a in st.actions:
             await self._act(a)
 
     async def _act(self, a: failover.Action) -> None:
         if isinstance(a, failover.PersistRole):
             # INVARIANT: durable before the next action runs (the role machine's rule 4).
-            await asyncio.to_thread(self.roles.persist, a.role, a.epoch, f"role machine: {a.role.value}")
+            await asyncio.to_thread(self.roles.persist, a.role, a.epoch, self._why)
         elif isinstance(a, failover.StartService | failover.StopService):
             self._service_ops.put_nowait(a)
         elif isinstance(a, failover.SetManual):
@@ -627,6 +633,7 @@ class Agent:
         st = self.state
         now = self.clock()
         peer = st.peer if st is not None else None
+        sender = self.sender.status() if self.sender is not None else None
         out: dict[str, Any] = {
             "role": st.role.value if st is not None else "starting",
             "epoch": st.epoch if st is not None else self.roles.epoch,
@@ -642,7 +649,10 @@ class Agent:
                 "epoch": peer.epoch if peer is not None else None,
                 "service": peer.service.value if peer is not None else None,
             },
-            "sender": self.sender.status() if self.sender is not None else None,
+            "lag_records": sender["lag_records"] if sender else None,
+            "lag_seconds": sender["lag_seconds"] if sender else None,
+            "last_failover": next((e for e in reversed(self.alerts) if e["event"] == "failover.done"), None),
+            "sender": sender,
             "receiver": self.receiver.status(),
             "last_role_change": self.roles.status(),
             "alerts": self.alerts[-5:],

@@ -95,6 +95,11 @@ def test_a_dead_service_fails_over_and_the_old_active_is_fenced(ha: tuple[HaNode
     wait_for(lambda: any(e["event"] == "failover.done" for e in b.alerts()), 10, "the failover alert")
     done = next(e for e in b.alerts() if e["event"] == "failover.done")
     assert done["node"] == "join-b" and "active" in done["reason"], done
+    # The status names the last failover and why the role last changed.
+    wait_for(lambda: bool(b.status().get("last_failover")), 10, "the last failover in the status")
+    st = b.status()
+    assert st["last_failover"]["event"] == "failover.done", st
+    assert st["last_role_change"]["role_reason"].startswith("promote."), st["last_role_change"]
     assert b.status()["epoch"] > a.status().get("epoch", 0) - 1
     assert (b.root / "databases" / "room-2").is_dir(), "changes acknowledged before the failover were lost"
     assert a.service_pid() is None
