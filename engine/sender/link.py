@@ -136,7 +136,7 @@ class Link:
         backoff = 0.1
         while True:
             try:
-                await self._session()
+                await self.step()
             except* EpochFenced as eg:
                 raise eg.exceptions[0] from None
             except* PeerRefused as eg:
@@ -184,7 +184,9 @@ class Link:
         self._manifests.clear()
         await self._notify()
 
-    async def _session(self) -> None:
+    async def step(self) -> None:
+        """One session: connect, handshake, stream and read acknowledgements until the link breaks (it
+        raises what broke it; :meth:`run` reconnects with backoff)."""
         host, port = self.cfg.peer
         async with asyncio.timeout(self.cfg.connect_timeout):
             reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
