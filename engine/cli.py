@@ -190,6 +190,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--rooms", type=int, default=5, help="meeting rooms to simulate (default: 5)")
     sp.add_argument("--rate", type=float, default=20.0, help="batches of changes per second (default: 20)")
     sp.add_argument("--keep", action="store_true", help="keep the temporary folders and print where")
+    sp.add_argument(
+        "--ha",
+        action="store_true",
+        help="an HA pair instead: two agents with simulated services that fail over after a crash,\n"
+        "rejoin, and fail back by hand (about a minute)",
+    )
     sp = cmd(
         "guard",
         "list or restore the kept good versions of a guarded file (on the passive)",
@@ -457,6 +463,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from engine.demo import run_demo
 
+    if args.ha:
+        from engine.demo_ha import run_ha_demo
+
+        return run_ha_demo(keep=args.keep)
     return run_demo(seconds=args.seconds, rooms=args.rooms, rate=args.rate, keep=args.keep)
 
 

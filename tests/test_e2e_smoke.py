@@ -94,3 +94,24 @@ def test_wait_final_status_takes_the_status_written_after_the_verdict(tmp_path: 
     write_status(receiver_state, {"applied_seq": 186})
     s, r, settled = wait_final_status(sender_state, receiver_state, time.time() + 1, 186, timeout=0.3)
     assert not settled
+
+
+def test_the_ha_demo_fails_over_and_back_without_two_actives() -> None:
+    """The README's first command: two agents fail over after a crash, rejoin, and fail back by hand."""
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "demo", "--ha"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=dict(os.environ, COLUMNS="200"),
+    )
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    for text in (
+        "failed over",
+        "failed back",
+        "never two services at once",
+        "is passive again and identical",
+    ):
+        assert text in r.stdout, r.stdout
+    assert "Traceback" not in r.stdout + r.stderr

@@ -49,7 +49,7 @@ IO = {
     "service.command",
     "service.windows",
 }
-EDGE = {"cli", "demo", "node", "__main__"}
+EDGE = {"cli", "demo", "demo_ha", "demoservice", "node", "__main__"}
 #: Pure modules may use these standard modules; nothing that reads the clock or does I/O by itself.
 FORBIDDEN_IN_PURE = {
     "asyncio",
