@@ -38,6 +38,10 @@ standby keeps a passive server an exact, crash-consistent copy of an active one.
 On the active server `standby send` watches the replicated set, journals every change durably and streams
 the journal in order to `standby receive` on the passive server, which applies each change atomically and
 acknowledges it. Both read one TOML file (see config.example.toml); each uses its own section.
+
+For an HA pair, `standby run` on each server (a node config) does both as its role requires, controls
+the service and fails over with proof that the old active cannot run it; `standby failover`,
+`maintenance`, `rejoin` and `status` talk to it. `standby demo --ha` shows a pair on loopback.
 """
 
 EPILOG = """\
