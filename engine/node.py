@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import failover, identity, wire
+from engine.aio import run_critical
 from engine.config import NodeSetup, SenderConfig
 from engine.errors import ReplicationError, SafetyHalt
 from engine.guards import GuardCheck, receiver_check, sender_check
@@ -406,10 +408,14 @@ class Agent:
             if now >= next_tick:
                 next_tick = now + TICK
                 self._events.put_nowait(failover.Tick())
+            # RACE: only the wait is timed. A step's actions (a PersistRole in a worker thread, say) must
+            # never be cut by the timeout: the machine's state already says they ran.
+            ev: failover.Event | None = None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, min(next_tick, next_poll, next_beat) - self.clock())):
                     ev = await self._events.get()
-                    await self._feed(ev)
+            if ev is not None:
+                await self._feed(ev)
             while not self._events.empty():
                 await self._feed(self._events.get_nowait())
             self._write_status()
@@ -429,8 +435,9 @@ class Agent:
 
     async def _act(self, a: failover.Action) -> None:
         if isinstance(a, failover.PersistRole):
-            # INVARIANT: durable before the next action runs (the role machine's rule 4).
-            await asyncio.to_thread(self.roles.persist, a.role, a.epoch, self._why)
+            # INVARIANT: durable before the next action runs (the role machine's rule 4), and never cut
+            # half way by a cancellation (run_critical waits for the thread).
+            await run_critical(functools.partial(self.roles.persist, a.role, a.epoch, self._why))
         elif isinstance(a, failover.StartService | failover.StopService):
             self._service_ops.put_nowait(a)
         elif isinstance(a, failover.SetManual):
