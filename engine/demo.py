@@ -76,7 +76,8 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     return p
 
 
-def _stop(p: subprocess.Popen[bytes]) -> None:
+def stop_process(p: subprocess.Popen[bytes]) -> None:
+    """Ask a child ``standby`` process to stop (SIGTERM, Ctrl-Break on Windows); kill it after 15 s."""
     if p.poll() is None:
         if sys.platform == "win32":
             p.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined,unused-ignore]
@@ -224,8 +225,8 @@ def run_demo(seconds: float, rooms: int, rate: float, keep: bool) -> int:
         con.print(f"[red]{e}[/]")
     finally:
         stop_writer.set()
-        _stop(tx)
-        _stop(rx)
+        stop_process(tx)
+        stop_process(rx)
         if keep:
             con.print(f"kept {base} (logs: sender.log, receiver.log)")
         else:

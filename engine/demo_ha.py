@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,8 @@ import psutil
 from rich.console import Console
 
 from engine import identity
-from engine.demo import free_port
+from engine.demo import free_port, stop_process
+from engine.demoservice import running
 from engine.digest import digest_bytes
 
 FAILOVER_AFTER = 10
@@ -97,28 +97,11 @@ failover_after = {FAILOVER_AFTER}
             )
 
     def stop(self) -> None:
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        if sys.platform == "win32":
-            p.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined,unused-ignore]
-        else:
-            p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def service_pid(self) -> int | None:
-        try:
-            pid = int((self.svc / "pid").read_text("ascii"))
-            p = psutil.Process(pid)
-            if p.status() != psutil.STATUS_ZOMBIE and "engine.simulator" in " ".join(p.cmdline()):
-                return pid
-        except (OSError, ValueError, psutil.Error):
-            pass
-        return None
+        return running(self.svc)
 
     def status(self) -> dict[str, Any]:
         try:

@@ -18,9 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from engine import failover, wire
-from engine.aio import tune_socket
 from engine.errors import PeerRefused, PeerSilent, RemoteProtocolError
-from engine.transport import TlsSettings, client_upgrade
+from engine.transport import TlsSettings, dial
 
 log = logging.getLogger(__name__)
 
@@ -124,34 +123,19 @@ class PeerChannel:
             backoff = min(backoff * 2, self.retry_max)
 
     async def _dial(self) -> None:
-        host, port = self.address
-        async with asyncio.timeout(self.connect_timeout):
-            reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
-            tune_socket(writer, self.silence)
-            if self.tls is not None:
-                await client_upgrade(reader, writer, self.tls)
+        hs = wire.SenderProtocol(self.node, 0, role="agent")
+        d = await dial(self.address, self.tls, hs, connect_timeout=self.connect_timeout, silence=self.silence)
         try:
-            hs = wire.SenderProtocol(self.node, 0, role="agent")
-            writer.write(hs.hello())
-            await writer.drain()
-            async with asyncio.timeout(self.connect_timeout * 2):
-                ev = None
-                while ev is None:
-                    data = await reader.read(65536)
-                    if not data:
-                        raise ConnectionError("the peer closed the connection during the handshake")
-                    hs.receive_data(data)
-                    ev = hs.next_event()
-            if isinstance(ev, wire.Refused):
-                raise PeerRefused(f"{ev.code}: {ev.reason}")
+            if isinstance(d.answer, wire.Refused):
+                raise PeerRefused(f"{d.answer.code}: {d.answer.reason}")
             proto = wire.AgentProtocol(hs.take_buffered())
-            self._out = _Conn(writer, proto, "out")
+            self._out = _Conn(d.writer, proto, "out")
             if self.last_error is not None:
-                log.info("agent.peer_link_up peer=%s:%d", host, port)
+                log.info("agent.peer_link_up peer=%s:%d", *self.address)
             self.last_error = None
-            await self._read(reader, self._out)
+            await self._read(d.reader, self._out)
         finally:
-            writer.transport.abort()
+            d.writer.transport.abort()
 
     # -- the connection the peer dialed (handed over by the receiver's listener) --------------------------
     async def serve(

@@ -29,10 +29,12 @@ import ssl
 import struct
 from dataclasses import dataclass
 
+from engine.aio import tune_socket
 from engine.config import ReceiverConfig, SenderConfig
 from engine.errors import PeerRefused, RemoteProtocolError
 from engine.identity import Identity, load
 from engine.model import node_id
+from engine.wire import SenderEvent, SenderProtocol
 
 log = logging.getLogger(__name__)
 
@@ -211,3 +213,48 @@ def settings_for(section: SenderConfig | ReceiverConfig) -> TlsSettings | None:
         log.warning("transport.insecure plaintext, no authentication (allowed on loopback only)")
         return None
     return TlsSettings(load(section.state_dir), section.peer_id)
+
+
+@dataclass(slots=True)
+class Dialed:
+    """A connection to a peer after ``hello``: the streams, the protocol and the peer's first answer."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    proto: SenderProtocol
+    answer: SenderEvent
+
+
+async def dial(
+    address: tuple[str, int],
+    tls: TlsSettings | None,
+    proto: SenderProtocol,
+    *,
+    connect_timeout: float,
+    silence: float,
+) -> Dialed:
+    """Connect to ``address``, upgrade to TLS (unless insecure), say ``proto``'s hello and read the answer
+    (welcome or refuse). The caller owns the writer from here: it aborts it when done. On any error the
+    connection is aborted here."""
+    host, port = address
+    async with asyncio.timeout(connect_timeout):
+        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+    try:
+        tune_socket(writer, silence)
+        if tls is not None:
+            async with asyncio.timeout(connect_timeout):
+                await client_upgrade(reader, writer, tls)
+        writer.write(proto.hello())
+        await writer.drain()
+        async with asyncio.timeout(connect_timeout * 2):
+            ev = None
+            while ev is None:
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionError(f"{host}:{port} closed the connection during the handshake")
+                proto.receive_data(data)
+                ev = proto.next_event()
+        return Dialed(reader, writer, proto, ev)
+    except BaseException:
+        writer.transport.abort()
+        raise

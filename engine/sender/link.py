@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from engine import wire
-from engine.aio import tune_socket
 from engine.config import SenderConfig
 from engine.errors import (
     EpochFenced,
@@ -34,7 +33,7 @@ from engine.errors import (
 )
 from engine.journal import Cursor, Journal
 from engine.model import FileMeta, Pos
-from engine.transport import TlsSettings, client_upgrade
+from engine.transport import TlsSettings, dial
 
 log = logging.getLogger(__name__)
 
@@ -188,23 +187,16 @@ class Link:
         """One session: connect, handshake, stream and read acknowledgements until the link breaks (it
         raises what broke it; :meth:`run` reconnects with backoff)."""
         host, port = self.cfg.peer
-        async with asyncio.timeout(self.cfg.connect_timeout):
-            reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
-            tune_socket(writer, self.cfg.silence_timeout)
-            if self.tls is not None:
-                await client_upgrade(reader, writer, self.tls)
+        proto = wire.SenderProtocol(self.cfg.node, self.epoch)
+        d = await dial(
+            self.cfg.peer,
+            self.tls,
+            proto,
+            connect_timeout=self.cfg.connect_timeout,
+            silence=self.cfg.silence_timeout,
+        )
+        reader, writer, ev = d.reader, d.writer, d.answer
         try:
-            proto = wire.SenderProtocol(self.cfg.node, self.epoch)
-            writer.write(proto.hello())
-            await writer.drain()
-            async with asyncio.timeout(self.cfg.connect_timeout * 2):
-                ev = None
-                while ev is None:
-                    data = await reader.read(65536)
-                    if not data:
-                        raise ConnectionError("receiver closed the connection during the handshake")
-                    proto.receive_data(data)
-                    ev = proto.next_event()
             if isinstance(ev, wire.Refused):
                 if ev.code == "epoch":
                     raise EpochFenced(f"receiver refused epoch {self.epoch}: {ev.reason}")
