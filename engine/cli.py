@@ -575,7 +575,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     # init must work before peer_id is known, so it reads only what it needs from the file.
     try:
-        data = tomllib.loads(args.config.read_text("utf-8"))
+        data = tomllib.loads(config.read_config_text(args.config))
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{args.config}: {e}") from None
     done = False

@@ -316,14 +316,37 @@ def _secure(section: Any, name: str, host: str, addr_key: str) -> Any:
     return replace(section, peer_id=parse_id(section.peer_id, f"{name} -> peer_id"))
 
 
+def decode_config(raw: bytes, path: Path) -> str:
+    """The text of a config file as Windows tools save it: UTF-8 with or without a BOM, or UTF-16 (LE or
+    BE) with its BOM (what PowerShell 5.1's ``>`` writes). Anything else is one clear error."""
+    boms = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+    for bom, encoding in boms:
+        if raw.startswith(bom):
+            body, name = raw[len(bom) :], f"{encoding} (with a BOM)"
+            break
+    else:
+        body, encoding, name = raw, "utf-8", "UTF-8"
+    try:
+        return body.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not readable as {name} text (byte {e.start}); save it as UTF-8 or UTF-16 with a BOM"
+        ) from None
+
+
+def read_config_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+    return decode_config(raw, path)
+
+
 def load(path: Path, allow_node: bool = False) -> Config:
     """The config in the file at ``path``. A node config (a ``[node]`` section, read by ``standby run``) is
     read into :attr:`Config.node` when ``allow_node``; otherwise it is refused with one line, so a command
     that reads ``[sender]`` or ``[receiver]`` never runs a node's part outside its role machine."""
-    try:
-        text = path.read_text("utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+    text = read_config_text(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

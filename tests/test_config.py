@@ -234,3 +234,31 @@ def test_a_state_folder_that_is_a_file_exits_2_naming_state_dir(
     line = one_config_error(cli(command, "--config", str(cfg)), f"{section} -> state_dir", str(state))
     assert "not a folder" in line, line
     assert blocker.read_text("utf-8") == "not a folder"
+
+
+@pytest.mark.parametrize(
+    ("encoding", "bom"),
+    [("utf-8", b""), ("utf-8", b"\xef\xbb\xbf"), ("utf-16-le", b"\xff\xfe"), ("utf-16-be", b"\xfe\xff")],
+    ids=["utf-8", "utf-8 with BOM", "utf-16 LE (PowerShell 5.1 >)", "utf-16 BE"],
+)
+def test_configs_saved_by_windows_tools_load(tmp_path: Path, encoding: str, bom: bytes) -> None:
+    text = '[sender]\nsource = "/data/møte"\npeer = "127.0.0.1:7420"\nstate_dir = "/st"\ninsecure = true\n'
+    path = tmp_path / "standby.toml"
+    path.write_bytes(bom + text.encode(encoding))
+    cfg = config.load(path)
+    assert cfg.sender is not None and cfg.sender.source == Path("/data/møte")
+
+
+def test_an_undecodable_config_is_one_line_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "standby.toml"
+    path.write_bytes(b"[sender]\nsource = '\xff\xfe\xfa'\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "send", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "UTF-8" in lines[0] and "Traceback" not in r.stderr, r.stderr

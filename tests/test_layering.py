@@ -94,7 +94,7 @@ IO_METHODS = {
     "chmod",
 }  # fmt: skip (not "replace": str.replace is pure; os.replace is caught above)
 #: The one place a pure module may touch the disk: config's one TOML load and its state-folder check.
-ALLOWED_IO = {"config": {"load", "check_state_dir"}}
+ALLOWED_IO = {"config": {"load", "read_config_text", "check_state_dir"}}
 
 
 def module_files() -> dict[str, Path]:
