@@ -26,6 +26,7 @@ from engine.errors import (
     PeerRefused,
     ReplicationError,
     SafetyHalt,
+    StateLocked,
 )
 
 log = logging.getLogger("engine.cli")
@@ -270,19 +271,14 @@ def _run_async(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int
 
 def _cmd_send(args: argparse.Namespace) -> int:
     from engine import statelock
-    from engine.errors import StateLocked
     from engine.guards import sender_check
     from engine.node import SenderNode
     from engine.transport import settings_for
 
     cfg = config.load(args.config)
     # One process per state folder, for the life of the process: a second sender would interleave its
-    # seqs with ours in the one journal.
-    try:
-        lock = statelock.acquire(cfg.need_sender().state_dir, "standby send")
-    except StateLocked as e:
-        print(f"standby: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    # seqs with ours in the one journal. A held lock is StateLocked: one line and exit 2 (see _report).
+    lock = statelock.acquire(cfg.need_sender().state_dir, "standby send")
     if hasattr(signal, "SIGIO"):
         # Read leases (engine.scan) notify a breaking writer's open with SIGIO; we release them ourselves
         # within microseconds, so the signal carries nothing we need (and would end the process).
@@ -304,17 +300,12 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
 def _cmd_receive(args: argparse.Namespace) -> int:
     from engine import statelock
-    from engine.errors import StateLocked
     from engine.guards import receiver_check
     from engine.receiver import Receiver
     from engine.transport import settings_for
 
     cfg = config.load(args.config)
-    try:  # one process per state folder (see _cmd_send)
-        lock = statelock.acquire(cfg.need_receiver().state_dir, "standby receive")
-    except StateLocked as e:
-        print(f"standby: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    lock = statelock.acquire(cfg.need_receiver().state_dir, "standby receive")  # see _cmd_send
     with lock:
         r = Receiver(
             cfg.need_receiver(),
@@ -550,14 +541,8 @@ def _cmd_journal(args: argparse.Namespace) -> int:
         return EXIT_OK if check_journal(folder, args.config) else EXIT_DIFF
     if args.action == "repair":
         from engine import statelock
-        from engine.errors import StateLocked
 
-        try:
-            lock = statelock.acquire(cfg.state_dir, "standby journal repair")
-        except StateLocked as e:
-            print(f"standby: {e}", file=sys.stderr)
-            return EXIT_CONFIG
-        with lock:
+        with statelock.acquire(cfg.state_dir, "standby journal repair"):
             repair_journal(folder)
         return EXIT_OK
     if args.out is None:
@@ -609,15 +594,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from engine import statelock
-    from engine.errors import StateLocked
     from engine.node import Agent
 
     setup = config.load_node(args.config)
-    try:
-        lock = statelock.acquire(setup.node.state_dir, "standby run")
-    except StateLocked as e:
-        print(f"standby: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    lock = statelock.acquire(setup.node.state_dir, "standby run")  # see _cmd_send
     if hasattr(signal, "SIGIO"):
         signal.signal(signal.SIGIO, signal.SIG_IGN)  # read leases (see _cmd_send)
     with lock:
@@ -698,6 +678,9 @@ def _report(e: BaseException) -> int:
         e = e.exceptions[0]
     if isinstance(e, ConfigError):
         print(f"standby: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if isinstance(e, StateLocked):  # another process holds the state folder: the invocation cannot work
+        print(f"standby: {e}", file=sys.stderr)
         return EXIT_CONFIG
     if isinstance(e, SafetyHalt):
         log.error("send.safety_halt %s", e)

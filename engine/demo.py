@@ -65,7 +65,9 @@ rule = "base64"
 """
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """``python -m engine ARGS`` as a child process (its own process group on Windows, for Ctrl-Break),
+    its stderr (the log) into ``log``."""
     kw: dict[str, object] = {}
     if sys.platform == "win32":
         kw["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined,unused-ignore]
@@ -164,8 +166,8 @@ def run_demo(seconds: float, rooms: int, rate: float, keep: bool) -> int:
         f"[bold]standby demo[/] in {base}\n  config: {cfg_path}\n"
         f"  active (source): {base / 'active'}\n  passive (replica): {base / 'passive'}"
     )
-    rx = _spawn(["receive", "--config", str(cfg_path)], base / "receiver.log")
-    tx = _spawn(["send", "--config", str(cfg_path)], base / "sender.log")
+    rx = spawn(["receive", "--config", str(cfg_path)], base / "receiver.log")
+    tx = spawn(["send", "--config", str(cfg_path)], base / "sender.log")
     batches = [0]
     stop_writer = threading.Event()
 

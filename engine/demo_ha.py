@@ -33,7 +33,7 @@ import psutil
 from rich.console import Console
 
 from engine import identity
-from engine.demo import free_port, stop_process
+from engine.demo import free_port, spawn, stop_process
 from engine.demoservice import running
 from engine.digest import digest_bytes
 
@@ -85,16 +85,7 @@ failover_after = {FAILOVER_AFTER}
         )
 
     def start(self) -> None:
-        kw: dict[str, object] = {}
-        if sys.platform == "win32":
-            kw["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined,unused-ignore]
-        with open(self.base / "agent.log", "ab") as log:
-            self.proc = subprocess.Popen(  # type: ignore[call-overload]
-                [sys.executable, "-m", "engine", "run", "--config", str(self.config)],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                **kw,
-            )
+        self.proc = spawn(["run", "--config", str(self.config)], self.base / "agent.log")
 
     def stop(self) -> None:
         if self.proc is not None:

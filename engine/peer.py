@@ -27,10 +27,9 @@ AgentEvent = wire.AgentEvent
 
 
 class _Conn:
-    def __init__(self, writer: asyncio.StreamWriter, proto: wire.AgentProtocol, name: str) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, proto: wire.AgentProtocol) -> None:
         self.writer = writer
         self.proto = proto
-        self.name = name
 
     def send(self, data: bytes) -> bool:
         if self.writer.is_closing():
@@ -129,7 +128,7 @@ class PeerChannel:
             if isinstance(d.answer, wire.Refused):
                 raise PeerRefused(f"{d.answer.code}: {d.answer.reason}")
             proto = wire.AgentProtocol(hs.take_buffered())
-            self._out = _Conn(d.writer, proto, "out")
+            self._out = _Conn(d.writer, proto)
             if self.last_error is not None:
                 log.info("agent.peer_link_up peer=%s:%d", *self.address)
             self.last_error = None
@@ -141,7 +140,7 @@ class PeerChannel:
     async def serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, buffered: bytes, addr: str
     ) -> None:
-        conn = _Conn(writer, wire.AgentProtocol(buffered), "in")
+        conn = _Conn(writer, wire.AgentProtocol(buffered))
         self._in = conn
         log.info("agent.peer_connected peer=%s", addr)
         try:
