@@ -21,11 +21,19 @@ Rules (the whole contract; the code below only spells them out):
    ``PersistRole(ACTIVE, epoch)`` before ``StartService``, always. A node that sees a higher epoch
    while active (or waiting to be) persists ``fenced`` at that epoch, stops its service and becomes
    fenced. A fenced node never starts its service and never sends data (heartbeats and
-   acknowledgements only); its data stays untouched until an operator says ``rejoin``. At start-up an
+   acknowledgements only); its data stays untouched until it rejoins: by itself (``auto_rejoin``) once
+   the peer runs the service as active at no lower epoch, or when an operator says ``rejoin``. A rejoin
+   first moves aside every file the active never had (``Quarantine``), then becomes passive. At start-up an
    agent whose durable role is active stops its service and starts it again only once the peer has
    confirmed, in a heartbeat sent after it heard this boot, that it is passive or fenced at no higher
    epoch; if the peer cannot be reached it alerts and waits, unless ``start_alone_after`` has elapsed
    or the operator forces.
+7. Switchover (planned, no loss): the active stops its service, drains until the passive acknowledged
+   everything and nothing waits, digests its tree and offers it (``OfferHandover``); the passive takes it
+   only if its own tree has the same digest, and then promotes as in rule 2 (its fence request makes the
+   old active fenced, which then rejoins). Until the offer is accepted any failure, a silent peer or
+   ``switchover_timeout`` rolls back: the service starts where it was. The durable role stays active
+   until the fence, so a crash anywhere is a restart (rule 4) or a finished failover.
 5. Maintenance: no automatic failover while a window is open on either side. A graceful stop of an
    agent announces a planned stop; the passive then alerts instead of counting.
 6. The epoch never goes back, and a node never holds ``active`` with an epoch lower than one it has seen.
@@ -90,6 +98,7 @@ class Kind(enum.Enum):
     FORCE = "force"  # operator: failover --force, peer reachable (asked first)
     FINISH = "finish"  # the peer is fenced and nobody is active
     RESTART = "restart"  # durable role active, waiting at start-up for the peer's confirmation
+    SWITCHOVER = "switchover"  # the active handed over: stopped, drained, trees found equal
 
 
 #: A fence request's identity: (boot of the requester, attempt number in that boot).
@@ -106,9 +115,20 @@ class Policy:
     fence_retry: float = 3.0  # a fence request is sent again this often until acknowledged
     drain_timeout: float = 60.0  # how long a demoting active waits for its sender to drain
     service_retry: float = 30.0  # a failed StopService is tried again this often
+    auto_rejoin: bool = True  # a fenced node rejoins by itself once the peer runs the service as active
+    switchover_timeout: float = 60.0  # a handover not accepted by then is rolled back
+    handover_settle: float = 1.0  # caught up and idle this long before the tree is measured
 
     def __post_init__(self) -> None:
-        for name in ("failover_after", "flap_window", "fence_timeout", "fence_retry", "drain_timeout"):
+        for name in (
+            "failover_after",
+            "flap_window",
+            "fence_timeout",
+            "fence_retry",
+            "drain_timeout",
+            "switchover_timeout",
+            "handover_settle",
+        ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"policy: {name} must be >= 0")
         if not self.service_retry > 0:
@@ -158,6 +178,7 @@ class Heartbeat:
     caught_up: bool
     echo: int | None
     last_failover_age: float | None = None  # seconds since the last automatic failover this node knows
+    switching: str = ""  # an active handing over: the stage it is at ("" when none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,9 +220,11 @@ class ServiceResult:
 
 @dataclass(frozen=True, slots=True)
 class Replication:
-    """The local sender's report: the peer has acknowledged everything journaled (or not)."""
+    """The local sender's report: the peer has acknowledged everything journaled (or not); ``idle``: and
+    nothing waits to be journaled either."""
 
     caught_up: bool
+    idle: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +250,48 @@ class Rejoin:
 
 
 @dataclass(frozen=True, slots=True)
+class Quarantined:
+    """The result of :class:`Quarantine`: ``files`` this node wrote that the active never had were moved
+    aside into ``folder``; ``ok`` False: it could not be done (``reason``), nothing was overwritten."""
+
+    ok: bool
+    files: int = 0
+    folder: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Switchover:
+    """Operator, on the active: hand the service over to the passive with nothing lost."""
+
+
+@dataclass(frozen=True, slots=True)
+class TreeMeasured:
+    """The result of :class:`MeasureTree`. ``digest`` "" : it could not be measured (``reason``)."""
+
+    digest: str
+    files: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HandoverAnswer:
+    """The passive's answer to :class:`OfferHandover`. ``retry``: its tree differs for now (a change may be
+    on its way): drain and offer again."""
+
+    ok: bool
+    retry: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HandoverAccepted:
+    """On the passive: the active offered a handover at ``epoch`` and this node's tree is equal to its."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     """The agent is stopping gracefully: announce a planned stop in the heartbeats that remain."""
 
@@ -249,6 +314,11 @@ Event: TypeAlias = (
     | MaintenanceStart
     | MaintenanceEnd
     | Rejoin
+    | Quarantined
+    | Switchover
+    | TreeMeasured
+    | HandoverAnswer
+    | HandoverAccepted
     | Shutdown
     | Tick
 )
@@ -320,6 +390,29 @@ class StopReplication:
 
 
 @dataclass(frozen=True, slots=True)
+class Quarantine:
+    """Before a rejoin: move aside every local file the active never had (written after the fork, or never
+    shipped), with a manifest, and retire the sender's journal. Answer with :class:`Quarantined`."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class MeasureTree:
+    """Digest the local tree (paths, sizes and content hashes). Answer with :class:`TreeMeasured`."""
+
+
+@dataclass(frozen=True, slots=True)
+class OfferHandover:
+    """Offer the peer the service at our ``epoch``: it takes it if its tree's digest is ``digest``.
+    Answer with :class:`HandoverAnswer`."""
+
+    epoch: int
+    digest: str
+    files: int
+
+
+@dataclass(frozen=True, slots=True)
 class Alert:
     """Something an operator must hear about. ``event`` is a stable name (see the README)."""
 
@@ -339,6 +432,9 @@ Action: TypeAlias = (
     | BecomeSender
     | BecomeReceiver
     | StopReplication
+    | Quarantine
+    | MeasureTree
+    | OfferHandover
     | Alert
 )
 
@@ -364,6 +460,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(_P, "promote.manual", _R),  # rule 3
     Transition(_P, "promote.force", _R),  # rule 3, peer reachable: ask it first
     Transition(_P, "promote.finish", _R),  # the peer is fenced and nobody is active
+    Transition(_P, "promote.switchover", _R),  # the active handed over (stopped, drained, trees equal)
     Transition(_P, "promote.forced_alone", _A),  # rule 3, peer unreachable
     Transition(_R, "promote.proven", _A),  # acknowledgement, fenced heartbeat or fence command exit 0
     Transition(_R, "promote.forced", _A),  # force: no proof came, promote anyway
@@ -377,7 +474,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(_A, "demote.higher_epoch", _D),  # rule 6
     Transition(_A, "demote.split_brain", _D),  # the peer is active at our epoch: both step down
     Transition(_D, "demote.done", _F),  # service stopped (and drained): acknowledge
-    Transition(_F, "rejoin", _P),  # operator
+    Transition(_F, "rejoin", _P),  # operator, or by itself once the peer runs the service (after quarantine)
 )
 _ALLOWED = frozenset(TRANSITIONS)
 
@@ -408,6 +505,21 @@ class Demotion:
 
 
 @dataclass(frozen=True, slots=True)
+class Handover:
+    """An active handing the service over (a switchover). Stages, in order: ``stopping`` (its service),
+    ``draining`` (until the peer acknowledged everything and nothing waits, for ``handover_settle``),
+    ``measuring`` (the tree's digest), ``offered`` (the peer compares it with its own), ``accepted`` (the
+    peer promotes: its fence request makes this node fenced). Before ``accepted`` a failure or the deadline
+    rolls back: the service is started here again. The durable role stays active until the fence request."""
+
+    stage: str
+    since: float
+    deadline: float
+    settled_from: float | None = None
+    offers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Node:
     """The whole state of one agent's role machine. Build it with :func:`start`."""
 
@@ -434,6 +546,10 @@ class Node:
     attempts: int = 0
     promotion: Promotion | None = None
     demotion: Demotion | None = None
+    idle: bool = False  # the sender has nothing waiting to be journaled (Replication.idle)
+    handover: Handover | None = None
+    rejoining: bool = False  # a Quarantine is running; the rejoin follows its result
+    rejoin_retry_at: float = 0.0
 
     @property
     def service_stopped(self) -> bool:
@@ -561,7 +677,7 @@ def step(state: Node, event: Event, now: float) -> Step:
         case FenceCommandResult():
             _on_fence_command(c, event)
         case Replication():
-            c.set(caught_up=event.caught_up)
+            c.set(caught_up=event.caught_up, idle=event.idle)
         case Failover():
             _on_failover(c, event)
         case MaintenanceStart():
@@ -573,6 +689,16 @@ def step(state: Node, event: Event, now: float) -> Step:
                 c.note("maintenance.ended")
         case Rejoin():
             _on_rejoin(c)
+        case Quarantined():
+            _on_quarantined(c, event)
+        case Switchover():
+            _on_switchover(c)
+        case TreeMeasured():
+            _on_tree_measured(c, event)
+        case HandoverAnswer():
+            _on_handover_answer(c, event)
+        case HandoverAccepted():
+            _on_handover_accepted(c, event)
         case Shutdown():
             c.set(planned_stop=True)
             c.note("agent.stopping", planned_stop=True)
@@ -605,7 +731,24 @@ def beat(state: Node, now: float) -> Heartbeat:
         caught_up=caught_up,
         echo=n.peer.boot if n.peer is not None else None,
         last_failover_age=None if n.last_auto is None else max(0.0, now - n.last_auto),
+        switching=n.handover.stage if n.handover is not None else "",
     )
+
+
+def handover_blocker(state: Node) -> str | None:
+    """Why this node cannot start a switchover now, or None if it can."""
+    n = state
+    if n.role is not Role.ACTIVE:
+        return f"this node is {n.role.value}; a switchover starts on the active"
+    if n.handover is not None:
+        return f"a switchover is already under way (stage {n.handover.stage})"
+    if n.peer is None or not n.reachable:
+        return "the passive's agent cannot be reached"
+    if n.peer.role is not Role.PASSIVE:
+        return f"the peer is {n.peer.role.value}, not passive"
+    if n.service_ops:
+        return "a service start or stop is in progress"
+    return None
 
 
 # ---- events -----------------------------------------------------------------------------------------------
@@ -625,6 +768,7 @@ def _on_heartbeat(c: _Cycle, hb: Heartbeat) -> None:
     down = (
         hb.role is Role.ACTIVE
         and hb.service is ServiceState.STOPPED
+        and not hb.switching
         and not hb.planned_stop
         and not hb.maintenance
         and not n.maintenance_open(now)
@@ -809,10 +953,120 @@ def _on_rejoin(c: _Cycle) -> None:
             "command.refused", f"rejoin refused: the node is {n.role.value}, not fenced", role=n.role.value
         )
         return
+    if n.rejoining:
+        c.note("command.noop", why="a rejoin is under way")
+        return
+    _start_rejoin(c, "operator")
+
+
+def _start_rejoin(c: _Cycle, why: str) -> None:
+    # INVARIANT: nothing of this node's data is overwritten before Quarantined(ok) (a fenced node refuses
+    # the peer's sender); a crash in between leaves it fenced, and the next rejoin resumes the quarantine.
+    c.emit(Quarantine(max(c.node.epoch, c.node.seen)))
+    c.set(rejoining=True)
+    c.note("rejoin.quarantining", why=why)
+
+
+def _on_quarantined(c: _Cycle, ev: Quarantined) -> None:
+    n = c.node
+    if n.role is not Role.FENCED or not n.rejoining:
+        c.note("rejoin.result_ignored", role=n.role.value)
+        return
+    c.set(rejoining=False)
+    if not ev.ok:
+        c.alert(
+            "rejoin.failed",
+            f"this node's own changes could not be set aside ({ev.reason}): it stays fenced, nothing was "
+            "overwritten, and it tries again",
+            retry_in=n.policy.fence_timeout,
+        )
+        c.set(rejoin_retry_at=c.now + n.policy.fence_timeout)
+        return
     epoch = max(n.epoch, n.seen)
     c.emit(PersistRole(Role.PASSIVE, epoch), BecomeReceiver())
     c.set(epoch=epoch, fence_drained=False, hold=None, peer_down_since=None)
-    c.move(Role.PASSIVE, "rejoin")
+    c.move(Role.PASSIVE, "rejoin", quarantined=ev.files)
+    if ev.files:
+        c.alert(
+            "rejoin.quarantined",
+            f"{ev.files} file(s) this node wrote that the active never had were moved aside, byte for byte, "
+            "with a manifest (standby quarantine list); acknowledge them before a failback",
+            files=ev.files,
+            folder=ev.folder,
+        )
+
+
+# ---- switchover -------------------------------------------------------------------------------------------
+
+
+def _on_switchover(c: _Cycle) -> None:
+    n = c.node
+    why = handover_blocker(n)
+    if why is not None:
+        c.alert("command.refused", f"switchover refused: {why}", role=n.role.value)
+        return
+    c.set(handover=Handover("stopping", c.now, c.now + n.policy.switchover_timeout))
+    c.emit(StopService())
+    c.note("switchover.stopping", epoch=n.epoch)
+
+
+def _rollback(c: _Cycle, why: str) -> None:
+    h = c.node.handover
+    assert h is not None
+    c.set(handover=None)
+    c.emit(StartService())
+    c.alert(
+        "switchover.rolled_back",
+        f"switchover rolled back at stage {h.stage}: {why}; the service is started here again",
+        stage=h.stage,
+    )
+
+
+def _on_tree_measured(c: _Cycle, ev: TreeMeasured) -> None:
+    n = c.node
+    h = n.handover
+    if n.role is not Role.ACTIVE or h is None or h.stage != "measuring":
+        return
+    if not ev.digest:
+        c.set(handover=replace(h, stage="draining", settled_from=None))
+        c.note("switchover.measure_again", why=ev.reason)
+        return
+    c.emit(OfferHandover(n.epoch, ev.digest, ev.files))
+    c.set(handover=replace(h, stage="offered", offers=h.offers + 1))
+    c.note("switchover.offered", files=ev.files, digest=ev.digest)
+
+
+def _on_handover_answer(c: _Cycle, ev: HandoverAnswer) -> None:
+    n = c.node
+    h = n.handover
+    if n.role is not Role.ACTIVE or h is None or h.stage != "offered":
+        return
+    if ev.ok:
+        pol = n.policy
+        deadline = max(h.deadline, c.now + pol.fence_timeout + 2 * pol.fence_retry)
+        c.set(handover=replace(h, stage="accepted", deadline=deadline))
+        c.note("switchover.accepted")
+    elif ev.retry:
+        c.set(handover=replace(h, stage="draining", settled_from=None))
+        c.note("switchover.drain_again", why=ev.reason)
+    else:
+        _rollback(c, f"the passive refused: {ev.reason}")
+
+
+def _on_handover_accepted(c: _Cycle, ev: HandoverAccepted) -> None:
+    n = c.node
+    peer = n.peer
+    if (
+        n.role is Role.PASSIVE
+        and n.reachable
+        and peer is not None
+        and peer.role is Role.ACTIVE
+        and peer.epoch == ev.epoch
+        and peer.switching
+    ):
+        _promote(c, Kind.SWITCHOVER, from_epoch=ev.epoch)
+    else:
+        c.note("switchover.not_taken", role=n.role.value, offered=ev.epoch)
 
 
 # ---- decisions --------------------------------------------------------------------------------------------
@@ -880,6 +1134,9 @@ def _decide_passive(c: _Cycle) -> None:
     maintenance = n.maintenance_open(now) or peer.maintenance
     if peer.role is Role.ACTIVE and peer.planned_stop:
         _hold(c, "planned_stop", "the active announced a planned stop: not counting its service as failed")
+        return
+    if peer.role is Role.ACTIVE and peer.switching:
+        _hold(c, None)  # a switchover: the active stopped its service on purpose
         return
     if peer.role is Role.ACTIVE and peer.service is ServiceState.STOPPED:
         if maintenance:
@@ -972,7 +1229,10 @@ def _decide_promoting(c: _Cycle) -> None:
         why = (
             "the peer's agent cannot be reached" if not n.reachable else "no acknowledgement in fence_timeout"
         )
-        if p.kind is Kind.FORCE:
+        if p.kind is Kind.SWITCHOVER:
+            c.alert("switchover.no_ack", f"switchover: {why}; not taking over", epoch=p.epoch)
+            _abandon(c, "promote.abandoned", why=why)
+        elif p.kind is Kind.FORCE:
             c.alert(
                 "failover.forced",
                 f"failover --force: {why}; ASSUMING THE OTHER NODE IS DOWN and starting the service here. "
@@ -1016,6 +1276,35 @@ def _decide_active(c: _Cycle) -> None:
     if n.reachable and peer is not None and peer.role is Role.ACTIVE and peer.epoch == n.epoch:
         c.alert("failover.split_brain", "both nodes are active at the same epoch: both step down")
         _demote(c, n.epoch, "demote.split_brain", drain=False, token=None)
+        return
+    if n.handover is not None:
+        _decide_handover(c)
+
+
+def _decide_handover(c: _Cycle) -> None:
+    n, now = c.node, c.now
+    h = n.handover
+    assert h is not None
+    if h.stage != "accepted" and not n.reachable:
+        _rollback(c, "the passive's agent cannot be reached")
+        return
+    if now >= h.deadline:
+        _rollback(c, "not taken over within switchover_timeout" if h.stage == "accepted" else "timed out")
+        return
+    if h.stage == "stopping" and n.service_stopped:
+        h = replace(h, stage="draining", settled_from=None)
+        c.set(handover=h)
+        c.note("switchover.stopped")
+    if h.stage == "draining":
+        if n.caught_up and n.idle and n.service_stopped:
+            if h.settled_from is None:
+                c.set(handover=replace(h, settled_from=now))
+            elif now - h.settled_from >= n.policy.handover_settle:
+                c.emit(MeasureTree())
+                c.set(handover=replace(h, stage="measuring"))
+                c.note("switchover.drained")
+        elif h.settled_from is not None:
+            c.set(handover=replace(h, settled_from=None))
 
 
 def _decide_demoting(c: _Cycle) -> None:
@@ -1044,6 +1333,20 @@ def _decide_demoting(c: _Cycle) -> None:
 
 def _decide_fenced(c: _Cycle) -> None:
     _retry_stop(c)
+    n = c.node
+    peer = n.peer
+    if (
+        n.policy.auto_rejoin
+        and not n.rejoining
+        and n.reachable
+        and peer is not None
+        and peer.role is Role.ACTIVE
+        and peer.epoch >= n.epoch
+        and peer.service is ServiceState.RUNNING
+        and n.service_stopped
+        and c.now >= n.rejoin_retry_at
+    ):
+        _start_rejoin(c, f"the peer runs the service as active at epoch {peer.epoch}")
 
 
 # ---- moves ------------------------------------------------------------------------------------------------
@@ -1125,7 +1428,7 @@ def _demote(c: _Cycle, epoch: int, event: str, *, drain: bool, token: Token | No
     if not drain:
         c.emit(StopReplication())
     d = Demotion(epoch=epoch, since=c.now, drain=drain, token=token, request_epoch=epoch)
-    c.set(epoch=epoch, seen=max(n.seen, epoch), demotion=d, promotion=None)
+    c.set(epoch=epoch, seen=max(n.seen, epoch), demotion=d, promotion=None, handover=None)
     c.move(Role.DEMOTING, event, drain=drain)
 
 
@@ -1133,6 +1436,7 @@ def _alert_fenced(c: _Cycle) -> None:
     c.alert(
         "node.fenced",
         "this node is fenced: its service stays stopped, it sends nothing and its data is kept untouched; "
-        "run rejoin to make it passive again",
+        "it rejoins as passive by itself once the peer runs the service (its own changes are moved to "
+        "quarantine first), or run rejoin",
         epoch=c.node.epoch,
     )

@@ -27,14 +27,20 @@ from engine.failover import (
     FenceAck,
     FenceCommandResult,
     FenceRequest,
+    HandoverAccepted,
+    HandoverAnswer,
     Heartbeat,
     LocalService,
     MaintenanceEnd,
     MaintenanceStart,
+    MeasureTree,
     Node,
+    OfferHandover,
     PeerSilent,
     PersistRole,
     Policy,
+    Quarantine,
+    Quarantined,
     Rejoin,
     Replication,
     RequestFence,
@@ -51,7 +57,9 @@ from engine.failover import (
     Step,
     StopReplication,
     StopService,
+    Switchover,
     Transition,
+    TreeMeasured,
     beat,
     start,
     step,
@@ -59,7 +67,16 @@ from engine.failover import (
 )
 from engine.failover import Failover as FailoverCommand
 
-Message = Heartbeat | FenceRequest | FenceAck
+
+
+@dataclass(frozen=True)
+class Offer:
+    """OfferHandover on the wire (the agent relays it as a command)."""
+
+    epoch: int
+
+
+Message = Heartbeat | FenceRequest | FenceAck | Offer | HandoverAnswer
 
 DT = 0.5  # one scheduler round, seconds
 BEAT_EVERY = 1.0
@@ -91,7 +108,7 @@ class Faults:
     service_crash: float = 0.0  # per round, per running service
     mid_step_crash: float = 0.0  # per action: the host crashes before the next action of the step
     operator: float = 0.0  # per round: one random operator command
-    switchover: float = 0.0  # per round: a manual failover on a random node
+    switchover: float = 0.0  # per round: a manual failover or a switchover, asked of a random node
     fence_ok: float = 0.75  # the fence command powers the other host off and exits 0
 
 
@@ -148,6 +165,7 @@ class Sim:
         self.nodes = [SimNode("a", Role.ACTIVE), SimNode("b", Role.PASSIVE)]
         self.flight: list[InFlight] = []
         self.fence_runs: list[FenceRun] = []
+        self.results: list[tuple[float, int, int, Event]] = []  # (at, node, boot, event): local I/O results
         self.partition_until = -1.0
         self.boots = 0
         self.seq = 0
@@ -266,10 +284,31 @@ class Sim:
                 )
             case RunFenceCommand():
                 self.fence_runs.append(FenceRun(self.now + self.rng.uniform(0.5, 3.0), i, n.boot))
+            case Quarantine():
+                self.later(i, Quarantined(ok=self.rng.random() >= self.faults.op_fail, files=0))
+            case MeasureTree():
+                self.later(i, TreeMeasured("same-tree", 1))
+            case OfferHandover(epoch=epoch):
+                self.send(i, Offer(epoch))
             case Alert():
                 n.alerts.append(a)
             case SetManual() | BecomeSender() | BecomeReceiver() | StopReplication():
                 pass
+
+    def later(self, i: int, ev: Event) -> None:
+        """The result of a local action (a quarantine, a tree digest), a moment later to this boot."""
+        self.results.append((self.now + self.rng.uniform(0.1, 2.0), i, self.nodes[i].boot, ev))
+
+    def offered(self, i: int, offer: Offer) -> None:
+        """What the agent does with an offer: checks the machine would take it, hands it over, answers.
+        The simulated trees are always equal once the active drained."""
+        agent = self.nodes[i].agent
+        assert agent is not None
+        peer = agent.peer
+        ok = agent.role is Role.PASSIVE and peer is not None and peer.role is Role.ACTIVE
+        if ok:
+            self.feed(i, HandoverAccepted(offer.epoch))
+        self.send(i, HandoverAnswer(ok, reason="" if ok else "not passive"))
 
     def queue_op(self, i: int, op: ServiceOp) -> None:
         svc = self.nodes[i].service
@@ -311,7 +350,15 @@ class Sim:
             if isinstance(m.msg, Heartbeat):
                 dst.last_heard = self.now
                 dst.silent_told = False
-            self.feed(m.dst, m.msg)
+            if isinstance(m.msg, Offer):
+                self.offered(m.dst, m.msg)
+            else:
+                self.feed(m.dst, m.msg)
+        for r in [r for r in self.results if r[0] <= self.now]:
+            self.results.remove(r)
+            _, i, boot, ev = r
+            if self.nodes[i].agent is not None and self.nodes[i].boot == boot:
+                self.feed(i, ev)
         for run in [r for r in self.fence_runs if r.at <= self.now]:
             self.fence_runs.remove(run)
             ok = self.rng.random() < f.fence_ok
@@ -332,7 +379,8 @@ class Sim:
                 self.feed(i, LocalService(state, n.service.changed_at))
             if n.agent is not None and n.agent.role in (Role.ACTIVE, Role.DEMOTING):
                 peer = self.nodes[self.other(i)]
-                self.feed(i, Replication(peer.agent is not None and not self.partitioned()))
+                up = peer.agent is not None and not self.partitioned()
+                self.feed(i, Replication(up, idle=up))
             if n.agent is not None:
                 self.apply(i, tick(n.agent, self.now))
             if n.agent is not None and self.now >= n.next_beat:
@@ -356,8 +404,16 @@ class Sim:
             i = rng.randrange(2)
             agent = self.nodes[i].agent
             fenced = agent is not None and agent.role is Role.FENCED
-            self.nodes[i].log.append(f"{self.now:.1f} operator.{'rejoin' if fenced else 'failover'}")
-            self.feed(i, Rejoin() if fenced else FailoverCommand())
+            planned = not fenced and rng.random() < 0.5
+            what = "rejoin" if fenced else "switchover" if planned else "failover"
+            self.nodes[i].log.append(f"{self.now:.1f} operator.{what}")
+            if planned:
+                # The agent asked on the passive relays a switchover to the active.
+                j = i if agent is not None and agent.role is Role.ACTIVE else self.other(i)
+                if j == i or not self.partitioned():
+                    self.feed(j, Switchover())
+            else:
+                self.feed(i, Rejoin() if fenced else FailoverCommand())
 
     def crash_service(self, i: int) -> None:
         n = self.nodes[i]

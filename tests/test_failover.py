@@ -16,20 +16,27 @@ from engine.failover import (
     TRANSITIONS,
     Action,
     Alert,
+    BecomeReceiver,
     BecomeSender,
     Event,
     Failover,
     FenceAck,
     FenceCommandResult,
     FenceRequest,
+    HandoverAccepted,
+    HandoverAnswer,
     Heartbeat,
     LocalService,
     MaintenanceEnd,
     MaintenanceStart,
+    MeasureTree,
     Node,
+    OfferHandover,
     PeerSilent,
     PersistRole,
     Policy,
+    Quarantine,
+    Quarantined,
     Rejoin,
     Replication,
     RequestFence,
@@ -45,8 +52,10 @@ from engine.failover import (
     StartService,
     Step,
     StopService,
+    Switchover,
     Tick,
     Transition,
+    TreeMeasured,
     beat,
     start,
     step,
@@ -110,11 +119,21 @@ class Agent:
         maintenance: bool = False,
         planned_stop: bool = False,
         boot: int = PEER,
+        switching: str = "",
     ) -> Step:
         self.peer_at += 1.0
         echo_boot = self.state.boot if echo else None
         hb = Heartbeat(
-            boot, self.peer_at, role, epoch, service, maintenance, planned_stop, caught_up, echo_boot
+            boot,
+            self.peer_at,
+            role,
+            epoch,
+            service,
+            maintenance,
+            planned_stop,
+            caught_up,
+            echo_boot,
+            switching=switching,
         )
         return self.feed(hb)
 
@@ -250,6 +269,14 @@ def _script_done() -> Agent:
 def _script_rejoin() -> Agent:
     a = Agent(role=Role.FENCED, epoch=2)
     a.feed(Rejoin())
+    a.feed(Quarantined(ok=True, files=3, folder="q"))
+    return a
+
+
+def _script_switchover() -> Agent:
+    a = passive()
+    a.peer(Role.ACTIVE, 1, STOPPED, switching="offered")
+    a.feed(HandoverAccepted(1))
     return a
 
 
@@ -268,6 +295,7 @@ SCRIPTS: dict[Transition, Callable[[], Agent]] = {
     _row(_P, "promote.manual", _R): _promoting_manual,
     _row(_P, "promote.force", _R): lambda: _then(passive(), Failover(force=True)),
     _row(_P, "promote.finish", _R): lambda: _then(passive(), lambda a: a.peer(Role.FENCED, 2)),
+    _row(_P, "promote.switchover", _R): _script_switchover,
     _row(_P, "promote.forced_alone", _A): _script_forced_alone_passive,
     _row(_R, "promote.proven", _A): _script_proven,
     _row(_R, "promote.forced", _A): _script_forced,
@@ -517,6 +545,7 @@ def test_at_most_one_automatic_failover_per_flap_window() -> None:
     b = Agent(role=Role.FENCED, epoch=2, boot=2)
     b.stopped()
     b.feed(Rejoin())
+    b.feed(Quarantined(ok=True))
     b.feed(beat(a.state, a.now))
     assert b.state.last_auto is not None
     b.now = a.now
@@ -732,17 +761,132 @@ def test_two_durable_actives_at_one_epoch_alert_and_wait_for_the_operator() -> N
     assert other.role() is Role.FENCED and "failover.split_brain" in other.alerts()
 
 
-def test_a_fenced_node_never_starts_and_rejoins_only_on_command() -> None:
-    a = Agent(role=Role.FENCED, epoch=2)
+def test_a_fenced_node_never_starts_and_without_auto_rejoin_rejoins_only_on_command() -> None:
+    a = Agent(dataclasses.replace(POLICY, auto_rejoin=False), role=Role.FENCED, epoch=2)
     a.stopped()
     a.peer(Role.ACTIVE, 2)
     a.at(10 * 3600.0)
     a.feed(LocalService(RUNNING, 1.0))  # someone started it by hand
     assert StopService() in a.steps[-1].actions
     assert a.role() is Role.FENCED
-    assert not any(isinstance(x, StartService | BecomeSender) for x in a.actions())
+    assert not any(isinstance(x, StartService | BecomeSender | Quarantine) for x in a.actions())
     s = a.feed(Rejoin())
+    assert s.actions == (Quarantine(2),) and a.role() is Role.FENCED, "quarantine first, then passive"
+    s = a.feed(Quarantined(ok=True, files=0))
     assert a.role() is Role.PASSIVE and s.actions[0] == PersistRole(Role.PASSIVE, 2)
+
+
+def test_a_fenced_node_rejoins_by_itself_once_the_peer_runs_the_service() -> None:
+    a = Agent(role=Role.FENCED, epoch=2)
+    a.stopped()
+    a.peer(Role.PROMOTING, 2, STOPPED)
+    a.peer(Role.ACTIVE, 2, STOPPED)
+    assert not any(isinstance(x, Quarantine) for x in a.actions()), "not before the peer's service runs"
+    s = a.peer(Role.ACTIVE, 2, RUNNING)
+    assert Quarantine(2) in s.actions and a.role() is Role.FENCED
+    a.peer(Role.ACTIVE, 2, RUNNING)
+    assert sum(isinstance(x, Quarantine) for x in a.actions()) == 1, "one quarantine at a time"
+    a.feed(Quarantined(ok=False, reason="disk full"))
+    assert a.role() is Role.FENCED and "rejoin.failed" in a.alerts()
+    a.peer(Role.ACTIVE, 2, RUNNING)
+    assert sum(isinstance(x, Quarantine) for x in a.actions()) == 1, "retried only after a pause"
+    a.at(a.now + POLICY.fence_timeout)
+    a.peer(Role.ACTIVE, 2, RUNNING)
+    assert sum(isinstance(x, Quarantine) for x in a.actions()) == 2
+    s = a.feed(Quarantined(ok=True, files=4, folder="q/1"))
+    assert a.role() is Role.PASSIVE and "rejoin.quarantined" in a.alerts()
+    assert [type(x) for x in s.actions[:2]] == [PersistRole, BecomeReceiver]
+
+
+def test_a_fenced_node_whose_peer_is_not_at_a_higher_or_equal_epoch_does_not_rejoin() -> None:
+    a = Agent(role=Role.FENCED, epoch=3)
+    a.stopped()
+    a.peer(Role.ACTIVE, 2, RUNNING)
+    assert not any(isinstance(x, Quarantine) for x in a.actions())
+
+
+# ---- rule 7: switchover -----------------------------------------------------------------------------
+
+
+def handing_over(policy: Policy = POLICY) -> Agent:
+    """An active asked to switch over, its service stopped, replication caught up and idle."""
+    a = active(policy)
+    a.peer(Role.PASSIVE, 1, STOPPED)
+    s = a.feed(Switchover())
+    assert StopService() in s.actions and a.state.handover is not None
+    a.stopped()
+    a.feed(Replication(caught_up=True, idle=True))
+    return a
+
+
+def test_a_switchover_drains_measures_offers_and_is_fenced_by_the_taker() -> None:
+    a = handing_over()
+    assert beat(a.state, a.now).switching == "draining"
+    assert not any(isinstance(x, MeasureTree) for x in a.actions()), "settles first"
+    a.at(a.now + POLICY.handover_settle)
+    assert MeasureTree() in a.actions()
+    s = a.feed(TreeMeasured("abc", 10))
+    assert s.actions == (OfferHandover(1, "abc", 10),)
+    a.feed(HandoverAnswer(ok=True))
+    assert a.state.handover is not None and a.state.handover.stage == "accepted"
+    s = a.feed(FenceRequest(2, (PEER, 1)))
+    assert a.role() is Role.DEMOTING and s.actions[0] == PersistRole(Role.FENCED, 2)
+    a.stopped()  # the demotion's own (idempotent) stop
+    assert SendFenceAck(2, (PEER, 1), True) in a.actions() and a.role() is Role.FENCED
+    assert not any(isinstance(x, StartService) for x in a.actions()[-6:])
+
+
+def test_a_switchover_rolls_back_when_refused_silent_or_late() -> None:
+    a = handing_over()
+    a.at(a.now + POLICY.handover_settle)
+    a.feed(TreeMeasured("abc", 10))
+    s = a.feed(HandoverAnswer(ok=False, reason="not passive"))
+    assert StartService() in s.actions and a.state.handover is None
+    assert a.role() is Role.ACTIVE and "switchover.rolled_back" in a.alerts()
+    b = handing_over()
+    s = b.feed(PeerSilent())
+    assert StartService() in s.actions and b.state.handover is None
+    c = handing_over()
+    c.feed(Replication(caught_up=False))  # never drains
+    for t in range(1, int(POLICY.switchover_timeout) + 1):
+        c.peer(Role.PASSIVE, 1, STOPPED)
+        c.at(t + 0.5)
+    assert c.state.handover is None and "switchover.rolled_back" in c.alerts()
+
+
+def test_a_tree_that_differs_is_drained_and_offered_again() -> None:
+    a = handing_over()
+    a.at(a.now + POLICY.handover_settle)
+    a.feed(TreeMeasured("abc", 10))
+    a.feed(HandoverAnswer(ok=False, retry=True, reason="trees differ"))
+    assert a.state.handover is not None and a.state.handover.stage == "draining"
+    a.at(a.now + 0.5)
+    a.at(a.now + POLICY.handover_settle)
+    assert sum(isinstance(x, MeasureTree) for x in a.actions()) == 2
+
+
+def test_the_passive_holds_quietly_while_the_active_switches_and_takes_only_a_real_offer() -> None:
+    a = passive(dataclasses.replace(POLICY, failover_after=5.0))
+    a.active_down(60.0, switching="draining")
+    assert a.role() is Role.PASSIVE and not a.alerts(), "no count, no alert during a switchover"
+    b = passive()
+    b.feed(HandoverAccepted(1))  # the active is not switching: ignored
+    assert b.role() is Role.PASSIVE
+    b.peer(Role.ACTIVE, 1, STOPPED, switching="offered")
+    b.feed(HandoverAccepted(1))
+    r = request_of(b)
+    assert r.epoch == 2 and b.role() is Role.PROMOTING
+    b.feed(FenceAck(r.epoch, r.token, drained=True))
+    assert b.role() is Role.ACTIVE and b.actions()[-4:-1] == [PersistRole(Role.ACTIVE, 2), BecomeSender(), StartService()]
+
+
+def test_a_switchover_without_an_acknowledgement_is_abandoned_never_forced() -> None:
+    b = passive(dataclasses.replace(POLICY, fence_command=True))
+    b.peer(Role.ACTIVE, 1, STOPPED, switching="offered")
+    b.feed(HandoverAccepted(1))
+    b.at(b.now + POLICY.fence_timeout)
+    assert b.role() is Role.PASSIVE and "switchover.no_ack" in b.alerts()
+    assert not any(isinstance(x, RunFenceCommand | StartService) for x in b.actions())
 
 
 def test_a_failed_stop_is_alerted_and_retried() -> None:
@@ -815,17 +959,23 @@ _events: st.SearchStrategy[Event] = st.one_of(
         caught_up=st.booleans(),
         echo=st.sampled_from([None, 1, 2]),
         last_failover_age=st.none() | st.floats(0, 10_000),
+        switching=st.sampled_from(["", "draining", "offered"]),
     ),
     st.just(PeerSilent()),
     st.builds(FenceRequest, st.integers(0, 7), _tokens),
     st.builds(FenceAck, st.integers(0, 7), st.tuples(st.just(1), st.integers(0, 3)), st.booleans()),
     st.builds(FenceCommandResult, st.sampled_from([0, 1])),
     st.builds(ServiceResult, st.sampled_from(list(ServiceOp)), st.booleans()),
-    st.builds(Replication, st.booleans()),
+    st.builds(Replication, st.booleans(), st.booleans()),
     st.builds(Failover, st.booleans()),
     st.builds(MaintenanceStart, st.floats(0, 2000)),
     st.just(MaintenanceEnd()),
     st.just(Rejoin()),
+    st.builds(Quarantined, st.booleans(), st.integers(0, 3)),
+    st.just(Switchover()),
+    st.builds(TreeMeasured, st.sampled_from(["", "d"]), st.integers(0, 3)),
+    st.builds(HandoverAnswer, st.booleans(), st.booleans()),
+    st.builds(HandoverAccepted, st.integers(0, 6)),
     st.just(Shutdown()),
     st.just(Tick()),
 )
@@ -958,7 +1108,7 @@ def converge(sim: Sim, limit: float) -> bool:
         for i, n in enumerate(sim.nodes):
             if n.agent is None:
                 continue
-            if n.agent.role is Role.FENCED:
+            if n.agent.role is Role.FENCED and not n.agent.rejoining:
                 sim.feed(i, Rejoin())
             elif n.agent.role is Role.ACTIVE and not n.service.running and not n.agent.service_ops:
                 sim.feed(i, Failover())
@@ -990,6 +1140,8 @@ def test_simulation_never_runs_two_services_and_recovers(faults: Faults) -> None
         moves.update(m for n in sim.nodes for m in n.moves)
     assert moves <= set(TRANSITIONS)
     common = {"promote.auto", "promote.proven", "demote.requested", "demote.done", "startup.confirmed"}
+    if faults.switchover:
+        common |= {"promote.switchover", "rejoin"}
     assert common <= {m.event for m in moves}, "the schedule exercises failover"
 
 
@@ -1010,6 +1162,21 @@ def test_simulation_fails_over_when_the_active_service_dies(faults: Faults) -> N
         )
         assert sim.roles() == [Role.FENCED, Role.ACTIVE] and not sim.violations
         assert sim.nodes[1].disk == (Role.ACTIVE, 2) and sim.nodes[0].disk == (Role.FENCED, 2)
+
+
+def test_simulation_switchover_swaps_the_roles_and_the_old_active_rejoins() -> None:
+    """A switchover on a fair network: the service moves to the passive within a few seconds, the old
+    active rejoins as passive by itself, and at no moment do both services run."""
+    for seed in seeds(10, 200):
+        sim = Sim(seed, Faults())
+        assert sim.run_until(lambda s=sim: s.running() == [True, False], 30.0) is not None, sim.describe()
+        sim.feed(0, Switchover())
+        took = sim.run_until(lambda s=sim: s.running() == [False, True], 30.0)
+        assert took is not None and took <= SIM_POLICY.handover_settle + 8.0, f"took {took}\n{sim.describe()}"
+        assert sim.run_until(lambda s=sim: s.roles() == [Role.PASSIVE, Role.ACTIVE], 20.0) is not None
+        assert not sim.violations, sim.describe()
+        assert sim.nodes[1].disk == (Role.ACTIVE, 2) and sim.nodes[0].disk == (Role.PASSIVE, 2)
+        assert "switchover.rolled_back" not in [a.event for n in sim.nodes for a in n.alerts]
 
 
 def test_simulation_without_proof_keeps_the_passive_waiting() -> None:
