@@ -136,10 +136,61 @@ def _parser() -> argparse.ArgumentParser:
     sp = cmd(
         "rejoin",
         "let a fenced node become passive again",
-        "A fenced node keeps its data untouched and never starts the service; rejoin makes it passive,\n"
-        "so the replica follows the active again.",
+        "A fenced node keeps its data untouched and never starts the service. Rejoin first moves every\n"
+        "file it has that the active never had (written after the failover, or never shipped) into\n"
+        "<state_dir>/quarantine/ with a manifest, then makes it passive, so the replica follows the\n"
+        "active again (only files that differ travel). With [failover] auto_rejoin (the default) a\n"
+        "fenced node does this by itself once the other node runs the service.",
     )
     conf(sp)
+    sp = cmd(
+        "switchover",
+        "move the service to the other node, planned, losing nothing",
+        "Run on either server. The active stops its service, drains until the other node has applied\n"
+        "everything, both trees are compared by hash, the epoch is raised and the other node starts\n"
+        "the service; the old active becomes passive. If anything fails before the new service runs,\n"
+        "the service is started again where it was. Prints each step and the time the service was\n"
+        "down. Running it again after an interruption follows the switchover under way.",
+    )
+    conf(sp)
+    sp.add_argument("--to", metavar="NODE", default="", help="the node to move to (default: the passive)")
+    sp.add_argument(
+        "--timeout", type=float, default=300.0, metavar="SECONDS", help="how long to follow (default: 300)"
+    )
+    sp = cmd(
+        "failback",
+        "switch over to the node configured with [node] preferred = true",
+        "A switchover to the preferred node (see switchover). Refused while files a rejoin set aside\n"
+        "are not acknowledged (standby quarantine list / ack).",
+    )
+    conf(sp)
+    sp.add_argument(
+        "--timeout", type=float, default=300.0, metavar="SECONDS", help="how long to follow (default: 300)"
+    )
+    sp = cmd(
+        "quarantine",
+        "list or acknowledge the files a rejoin set aside",
+        "list: the quarantine folders of this node (<state_dir>/quarantine/), what each holds and\n"
+        "whether it is acknowledged. --files shows each file with its size, hash and why.\n"
+        "ack ID | --all: mark folders as looked at (nothing is deleted); failback needs it.",
+    )
+    conf(sp)
+    sp.add_argument("action", choices=["list", "ack"])
+    sp.add_argument("id", nargs="?", default=None, help="ack: the folder to acknowledge")
+    sp.add_argument("--all", action="store_true", help="ack: every folder")
+    sp.add_argument("--files", action="store_true", help="list: every file of every folder")
+    sp.add_argument("--json", action="store_true", help="list: machine-readable output")
+    sp = cmd(
+        "upgrade",
+        "carry the service's installer to the passive, run it there, compare versions",
+        "stage (on the active): send [upgrade] installer to the passive over the authenticated link,\n"
+        "checked by hash. run (on the passive): open a maintenance window, run the installer\n"
+        "(Windows: msiexec /i FILE /qn /l*v LOG), then make sure the service is stopped and Manual\n"
+        "and stays so for [upgrade] stable_for, and close the window. check (either node): do both\n"
+        "nodes run the same version of the service and of standby? Exit 0 yes, 1 no.",
+    )
+    conf(sp)
+    sp.add_argument("action", choices=["stage", "run", "check"])
     sp = cmd(
         "init",
         "create this node's key and certificate; print its node ID",
@@ -645,11 +696,78 @@ def _cmd_rejoin(args: argparse.Namespace) -> int:
     return _agent_command(args, "rejoin", {})
 
 
+def _cmd_switchover(args: argparse.Namespace) -> int:
+    from engine.node import send_command
+    from engine.switching import follow
+
+    setup = config.load_node(args.config)
+    name = "failback" if args.cmd == "failback" else "switchover"
+    cmd_args = {} if name == "failback" else {"to": args.to}
+    ok, text = send_command(setup.node.state_dir, name, cmd_args, timeout=60.0)
+    print(f"standby: {text}", file=sys.stdout if ok else sys.stderr)
+    if not ok:
+        return EXIT_ERROR
+    if text.endswith("nothing to do"):
+        return EXIT_OK
+    return follow(setup.node.state_dir, setup.node.name, setup.peer.name, args.timeout)
+
+
+def _cmd_quarantine(args: argparse.Namespace) -> int:
+    from engine import quarantine
+
+    setup = config.load_node(args.config)
+    state_dir = setup.node.state_dir
+    if args.action == "ack":
+        if bool(args.id) == bool(args.all):
+            raise ConfigError("quarantine ack: give one folder ID, or --all")
+        done = quarantine.acknowledge(state_dir, None if args.all else args.id)
+        print(f"standby: acknowledged {len(done)} folder(s)" + (f": {', '.join(done)}" if done else ""))
+        return EXIT_OK
+    folders = quarantine.list_folders(state_dir)
+    if args.json:
+        out = [
+            {**{k: v for k, v in f.__dict__.items() if k != "path"}, "path": str(f.path)}
+            | ({"files_list": quarantine.manifest(f.path)} if args.files else {})
+            for f in folders
+        ]
+        print(json.dumps(out, indent=1))
+        return EXIT_OK
+    if not folders:
+        print("standby: nothing in quarantine")
+        return EXIT_OK
+    for f in folders:
+        state = "acknowledged" if f.acknowledged else "NOT ACKNOWLEDGED"
+        print(f"{f.id}  epoch {f.epoch}  {f.files} file(s)  {f.bytes} bytes  {state}  {f.path}")
+        if args.files:
+            for line in quarantine.manifest(f.path):
+                print(
+                    f"    {line.get('path')}  {line.get('size')} bytes  {line.get('hash')}  {line.get('why')}"
+                )
+    return EXIT_OK
+
+
+def _cmd_upgrade(args: argparse.Namespace) -> int:
+    from engine.node import send_command
+
+    setup = config.load_node(args.config)
+    wait = setup.upgrade.timeout + setup.upgrade.stable_for * 4 + 600.0
+    print(f"standby: upgrade {args.action} ...", flush=True)
+    ok, text = send_command(setup.node.state_dir, f"upgrade-{args.action}", {}, timeout=wait)
+    print(f"standby: {text}", file=sys.stdout if ok else sys.stderr)
+    if args.action == "check":
+        return EXIT_OK if ok else EXIT_DIFF
+    return EXIT_OK if ok else EXIT_ERROR
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run,
     "failover": _cmd_failover,
     "maintenance": _cmd_maintenance,
     "rejoin": _cmd_rejoin,
+    "switchover": _cmd_switchover,
+    "failback": _cmd_switchover,
+    "quarantine": _cmd_quarantine,
+    "upgrade": _cmd_upgrade,
     "init": _cmd_init,
     "send": _cmd_send,
     "receive": _cmd_receive,

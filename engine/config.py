@@ -483,7 +483,7 @@ class NodeConfig:
     include: tuple[str, ...] = SenderConfig.include
     initial_role: Role = Role.PASSIVE  # only when there is no durable role yet (engine.rolestate)
     insecure: bool = False  # plaintext, loopback only
-    preferred: bool = False  # the node failback returns to (kept for a later feature)
+    preferred: bool = False  # the node `standby failback` returns the service to
 
 
 @dataclass(frozen=True)
@@ -499,6 +499,21 @@ class FailoverConfig:
     flap_window: float = 21_600.0
     start_alone_after: float = 0.0  # 0: never
     fence_command: tuple[str, ...] = ()  # argv; exit 0 means the old active is fenced
+    auto_rejoin: bool = True  # a fenced node rejoins as passive by itself (after setting its changes aside)
+    switchover_timeout: float = 120.0  # a switchover not taken over by then is rolled back
+    max_clock_skew: float = 2.0  # warn when the peer's clock is further off than this (seconds)
+
+
+@dataclass(frozen=True)
+class UpgradeConfig:
+    """``[upgrade]``: the installer ``standby upgrade`` carries to the passive and runs there."""
+
+    installer: str = "config/upgrade/SetupProject.msi"  # relative to [node] root, or absolute
+    command: tuple[str, ...] = ()  # off Windows: the installer command ({installer}, {log} substituted)
+    version_command: tuple[str, ...] = ()  # prints the service's version on its first line
+    service_exe: str = ""  # Windows: the service's program, whose file version is its version
+    stable_for: float = 10.0  # after the installer: stopped and Manual this long
+    timeout: float = 1800.0  # the installer's time limit
 
 
 @dataclass(frozen=True)
@@ -544,6 +559,7 @@ class NodeSetup:
     failover: FailoverConfig = FailoverConfig()
     alert: AlertConfig = AlertConfig()
     guards: tuple[GuardRule, ...] = ()
+    upgrade: UpgradeConfig = UpgradeConfig()
 
     def sender(self) -> SenderConfig:
         """The sender part, run while the node is active: it ships ``root`` to the peer."""
@@ -582,6 +598,8 @@ class NodeSetup:
             flap_window=f.flap_window,
             start_alone_after=f.start_alone_after or None,
             fence_command=bool(f.fence_command),
+            auto_rejoin=f.auto_rejoin,
+            switchover_timeout=f.switchover_timeout,
         )
 
 
@@ -590,6 +608,13 @@ FAILOVER_RANGES: dict[str, Range] = {
     "flap_window": Range(60, 604_800, "seconds"),
     # below a minute a restarted active would start alone before a rebooting peer could answer
     "start_alone_after": Range(60, 604_800, "seconds", off=True),
+    # long enough to stop the service, drain and hash both trees; a switchover is watched by its operator
+    "switchover_timeout": Range(10, 3600, "seconds"),
+    "max_clock_skew": Range(0.1, 3600, "seconds"),
+}
+UPGRADE_RANGES: dict[str, Range] = {
+    "stable_for": Range(1, 600, "seconds"),
+    "timeout": Range(10, 86_400, "seconds"),
 }
 ALERT_RANGES: dict[str, Range] = {"timeout": Range(1, 600, "seconds")}
 #: Every numeric key of a node config's own sections, by section ([node] and [peer] have none). Kept apart
@@ -599,8 +624,9 @@ NODE_RANGES: dict[str, dict[str, Range]] = {
     "service": SERVICE_RANGES,
     "failover": FAILOVER_RANGES,
     "alert": ALERT_RANGES,
+    "upgrade": UPGRADE_RANGES,
 }
-NODE_SECTIONS = ("node", "peer", "service", "failover", "alert", "guard")
+NODE_SECTIONS = ("node", "peer", "service", "failover", "alert", "guard", "upgrade")
 _NODE_KEYS = ("name", "listen", "root", "include", "state_dir", "initial_role", "insecure", "preferred")
 _PEER_KEYS = ("name", "address", "id")
 _INITIAL_ROLES = {"active": Role.ACTIVE, "passive": Role.PASSIVE}
@@ -672,20 +698,54 @@ def parse_node(data: dict[str, Any], path: Path) -> NodeSetup:
     peer = PeerConfig(peer_name, address, peer_id)
 
     service = parse_service(data.get("service", {}))
-    f = _table(data, "failover", ("flap_window", "start_alone_after", "fence_command"), required=False)
+    f = _table(
+        data,
+        "failover",
+        (
+            "flap_window",
+            "start_alone_after",
+            "fence_command",
+            "auto_rejoin",
+            "switchover_timeout",
+            "max_clock_skew",
+        ),
+        required=False,
+    )
     failover = FailoverConfig(
         flap_window=_section_number(f, "failover", "flap_window", FailoverConfig.flap_window),
         start_alone_after=_section_number(
             f, "failover", "start_alone_after", FailoverConfig.start_alone_after
         ),
         fence_command=_argv(f.get("fence_command", []), "failover -> fence_command"),
+        auto_rejoin=_flag(f, "auto_rejoin", "failover") if "auto_rejoin" in f else True,
+        switchover_timeout=_section_number(
+            f, "failover", "switchover_timeout", FailoverConfig.switchover_timeout
+        ),
+        max_clock_skew=_section_number(f, "failover", "max_clock_skew", FailoverConfig.max_clock_skew),
+    )
+    u = _table(
+        data,
+        "upgrade",
+        ("installer", "command", "version_command", "service_exe", "stable_for", "timeout"),
+        required=False,
+    )
+    for key in ("installer", "service_exe"):
+        if key in u and (not isinstance(u[key], str) or (key == "installer" and not u[key])):
+            raise ConfigError(f"upgrade -> {key}: expected a path as a string, got {u[key]!r}")
+    upgrade = UpgradeConfig(
+        installer=u.get("installer", UpgradeConfig.installer),
+        command=_argv(u.get("command", []), "upgrade -> command"),
+        version_command=_argv(u.get("version_command", []), "upgrade -> version_command"),
+        service_exe=u.get("service_exe", ""),
+        stable_for=_section_number(u, "upgrade", "stable_for", UpgradeConfig.stable_for),
+        timeout=_section_number(u, "upgrade", "timeout", UpgradeConfig.timeout),
     )
     a = _table(data, "alert", ("command", "timeout"), required=False)
     alert = AlertConfig(
         command=_argv(a.get("command", []), "alert -> command"),
         timeout=_section_number(a, "alert", "timeout", AlertConfig.timeout),
     )
-    return NodeSetup(path, node, peer, service, failover, alert, _guards(data.get("guard", [])))
+    return NodeSetup(path, node, peer, service, failover, alert, _guards(data.get("guard", [])), upgrade)
 
 
 def load_node(path: Path) -> NodeSetup:

@@ -64,6 +64,9 @@ from typing import Any, TypeAlias
 
 from engine.errors import LocalProtocolError
 
+#: A rejoin whose quarantine failed (the peer unreachable, a disk error) is tried again after this long.
+REJOIN_RETRY = 5.0
+
 # ---- values -----------------------------------------------------------------------------------------------
 
 
@@ -116,7 +119,7 @@ class Policy:
     drain_timeout: float = 60.0  # how long a demoting active waits for its sender to drain
     service_retry: float = 30.0  # a failed StopService is tried again this often
     auto_rejoin: bool = True  # a fenced node rejoins by itself once the peer runs the service as active
-    switchover_timeout: float = 60.0  # a handover not accepted by then is rolled back
+    switchover_timeout: float = 120.0  # a handover not accepted by then is rolled back
     handover_settle: float = 1.0  # caught up and idle this long before the tree is measured
 
     def __post_init__(self) -> None:
@@ -179,6 +182,14 @@ class Heartbeat:
     echo: int | None
     last_failover_age: float | None = None  # seconds since the last automatic failover this node knows
     switching: str = ""  # an active handing over: the stage it is at ("" when none)
+    # Carried for the agents, never read by the role machine (no decision compares clocks across nodes):
+    preferred: bool = False  # [node] preferred: the node a failback returns to
+    quarantined: int = 0  # files set aside by rejoins and not acknowledged yet
+    utc: float | None = None  # the sender's wall clock (seconds since 1970, UTC) when it sent this
+    tz: str = ""  # its time zone's name
+    tz_offset: int | None = None  # its UTC offset now, seconds east
+    echo_at: float | None = None  # ``at`` of the last heartbeat it received from the receiver of this one
+    echo_held: float | None = None  # seconds between receiving that heartbeat and sending this one
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,6 +561,8 @@ class Node:
     handover: Handover | None = None
     rejoining: bool = False  # a Quarantine is running; the rejoin follows its result
     rejoin_retry_at: float = 0.0
+    rejoin_failed: str = ""  # why the last quarantine failed (alerted once per reason)
+    rejoin_asked: bool = False  # an operator asked: retried even without auto_rejoin
 
     @property
     def service_stopped(self) -> bool:
@@ -956,6 +969,7 @@ def _on_rejoin(c: _Cycle) -> None:
     if n.rejoining:
         c.note("command.noop", why="a rejoin is under way")
         return
+    c.set(rejoin_asked=True)
     _start_rejoin(c, "operator")
 
 
@@ -974,17 +988,25 @@ def _on_quarantined(c: _Cycle, ev: Quarantined) -> None:
         return
     c.set(rejoining=False)
     if not ev.ok:
-        c.alert(
-            "rejoin.failed",
-            f"this node's own changes could not be set aside ({ev.reason}): it stays fenced, nothing was "
-            "overwritten, and it tries again",
-            retry_in=n.policy.fence_timeout,
-        )
-        c.set(rejoin_retry_at=c.now + n.policy.fence_timeout)
+        if ev.reason != n.rejoin_failed:
+            c.alert(
+                "rejoin.failed",
+                f"this node's own changes could not be set aside ({ev.reason}): it stays fenced, nothing "
+                "was overwritten, and it tries again",
+                retry_in=REJOIN_RETRY,
+            )
+        c.set(rejoin_retry_at=c.now + REJOIN_RETRY, rejoin_failed=ev.reason)
         return
     epoch = max(n.epoch, n.seen)
     c.emit(PersistRole(Role.PASSIVE, epoch), BecomeReceiver())
-    c.set(epoch=epoch, fence_drained=False, hold=None, peer_down_since=None)
+    c.set(
+        epoch=epoch,
+        fence_drained=False,
+        hold=None,
+        peer_down_since=None,
+        rejoin_failed="",
+        rejoin_asked=False,
+    )
     c.move(Role.PASSIVE, "rejoin", quarantined=ev.files)
     if ev.files:
         c.alert(
@@ -1335,16 +1357,18 @@ def _decide_fenced(c: _Cycle) -> None:
     _retry_stop(c)
     n = c.node
     peer = n.peer
-    if (
+    if n.rejoining or c.now < n.rejoin_retry_at:
+        return
+    if n.rejoin_asked and n.rejoin_failed:
+        _start_rejoin(c, "operator (again)")
+    elif (
         n.policy.auto_rejoin
-        and not n.rejoining
         and n.reachable
         and peer is not None
         and peer.role is Role.ACTIVE
         and peer.epoch >= n.epoch
         and peer.service is ServiceState.RUNNING
         and n.service_stopped
-        and c.now >= n.rejoin_retry_at
     ):
         _start_rejoin(c, f"the peer runs the service as active at epoch {peer.epoch}")
 

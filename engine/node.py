@@ -23,11 +23,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from engine import failover, identity, wire
+from engine import clocks, failover, identity, quarantine, wire
 from engine.aio import run_critical
 from engine.config import NodeSetup, SenderConfig
 from engine.errors import ReplicationError, SafetyHalt
@@ -36,7 +37,7 @@ from engine.journal import Journal
 from engine.peer import PeerChannel
 from engine.receiver import Receiver
 from engine.rolestate import RoleState
-from engine.scan import HashCache
+from engine.scan import HashCache, TreeDigest, tree_digest
 from engine.sender.intake import Intake
 from engine.sender.link import Link
 from engine.sender.reconcile import Reconciler
@@ -272,6 +273,10 @@ class SenderNode:
 #: step of a promotion, for the kill-loop tests. Never set in production.
 CRASH_AFTER = "STANDBY_CRASH_AFTER"
 
+#: Test seam: ``STANDBY_CLOCK_OFFSET=SECONDS`` is added to the UTC time this agent tells its peer (a skewed
+#: clock, for the clock-check tests). Never set in production.
+CLOCK_OFFSET = "STANDBY_CLOCK_OFFSET"
+
 #: The role machine's transition event names: the log line that starts with one says why a role changed.
 _MOVES = frozenset(t.event for t in failover.TRANSITIONS)
 
@@ -330,18 +335,38 @@ class Agent:
         self._last_heartbeat = clock()
         self._silent_said = 0.0
         self._service_seen: tuple[failover.ServiceState, float] | None = None
-        self._caught_up: bool | None = None
+        self._caught_up: tuple[bool, bool] | None = None
         self.alerts: list[dict[str, Any]] = []
         self._bg: set[asyncio.Task[Any]] = set()
         self._crash_after = os.environ.get(CRASH_AFTER, "")
+        self._clock_offset = float(os.environ.get(CLOCK_OFFSET, "0") or 0)
         self._why = "role machine"
+        self._peer_beat: tuple[float, float] | None = None  # (its ``at``, our clock when it came)
+        self._clock_samples: list[clocks.Sample] = []
+        self._clock_problems: tuple[str, ...] = ()
+        self._quarantined = 0
+        self._quarantine_checked = 0.0
+        self._incoming: Any = None  # engine.upgrade.Incoming while an installer arrives
 
     def _accepts_senders(self) -> bool:
-        return self.state is not None and self.state.role in (failover.Role.PASSIVE, failover.Role.PROMOTING)
+        """Only a passive takes the peer's stream (and one promoting from passive, which still drains the
+        old active). A node waiting at start-up with a durable active role, a demoting or a fenced node
+        refuses it: their own changes must not be overwritten before a rejoin has set them aside."""
+        st = self.state
+        if st is None:
+            return False
+        if st.role is failover.Role.PASSIVE:
+            return True
+        p = st.promotion
+        return st.role is failover.Role.PROMOTING and p is not None and p.kind is not failover.Kind.RESTART
 
     def _post(self, ev: failover.Event | wire.AgentEvent) -> None:
         if isinstance(ev, failover.Heartbeat):
             self._last_heartbeat = self.clock()
+            self._heard(ev)
+        if isinstance(ev, wire.AgentBlob):
+            self._blob(ev)
+            return
         if isinstance(ev, wire.AgentCommand):
             self._spawn(self._relayed(ev))
             return
@@ -452,6 +477,12 @@ class Agent:
             await self._start_sender()
         elif isinstance(a, failover.BecomeReceiver | failover.StopReplication):
             await self._stop_sender()
+        elif isinstance(a, failover.Quarantine):
+            self._spawn(self._quarantine(a.epoch))
+        elif isinstance(a, failover.MeasureTree):
+            self._spawn(self._measure_tree())
+        elif isinstance(a, failover.OfferHandover):
+            self._spawn(self._offer(a))
         elif isinstance(a, failover.Alert):
             self._alert(a)
         if self._crash_after and self._crash_after == f"{type(a).__name__}:{self._role_now()}":
@@ -549,14 +580,362 @@ class Agent:
         if s is None:
             return
         caught = s.link.connected and s.link.acked.seq >= s.journal.head
-        if caught != self._caught_up:
-            self._caught_up = caught
-            self._events.put_nowait(failover.Replication(caught))
+        idle = caught and s.intake.status().pending_paths == 0
+        if (caught, idle) != self._caught_up:
+            self._caught_up = (caught, idle)
+            self._events.put_nowait(failover.Replication(caught, idle))
 
     # -- the peer and the operator --------------------------------------------------------------------------
     async def _send_heartbeat(self) -> None:
-        if self.state is not None:
-            self.peer.heartbeat(failover.beat(self.state, self.clock()))
+        if self.state is None:
+            return
+        now = self.clock()
+        if now - self._quarantine_checked >= 5.0:
+            self._quarantine_checked = now
+            try:
+                self._quarantined = await asyncio.to_thread(
+                    quarantine.unacknowledged_files, self.setup.node.state_dir
+                )
+            except (OSError, ReplicationError) as e:
+                log.warning("quarantine.count_failed error=%s", e)
+        local = datetime.now().astimezone()
+        offset = local.utcoffset()
+        hb = replace(
+            failover.beat(self.state, now),
+            preferred=self.setup.node.preferred,
+            quarantined=self._quarantined,
+            utc=time.time() + self._clock_offset,
+            tz=local.tzname() or "",
+            tz_offset=int(offset.total_seconds()) if offset is not None else None,
+            echo_at=self._peer_beat[0] if self._peer_beat else None,
+            echo_held=max(0.0, now - self._peer_beat[1]) if self._peer_beat else None,
+        )
+        self.peer.heartbeat(hb)
+
+    def _heard(self, hb: failover.Heartbeat) -> None:
+        """Clock checks on a heartbeat from the peer (warn only: no decision compares wall clocks)."""
+        now = self.clock()
+        self._peer_beat = (hb.at, now)
+        if hb.utc is not None and hb.echo_at is not None and hb.echo_held is not None:
+            sample = clocks.sample(hb.utc, hb.echo_at, hb.echo_held, now, time.time())
+            if sample is not None:
+                self._clock_samples = [*self._clock_samples[-(clocks.WINDOW - 1) :], sample]
+        v = self._clock_view(hb)
+        if v.problems != self._clock_problems and len(self._clock_samples) >= 3:
+            for problem in v.problems:
+                if problem not in self._clock_problems:
+                    self._alert(failover.Alert("clock.check", problem, (("skew", f"{v.skew}"),)))
+            self._clock_problems = v.problems
+
+    def _clock_view(self, hb: failover.Heartbeat | None) -> clocks.ClockView:
+        local = datetime.now().astimezone()
+        offset = local.utcoffset()
+        return clocks.view(
+            self._clock_samples,
+            self.setup.failover.max_clock_skew,
+            local.tzname() or "",
+            int(offset.total_seconds()) if offset is not None else 0,
+            hb.tz if hb is not None else "",
+            hb.tz_offset if hb is not None else None,
+        )
+
+    # -- upgrades -------------------------------------------------------------------------------------------
+    def _installer(self) -> Path:
+        p = Path(self.setup.upgrade.installer)
+        return p if p.is_absolute() else self.setup.node.root / p
+
+    async def _upgrade_stage(self) -> tuple[bool, str]:
+        """On the active: carry the installer to the passive over the agents' channel, checked by hash."""
+        from engine import upgrade
+
+        path = self._installer()
+        try:
+            staged = await asyncio.to_thread(upgrade.describe, path)
+        except OSError as e:
+            return False, f"the installer {path} cannot be read: {e.strerror or e}"
+        other = self.setup.peer.name
+        try:
+            args = {"name": staged.name, "size": staged.size, "digest": staged.digest}
+            r = await self.peer.command("upgrade-begin", args)
+            if not r.ok:
+                return False, f"{other}: {r.text}"
+            t0 = time.monotonic()
+            chunks = upgrade.iter_chunks(path, wire.AGENT_BLOB_BYTES)
+            while (piece := await asyncio.to_thread(next, chunks, None)) is not None:
+                await self.peer.send_blob(*piece)
+            r = await self.peer.command("upgrade-end", {}, timeout=600.0)
+        except (ConnectionError, TimeoutError, ReplicationError, OSError) as e:
+            return False, f"the installer did not reach {other}: {e}"
+        if not r.ok:
+            return False, f"{other}: {r.text}"
+        secs = time.monotonic() - t0
+        return True, f"{staged.name} ({staged.size} bytes) staged on {other} in {secs:.1f} s, hash checked"
+
+    def _blob(self, ev: wire.AgentBlob) -> None:
+        inc = self._incoming
+        if inc is None or isinstance(inc, str):
+            return
+        try:
+            inc.write(ev.offset, ev.data)
+        except (OSError, ReplicationError) as e:
+            inc.abort()
+            self._incoming = f"the installer could not be written: {e}"
+
+    def _upgrade_begin(self, args: dict[str, Any]) -> tuple[bool, str]:
+        from engine import upgrade
+
+        if isinstance(self._incoming, upgrade.Incoming):
+            self._incoming.abort()
+        try:
+            self._incoming = upgrade.Incoming.begin(
+                self.setup.node.state_dir,
+                str(args.get("name", "")),
+                int(args.get("size", -1)),
+                str(args.get("digest", "")),
+                self.setup.peer.name,
+            )
+        except (OSError, ValueError, ReplicationError) as e:
+            self._incoming = None
+            return False, f"cannot receive the installer: {e}"
+        return True, "ready"
+
+    async def _upgrade_end(self) -> tuple[bool, str]:
+        inc, self._incoming = self._incoming, None
+        if isinstance(inc, str):
+            return False, inc
+        if inc is None:
+            return False, "no installer was announced"
+        try:
+            staged = await asyncio.to_thread(inc.finish)
+        except (OSError, ReplicationError) as e:
+            return False, str(e)
+        log.info("upgrade.staged name=%s size=%d digest=%s", staged.name, staged.size, staged.digest)
+        return True, f"{staged.name} staged ({staged.size} bytes, hash checked)"
+
+    async def _upgrade_run(self) -> tuple[bool, str]:
+        """On the passive: a maintenance window, the installer, then the service stopped and Manual."""
+        from engine import upgrade
+
+        st = self.state
+        assert st is not None
+        if st.role not in (failover.Role.PASSIVE, failover.Role.FENCED):
+            return (
+                False,
+                f"upgrade run refused: {self.setup.node.name} is {st.role.value}; upgrade the passive",
+            )
+        n, u = self.setup.node, self.setup.upgrade
+        staged = await asyncio.to_thread(upgrade.staged, n.state_dir, verify=True)
+        if staged is None:
+            return False, "no installer is staged here: run `standby upgrade stage` on the active first"
+        installer = n.state_dir / "upgrade" / staged.name
+        logfile = n.state_dir / "upgrade" / f"{staged.name}.{datetime.now(UTC):%Y%m%dT%H%M%SZ}.log"
+        try:
+            argv = upgrade.installer_argv(
+                installer, logfile, windows=sys.platform == "win32", command=u.command
+            )
+        except ValueError as e:
+            return False, str(e)
+        window = u.timeout + u.stable_for + 120.0
+        self._events.put_nowait(failover.MaintenanceStart(until=self.clock() + window))
+        try:
+            log.info("upgrade.installing argv=%s", argv)
+            res = await asyncio.to_thread(upgrade.run_installer, argv, u.timeout)
+            ok, verdict = upgrade.installer_verdict(res.exit_code, msi=sys.platform == "win32")
+            log.info("upgrade.installed exit_code=%d ok=%s seconds=%.1f", res.exit_code, ok, res.seconds)
+            settle = await asyncio.to_thread(
+                upgrade.settle_service,
+                self.service,
+                stable_for=u.stable_for,
+                timeout=u.stable_for * 3 + self.setup.service.timeout * 2,
+                stop_timeout=self.setup.service.timeout,
+                clock=time.monotonic,
+                sleep=time.sleep,
+            )
+        finally:
+            self._events.put_nowait(failover.MaintenanceEnd())
+        text = f"installer: {verdict} (exit code {res.exit_code}, {res.seconds:.0f} s); "
+        if settle.ok:
+            text += f"the service is stopped and Manual (stopped it {settle.stops} time(s))"
+        else:
+            text += f"the service could not be left stopped and Manual: {settle.reason}"
+            self._alert(failover.Alert("upgrade.service_not_settled", settle.reason))
+        if not ok and res.output_tail:
+            text += "\n" + res.output_tail
+        return ok and settle.ok, text
+
+    def _versions(self) -> dict[str, str]:
+        from engine import __version__, upgrade
+
+        u = self.setup.upgrade
+        service: str | None = None
+        if u.version_command:
+            service = upgrade.version_from_command(list(u.version_command), 30.0)
+        elif u.service_exe and sys.platform == "win32":
+            raw = upgrade.version_from_command(upgrade.windows_file_version_argv(u.service_exe), 30.0)
+            service = upgrade.parse_file_version(raw or "")
+        return {"service": service or "", "standby": __version__}
+
+    async def _upgrade_check(self) -> tuple[bool, str]:
+        from engine import upgrade
+
+        mine = await asyncio.to_thread(self._versions)
+        try:
+            r = await self.peer.command("version", {}, timeout=60.0)
+            theirs = {k: str(v) for k, v in r.data.items()}
+        except (ConnectionError, TimeoutError, ReplicationError) as e:
+            return False, f"the agent of {self.setup.peer.name} cannot be reached ({e})"
+        same_svc, svc = upgrade.compare_versions(mine["service"] or None, theirs.get("service") or None)
+        same_sb, sb = upgrade.compare_versions(mine["standby"], theirs.get("standby") or None)
+        return same_svc and same_sb, f"service: {svc}\nstandby: {sb}"
+
+    # -- rejoin and switchover ------------------------------------------------------------------------------
+    async def _quarantine(self, epoch: int) -> None:
+        """Quarantine: ask the peer what of our journal it applied, then set aside what it never had."""
+        try:
+            for _ in range(50):  # the peer's agent may be coming up (both restarted): up to 10 s
+                if self.peer.connected:
+                    break
+                await asyncio.sleep(0.2)
+            r = await self.peer.command("position", {})
+            if not r.ok:
+                raise ReplicationError(f"the peer did not say what it applied: {r.text}")
+            journal = str(r.data.get("journal", ""))
+            seq = r.data.get("seq")
+            applied = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+            result = await run_critical(functools.partial(self._set_aside, epoch, journal, applied))
+            folder = str(result.folder) if result.folder is not None else ""
+            log.info("rejoin.quarantine_done files=%d bytes=%d folder=%s", result.files, result.bytes, folder)
+            self._quarantine_checked = 0.0
+            self._events.put_nowait(failover.Quarantined(True, result.files, folder))
+        except (ConnectionError, TimeoutError, ReplicationError, OSError) as e:
+            log.error("rejoin.quarantine_failed error=%s", e)
+            self._events.put_nowait(failover.Quarantined(False, reason=str(e) or type(e).__name__))
+
+    def _set_aside(self, epoch: int, journal: str, applied: int | None) -> quarantine.QuarantineResult:
+        """Worker thread: find, move aside, retire the old journal (its unacknowledged tail is in quarantine
+        now, and must never be streamed by a later promotion)."""
+        n = self.setup.node
+        div = quarantine.find_divergence(n.root, n.include, n.state_dir, applied, journal_id=journal or None)
+        now = datetime.now(UTC)
+        log.info(
+            "rejoin.divergence scanned=%d suspects=%d applied=%s journal=%s",
+            div.scanned,
+            len(div.suspects),
+            applied,
+            journal or "-",
+        )
+        result = quarantine.quarantine(n.state_dir, n.root, div.suspects, epoch=epoch, now=now)
+        quarantine.retire_journal(n.state_dir, result.folder, now)
+        return result
+
+    def _digest(self, part: str) -> TreeDigest:
+        """Worker thread: the local tree's digest, with a copy of a part's hash cache."""
+        n = self.setup.node
+        cache = HashCache.load(n.state_dir / part / "hashcache")
+        return tree_digest(n.root, n.include, cache)
+
+    async def _measure_tree(self) -> None:
+        try:
+            td = await asyncio.to_thread(self._digest, "sender")
+        except (OSError, ReplicationError) as e:
+            self._events.put_nowait(failover.TreeMeasured("", reason=str(e)))
+            return
+        if td.unstable:
+            self._events.put_nowait(failover.TreeMeasured("", td.files, f"{td.unstable} file(s) unsteady"))
+        else:
+            self._events.put_nowait(failover.TreeMeasured(td.digest, td.files))
+
+    async def _offer(self, a: failover.OfferHandover) -> None:
+        args = {"epoch": a.epoch, "digest": a.digest, "files": a.files}
+        try:
+            r = await self.peer.command("handover", args, timeout=self.setup.failover.switchover_timeout)
+        except (ConnectionError, TimeoutError, ReplicationError) as e:
+            self._events.put_nowait(failover.HandoverAnswer(False, reason=str(e) or type(e).__name__))
+            return
+        retry = bool(r.data.get("retry", False))
+        self._events.put_nowait(failover.HandoverAnswer(r.ok, retry, r.text))
+
+    async def _take_offer(self, args: dict[str, Any]) -> tuple[bool, str, dict[str, Any]]:
+        """On the passive: the active offers the service. Take it only if this tree is the same."""
+        st = self.state
+        epoch, digest = args.get("epoch"), str(args.get("digest", ""))
+        peer = st.peer if st is not None else None
+        if st is None or st.role is not failover.Role.PASSIVE or peer is None or peer.epoch != epoch:
+            role = st.role.value if st is not None else "starting"
+            return False, f"{self.setup.node.name} is {role}, not a passive following epoch {epoch}", {}
+        try:
+            mine = await asyncio.to_thread(self._digest, "receiver")
+        except (OSError, ReplicationError) as e:
+            return False, f"this tree could not be measured: {e}", {"retry": True}
+        if mine.unstable or mine.digest != digest:
+            why = f"{mine.unstable} file(s) unsteady" if mine.unstable else "the trees differ"
+            text = (
+                f"{why}: here {mine.files} files ({mine.digest[:12]}), "
+                f"there {args.get('files')} ({digest[:12]})"
+            )
+            return False, text, {"retry": True}
+        self._events.put_nowait(failover.HandoverAccepted(int(epoch)))
+        return True, f"trees equal ({mine.files} files, {mine.bytes} bytes): taking over", {}
+
+    async def _switchover(
+        self, name: str, args: dict[str, Any], *, relay: bool
+    ) -> tuple[bool, str, dict[str, Any]]:
+        """``switchover [--to NODE]`` and ``failback``, asked on either node: the active hands over."""
+        st = self.state
+        assert st is not None
+        me, other = self.setup.node.name, self.setup.peer.name
+        peer = st.peer if st.reachable else None
+        if name == "failback":
+            mine, theirs = self.setup.node.preferred, bool(peer is not None and peer.preferred)
+            if peer is None:
+                return False, f"the agent of {other} cannot be reached", {}
+            if mine == theirs:
+                which = "both nodes are" if mine else "neither node is"
+                return False, f"failback refused: {which} configured with [node] preferred = true", {}
+            here = self._quarantined
+            if here or peer.quarantined:
+                where = ", ".join(
+                    f"{n_} on {node}" for n_, node in ((here, me), (peer.quarantined, other)) if n_
+                )
+                return (
+                    False,
+                    f"failback refused: quarantined files not acknowledged ({where}); look at them with "
+                    "`standby quarantine list` and acknowledge them with `standby quarantine ack`",
+                    {},
+                )
+            target = me if mine else other
+        else:
+            to = str(args.get("to", "") or "")
+            if to and to.casefold() not in (me.casefold(), other.casefold()):
+                return False, f"switchover --to {to!r}: not a node of this pair ({me}, {other})", {}
+            if to:
+                target = me if to.casefold() == me.casefold() else other
+            else:
+                target = other if st.role is failover.Role.ACTIVE else me
+        active = st.role is failover.Role.ACTIVE
+        peer_active = peer is not None and peer.role is failover.Role.ACTIVE
+        under_way = st.handover is not None or (peer is not None and bool(peer.switching))
+        if ((target == me and active) or (target == other and peer_active)) and not under_way:
+            return True, f"{target} is already active: nothing to do", {}
+        if active:
+            if target == me:
+                return True, f"{me} is already active: nothing to do", {}
+            why = failover.handover_blocker(st)
+            if why is not None:
+                return False, f"switchover refused: {why}", {}
+            self._events.put_nowait(failover.Switchover())
+            return True, f"switchover started: {me} -> {other}", {}
+        if not relay:
+            return (
+                False,
+                f"switchover refused: {me} is {st.role.value}, and the service is not here to hand over",
+                {},
+            )
+        try:
+            r = await self.peer.command("switchover", {"to": target})
+        except (ConnectionError, TimeoutError, ReplicationError) as e:
+            return False, f"the agent of {other} cannot be reached ({e})", {}
+        return r.ok, f"{other}: {r.text}", {}
 
     def _alert(self, a: failover.Alert) -> None:
         event = {"event": a.event, "reason": a.reason, "node": self.setup.node.name, "at": time.time()}
@@ -598,20 +977,49 @@ class Agent:
             )
 
     async def _operator(self, reply: Path, name: str, args: dict[str, Any]) -> None:
-        ok, text = await self._command(name, args, relay=True)
+        ok, text, _ = await self._command(name, args, relay=True)
         tmp = reply.with_suffix(".tmp")
         tmp.write_text(json.dumps({"ok": ok, "text": text}), "utf-8")
         os.replace(tmp, reply)
 
     async def _relayed(self, cmd: wire.AgentCommand) -> None:
-        ok, text = await self._command(cmd.name, dict(cmd.args), relay=False)
-        self.peer.reply(cmd.name, ok, text)
+        ok, text, data = await self._command(cmd.name, dict(cmd.args), relay=False)
+        self.peer.reply(cmd.name, ok, text, data)
 
-    async def _command(self, name: str, args: dict[str, Any], *, relay: bool) -> tuple[bool, str]:
-        """One operator command here; ``failover`` on the active is relayed to the passive."""
+    async def _command(
+        self, name: str, args: dict[str, Any], *, relay: bool
+    ) -> tuple[bool, str, dict[str, Any]]:
+        """One operator command here (or a request of the peer's agent, ``relay`` False)."""
         st = self.state
         if st is None:
-            return False, "the agent is starting"
+            return False, "the agent is starting", {}
+        if name in ("switchover", "failback"):
+            return await self._switchover(name, args, relay=relay)
+        if name == "handover" and not relay:
+            return await self._take_offer(args)
+        if name == "position":
+            return True, "applied", {"journal": self.receiver.journal, "seq": self.receiver.seq}
+        if name == "version":
+            return True, "versions", await asyncio.to_thread(self._versions)
+        if name == "upgrade-begin" and not relay:
+            ok, text = self._upgrade_begin(args)
+            return ok, text, {}
+        if name == "upgrade-end" and not relay:
+            ok, text = await self._upgrade_end()
+            return ok, text, {}
+        upgrades = {"upgrade-stage": self._upgrade_stage, "upgrade-run": self._upgrade_run}
+        if name in upgrades and relay:
+            ok, text = await upgrades[name]()
+            return ok, text, {}
+        if name == "upgrade-check":
+            ok, text = await self._upgrade_check()
+            return ok, text, {}
+        ok, text = await self._operator_command(name, args, relay=relay)
+        return ok, text, {}
+
+    async def _operator_command(self, name: str, args: dict[str, Any], *, relay: bool) -> tuple[bool, str]:
+        st = self.state
+        assert st is not None
         now = self.clock()
         if name in ("failover", "failover-force"):
             force = name == "failover-force"
@@ -655,6 +1063,8 @@ class Agent:
                 "role": peer.role.value if peer is not None else None,
                 "epoch": peer.epoch if peer is not None else None,
                 "service": peer.service.value if peer is not None else None,
+                "preferred": peer.preferred if peer is not None else None,
+                "quarantined": peer.quarantined if peer is not None else None,
             },
             "lag_records": sender["lag_records"] if sender else None,
             "lag_seconds": sender["lag_seconds"] if sender else None,
@@ -662,6 +1072,11 @@ class Agent:
             "sender": sender,
             "receiver": self.receiver.status(),
             "last_role_change": self.roles.status(),
+            "switchover": st.handover.stage if st is not None and st.handover is not None else None,
+            "peer_switching": peer.switching if peer is not None else "",
+            "quarantined": self._quarantined,
+            "preferred": self.setup.node.preferred,
+            "clock": self._clock_view(peer).to_dict(),
             "alerts": self.alerts[-5:],
             "updated": time.time(),
         }

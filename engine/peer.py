@@ -101,6 +101,14 @@ class PeerChannel:
         finally:
             self._replies.pop(name, None)
 
+    async def send_blob(self, offset: int, data: bytes) -> None:
+        """A piece of a file announced by a command, on the dialed connection, waiting while the
+        connection's buffer is full (a file is never held whole in memory)."""
+        conn = self._out
+        if conn is None or not conn.send(conn.proto.blob(offset, data)):
+            raise ConnectionError("the peer's agent cannot be reached")
+        await conn.writer.drain()
+
     def reply(self, name: str, ok: bool, text: str, data: dict[str, Any] | None = None) -> None:
         if self._in is not None:
             self._in.send(self._in.proto.reply(name, ok, text, data))

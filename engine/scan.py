@@ -650,3 +650,33 @@ def _edited(known: tuple[int, int, int, int | None, bytes] | None, r: StableRead
     """A replica file standby wrote (``known``) that someone else changed: its content, size or mtime
     differ from what was written. Only its change time moving (a chmod, an indexer) is no edit."""
     return known is not None and (known[4] != r.digest or known[0] != r.size or known[1] != r.mtime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class TreeDigest:
+    """One digest of a whole tree (paths, kinds, sizes and content hashes; not times), for a switchover's
+    check that both servers hold the same. ``unstable``: files that could not be read steadily (being
+    written): the digest is then not to be trusted."""
+
+    digest: str
+    files: int
+    folders: int
+    bytes: int
+    unstable: int
+
+
+def tree_digest(root: Path, include: Sequence[str], cache: HashCache, skip: Path | None = None) -> TreeDigest:
+    """Digest every file and folder of the set under ``root``, in path order, hashing only cache misses."""
+    m = Manifest({}, [], [])
+    entries = sorted(iter_manifest(root, include, cache, m, skip), key=lambda e: e.path)
+    h = Hasher()
+    files = folders = size = 0
+    for e in entries:
+        if e.is_dir:
+            folders += 1
+            h.update(b"d\0" + e.path.encode("utf-8") + b"\0")
+        else:
+            files += 1
+            size += e.size
+            h.update(b"f\0" + e.path.encode("utf-8") + b"\0" + str(e.size).encode() + b"\0" + e.digest)
+    return TreeDigest(h.digest().hex(), files, folders, size, len(m.unstable) + len(m.unreadable))

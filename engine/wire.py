@@ -21,12 +21,14 @@ The agent conversation (:class:`AgentProtocol`): the agent that dials says ``hel
 reads ``welcome`` (or ``refuse``) through :class:`SenderProtocol`, the agent that answers reads the hello
 through :class:`ReceiverProtocol`. After the welcome, both sides are alike and either may send any of::
 
-    hb {boot, at, role, epoch, service, maintenance, planned_stop, caught_up[, echo][, last_failover_age]}
+    hb {boot, at, role, epoch, service, maintenance, planned_stop, caught_up[, echo][, last_failover_age]
+        [, switching][, preferred][, quarantined][, utc, tz, tz_offset][, echo_at, echo_held]}
                                                a failover.Heartbeat, about once a second
     fence {epoch, token: [boot, attempt]}      failover.RequestFence: fence yourself at epoch
     fack {epoch, token, drained}               failover.SendFenceAck: my service has stopped
     cmd {name, args}                           an operator command for the peer's agent (AGENT_COMMANDS)
     reply {name, ok, text, data}               the answer to the oldest unanswered command from the peer
+    blob {offset, data}                        a piece of a file announced by a command (an installer)
 
 Hand-over: the hello (on R) and the welcome (on S) are the last frames the replication protocols parse on
 an agent connection; bytes that came behind them in the same read are the agent conversation's. After
@@ -533,7 +535,20 @@ class Liveness:
 # ---- agents ---------------------------------------------------------------------------------------------
 #: The operator commands one agent may relay to the other.
 AGENT_COMMANDS = frozenset(
-    {"failover", "failover-force", "maintenance-start", "maintenance-end", "rejoin", "status"}
+    {
+        "failover",
+        "failover-force",
+        "maintenance-start",
+        "maintenance-end",
+        "rejoin",
+        "status",
+        "switchover",  # relayed to the active by a passive asked to switch over
+        "handover",  # the active offers the service: {epoch, digest, files}
+        "position",  # what of our journal the peer has applied: reply {journal, seq}
+        "upgrade-begin",  # {name, size, digest}: an installer follows in blob frames
+        "upgrade-end",  # the installer is whole: check it and keep it
+        "version",  # reply {service, standby}
+    }
 )
 AGENT_MAX_STRING = 1000  # characters, for every string an agent frame carries (keys too)
 AGENT_MAX_KEYS = 32  # in a command's args and a reply's data
@@ -565,7 +580,20 @@ class AgentReply:
     data: dict[str, ArgValue]
 
 
-AgentEvent = failover.Heartbeat | failover.FenceRequest | failover.FenceAck | AgentCommand | AgentReply
+@dataclass(frozen=True, slots=True)
+class AgentBlob:
+    """A piece of the file the last ``upgrade-begin`` announced, at ``offset``."""
+
+    offset: int
+    data: bytes
+
+
+#: The largest piece of a file one blob frame carries.
+AGENT_BLOB_BYTES = 256 * 1024
+
+AgentEvent = (
+    failover.Heartbeat | failover.FenceRequest | failover.FenceAck | AgentCommand | AgentReply | AgentBlob
+)
 
 _E = TypeVar("_E", bound=enum.Enum)
 
@@ -603,6 +631,15 @@ def _uint(m: dict[str, Any], key: str, what: str) -> int:
 
 def _opt_uint(m: dict[str, Any], key: str, what: str) -> int | None:
     return None if m.get(key) is None else _uint(m, key, what)
+
+
+def _opt_int(m: dict[str, Any], key: str, what: str) -> int | None:
+    v = m.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not _I64_MIN <= v <= _U64_MAX:
+        raise RemoteProtocolError(f"{what}: field {key!r} must be an integer, not {_show(v)}")
+    return v
 
 
 def _number(m: dict[str, Any], key: str, what: str, *, minimum: float | None = None) -> float:
@@ -708,6 +745,14 @@ def _heartbeat_from_wire(m: dict[str, Any]) -> failover.Heartbeat:
         caught_up=_bool(m, "caught_up", w),
         echo=_opt_uint(m, "echo", w),
         last_failover_age=_opt_number(m, "last_failover_age", w, minimum=0.0),
+        switching=_string(m, "switching", w) if "switching" in m else "",
+        preferred=_bool(m, "preferred", w) if "preferred" in m else False,
+        quarantined=_uint(m, "quarantined", w) if "quarantined" in m else 0,
+        utc=_opt_number(m, "utc", w),
+        tz=_string(m, "tz", w) if "tz" in m else "",
+        tz_offset=_opt_int(m, "tz_offset", w),
+        echo_at=_opt_number(m, "echo_at", w),
+        echo_held=_opt_number(m, "echo_held", w, minimum=0.0),
     )
 
 
@@ -728,7 +773,15 @@ def _reply_from_wire(m: dict[str, Any]) -> AgentReply:
     return AgentReply(_command_name(m, w), _bool(m, "ok", w), _string(m, "text", w), _args(m, "data", w))
 
 
+def _blob_from_wire(m: dict[str, Any]) -> AgentBlob:
+    data = _present(m, "data", "blob")
+    if not isinstance(data, bytes) or len(data) > AGENT_BLOB_BYTES:
+        raise RemoteProtocolError(f"blob: field 'data' must be at most {AGENT_BLOB_BYTES} bytes")
+    return AgentBlob(_uint(m, "offset", "blob"), data)
+
+
 _AGENT_FRAMES: dict[str, Callable[[dict[str, Any]], AgentEvent]] = {
+    "blob": _blob_from_wire,
     "hb": _heartbeat_from_wire,
     "fence": _fence_from_wire,
     "fack": _fack_from_wire,
@@ -818,6 +871,17 @@ class AgentProtocol(_Base):
             m["echo"] = hb.echo
         if hb.last_failover_age is not None:
             m["last_failover_age"] = hb.last_failover_age
+        if hb.switching:
+            m["switching"] = hb.switching
+        if hb.preferred:
+            m["preferred"] = True
+        if hb.quarantined:
+            m["quarantined"] = hb.quarantined
+        if hb.tz:
+            m["tz"] = hb.tz
+        for key in ("utc", "tz_offset", "echo_at", "echo_held"):
+            if (v := getattr(hb, key)) is not None:
+                m[key] = v
         return self._encode(m, _heartbeat_from_wire)
 
     def fence_request(self, epoch: int, token: failover.Token) -> bytes:
@@ -828,6 +892,10 @@ class AgentProtocol(_Base):
         """A failover.SendFenceAck for the peer."""
         m = {"k": "fack", "epoch": epoch, "token": list(token), "drained": drained}
         return self._encode(m, _fack_from_wire)
+
+    def blob(self, offset: int, data: bytes) -> bytes:
+        """A piece of a file announced by a command before it."""
+        return self._encode({"k": "blob", "offset": offset, "data": data}, _blob_from_wire)
 
     def command(self, name: str, args: Mapping[str, ArgValue] | None = None) -> bytes:
         """Relays an operator command; the peer answers with a reply (an :class:`AgentReply` event)."""

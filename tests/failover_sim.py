@@ -68,7 +68,6 @@ from engine.failover import (
 from engine.failover import Failover as FailoverCommand
 
 
-
 @dataclass(frozen=True)
 class Offer:
     """OfferHandover on the wire (the agent relays it as a command)."""

@@ -33,6 +33,8 @@ class HaNode:
     peer_port: int = 0
     initial_role: str = "passive"
     failover_after: float = 10.0
+    preferred: bool = False
+    extra: str = ""  # more TOML, appended to the config
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -55,6 +57,7 @@ listen = "127.0.0.1:{self.port}"
 root = '{self.root}'
 state_dir = '{self.state}'
 initial_role = "{self.initial_role}"
+preferred = {"true" if self.preferred else "false"}
 
 [peer]
 name = "{peer.name}"
@@ -71,6 +74,7 @@ failover_after = {self.failover_after}
 
 [alert]
 command = {json.dumps([sys.executable, "-c", ALERT_SCRIPT, str(self.base / "alerts.jsonl")])}
+{self.extra}
 """,
             "utf-8",
         )
@@ -190,9 +194,17 @@ class Sampler:
         return next((t for t, up in self.history if t >= after and cond(up)), None)
 
 
-def make_pair(base: Path, failover_after: float = 10.0) -> tuple[HaNode, HaNode]:
-    a = HaNode("join-a", base / "a", free_port(), initial_role="active", failover_after=failover_after)
-    b = HaNode("join-b", base / "b", free_port(), failover_after=failover_after)
+def make_pair(base: Path, failover_after: float = 10.0, extra: str = "") -> tuple[HaNode, HaNode]:
+    a = HaNode(
+        "join-a",
+        base / "a",
+        free_port(),
+        initial_role="active",
+        failover_after=failover_after,
+        preferred=True,
+        extra=extra,
+    )
+    b = HaNode("join-b", base / "b", free_port(), failover_after=failover_after, extra=extra)
     a.write_config(b)
     b.write_config(a)
     return a, b

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from engine.errors import LocalProtocolError
 from engine.failover import (
+    REJOIN_RETRY,
     TRANSITIONS,
     Action,
     Alert,
@@ -137,7 +139,7 @@ class Agent:
         )
         return self.feed(hb)
 
-    def active_down(self, seconds: float, epoch: int = 1, **kw: bool) -> Step:
+    def active_down(self, seconds: float, epoch: int = 1, **kw: Any) -> Step:
         """The active's heartbeats say its service is stopped, once a second for ``seconds``."""
         end = self.now + seconds
         s = self.peer(Role.ACTIVE, epoch, STOPPED, **kw)
@@ -790,12 +792,27 @@ def test_a_fenced_node_rejoins_by_itself_once_the_peer_runs_the_service() -> Non
     assert a.role() is Role.FENCED and "rejoin.failed" in a.alerts()
     a.peer(Role.ACTIVE, 2, RUNNING)
     assert sum(isinstance(x, Quarantine) for x in a.actions()) == 1, "retried only after a pause"
-    a.at(a.now + POLICY.fence_timeout)
+    a.at(a.now + REJOIN_RETRY)
     a.peer(Role.ACTIVE, 2, RUNNING)
     assert sum(isinstance(x, Quarantine) for x in a.actions()) == 2
     s = a.feed(Quarantined(ok=True, files=4, folder="q/1"))
     assert a.role() is Role.PASSIVE and "rejoin.quarantined" in a.alerts()
     assert [type(x) for x in s.actions[:2]] == [PersistRole, BecomeReceiver]
+
+
+def test_an_operator_rejoin_that_failed_is_tried_again_even_without_auto_rejoin() -> None:
+    a = Agent(dataclasses.replace(POLICY, auto_rejoin=False), role=Role.FENCED, epoch=2)
+    a.stopped()
+    a.feed(Rejoin())
+    a.feed(Quarantined(ok=False, reason="the peer's agent cannot be reached"))
+    a.feed(Quarantined(ok=False, reason="the peer's agent cannot be reached"))  # a stale repeat
+    a.at(a.now + REJOIN_RETRY)
+    assert sum(isinstance(x, Quarantine) for x in a.actions()) == 2
+    a.feed(Quarantined(ok=False, reason="the peer's agent cannot be reached"))
+    assert a.alerts().count("rejoin.failed") == 1, "alerted once per reason"
+    a.at(a.now + REJOIN_RETRY)
+    a.feed(Quarantined(ok=True))
+    assert a.role() is Role.PASSIVE
 
 
 def test_a_fenced_node_whose_peer_is_not_at_a_higher_or_equal_epoch_does_not_rejoin() -> None:
@@ -877,7 +894,8 @@ def test_the_passive_holds_quietly_while_the_active_switches_and_takes_only_a_re
     r = request_of(b)
     assert r.epoch == 2 and b.role() is Role.PROMOTING
     b.feed(FenceAck(r.epoch, r.token, drained=True))
-    assert b.role() is Role.ACTIVE and b.actions()[-4:-1] == [PersistRole(Role.ACTIVE, 2), BecomeSender(), StartService()]
+    assert b.role() is Role.ACTIVE
+    assert b.actions()[-4:-1] == [PersistRole(Role.ACTIVE, 2), BecomeSender(), StartService()]
 
 
 def test_a_switchover_without_an_acknowledgement_is_abandoned_never_forced() -> None:

@@ -19,6 +19,7 @@ PURE = {
     "config",
     "tracker",
     "failover",
+    "clocks",
 }
 IO = {
     "identity",
@@ -42,6 +43,8 @@ IO = {
     "simulator",
     "statelock",
     "rolestate",
+    "quarantine",
+    "upgrade",
     "peer",
     "service",
     "service.scm",
@@ -49,7 +52,7 @@ IO = {
     "service.command",
     "service.windows",
 }
-EDGE = {"cli", "demo", "demo_ha", "demoservice", "node", "__main__"}
+EDGE = {"cli", "demo", "demo_ha", "demoservice", "node", "switching", "__main__"}
 #: Pure modules may use these standard modules; nothing that reads the clock or does I/O by itself.
 FORBIDDEN_IN_PURE = {
     "asyncio",

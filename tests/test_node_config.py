@@ -25,6 +25,7 @@ from engine.config import (
     NodeSetup,
     PeerConfig,
     ServiceConfig,
+    UpgradeConfig,
     load,
     load_node,
     parse_node,
@@ -300,6 +301,7 @@ def test_the_example_documents_every_key_of_a_node_config_with_its_range() -> No
     assert found["service"] == {f.name for f in dataclasses.fields(ServiceConfig)}
     assert found["failover"] == {f.name for f in dataclasses.fields(FailoverConfig)}
     assert found["alert"] == {f.name for f in dataclasses.fields(AlertConfig)}
+    assert found["upgrade"] == {f.name for f in dataclasses.fields(UpgradeConfig)}
 
 
 def test_every_node_range_holds_its_default() -> None:
@@ -307,6 +309,7 @@ def test_every_node_range_holds_its_default() -> None:
         "service": ServiceConfig(),
         "failover": FailoverConfig(),
         "alert": AlertConfig(),
+        "upgrade": UpgradeConfig(),
     }
     for section, ranges in NODE_RANGES.items():
         for key, allowed in ranges.items():
