@@ -140,9 +140,13 @@ def _parser() -> argparse.ArgumentParser:
         "file it has that the active never had (written after the failover, or never shipped) into\n"
         "<state_dir>/quarantine/ with a manifest, then makes it passive, so the replica follows the\n"
         "active again (only files that differ travel). With [failover] auto_rejoin (the default) a\n"
-        "fenced node does this by itself once the other node runs the service.",
+        "fenced node does this by itself once the other node runs the service. The command shows the\n"
+        "quarantine and the catch-up as a progress bar.",
     )
     conf(sp)
+    sp.add_argument(
+        "--timeout", type=float, default=600.0, metavar="SECONDS", help="how long to follow (default: 600)"
+    )
     sp = cmd(
         "switchover",
         "move the service to the other node, planned, losing nothing",
@@ -424,9 +428,15 @@ def _node_status(args: argparse.Namespace, setup: config.NodeSetup) -> int:
             (st.get("role") == "fenced", "this node is fenced"),
             (st.get("role") == "active" and st.get("service") != "running", "the service is not running"),
             (peer.get("reachable") is False, "the peer's agent is silent"),
+            (
+                bool(st.get("quarantined")),
+                f"{st.get('quarantined')} quarantined file(s) not acknowledged (standby quarantine list)",
+            ),
         )
         if cond
     ]
+    clock = st.get("clock") or {}
+    degraded += [f"clock: {p}" for p in clock.get("problems") or []]
     st["degraded"] = degraded
     if args.json:
         print(json.dumps(st, indent=1, sort_keys=True))
@@ -439,6 +449,11 @@ def _node_status(args: argparse.Namespace, setup: config.NodeSetup) -> int:
             f"  peer {peer.get('name', '?')}: {peer.get('role') or '?'} at epoch {peer.get('epoch')}, {reach}"
         )
         print(f"  maintenance: {'open' if st.get('maintenance') else 'closed'}")
+        stage = st.get("switchover") or st.get("peer_switching")
+        if stage:
+            print(f"  switchover under way: {stage}")
+        if clock.get("skew") is not None:
+            print(f"  peer's clock: {clock['skew']:+.2f} s, zone {clock.get('peer_tz') or '?'}")
         for why in degraded:
             print(f"  degraded: {why}")
     if not st.get("running"):
@@ -693,7 +708,15 @@ def _cmd_maintenance(args: argparse.Namespace) -> int:
 
 
 def _cmd_rejoin(args: argparse.Namespace) -> int:
-    return _agent_command(args, "rejoin", {})
+    from engine.node import send_command
+    from engine.switching import follow_rejoin
+
+    setup = config.load_node(args.config)
+    ok, text = send_command(setup.node.state_dir, "rejoin", {})
+    print(f"standby: {text}", file=sys.stdout if ok else sys.stderr)
+    if not ok:
+        return EXIT_ERROR
+    return follow_rejoin(setup.node.state_dir, args.timeout)
 
 
 def _cmd_switchover(args: argparse.Namespace) -> int:

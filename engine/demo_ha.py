@@ -7,9 +7,10 @@ through the ``command`` backend. The demo then:
 1. lets the active's service write while the passive replicates;
 2. kills the active's service (a crash): the passive takes over after ``failover_after``, the old active
    is fenced;
-3. rejoins the old active as passive: it catches up from the new active;
-4. fails back by hand (``standby failover``): the first node is active again, the other fenced and
-   rejoined;
+3. the old active rejoins as passive by itself: whatever it wrote that the new active never had is moved
+   into quarantine (acknowledged here with ``standby quarantine ack``), then it catches up by delta;
+4. fails back with ``standby failback`` (a switchover to the preferred node: stop, drain, compare the
+   trees, hand over): the first node is active again, the other passive;
 
 and prints every step with its time, the measured downtime, and whether the two services ever ran at
 once (sampled every 50 ms) and whether the replica ends identical.
@@ -67,6 +68,7 @@ listen = "127.0.0.1:{self.port}"
 root = {q(self.root)}
 state_dir = {q(self.state)}
 initial_role = "{self.role}"
+preferred = {"true" if self.role == "active" else "false"}
 
 [peer]
 name = "{peer.name}"
@@ -135,6 +137,11 @@ def _tree(root: Path) -> dict[str, str]:
     return out
 
 
+def _gap(downs: list[tuple[float, float]], after: float) -> float:
+    """The first time neither service ran, after ``after`` (seconds; 0 if none was seen)."""
+    return next((end - start for start, end in downs if end >= after), 0.0)
+
+
 def run_ha_demo(keep: bool) -> int:
     con = Console()
     base = Path(tempfile.mkdtemp(prefix="standby-ha-demo-"))
@@ -142,12 +149,21 @@ def run_ha_demo(keep: bool) -> int:
     a.write_config(b)
     b.write_config(a)
     both: list[float] = []
+    downs: list[tuple[float, float]] = []  # (from, to): neither service ran
     stop_sampling = threading.Event()
 
     def sample() -> None:
+        down_since: float | None = None
         while not stop_sampling.is_set():
-            if a.service_pid() is not None and b.service_pid() is not None:
-                both.append(time.monotonic())
+            now = time.monotonic()
+            up = (a.service_pid() is not None, b.service_pid() is not None)
+            if all(up):
+                both.append(now)
+            if not any(up) and down_since is None:
+                down_since = now
+            elif any(up) and down_since is not None:
+                downs.append((down_since, now))
+                down_since = None
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, name="sampler", daemon=True)
@@ -188,26 +204,35 @@ def run_ha_demo(keep: bool) -> int:
         )
         wait(lambda: b.service_pid() is not None, FAILOVER_AFTER + 60, f"{b.name}'s service")
         rto = time.monotonic() - killed
-        wait(lambda: a.status().get("role") == "fenced", 30, f"{a.name} fenced")
         say(f"[bold green]failed over[/]: {b.name} runs the service {rto:.1f} s after the crash; {roles()}")
 
-        r = a.cli("rejoin")
-        say(f"standby rejoin on {a.name}: {r.stdout.strip() or r.stderr.strip()}")
-        wait(lambda: a.status().get("role") == "passive", 30, f"{a.name} passive")
+        wait(lambda: a.status().get("role") == "passive", 60, f"{a.name} to rejoin by itself")
+        held = a.status().get("quarantined") or 0
+        say(
+            f"{a.name} rejoined as passive by itself: {held} file(s) it wrote that {b.name} never had are in "
+            "quarantine"
+        )
         time.sleep(2)
         wait(lambda: _tree(a.root) == _tree(b.root), 60, f"{a.name} to catch up")
-        say(f"{a.name} caught up from {b.name}; {roles()}")
+        say(f"{a.name} caught up from {b.name} by delta; {roles()}")
+        if held:
+            r = a.cli("quarantine", "ack", "--all")
+            say(f"standby quarantine ack --all on {a.name}: {r.stdout.strip() or r.stderr.strip()}")
+            wait(lambda: not (b.status().get("peer") or {}).get("quarantined"), 30, "the ack to be heard")
 
         wait(lambda: (a.status().get("peer") or {}).get("reachable") is True, 30, "the agents to meet")
-        back = time.monotonic()
-        r = a.cli("failover")
-        say(f"standby failover on {a.name} (fail back): {r.stdout.strip() or r.stderr.strip()}")
+        mark = time.monotonic()
+        say(f"standby failback on {b.name}: a switchover back to the preferred node {a.name}")
+        r = b.cli("failback")
+        for line in (r.stdout or r.stderr).strip().splitlines():
+            con.print(f"           | {line}", style="dim", markup=False, highlight=False, soft_wrap=True)
+        if r.returncode != 0:
+            raise TimeoutError(f"failback failed: {r.stderr.strip() or r.stdout.strip()}")
         wait(lambda: a.service_pid() is not None, 60, f"{a.name}'s service")
-        down = time.monotonic() - back
-        wait(lambda: b.status().get("role") == "fenced", 30, f"{b.name} fenced")
-        say(f"[bold green]failed back[/]: {a.name} runs the service again ({down:.1f} s); {roles()}")
-        b.cli("rejoin")
-        wait(lambda: b.status().get("role") == "passive", 30, f"{b.name} passive")
+        time.sleep(0.2)  # the sampler closes the gap on its next look
+        down = _gap(downs, mark)
+        wait(lambda: b.status().get("role") == "passive", 60, f"{b.name} passive")
+        say(f"[bold green]failed back[/]: {a.name} runs the service again ({down:.1f} s down); {roles()}")
         time.sleep(3)
         wait(lambda: _tree(a.root) == _tree(b.root), 60, "the replica")
         say(f"{b.name} is passive again and identical; {roles()}")
@@ -217,7 +242,7 @@ def run_ha_demo(keep: bool) -> int:
             con.print(f"[bold red]both services ran at once[/] ({len(both)} samples)")
         else:
             con.print("[bold green]never two services at once[/] (both sampled every 50 ms)")
-            con.print(f"failover: {rto:.1f} s of downtime after a crash; failback by hand: {down:.1f} s")
+            con.print(f"failover: {rto:.1f} s of downtime after a crash; failback (switchover): {down:.1f} s")
             rc = 0
     except (TimeoutError, OSError) as e:
         con.print(f"[bold red]demo failed[/]: {e} (logs: {a.base / 'agent.log'}, {b.base / 'agent.log'})")

@@ -185,6 +185,7 @@ class Heartbeat:
     # Carried for the agents, never read by the role machine (no decision compares clocks across nodes):
     preferred: bool = False  # [node] preferred: the node a failback returns to
     quarantined: int = 0  # files set aside by rejoins and not acknowledged yet
+    lag: int | None = None  # an active's journal entries its peer has not acknowledged yet
     utc: float | None = None  # the sender's wall clock (seconds since 1970, UTC) when it sent this
     tz: str = ""  # its time zone's name
     tz_offset: int | None = None  # its UTC offset now, seconds east

@@ -609,8 +609,13 @@ class Agent:
             tz_offset=int(offset.total_seconds()) if offset is not None else None,
             echo_at=self._peer_beat[0] if self._peer_beat else None,
             echo_held=max(0.0, now - self._peer_beat[1]) if self._peer_beat else None,
+            lag=self._lag(),
         )
         self.peer.heartbeat(hb)
+
+    def _lag(self) -> int | None:
+        s = self.sender
+        return None if s is None else max(0, s.journal.head - s.link.acked.seq)
 
     def _heard(self, hb: failover.Heartbeat) -> None:
         """Clock checks on a heartbeat from the peer (warn only: no decision compares wall clocks)."""
@@ -1039,8 +1044,10 @@ class Agent:
             self._events.put_nowait(failover.MaintenanceEnd())
             return True, "maintenance window closed"
         if name == "rejoin":
+            if st.role is not failover.Role.FENCED:
+                return False, f"rejoin refused: {self.setup.node.name} is {st.role.value}, not fenced"
             self._events.put_nowait(failover.Rejoin())
-            return True, "rejoin asked"
+            return True, "rejoin asked: this node's own changes are set aside first"
         return False, f"unknown command {name!r}"
 
     # -- status ---------------------------------------------------------------------------------------------
@@ -1065,6 +1072,8 @@ class Agent:
                 "service": peer.service.value if peer is not None else None,
                 "preferred": peer.preferred if peer is not None else None,
                 "quarantined": peer.quarantined if peer is not None else None,
+                "lag": peer.lag if peer is not None else None,
+                "caught_up": peer.caught_up if peer is not None else None,
             },
             "lag_records": sender["lag_records"] if sender else None,
             "lag_seconds": sender["lag_seconds"] if sender else None,

@@ -107,3 +107,46 @@ def follow(
         sleep(POLL)
     out(f"not finished within {timeout:g} s; the agents go on (standby status shows where they are)")
     return EXIT_NOT_DONE
+
+
+def follow_rejoin(
+    state_dir: Path,
+    timeout: float,
+    *,
+    out: Callable[[str], None] = print,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Follow a rejoin: the quarantine, then the catch-up as a progress bar (the changes the active has
+    not had acknowledged yet, from its heartbeats), until this node is passive and caught up."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    t0 = clock()
+    said_passive = False
+    total = 0
+    with Progress(
+        TextColumn("catching up"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
+    ) as bar:
+        task = bar.add_task("catch-up", total=None)
+        while clock() - t0 < timeout:
+            st = read_status(state_dir) or {}
+            peer = st.get("peer") or {}
+            if st.get("role") == "passive" and not said_passive:
+                said_passive = True
+                q = st.get("quarantined") or 0
+                bar.console.print(
+                    f"passive; {q} file(s) in quarantine, not acknowledged"
+                    if q
+                    else "passive; nothing quarantined"
+                )
+            lag = peer.get("lag")
+            if said_passive and isinstance(lag, int):
+                total = max(total, lag)
+                bar.update(task, total=max(total, 1), completed=max(total, 1) - lag)
+                if lag == 0 and peer.get("caught_up"):
+                    bar.update(task, total=max(total, 1), completed=max(total, 1))
+                    out(f"rejoined and caught up in {clock() - t0:.1f} s")
+                    return EXIT_DONE
+            sleep(POLL)
+    out(f"not caught up within {timeout:g} s; the agent goes on (standby status shows where it is)")
+    return EXIT_NOT_DONE

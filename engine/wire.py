@@ -22,7 +22,7 @@ reads ``welcome`` (or ``refuse``) through :class:`SenderProtocol`, the agent tha
 through :class:`ReceiverProtocol`. After the welcome, both sides are alike and either may send any of::
 
     hb {boot, at, role, epoch, service, maintenance, planned_stop, caught_up[, echo][, last_failover_age]
-        [, switching][, preferred][, quarantined][, utc, tz, tz_offset][, echo_at, echo_held]}
+        [, switching][, preferred][, quarantined][, lag][, utc, tz, tz_offset][, echo_at, echo_held]}
                                                a failover.Heartbeat, about once a second
     fence {epoch, token: [boot, attempt]}      failover.RequestFence: fence yourself at epoch
     fack {epoch, token, drained}               failover.SendFenceAck: my service has stopped
@@ -748,6 +748,7 @@ def _heartbeat_from_wire(m: dict[str, Any]) -> failover.Heartbeat:
         switching=_string(m, "switching", w) if "switching" in m else "",
         preferred=_bool(m, "preferred", w) if "preferred" in m else False,
         quarantined=_uint(m, "quarantined", w) if "quarantined" in m else 0,
+        lag=_opt_uint(m, "lag", w),
         utc=_opt_number(m, "utc", w),
         tz=_string(m, "tz", w) if "tz" in m else "",
         tz_offset=_opt_int(m, "tz_offset", w),
@@ -879,7 +880,7 @@ class AgentProtocol(_Base):
             m["quarantined"] = hb.quarantined
         if hb.tz:
             m["tz"] = hb.tz
-        for key in ("utc", "tz_offset", "echo_at", "echo_held"):
+        for key in ("utc", "tz_offset", "echo_at", "echo_held", "lag"):
             if (v := getattr(hb, key)) is not None:
                 m[key] = v
         return self._encode(m, _heartbeat_from_wire)

@@ -97,7 +97,8 @@ def test_wait_final_status_takes_the_status_written_after_the_verdict(tmp_path: 
 
 
 def test_the_ha_demo_fails_over_and_back_without_two_actives() -> None:
-    """The README's first command: two agents fail over after a crash, rejoin, and fail back by hand."""
+    """The README's first command: two agents fail over after a crash, rejoin by themselves, and fail back
+    with a switchover."""
     r = subprocess.run(
         [sys.executable, "-m", "engine", "demo", "--ha"],
         capture_output=True,
@@ -112,6 +113,8 @@ def test_the_ha_demo_fails_over_and_back_without_two_actives() -> None:
         "failed back",
         "never two services at once",
         "is passive again and identical",
+        "rejoined as passive by itself",
+        "switchover done",
     ):
         assert text in r.stdout, r.stdout
     assert "Traceback" not in r.stdout + r.stderr

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: Bytes sent and not yet acknowledged, at most (a put being streamed is never stopped half way).
 INFLIGHT_BYTES = 64 << 20
+#: A peer that refuses the stream because it is not passive yet is asked again this often (seconds).
+ROLE_RETRY = 1.0
 
 Manifest = tuple[int, list[FileMeta]]
 
@@ -134,13 +136,20 @@ class Link:
     async def run(self) -> None:
         backoff = 0.1
         while True:
+            cap = self.cfg.retry_max
             try:
                 await self.step()
             except* EpochFenced as eg:
                 raise eg.exceptions[0] from None
             except* PeerRefused as eg:
-                self.last_error = str(eg.exceptions[0])
-                log.warning("send.refused peer=%s:%d reason=%s", *self.cfg.peer, eg.exceptions[0])
+                text = str(eg.exceptions[0])
+                level = logging.WARNING if text != self.last_error else logging.DEBUG
+                self.last_error = text
+                log.log(level, "send.refused peer=%s:%d reason=%s", *self.cfg.peer, text)
+                if text.startswith("role:"):
+                    # The peer's agent is up but not passive yet (rejoining, starting): it takes the stream
+                    # the moment it is, so look again every second rather than after a long backoff.
+                    cap = min(cap, ROLE_RETRY)
             except* JournalError as eg:
                 # The journal on disk is what it is; a read that failed (a segment pruned under us, a
                 # damaged frame) is retried from the receiver's position on a fresh connection and cursor.
@@ -167,8 +176,9 @@ class Link:
             if self.connected:
                 backoff = 0.1  # a session that was up starts the backoff again
             await self._disconnected()
+            backoff = min(backoff, cap)
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.cfg.retry_max)
+            backoff = min(backoff * 2, cap)
 
     async def _disconnected(self) -> None:
         if self.connected:
