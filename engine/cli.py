@@ -59,6 +59,10 @@ exit codes: 0 ok, 1 differences found, 2 bad config or usage, 3 safety halt, 4 r
 """
 
 
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+LOG_FORMATS = ["text", "json"]
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="standby", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
@@ -66,19 +70,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level",
         default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="log verbosity (default: info)",
+        choices=LOG_LEVELS,
+        help="log verbosity (default: info); also accepted after the command",
     )
     p.add_argument(
         "--log-format",
         default="text",
-        choices=["text", "json"],
-        help="text lines 'event key=value', or one JSON object per line (default: text)",
+        choices=LOG_FORMATS,
+        help="text lines 'event key=value', or one JSON object per line (default: text); also accepted\n"
+        "after the command",
     )
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     def cmd(name: str, help: str, desc: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=desc, formatter_class=fmt)
+        # Accepted after the command too (`standby run --config F --log-level debug`, as a service's
+        # arguments are usually written); given there, they win.
+        sp.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, help=argparse.SUPPRESS)
+        sp.add_argument(
+            "--log-format", default=argparse.SUPPRESS, choices=LOG_FORMATS, help=argparse.SUPPRESS
+        )
         return sp
 
     def conf(sp: argparse.ArgumentParser) -> None:
@@ -147,6 +158,17 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--timeout", type=float, default=600.0, metavar="SECONDS", help="how long to follow (default: 600)"
     )
+    sp = cmd(
+        "service",
+        "install, remove, start or stop standby run as a Windows service",
+        "install --config FILE: register `standby run` for that node config with the Service Control\n"
+        "Manager (delayed automatic start, restart after a crash, a reboot announced to the peer as a\n"
+        "planned stop). remove, start, stop: what they say. Windows only (pywin32: standby[windows]);\n"
+        "on Linux use packaging/systemd/standby.service.",
+    )
+    sp.add_argument("action", choices=["install", "remove", "start", "stop"])
+    sp.add_argument("--config", "-c", type=Path, default=None, metavar="FILE", help="install: the config")
+    sp.add_argument("--name", default="standby", help="the service's name (default: standby)")
     sp = cmd(
         "switchover",
         "move the service to the other node, planned, losing nothing",
@@ -415,13 +437,43 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.identical else EXIT_DIFF
 
 
+#: The version of the JSON ``standby status --json`` prints (README: "Status").
+STATUS_SCHEMA = 1
+
+
+def _stopped(st: dict[str, Any] | None) -> dict[str, Any]:
+    """What is shown of a process that is not running: that it is not, and when it last wrote; its last
+    figures only under ``last`` (for a post-mortem), never as if they were current."""
+    last = {k: v for k, v in (st or {}).items() if k != "running"}
+    return {"schema": STATUS_SCHEMA, "running": False, "last_seen": last.get("updated"), "last": last or None}
+
+
+def _ago(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
 def _node_status(args: argparse.Namespace, setup: config.NodeSetup) -> int:
-    """The agent's status: exit 0 healthy, 1 degraded (peer silent, the active's service not running,
-    a node fenced, an alert pending), 5 the agent is not running."""
+    """The pair as this node's agent sees it: exit 0 healthy, 1 degraded (peer silent, the active's
+    service not running, a node fenced, quarantine or clock to look at), 3 halted (replication stopped by
+    a safety halt), 5 the agent is not running."""
     from engine.status import read_status
 
-    st = read_status(setup.node.state_dir) or {"running": False, "note": "no status recorded"}
+    raw = read_status(setup.node.state_dir)
+    if raw is None or not raw.get("running"):
+        out = _stopped(raw) | {"node": setup.node.name}
+        if args.json:
+            print(json.dumps(out, indent=1, sort_keys=True))
+        else:
+            seen = _ago(out["last_seen"])
+            print(f"{setup.node.name}: NOT RUNNING (the agent last wrote its status: {seen})")
+        return EXIT_ERROR
+    st = raw
     peer = st.get("peer") or {}
+    sender = st.get("sender") or {}
+    clock = st.get("clock") or {}
+    halt = sender.get("halt")
     degraded = [
         why
         for cond, why in (
@@ -435,29 +487,53 @@ def _node_status(args: argparse.Namespace, setup: config.NodeSetup) -> int:
         )
         if cond
     ]
-    clock = st.get("clock") or {}
     degraded += [f"clock: {p}" for p in clock.get("problems") or []]
+    st["schema"] = STATUS_SCHEMA
     st["degraded"] = degraded
+    st["halted"] = halt
     if args.json:
         print(json.dumps(st, indent=1, sort_keys=True))
     else:
-        state = "running" if st.get("running") else "NOT RUNNING"
-        print(f"{setup.node.name}: {st.get('role', '?')} at epoch {st.get('epoch', '?')} ({state})")
-        print(f"  service: {st.get('service', '?')} for {st.get('service_for', '?')} s")
-        reach = "reachable" if peer.get("reachable") else f"silent for {peer.get('silent_for')} s"
-        print(
-            f"  peer {peer.get('name', '?')}: {peer.get('role') or '?'} at epoch {peer.get('epoch')}, {reach}"
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"standby pair, as {setup.node.name} sees it", title_justify="left")
+        for col in ("node", "role", "epoch", "service", "connection", "lag", "last failover", "clock"):
+            t.add_column(col)
+        last = st.get("last_failover") or {}
+        lag = st.get("lag_records")
+        t.add_row(
+            f"{setup.node.name} (this)",
+            str(st.get("role")) + (f" [{st['switchover']}]" if st.get("switchover") else ""),
+            str(st.get("epoch")),
+            f"{st.get('service')} {st.get('service_for')} s",
+            "-",
+            "-" if lag is None else f"{lag} entries, {st.get('lag_seconds')} s",
+            _ago(last.get("at")) if last else "-",
+            "-",
         )
-        print(f"  maintenance: {'open' if st.get('maintenance') else 'closed'}")
-        stage = st.get("switchover") or st.get("peer_switching")
-        if stage:
-            print(f"  switchover under way: {stage}")
-        if clock.get("skew") is not None:
-            print(f"  peer's clock: {clock['skew']:+.2f} s, zone {clock.get('peer_tz') or '?'}")
+        reach = "reachable" if peer.get("reachable") else f"silent {peer.get('silent_for')} s"
+        plag = peer.get("lag")
+        skew = clock.get("skew")
+        t.add_row(
+            str(peer.get("name")),
+            str(peer.get("role")) + (f" [{st['peer_switching']}]" if st.get("peer_switching") else ""),
+            str(peer.get("epoch")),
+            str(peer.get("service")),
+            reach,
+            "-" if plag is None else f"{plag} entries",
+            "-",
+            "-" if skew is None else f"{skew:+.2f} s {clock.get('peer_tz') or ''}".strip(),
+        )
+        con = Console(soft_wrap=True)
+        con.print(t)
+        con.print(f"maintenance: {'open' if st.get('maintenance') else 'closed'}", highlight=False)
+        if halt:
+            con.print(f"HALTED: {halt}", style="bold red", markup=False, highlight=False)
         for why in degraded:
-            print(f"  degraded: {why}")
-    if not st.get("running"):
-        return EXIT_ERROR
+            con.print(f"degraded: {why}", markup=False, highlight=False)
+    if halt:
+        return EXIT_HALT
     return EXIT_DIFF if degraded else EXIT_OK
 
 
@@ -468,18 +544,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if cfg.node is not None:
         return _node_status(args, cfg.node)
     out: dict[str, Any] = {}
+    codes: list[int] = []
     for role, section in (("sender", cfg.sender), ("receiver", cfg.receiver)):
-        if section is not None:
-            out[role] = read_status(section.state_dir) or {"running": False, "note": "no status recorded"}
+        if section is None:
+            continue
+        st = read_status(section.state_dir)
+        if st is None or not st.get("running"):
+            out[role] = _stopped(st)
+            codes.append(EXIT_ERROR)
+            continue
+        st["schema"] = STATUS_SCHEMA
+        out[role] = st
+        codes.append(EXIT_HALT if st.get("halt") else EXIT_OK if st.get("connected") else EXIT_DIFF)
+    code = max(codes, default=EXIT_OK)
     if args.json:
         print(json.dumps(out, indent=1, sort_keys=True))
-        return EXIT_OK
+        return code
     from rich.console import Console
     from rich.table import Table
 
     con = Console()
     for role, st in out.items():
-        t = Table(title=f"{role} ({'running' if st.get('running') else 'not running'})", show_header=False)
+        if not st.get("running"):
+            con.print(f"{role}: NOT RUNNING (last status: {_ago(st.get('last_seen'))})", highlight=False)
+            continue
+        t = Table(title=f"{role} (running)", show_header=False)
         t.add_column("key", style="bold")
         t.add_column("value")
         keys = (
@@ -488,6 +577,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 "peer",
                 "peer_node",
                 "connected",
+                "halt",
                 "epoch",
                 "head",
                 "sent_seq",
@@ -511,14 +601,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 "counters",
             ]
         )
-        for k in keys + (["note"] if "note" in st else []):
+        for k in keys:
             if k in st:
                 v = st[k]
                 if k == "last_apply" and v:
                     v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
                 t.add_row(k, json.dumps(v) if isinstance(v, dict | list) else str(v))
         con.print(t)
-    return EXIT_OK
+    return code
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -659,21 +749,36 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from engine import statelock
-    from engine.node import Agent
+    from engine import winservice
 
-    setup = config.load_node(args.config)
-    lock = statelock.acquire(setup.node.state_dir, "standby run")  # see _cmd_send
     if hasattr(signal, "SIGIO"):
         signal.signal(signal.SIGIO, signal.SIG_IGN)  # read leases (see _cmd_send)
-    with lock:
-        agent = Agent(setup)
-
-        async def main(stop: asyncio.Event) -> int:
-            await agent.run(stop)
-            return EXIT_OK
-
+    # The same session a Windows service runs (engine.winservice): config, [log], the state lock, the agent.
+    with winservice.agent_session(
+        args.config, command="standby run", level=args.log_level, fmt=args.log_format
+    ) as main:
         return _run_async(main)
+
+
+def _cmd_service(args: argparse.Namespace) -> int:
+    from engine import winservice
+    from engine.service import winsvc
+
+    if args.action == "install":
+        if args.config is None:
+            raise ConfigError("service install: --config FILE is required (the node config to run)")
+        reg = winservice.plan(args.config, service_name=args.name)
+        winservice.install(reg)
+        print("\n".join(winsvc.describe(reg)))
+        print(f"standby: installed the service {reg.name}; start it with `standby service start`")
+    elif args.action == "remove":
+        removed = winservice.remove(args.name)
+        print(f"standby: {'removed' if removed else 'no such service:'} {args.name}")
+    elif args.action == "start":
+        print(f"standby: {args.name}: {winservice.start(args.name).describe()}")
+    else:
+        print(f"standby: {args.name}: {winservice.stop(args.name).describe()}")
+    return EXIT_OK
 
 
 def _duration(text: str) -> float:
@@ -787,6 +892,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "failover": _cmd_failover,
     "maintenance": _cmd_maintenance,
     "rejoin": _cmd_rejoin,
+    "service": _cmd_service,
     "switchover": _cmd_switchover,
     "failback": _cmd_switchover,
     "quarantine": _cmd_quarantine,

@@ -505,6 +505,24 @@ class FailoverConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """``[log]``: where `standby run` also writes its log, besides stderr."""
+
+    file: Path | None = None  # a rotating log file (None: stderr only)
+    max_mb: float = 10.0  # rotate at this size
+    backups: int = 5  # rotated files kept
+    format: str = "text"  # "text" (event key=value) or "json"
+    event_log: bool = False  # Windows: warnings and errors also to the Application event log
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: Prometheus text served over HTTP, read from the status at each scrape."""
+
+    listen: tuple[str, int] | None = None  # None: no metrics endpoint
+
+
+@dataclass(frozen=True)
 class UpgradeConfig:
     """``[upgrade]``: the installer ``standby upgrade`` carries to the passive and runs there."""
 
@@ -560,6 +578,8 @@ class NodeSetup:
     alert: AlertConfig = AlertConfig()
     guards: tuple[GuardRule, ...] = ()
     upgrade: UpgradeConfig = UpgradeConfig()
+    log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def sender(self) -> SenderConfig:
         """The sender part, run while the node is active: it ships ``root`` to the peer."""
@@ -612,6 +632,10 @@ FAILOVER_RANGES: dict[str, Range] = {
     "switchover_timeout": Range(10, 3600, "seconds"),
     "max_clock_skew": Range(0.1, 3600, "seconds"),
 }
+LOG_RANGES: dict[str, Range] = {
+    "max_mb": Range(1, 1024, "MB"),
+    "backups": Range(1, 100, "files"),
+}
 UPGRADE_RANGES: dict[str, Range] = {
     "stable_for": Range(1, 600, "seconds"),
     "timeout": Range(10, 86_400, "seconds"),
@@ -625,8 +649,9 @@ NODE_RANGES: dict[str, dict[str, Range]] = {
     "failover": FAILOVER_RANGES,
     "alert": ALERT_RANGES,
     "upgrade": UPGRADE_RANGES,
+    "log": LOG_RANGES,
 }
-NODE_SECTIONS = ("node", "peer", "service", "failover", "alert", "guard", "upgrade")
+NODE_SECTIONS = ("node", "peer", "service", "failover", "alert", "guard", "upgrade", "log", "metrics")
 _NODE_KEYS = ("name", "listen", "root", "include", "state_dir", "initial_role", "insecure", "preferred")
 _PEER_KEYS = ("name", "address", "id")
 _INITIAL_ROLES = {"active": Role.ACTIVE, "passive": Role.PASSIVE}
@@ -745,7 +770,35 @@ def parse_node(data: dict[str, Any], path: Path) -> NodeSetup:
         command=_argv(a.get("command", []), "alert -> command"),
         timeout=_section_number(a, "alert", "timeout", AlertConfig.timeout),
     )
-    return NodeSetup(path, node, peer, service, failover, alert, _guards(data.get("guard", [])), upgrade)
+    lg = _table(data, "log", ("file", "max_mb", "backups", "format", "event_log"), required=False)
+    fmt = lg.get("format", "text")
+    if fmt not in ("text", "json"):
+        raise ConfigError(f"log -> format: expected 'text' or 'json', got {fmt!r}")
+    log_cfg = LogConfig(
+        file=_path(lg, "file", "log", base) if "file" in lg else None,
+        max_mb=_section_number(lg, "log", "max_mb", LogConfig.max_mb),
+        backups=int(_section_number(lg, "log", "backups", LogConfig.backups)),
+        format=fmt,
+        event_log=_flag(lg, "event_log", "log"),
+    )
+    m = _table(data, "metrics", ("listen",), required=False)
+    metrics = MetricsConfig(listen=parse_address(m["listen"], "metrics -> listen") if "listen" in m else None)
+    if metrics.listen is not None and metrics.listen in (listen, address):
+        raise ConfigError(
+            f"metrics -> listen: {metrics.listen[0]}:{metrics.listen[1]} is a replication port; pick another"
+        )
+    return NodeSetup(
+        path,
+        node,
+        peer,
+        service,
+        failover,
+        alert,
+        _guards(data.get("guard", [])),
+        upgrade,
+        log_cfg,
+        metrics,
+    )
 
 
 def load_node(path: Path) -> NodeSetup:

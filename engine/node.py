@@ -94,7 +94,7 @@ class SenderStatus:
     head: int
     sent_seq: int
     acked_seq: int
-    lag_records: int
+    lag_records: int | None  # None: not connected since the start, so unknown (not the whole journal)
     lag_seconds: float
     pending_paths: int
     halt: str | None
@@ -253,7 +253,7 @@ class SenderNode:
             head=head,
             sent_seq=link.sent.seq,
             acked_seq=link.acked.seq,
-            lag_records=max(0, head - link.acked.seq),
+            lag_records=max(0, head - link.acked.seq) if link.connected or link.acked.seq else None,
             lag_seconds=round(lag_s, 3),
             pending_paths=intake.pending_paths,
             halt=intake.halt,
@@ -391,6 +391,7 @@ class Agent:
             facts.durable_epoch,
         )
         rx_stop = asyncio.Event()
+        served = self._serve_metrics()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.receiver.serve(rx_stop), name="receiver")
@@ -404,8 +405,27 @@ class Agent:
             await self._stop_sender()
             for t in list(self._bg):
                 t.cancel()
+            if served is not None:
+                await asyncio.to_thread(served.close)
             self.roles.close()
             log.info("agent.stopped")
+
+    def _serve_metrics(self) -> Any:
+        """``[metrics] listen``: Prometheus text, read from :meth:`status` on this loop at each scrape."""
+        listen = self.setup.metrics.listen
+        if listen is None:
+            return None
+        from engine import metrics
+
+        getter = metrics.status_on_loop(asyncio.get_running_loop(), self.status)
+        try:
+            server = metrics.serve(listen, metrics.StatusCollector(getter, self.setup.node.name))
+        except OSError as e:
+            raise ReplicationError(
+                f"metrics -> listen: cannot serve on {listen[0]}:{listen[1]}: {e}"
+            ) from None
+        log.info("metrics.serving address=%s:%d", *server.address)
+        return server
 
     async def _decide(self, facts: failover.Started, stop: asyncio.Event) -> None:
         first = failover.start(self.setup.policy(), facts, self.clock())
@@ -1082,6 +1102,7 @@ class Agent:
             "receiver": self.receiver.status(),
             "last_role_change": self.roles.status(),
             "switchover": st.handover.stage if st is not None and st.handover is not None else None,
+            "failover_held": st.hold if st is not None else None,
             "peer_switching": peer.switching if peer is not None else "",
             "quarantined": self._quarantined,
             "preferred": self.setup.node.preferred,

@@ -35,6 +35,7 @@ class HaNode:
     failover_after: float = 10.0
     preferred: bool = False
     extra: str = ""  # more TOML, appended to the config
+    metrics_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 

@@ -21,6 +21,8 @@ from engine.config import (
     NODE_RANGES,
     AlertConfig,
     FailoverConfig,
+    LogConfig,
+    MetricsConfig,
     NodeConfig,
     NodeSetup,
     PeerConfig,
@@ -302,6 +304,8 @@ def test_the_example_documents_every_key_of_a_node_config_with_its_range() -> No
     assert found["failover"] == {f.name for f in dataclasses.fields(FailoverConfig)}
     assert found["alert"] == {f.name for f in dataclasses.fields(AlertConfig)}
     assert found["upgrade"] == {f.name for f in dataclasses.fields(UpgradeConfig)}
+    assert found["log"] == {f.name for f in dataclasses.fields(LogConfig)}
+    assert found["metrics"] == {f.name for f in dataclasses.fields(MetricsConfig)}
 
 
 def test_every_node_range_holds_its_default() -> None:
@@ -310,6 +314,7 @@ def test_every_node_range_holds_its_default() -> None:
         "failover": FailoverConfig(),
         "alert": AlertConfig(),
         "upgrade": UpgradeConfig(),
+        "log": LogConfig(),
     }
     for section, ranges in NODE_RANGES.items():
         for key, allowed in ranges.items():

@@ -578,9 +578,10 @@ def test_sigterm_stops_both_cleanly_and_the_next_run_continues(pair: Pair) -> No
     assert "send.stopped" in pair.log("send") and "receiver.stopped" in pair.log("receive")
 
     saved = pair.status()
-    applied = saved["receiver"]["applied_seq"]
-    head = saved["sender"]["head"]
     assert not saved["sender"]["running"] and not saved["receiver"]["running"], saved
+    assert "applied_seq" not in saved["receiver"], "a stopped process's figures are not shown as current"
+    applied = saved["receiver"]["last"]["applied_seq"]
+    head = saved["sender"]["last"]["head"]
     assert 11 <= applied <= head, saved
 
     pair.start("receive")
