@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -317,7 +317,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_async(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int:
+def _run_async(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     """Run a long-lived command: the first SIGINT/SIGTERM asks for a graceful stop, the second forces."""
 
     async def runner() -> int:
