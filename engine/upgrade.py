@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from engine.errors import PathRejected, ReplicationError
 from engine.journal import fsync_dir
 from engine.model import MAX_NAME_CHARS, TEMP_MARKER, check_name
 from engine.service import ServiceControl, ServiceError, ServiceState, ServiceStatus
+from engine.service.command import kill_group
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def _run(argv: Sequence[str], timeout: float, *, combine: bool, tail: bool) -> _
             rc = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill(proc)
+            kill_group(proc)  # msiexec: the Windows Installer rolls an interrupted install back
             rc = EXIT_TIMED_OUT
         seconds = time.monotonic() - t0
         stdout, stderr = _read(out, tail), _read(err, tail)
@@ -267,22 +267,6 @@ def _read(f: IO[bytes], tail: bool) -> str:
     size = f.seek(0, os.SEEK_END)
     f.seek(max(0, size - OUTPUT_LIMIT) if tail else 0)
     return f.read(OUTPUT_LIMIT).decode("utf-8", "replace").lstrip("\ufeff")
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    """End an overrunning program and, on POSIX, everything in its process group; reap it.
-
-    On Windows only the program itself ends: msiexec hands the work to the Windows Installer service, which
-    rolls an interrupted installation back by itself.
-    """
-    try:
-        if sys.platform != "win32":
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:  # pragma: no cover - Windows only
-            proc.kill()
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
 
 
 def _last_lines(text: str, n: int) -> str:

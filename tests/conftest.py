@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ha import HaNode, Sampler, sampled_pair
 from tests.pair import Pair
 
 IN_CI = os.environ.get("CI") == "true"
@@ -31,6 +32,15 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
         yield p
     finally:
         p.stop_all()
+
+
+@pytest.fixture
+def ha(tmp_path: Path) -> Iterator[tuple[HaNode, HaNode, Sampler]]:
+    """An HA pair (not started; failover_after 10 s) with both services sampled every 50 ms; the test
+    fails if they ever ran at once."""
+    with sampled_pair(tmp_path) as (a, b, sampler):
+        yield a, b, sampler
+    assert not sampler.both, f"both services ran at once, {len(sampler.both)} samples of {sampler.samples}"
 
 
 @pytest.fixture(autouse=True)

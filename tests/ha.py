@@ -4,6 +4,7 @@ looks at both services every 50 ms for the whole test and remembers any moment b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,8 +212,31 @@ def make_pair(base: Path, failover_after: float = 10.0, extra: str = "") -> tupl
     return a, b
 
 
+@contextlib.contextmanager
+def sampled_pair(
+    base: Path, failover_after: float = 10.0, extra: str | Callable[[HaNode], str] = ""
+) -> Iterator[tuple[HaNode, HaNode, Sampler]]:
+    """A pair (not started) and a running sampler; on the way out the sampler stops and every process of
+    both nodes is killed. ``extra``: more TOML for both configs, or a function giving each node's. The
+    caller asserts on ``sampler.both``."""
+    a, b = make_pair(base, failover_after, extra if isinstance(extra, str) else "")
+    if callable(extra):
+        for n in (a, b):
+            n.extra = extra(n)
+        a.write_config(b)
+        b.write_config(a)
+    sampler = Sampler([a, b])
+    sampler.start()
+    try:
+        yield a, b, sampler
+    finally:
+        sampler.stop()
+        for n in (a, b):
+            n.cleanup()
+
+
 def same_trees(a: HaNode, b: HaNode) -> bool:
     return tree(a.root / "databases") == tree(b.root / "databases")
 
 
-__all__ = ["HaNode", "Sampler", "make_pair", "same_trees", "wait_for"]
+__all__ = ["HaNode", "Sampler", "make_pair", "same_trees", "sampled_pair", "wait_for"]

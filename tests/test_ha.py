@@ -10,29 +10,13 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.ha import HaNode, Sampler, make_pair, same_trees, wait_for
+from tests.ha import HaNode, Sampler, same_trees, wait_for
 from tests.test_replication import write_files
 
 FAILOVER_AFTER = 10.0
-
-
-@pytest.fixture
-def ha(tmp_path: Path) -> Iterator[tuple[HaNode, HaNode, Sampler]]:
-    a, b = make_pair(tmp_path, FAILOVER_AFTER)
-    sampler = Sampler([a, b])
-    sampler.start()
-    try:
-        yield a, b, sampler
-    finally:
-        sampler.stop()
-        for n in (a, b):
-            n.cleanup()
-    assert not sampler.both, f"both services ran at once, {len(sampler.both)} samples of {sampler.samples}"
 
 
 def _logs(*nodes: HaNode) -> str:

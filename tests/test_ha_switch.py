@@ -10,37 +10,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from engine.digest import digest_bytes
-from tests.ha import HaNode, Sampler, make_pair, same_trees, wait_for
+from tests.ha import HaNode, Sampler, same_trees, sampled_pair, wait_for
 from tests.pair import ROOT
 from tests.test_ha import _logs, _meets, _up
 from tests.test_replication import write_files
 
 FAILOVER_AFTER = 10.0
-
-
-def _pair(tmp_path: Path, extra: str = "") -> tuple[HaNode, HaNode, Sampler]:
-    a, b = make_pair(tmp_path, FAILOVER_AFTER, extra)
-    sampler = Sampler([a, b])
-    sampler.start()
-    return a, b, sampler
-
-
-@pytest.fixture
-def ha(tmp_path: Path) -> Iterator[tuple[HaNode, HaNode, Sampler]]:
-    a, b, sampler = _pair(tmp_path)
-    try:
-        yield a, b, sampler
-    finally:
-        sampler.stop()
-        for n in (a, b):
-            n.cleanup()
-    assert not sampler.both, f"both services ran at once, {len(sampler.both)} samples of {sampler.samples}"
 
 
 def _settled(a: HaNode, b: HaNode) -> bool:
@@ -255,8 +235,7 @@ CRASH_STEPS = [
 def test_sigkill_at_a_step_of_a_switchover_ends_with_one_service_and_equal_trees(
     tmp_path: Path, who: str, step: str
 ) -> None:
-    a, b, sampler = _pair(tmp_path)
-    try:
+    with sampled_pair(tmp_path) as (a, b, sampler):
         write_files(a.root / "databases" / "room-1", 30)
         _up(a, b)
         wait_for(lambda: same_trees(a, b), 30, "the first copy")
@@ -290,10 +269,6 @@ def test_sigkill_at_a_step_of_a_switchover_ends_with_one_service_and_equal_trees
         r = a.cli("switchover", "--to", _active(a, b).name)
         assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr
         assert (_active(a, b).root / "databases" / "room-1" / "f007.json").exists()
-    finally:
-        sampler.stop()
-        for n in (a, b):
-            n.cleanup()
     assert not sampler.both, f"both services ran at once at {step}"
 
 
@@ -315,22 +290,19 @@ def test_an_upgrade_is_staged_by_hash_run_on_the_passive_which_ends_stopped(tmp_
     msi.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
     version = tmp_path / "version.txt"
     version.write_text("5.2.1.3\n")
-    a, b = make_pair(tmp_path / "pair", FAILOVER_AFTER)
     install = [sys.executable, str(installer_py), "{installer}", "{log}"]
     show = [sys.executable, "-c", f"print(open({str(version)!r}).read())"]
-    for n in (a, b):
-        n.extra = (
+
+    def upgrade_config(n: HaNode) -> str:
+        return (
             "[upgrade]\n"
             f"installer = '{msi}'\n"
             f"command = {json.dumps([*install, str(n.svc)])}\n"
             f"version_command = {json.dumps(show)}\n"
             "stable_for = 2\n"
         )
-    a.write_config(b)
-    b.write_config(a)
-    sampler = Sampler([a, b])
-    sampler.start()
-    try:
+
+    with sampled_pair(tmp_path / "pair", FAILOVER_AFTER, upgrade_config) as (a, b, sampler):
         _up(a, b)
         r = a.cli("upgrade", "stage", timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -347,10 +319,6 @@ def test_an_upgrade_is_staged_by_hash_run_on_the_passive_which_ends_stopped(tmp_
         # An upgrade run on the active is refused.
         r = a.cli("upgrade", "run")
         assert r.returncode != 0 and "upgrade the passive" in r.stderr
-    finally:
-        sampler.stop()
-        for n in (a, b):
-            n.cleanup()
     # The fake installer starts the passive's service as its last act (as the vendor's MSI may): the
     # agent stops it at once. The overlap with the active's is that of the installer, and is bounded.
     overlap = len(sampler.both) * sampler.interval
@@ -362,8 +330,7 @@ def test_an_upgrade_is_staged_by_hash_run_on_the_passive_which_ends_stopped(tmp_
 
 
 def test_a_skewed_clock_on_one_node_is_warned_about_and_decides_nothing(tmp_path: Path) -> None:
-    a, b, sampler = _pair(tmp_path)
-    try:
+    with sampled_pair(tmp_path) as (a, b, sampler):
         a.start()
         b.start(env={"STANDBY_CLOCK_OFFSET": "7.5"})
         wait_for(lambda: a.service_pid() is not None, 30, "the active's service")
@@ -375,8 +342,4 @@ def test_a_skewed_clock_on_one_node_is_warned_about_and_decides_nothing(tmp_path
         # The skew is in what b tells (a test seam): b's own reading of a's clock is right.
         assert abs(b.status()["clock"]["skew"]) < 1.0, b.status()["clock"]
         assert a.status()["role"] == "active" and b.status()["role"] == "passive"
-    finally:
-        sampler.stop()
-        for n in (a, b):
-            n.cleanup()
     assert not sampler.both

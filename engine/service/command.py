@@ -108,7 +108,7 @@ class CommandControl:
             try:
                 rc = proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                _kill(proc)
+                kill_group(proc)
                 raise _Overran(f"the {which} command did not finish within {timeout:g} s") from None
             out.seek(0)
             err.seek(0)
@@ -175,8 +175,10 @@ class CommandControl:
         """Nothing: with commands, the start type is whatever the admin set."""
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    """End an overrunning command and whatever it started in its process group, and reap it."""
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """End an overrunning command and whatever it started in its process group, and reap it (it must have
+    been started in a group of its own: ``start_new_session`` on POSIX). On Windows only the program
+    itself ends."""
     try:
         if sys.platform != "win32":
             os.killpg(proc.pid, signal.SIGKILL)
