@@ -47,6 +47,7 @@ IO = {
     "quarantine",
     "upgrade",
     "metrics",
+    "witness",
     "peer",
     "service",
     "service.scm",
@@ -232,6 +233,8 @@ def test_one_importer_each_for_third_party_libraries() -> None:
         ("xxhash", "digest"),
         ("filelock", "statelock"),
         ("prometheus_client", "metrics"),
+        ("aetcd", "witness"),
+        ("grpc", "witness"),
         ("win32service", "service.windows"),
     ):
         users = {n for n, p in files.items() if any(m.split(".")[0] == lib for m in imports(p))}

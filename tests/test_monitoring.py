@@ -55,7 +55,7 @@ def test_metrics_follow_replication_failover_and_a_halt(tmp_path: Path) -> None:
             write_files(a.root / "databases" / "room-2", 10)
             wait_for(lambda: (scrape(a).get("standby_lag_entries") or 0) >= 10, 20, "the lag to rise")
             wait_for(lambda: scrape(a).get("standby_peer_connected") == 0, 20, "the peer unseen")
-            assert a.cli("status").returncode == 1, "degraded while the peer is silent"
+            wait_for(lambda: a.cli("status").returncode == 1, 10, "status to say degraded (peer silent)")
             b.start()
             wait_for(lambda: scrape(a).get("standby_lag_entries") == 0, 30, "the lag back to 0")
 
@@ -91,9 +91,10 @@ def test_metrics_follow_replication_failover_and_a_halt(tmp_path: Path) -> None:
             )
             halted = next(k for k, v in scrape(b).items() if k.startswith("standby_halted{") and v == 1)
             assert "reason=" in halted and len(halted) > len("standby_halted{reason=}"), halted
+            # The status file is rewritten about once a second (the metrics read the live status).
+            wait_for(lambda: b.cli("status").returncode == 3, 10, "status to exit 3 (halted)")
             r = b.cli("status", "--json")
-            assert r.returncode == 3, (r.returncode, r.stdout[-2000:])
-            assert json.loads(r.stdout)["halted"], "the status names the halt"
+            assert r.returncode == 3 and json.loads(r.stdout)["halted"], "the status names the halt"
         except AssertionError as e:
             raise AssertionError(f"{e}\n{_logs(a, b)}") from None
     assert not sampler.both
