@@ -42,7 +42,8 @@ acknowledges it. Both read one TOML file (see config.example.toml); each uses it
 
 For an HA pair, `standby run` on each server (a node config) does both as its role requires, controls
 the service and fails over with proof that the old active cannot run it; `standby failover`,
-`maintenance`, `rejoin` and `status` talk to it. `standby demo --ha` shows a pair on loopback.
+`switchover`, `failback`, `maintenance`, `rejoin`, `quarantine`, `upgrade` and `status` talk to it, and
+`standby service install` runs it as a Windows service. `standby demo --ha` shows a pair on loopback.
 """
 
 EPILOG = """\
@@ -53,6 +54,8 @@ examples:
   standby send --config standby.toml     on the active server
   standby verify --config standby.toml   compare source and replica by hash (exit 1 if they differ)
   standby status --config standby.toml   role, peer, positions and lag of the local node
+  standby demo --ha                      an HA pair on loopback: failover, rejoin, failback
+  standby switchover --config node.toml  move the service to the other server, losing nothing
 
 exit codes: 0 ok, 1 differences found, 2 bad config or usage, 3 safety halt, 4 refused by peer,
             5 other error, 130 interrupted
@@ -91,6 +94,16 @@ def _parser() -> argparse.ArgumentParser:
             "--log-format", default=argparse.SUPPRESS, choices=LOG_FORMATS, help=argparse.SUPPRESS
         )
         return sp
+
+    def follow(sp: argparse.ArgumentParser, default: float) -> None:
+        """--timeout of a command that follows what it asked for (the agents go on after it)."""
+        sp.add_argument(
+            "--timeout",
+            type=float,
+            default=default,
+            metavar="SECONDS",
+            help=f"how long to follow (default: {default:g}); the agents go on after it",
+        )
 
     def conf(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -155,9 +168,7 @@ def _parser() -> argparse.ArgumentParser:
         "quarantine and the catch-up as a progress bar.",
     )
     conf(sp)
-    sp.add_argument(
-        "--timeout", type=float, default=600.0, metavar="SECONDS", help="how long to follow (default: 600)"
-    )
+    follow(sp, 600.0)
     sp = cmd(
         "service",
         "install, remove, start or stop standby run as a Windows service",
@@ -180,9 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     conf(sp)
     sp.add_argument("--to", metavar="NODE", default="", help="the node to move to (default: the passive)")
-    sp.add_argument(
-        "--timeout", type=float, default=300.0, metavar="SECONDS", help="how long to follow (default: 300)"
-    )
+    follow(sp, 300.0)
     sp = cmd(
         "failback",
         "switch over to the node configured with [node] preferred = true",
@@ -190,9 +199,7 @@ def _parser() -> argparse.ArgumentParser:
         "are not acknowledged (standby quarantine list / ack).",
     )
     conf(sp)
-    sp.add_argument(
-        "--timeout", type=float, default=300.0, metavar="SECONDS", help="how long to follow (default: 300)"
-    )
+    follow(sp, 300.0)
     sp = cmd(
         "quarantine",
         "list or acknowledge the files a rejoin set aside",

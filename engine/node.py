@@ -31,9 +31,10 @@ from typing import Any
 from engine import clocks, failover, identity, quarantine, wire
 from engine.aio import run_critical
 from engine.config import NodeSetup, SenderConfig
-from engine.errors import ReplicationError, SafetyHalt
+from engine.errors import JournalError, ReplicationError, SafetyHalt
 from engine.guards import GuardCheck, receiver_check, sender_check
 from engine.journal import Journal
+from engine.journal import check as check_journal
 from engine.peer import PeerChannel
 from engine.receiver import Receiver
 from engine.rolestate import RoleState
@@ -850,8 +851,22 @@ class Agent:
             journal or "-",
         )
         result = quarantine.quarantine(n.state_dir, n.root, div.suspects, epoch=epoch, now=now)
-        quarantine.retire_journal(n.state_dir, result.folder, now)
+        if result.folder is not None or self._unapplied_tail(journal, applied):
+            quarantine.retire_journal(n.state_dir, result.folder, now)
         return result
+
+    def _unapplied_tail(self, journal: str, applied: int | None) -> bool:
+        """Worker thread: whether our journal holds entries the peer has not applied (or cannot be read):
+        such a journal is retired, never streamed again. A journal the peer applied to its end (a
+        switchover) stays: a later promotion streams on from where the peer is, and nothing piles up."""
+        folder = self.setup.node.state_dir / "sender" / "journal"
+        if not folder.is_dir():
+            return False
+        try:
+            chk = check_journal(folder)
+        except (OSError, JournalError):
+            return True
+        return chk.damaged or chk.id != journal or applied is None or chk.last_seq > applied
 
     def _digest(self, part: str) -> TreeDigest:
         """Worker thread: the local tree's digest, with a copy of a part's hash cache."""

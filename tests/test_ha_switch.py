@@ -104,6 +104,8 @@ def test_the_old_active_keeps_its_post_fork_files_in_quarantine_and_fails_back_a
         assert stored.read_bytes() == data, f"{rel} not kept byte for byte"
         assert kept[rel]["size"] == len(data) and kept[rel]["hash"] == digest_bytes(data).hex()
     assert kept["databases/room-1/unshipped.json"]["why"] == "unshipped"
+    # Its journal, with entries the new active never applied, is kept beside them, never streamed again.
+    assert (folders[0] / "sender-journal").is_dir() and not (a.state / "sender" / "journal").exists()
     assert kept["databases/room-1/late-0.json"]["why"] in ("unacknowledged", "unshipped")
     assert len(kept) <= len(journaled) + len(unshipped) + 1, f"far more than the fork's files: {sorted(kept)}"
     # The catch-up is a delta: about the changes that differ travel (the new active's 12, the quarantined
@@ -209,6 +211,10 @@ def test_a_switchover_under_churn_loses_nothing_and_reports_the_downtime(
     # The old active rejoins as passive by itself, with nothing to quarantine; replication runs back.
     wait_for(lambda: a.status().get("role") == "passive", 30, "the old active to become passive")
     assert a.cli("quarantine", "list").stdout.strip() == "standby: nothing in quarantine"
+    # Drained to its end, the old active's journal stays where it is (nothing in it to keep from being
+    # streamed), rather than piling up in quarantine at every switchover.
+    assert (a.state / "sender" / "journal").is_dir()
+    assert not list((a.state / "quarantine").glob("retired-journal-*"))
     (b.root / "databases" / "room-1" / "after.json").write_bytes(b"booked on the new active")
     wait_for(lambda: same_trees(a, b), 30, "replication from the new active")
     # Asked again, it does nothing.
