@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -276,6 +277,58 @@ def test_sigkill_at_a_step_of_a_switchover_ends_with_one_service_and_equal_trees
         assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr
         assert (_active(a, b).root / "databases" / "room-1" / "f007.json").exists()
     assert not sampler.both, f"both services ran at once at {step}"
+
+
+#: Rounds of random kills during switchovers (STANDBY_SOAK=1: many more).
+SOAK = os.environ.get("STANDBY_SOAK", "") not in ("", "0")
+KILL_ROUNDS = 40 if SOAK else 3
+
+
+@pytest.mark.timeout(3600 if SOAK else 300)
+def test_sigkill_of_an_agent_or_the_command_at_random_moments_of_switchovers(
+    ha: tuple[HaNode, HaNode, Sampler],
+) -> None:
+    """Rounds of: a switchover asked on a random node, then at a random moment SIGKILL one of the two
+    agents or the command, and restart what was killed. Every round ends with one active, one passive,
+    one service and equal trees; nothing written before the round is lost; never two services."""
+    a, b, sampler = ha
+    seed = int(os.environ.get("STANDBY_SEED", "0")) or random.SystemRandom().randrange(1 << 32)
+    rng = random.Random(seed)
+    print(f"\nseed {seed}")
+    write_files(a.root / "databases" / "room-1", 30)
+    _up(a, b)
+    wait_for(lambda: same_trees(a, b), 30, "the first copy")
+    for rnd in range(KILL_ROUNDS):
+        wait_for(lambda: _settled(a, b) and same_trees(a, b), 90, f"seed={seed} round {rnd}: settled")
+        active = _active(a, b)
+        marker = active.root / "databases" / "room-1" / f"round-{rnd}.json"
+        marker.write_text(f'{{"round": {rnd}}}')
+        wait_for(lambda: same_trees(a, b), 30, f"seed={seed} round {rnd}: the marker replicated")
+        asker = rng.choice([a, b])
+        cmd = subprocess.Popen(
+            [sys.executable, "-m", "engine", "switchover", "--config", str(asker.config)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.0, 4.0))
+        victim = rng.choice([a, b, None])
+        if victim is None:
+            cmd.kill()
+        else:
+            victim.kill()
+            time.sleep(rng.uniform(0.0, 1.0))
+            victim.start()
+        try:
+            wait_for(lambda: _settled(a, b), 120, f"seed={seed} round {rnd}: one active, one passive")
+            wait_for(lambda: same_trees(a, b), 60, f"seed={seed} round {rnd}: equal trees")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{_logs(a, b)}") from None
+        finally:
+            cmd.kill()
+            cmd.wait(10)
+        assert (_active(a, b).root / "databases" / "room-1" / f"round-{rnd}.json").exists(), f"seed={seed}"
+    assert not sampler.both, f"seed={seed}: both services ran at once"
 
 
 # ---- upgrades ----------------------------------------------------------------------------------------------
