@@ -437,6 +437,17 @@ class Journal:
             raise JournalError(f"seq {seq} is not in the journal (kept: {self.first_seq}..{self.head})")
         return Cursor(self, seq)
 
+    def headers(self, seq: int) -> Iterator[Change]:
+        """The entries' headers from ``seq`` to the committed head, their content skipped (what a plan
+        needs: paths, kinds, digests)."""
+        cur = self.cursor(seq)
+        try:
+            while (c := cur.next_header()) is not None:
+                cur.skip_chunks()
+                yield c
+        finally:
+            cur.close()
+
     def segments(self) -> list[tuple[Path, int]]:
         return [(s.path, s.first) for s in self._segments]
 

@@ -31,10 +31,9 @@ from typing import Any
 from engine import clocks, failover, identity, quarantine, wire
 from engine.aio import run_critical
 from engine.config import NodeSetup, SenderConfig
-from engine.errors import JournalError, ReplicationError, SafetyHalt
+from engine.errors import ReplicationError, SafetyHalt
 from engine.guards import GuardCheck, receiver_check, sender_check
 from engine.journal import Journal
-from engine.journal import check as check_journal
 from engine.peer import PeerChannel
 from engine.receiver import Receiver
 from engine.rolestate import RoleState
@@ -619,15 +618,14 @@ class Agent:
                 )
             except (OSError, ReplicationError) as e:
                 log.warning("quarantine.count_failed error=%s", e)
-        local = datetime.now().astimezone()
-        offset = local.utcoffset()
+        tz, tz_offset = _local_zone()
         hb = replace(
             failover.beat(self.state, now),
             preferred=self.setup.node.preferred,
             quarantined=self._quarantined,
             utc=time.time() + self._clock_offset,
-            tz=local.tzname() or "",
-            tz_offset=int(offset.total_seconds()) if offset is not None else None,
+            tz=tz,
+            tz_offset=tz_offset,
             echo_at=self._peer_beat[0] if self._peer_beat else None,
             echo_held=max(0.0, now - self._peer_beat[1]) if self._peer_beat else None,
             lag=self._lag(),
@@ -654,13 +652,12 @@ class Agent:
             self._clock_problems = v.problems
 
     def _clock_view(self, hb: failover.Heartbeat | None) -> clocks.ClockView:
-        local = datetime.now().astimezone()
-        offset = local.utcoffset()
+        tz, tz_offset = _local_zone()
         return clocks.view(
             self._clock_samples,
             self.setup.failover.max_clock_skew,
-            local.tzname() or "",
-            int(offset.total_seconds()) if offset is not None else 0,
+            tz,
+            tz_offset if tz_offset is not None else 0,
             hb.tz if hb is not None else "",
             hb.tz_offset if hb is not None else None,
         )
@@ -851,22 +848,12 @@ class Agent:
             journal or "-",
         )
         result = quarantine.quarantine(n.state_dir, n.root, div.suspects, epoch=epoch, now=now)
-        if result.folder is not None or self._unapplied_tail(journal, applied):
+        # A journal with entries the peer never applied is retired, never streamed again. One the peer
+        # applied to its end (a switchover) stays: a later promotion streams on from where the peer is,
+        # and nothing piles up in quarantine. (A damaged journal made find_divergence raise: no rejoin.)
+        if result.folder is not None or div.unapplied:
             quarantine.retire_journal(n.state_dir, result.folder, now)
         return result
-
-    def _unapplied_tail(self, journal: str, applied: int | None) -> bool:
-        """Worker thread: whether our journal holds entries the peer has not applied (or cannot be read):
-        such a journal is retired, never streamed again. A journal the peer applied to its end (a
-        switchover) stays: a later promotion streams on from where the peer is, and nothing piles up."""
-        folder = self.setup.node.state_dir / "sender" / "journal"
-        if not folder.is_dir():
-            return False
-        try:
-            chk = check_journal(folder)
-        except (OSError, JournalError):
-            return True
-        return chk.damaged or chk.id != journal or applied is None or chk.last_seq > applied
 
     def _digest(self, part: str) -> TreeDigest:
         """Worker thread: the local tree's digest, with a copy of a part's hash cache."""
@@ -1155,6 +1142,13 @@ def send_command(state_dir: Path, name: str, args: dict[str, Any], timeout: floa
         return bool(data.get("ok")), str(data.get("text", ""))
     (folder / f"{stem}.cmd").unlink(missing_ok=True)
     return False, f"no answer from the agent within {timeout:g} s (is `standby run` running?)"
+
+
+def _local_zone() -> tuple[str, int | None]:
+    """This machine's time zone now: its name, and its UTC offset in seconds (None if unknown)."""
+    local = datetime.now().astimezone()
+    offset = local.utcoffset()
+    return local.tzname() or "", int(offset.total_seconds()) if offset is not None else None
 
 
 def _crash() -> None:

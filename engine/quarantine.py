@@ -44,7 +44,7 @@ import os
 import re
 import shutil
 import stat as statmod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,6 +94,7 @@ class Divergence:
     suspects: list[Suspect]
     journal_id: str | None  # the id of the sender journal read (None: there was none)
     scanned: int  # regular files looked at
+    unapplied: bool = False  # the journal holds entries the new active has not applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,16 +205,6 @@ def _unacknowledged(path: str, unacked: set[str], renamed: set[str]) -> bool:
 # -- finding the divergence ------------------------------------------------------------------------------
 
 
-def _changes(j: Journal) -> Iterator[Change]:
-    cur = j.cursor(j.first_seq)
-    try:
-        while (c := cur.next_header()) is not None:
-            cur.skip_chunks()
-            yield c
-    finally:
-        cur.close()
-
-
 def _read_journal(
     folder: Path, applied: int | None, journal_id: str | None
 ) -> tuple[str | None, dict[str, bytes | None], set[str], set[str]]:
@@ -238,7 +229,7 @@ def _read_journal(
             applied = None
         if applied is not None and applied > j.head:
             log.warning("quarantine.applied_past_head applied=%d head=%d journal=%s", applied, j.head, j.id)
-        shipped, unacked, renamed = _fold(_changes(j), applied)
+        shipped, unacked, renamed = _fold(j.headers(j.first_seq), applied)
         return j.id, shipped, unacked, renamed
     finally:
         j.close()
@@ -296,7 +287,7 @@ def find_divergence(
         scanned,
         len(suspects),
     )
-    return Divergence(suspects, jid, scanned)
+    return Divergence(suspects, jid, scanned, unapplied=bool(unacked))
 
 
 # -- the manifest ----------------------------------------------------------------------------------------

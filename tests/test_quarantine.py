@@ -215,6 +215,18 @@ def test_another_journal_id_counts_nothing_as_applied(node: Node) -> None:
     assert q.find_divergence(node.root, INCLUDE, node.state, 1).journal_id == jid
 
 
+def test_a_journal_with_entries_the_active_did_not_apply_is_said_to_be_so(node: Node) -> None:
+    """What decides whether a rejoin retires the journal: entries after ``applied`` (or of unknown fate)."""
+    node.write("data/a", b"A")
+    node.write("data/c", b"C")
+    jid = node.journal((put("data/a", b"A"), b"A"), (put("data/c", b"C"), b"C"))
+    d = q.find_divergence
+    assert d(node.root, INCLUDE, node.state, 2, journal_id=jid).unapplied is False
+    assert d(node.root, INCLUDE, node.state, 1, journal_id=jid).unapplied is True
+    assert d(node.root, INCLUDE, node.state, None).unapplied is True
+    assert d(node.root, INCLUDE, node.state, 2, journal_id="0" * 32).unapplied is True
+
+
 def test_no_journal_and_no_caches_make_every_file_unshipped(node: Node) -> None:
     node.write("data/a", b"A")
     node.write("data/sub/b", b"B")

@@ -199,16 +199,8 @@ class Reconciler:
         """Worker thread: the expected replica (manifest + journal after ``seq``), then the source scan.
         RACE: the journal tail is read before the source is scanned, so a change journaled meanwhile is
         either in both or shows as a harmless re-send, never as a wrong deletion."""
-        tail: list[Change] = []
         j = self.journal
-        if seq < j.head:
-            cur = j.cursor(max(seq + 1, j.first_seq))
-            try:
-                while (c := cur.next_header()) is not None:
-                    cur.skip_chunks()
-                    tail.append(c)
-            finally:
-                cur.close()
+        tail: list[Change] = list(j.headers(max(seq + 1, j.first_seq))) if seq < j.head else []
         expected = expected_after({m.path: m for m in replica}, tail)
         # A file the replica does not have is sent whatever its digest: do not read it twice.
         m = Manifest({}, [], [])
