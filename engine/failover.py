@@ -40,6 +40,23 @@ Rules (the whole contract; the code below only spells them out):
    Every node persists the highest epoch it has seen, a passive too, so that a promotion forced after a
    crash still picks a higher one. Two durable actives at one epoch (possible only when a forced node
    never heard the other) both wait at start-up and alert; the operator forces the one to keep.
+8. Witness (``Policy.witness``: an etcd lease, ``engine.witness``). Leadership is also a key bound to a lease
+   of ``witness_ttl``. The active renews it every ``witness_interval``; once it has not renewed for
+   ``witness_ttl - witness_margin`` it stops its service (``witness.lease_lost``) unless its peer confirms,
+   in a heartbeat that echoes one of ours sent within ``FAILSAFE_WINDOW``, that it is passive or fenced and
+   hears us (Patroni's failsafe); it starts it again as soon as it renews or is confirmed. A witness
+   holding the key for another node makes the active step down (fenced). Every promotion takes the key
+   before the service starts (a ``--force`` does not wait for it) and persists an epoch derived from the
+   key's create revision (:func:`epoch_from_revision`).
+9. Witness failover: a passive whose active has been silent for ``max(failover_after, FAILSAFE_WINDOW +
+   witness_margin)`` (longer than any confirmation it gave can last plus the time a stop takes) takes the
+   key when it is absent (the active's lease ended: it could not renew, so it stopped its service) and
+   becomes active; only if the active's last heartbeat said it was within ``max_lag`` entries, announced no
+   planned stop and no maintenance window is open, and within ``flap_window`` like any automatic failover.
+   A witness that cannot be reached never causes a promotion.
+10. A node waiting at start-up with a durable active role and a silent peer starts when it takes the key
+   (after ``FAILSAFE_WINDOW + witness_margin``), and steps down if the witness shows another holder at a
+   higher epoch.
 
 A passive whose peer reports ``fenced`` (an earlier failover whose acknowledgement was lost) finishes
 that failover: it asks again and the fenced peer acknowledges again. This is not a new failover and is
@@ -66,6 +83,10 @@ from engine.errors import LocalProtocolError
 
 #: A rejoin whose quarantine failed (the peer unreachable, a disk error) is tried again after this long.
 REJOIN_RETRY = 5.0
+#: A peer's confirmation (rule 8) counts while the heartbeat of ours it echoes is at most this old.
+FAILSAFE_WINDOW = 4.0
+#: A witness call that failed, or a key wanted now (a proven promotion), is asked again after this long.
+WITNESS_RETRY = 1.0
 
 # ---- values -----------------------------------------------------------------------------------------------
 
@@ -121,6 +142,11 @@ class Policy:
     auto_rejoin: bool = True  # a fenced node rejoins by itself once the peer runs the service as active
     switchover_timeout: float = 120.0  # a handover not accepted by then is rolled back
     handover_settle: float = 1.0  # caught up and idle this long before the tree is measured
+    witness: bool = False  # rules 8-10: leadership also needs the witness's lease
+    witness_ttl: float = 30.0  # the lease
+    witness_margin: float = 10.0  # stop the service this long before the lease could end
+    witness_interval: float = 10.0  # renew (active) or look (others) this often
+    max_lag: int = 100  # rule 9: journal entries the passive may miss when it takes over by the witness
 
     def __post_init__(self) -> None:
         for name in (
@@ -131,6 +157,7 @@ class Policy:
             "drain_timeout",
             "switchover_timeout",
             "handover_settle",
+            "witness_margin",
         ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"policy: {name} must be >= 0")
@@ -138,6 +165,8 @@ class Policy:
             raise ValueError("policy: service_retry must be > 0")
         if self.start_alone_after is not None and not self.start_alone_after >= 0:
             raise ValueError("policy: start_alone_after must be >= 0 or None")
+        if not (self.witness_ttl > self.witness_margin and self.witness_interval > 0 and self.max_lag >= 0):
+            raise ValueError("policy: witness_ttl must exceed witness_margin, witness_interval be > 0")
 
 
 # ---- events (inputs) --------------------------------------------------------------------------------------
@@ -304,6 +333,23 @@ class HandoverAccepted:
 
 
 @dataclass(frozen=True, slots=True)
+class WitnessAnswer:
+    """The result of :class:`AskWitness`. ``asked_at``: our clock when the call was made (a lease renewed by
+    it lasts at least ``left`` from then). ``stale_self``: the key holds our name on a lease that is not ours
+    (an earlier run's): it will end by itself. ``reachable`` False: the other fields are unknown."""
+
+    op: str
+    asked_at: float
+    reachable: bool
+    holder: str | None = None
+    mine: bool = False
+    stale_self: bool = False
+    revision: int | None = None
+    left: float | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     """The agent is stopping gracefully: announce a planned stop in the heartbeats that remain."""
 
@@ -331,6 +377,7 @@ Event: TypeAlias = (
     | TreeMeasured
     | HandoverAnswer
     | HandoverAccepted
+    | WitnessAnswer
     | Shutdown
     | Tick
 )
@@ -425,6 +472,14 @@ class OfferHandover:
 
 
 @dataclass(frozen=True, slots=True)
+class AskWitness:
+    """One witness call: ``look`` (who holds the key), ``acquire`` (take it if absent), ``renew`` (keep our
+    lease) or ``release`` (give the key up). Answer with :class:`WitnessAnswer` (``release`` too)."""
+
+    op: str
+
+
+@dataclass(frozen=True, slots=True)
 class Alert:
     """Something an operator must hear about. ``event`` is a stable name (see the README)."""
 
@@ -447,6 +502,7 @@ Action: TypeAlias = (
     | Quarantine
     | MeasureTree
     | OfferHandover
+    | AskWitness
     | Alert
 )
 
@@ -474,6 +530,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(_P, "promote.finish", _R),  # the peer is fenced and nobody is active
     Transition(_P, "promote.switchover", _R),  # the active handed over (stopped, drained, trees equal)
     Transition(_P, "promote.forced_alone", _A),  # rule 3, peer unreachable
+    Transition(_P, "promote.witness", _A),  # rule 9: the active's lease ended and this node took the key
     Transition(_R, "promote.proven", _A),  # acknowledgement, fenced heartbeat or fence command exit 0
     Transition(_R, "promote.forced", _A),  # force: no proof came, promote anyway
     Transition(_R, "promote.abandoned", _P),  # no proof: alert, do not promote
@@ -481,10 +538,12 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(_R, "startup.confirmed", _A),  # rule 4: the peer saw no higher epoch
     Transition(_R, "startup.alone", _A),  # rule 4: start_alone_after elapsed
     Transition(_R, "startup.forced_alone", _A),  # rule 4: failover --force while waiting
+    Transition(_R, "startup.witness", _A),  # rule 10: the peer is silent and this node took the key
     Transition(_R, "startup.superseded", _D),  # rule 4: a higher epoch exists (or is asked for)
     Transition(_A, "demote.requested", _D),  # a fence request at a higher epoch
     Transition(_A, "demote.higher_epoch", _D),  # rule 6
     Transition(_A, "demote.split_brain", _D),  # the peer is active at our epoch: both step down
+    Transition(_A, "demote.witness", _D),  # rule 8: the witness holds the key for another node
     Transition(_D, "demote.done", _F),  # service stopped (and drained): acknowledge
     Transition(_F, "rejoin", _P),  # operator, or by itself once the peer runs the service (after quarantine)
 )
@@ -505,6 +564,7 @@ class Promotion:
     caught_up: bool  # last known: the peer's data is all here
     command: bool = False  # the fence command is running
     tried_command: bool = False
+    proven: tuple[str, str, bool] | None = None  # rule 8: (event, via, drained): proven, waits for the key
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,6 +589,30 @@ class Handover:
     deadline: float
     settled_from: float | None = None
     offers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The witness as this node last saw it (rules 8-10). ``until``: our clock, the lease we hold lasts at
+    least until then (None: we hold none). ``suspended``: an active that stopped its service for want of the
+    lease and starts it again when it renews or is confirmed; ``failsafe``: an active running on its peer's
+    confirmation; ``forced``: an active started by ``--force``, which keeps running without the lease."""
+
+    asking: str = ""  # the call in flight ("": none)
+    next_call: float = 0.0
+    reachable: bool | None = None  # None: not asked yet
+    holder: str | None = None
+    mine: bool = False
+    stale_self: bool = False
+    revision: int | None = None
+    left: float | None = None
+    until: float | None = None
+    asked_at: float | None = None  # when the last answer's call was made
+    error: str = ""
+    failsafe: bool = False
+    suspended: bool = False
+    forced: bool = False
+    alerted: bool = False  # witness.unreachable said for this outage
 
 
 @dataclass(frozen=True, slots=True)
@@ -564,6 +648,8 @@ class Node:
     rejoin_retry_at: float = 0.0
     rejoin_failed: str = ""  # why the last quarantine failed (alerted once per reason)
     rejoin_asked: bool = False  # an operator asked: retried even without auto_rejoin
+    peer_heard_at: float | None = None  # our clock, the last heartbeat from the peer
+    lease: Lease = Lease()
 
     @property
     def service_stopped(self) -> bool:
@@ -713,6 +799,8 @@ def step(state: Node, event: Event, now: float) -> Step:
             _on_handover_answer(c, event)
         case HandoverAccepted():
             _on_handover_accepted(c, event)
+        case WitnessAnswer():
+            _on_witness(c, event)
         case Shutdown():
             c.set(planned_stop=True)
             c.note("agent.stopping", planned_stop=True)
@@ -762,7 +850,26 @@ def handover_blocker(state: Node) -> str | None:
         return f"the peer is {n.peer.role.value}, not passive"
     if n.service_ops:
         return "a service start or stop is in progress"
+    if n.lease.suspended:
+        return "the service is stopped for want of the witness's lease"
     return None
+
+
+def epoch_from_revision(create_revision: int, seen_epoch: int) -> int:
+    """The epoch a promotion persists when it won the leader key created at ``create_revision``.
+
+    ``max(seen_epoch + 1, create_revision)``. etcd's revision is one counter for the whole cluster that
+    only grows, so every later leader key has a higher create revision than every earlier one: two nodes
+    that promote through the witness get epochs in the order etcd granted the key, whatever either of them
+    saw. ``seen_epoch + 1`` keeps the epoch above everything this node has seen, which matters when epochs
+    were also raised without the witness (a forced failover) or the etcd cluster was rebuilt and its
+    revisions started again from 1: the epoch never goes back, at worst it stops following etcd's order
+    until the revisions overtake it."""
+    if isinstance(create_revision, bool) or not isinstance(create_revision, int) or create_revision < 1:
+        raise ValueError(f"create_revision: expected an etcd revision >= 1, got {create_revision!r}")
+    if isinstance(seen_epoch, bool) or not isinstance(seen_epoch, int) or seen_epoch < 0:
+        raise ValueError(f"seen_epoch: expected an epoch >= 0, got {seen_epoch!r}")
+    return max(seen_epoch + 1, create_revision)
 
 
 # ---- events -----------------------------------------------------------------------------------------------
@@ -788,7 +895,14 @@ def _on_heartbeat(c: _Cycle, hb: Heartbeat) -> None:
         and not n.maintenance_open(now)
     )
     since = (n.peer_down_since if n.peer_down_since is not None else now) if down else None
-    c.set(peer=hb, reachable=True, seen=max(n.seen, hb.epoch), last_auto=last_auto, peer_down_since=since)
+    c.set(
+        peer=hb,
+        reachable=True,
+        seen=max(n.seen, hb.epoch),
+        last_auto=last_auto,
+        peer_down_since=since,
+        peer_heard_at=now,
+    )
     p = n.promotion
     if p is not None and p.kind is not Kind.RESTART and hb.role in (Role.ACTIVE, Role.DEMOTING, Role.FENCED):
         c.set(promotion=replace(p, caught_up=hb.caught_up))
@@ -1092,6 +1206,241 @@ def _on_handover_accepted(c: _Cycle, ev: HandoverAccepted) -> None:
         c.note("switchover.not_taken", role=n.role.value, offered=ev.epoch)
 
 
+# ---- the witness (rules 8-10) ------------------------------------------------------------------------------
+
+
+def _ask(c: _Cycle, op: str) -> None:
+    """Ask the witness, unless a call is in flight or it is not time yet (``Lease.next_call``)."""
+    lease = c.node.lease
+    if lease.asking or c.now < lease.next_call:
+        return
+    c.emit(AskWitness(op))
+    c.set(lease=replace(lease, asking=op, next_call=c.now + c.node.policy.witness_interval))
+
+
+def _ask_now(c: _Cycle) -> None:
+    """The next :func:`_ask` goes out at once."""
+    c.set(lease=replace(c.node.lease, next_call=c.now))
+
+
+def _confirmed(n: Node, now: float) -> bool:
+    """Rule 8: the peer says it is passive or fenced, in a heartbeat echoing one of ours sent within
+    ``FAILSAFE_WINDOW`` (our clock on both ends: ``echo_at`` is our own ``at``)."""
+    p = n.peer
+    return (
+        p is not None
+        and n.reachable
+        and p.role in (Role.PASSIVE, Role.FENCED)
+        and p.echo == n.boot
+        and p.echo_at is not None
+        and now - p.echo_at <= FAILSAFE_WINDOW
+    )
+
+
+def _on_witness(c: _Cycle, ev: WitnessAnswer) -> None:
+    n = c.node
+    lease = n.lease
+    asking = "" if ev.op == lease.asking else lease.asking
+    if not ev.reachable:
+        c.set(
+            lease=replace(
+                lease,
+                asking=asking,
+                reachable=False,
+                error=ev.error,
+                next_call=min(lease.next_call, c.now + WITNESS_RETRY),
+            )
+        )
+        if not lease.alerted:
+            c.set(lease=replace(c.node.lease, alerted=True))
+            c.alert(
+                "witness.unreachable",
+                f"the witness cannot be reached ({ev.error or 'no answer'}): no failover by the witness; "
+                "an active keeps its service only while its lease lasts or its peer confirms it",
+                role=n.role.value,
+            )
+        return
+    until = ev.asked_at + ev.left if ev.mine and ev.left is not None else None
+    if lease.alerted:
+        c.note("witness.reachable", holder=ev.holder)
+    nxt = lease.next_call
+    if n.role is not Role.ACTIVE:
+        if ev.holder is None:
+            nxt = c.now  # absent: whatever this node wants of it, at once
+        elif ev.left is not None:
+            nxt = min(nxt, ev.asked_at + ev.left + 0.5)  # look again when the holder's lease could end
+        if n.role is Role.PROMOTING:
+            nxt = min(nxt, c.now + WITNESS_RETRY)  # a proven promotion waits for the key
+    c.set(
+        lease=replace(
+            lease,
+            asking=asking,
+            reachable=True,
+            holder=ev.holder,
+            mine=ev.mine,
+            stale_self=ev.stale_self,
+            revision=ev.revision,
+            left=ev.left,
+            until=until,
+            asked_at=ev.asked_at,
+            error="",
+            alerted=False,
+            next_call=nxt,
+        )
+    )
+    n = c.node
+    p = n.promotion
+    if ev.mine:
+        rev = ev.revision or 1
+        if n.role is Role.PASSIVE and ev.op == "acquire" and _witness_blocker(c) is None:
+            _witness_take_over(c, rev)
+        elif n.role is Role.PROMOTING and p is not None and p.kind is Kind.RESTART:
+            _witness_startup(c, rev)
+        elif n.role is Role.PROMOTING and p is not None and p.proven is not None:
+            event, via, drained = p.proven
+            _take_over(c, event, via=via, drained=drained, revision=rev)
+        elif n.role is not Role.ACTIVE and not (n.role is Role.PROMOTING and p is not None):
+            c.emit(AskWitness("release"))
+            c.set(lease=replace(c.node.lease, mine=False, until=None))
+            c.note("witness.releasing", role=n.role.value)
+        return
+    restart = n.role is Role.PROMOTING and p is not None and p.kind is Kind.RESTART
+    other = ev.holder is not None and not ev.stale_self and ev.revision is not None
+    if other and ev.revision is not None and (n.role is Role.ACTIVE or restart):
+        # Another node holds the key: the witness says it leads. Its epoch is at least the revision.
+        c.alert(
+            "witness.superseded",
+            f"the witness holds the leader key for {ev.holder}: this node steps down (fenced)",
+            holder=ev.holder,
+            revision=ev.revision,
+        )
+        _demote(
+            c,
+            max(n.epoch, n.seen, ev.revision),
+            "demote.witness" if n.role is Role.ACTIVE else "startup.superseded",
+            drain=False,
+            token=None,
+        )
+
+
+def _witness_blocker(c: _Cycle) -> tuple[str, str] | None:
+    """Rule 9 for a passive whose active went silent: why it must not take over by the witness now (a hold
+    reason and its explanation), or None."""
+    n, now, pol = c.node, c.now, c.node.policy
+    peer = n.peer
+    if peer is None or peer.role is not Role.ACTIVE:
+        return ("", "")
+    silent_for = now - (n.peer_heard_at if n.peer_heard_at is not None else n.started_at)
+    if silent_for < max(pol.failover_after, FAILSAFE_WINDOW + pol.witness_margin) or now < n.quiet_until:
+        return ("", "")
+    if peer.planned_stop:
+        return ("planned_stop", "the active announced a planned stop before it went silent: not taking over")
+    if n.maintenance_open(now) or peer.maintenance:
+        return ("maintenance", "the active is silent, but a maintenance window is open")
+    lag = peer.lag if peer.lag is not None else (0 if peer.caught_up else None)
+    if lag is None or lag > pol.max_lag:
+        return (
+            "lag",
+            f"the active went silent {'with an unknown lag' if lag is None else f'{lag} entries ahead'} "
+            f"(max_lag {pol.max_lag}): not taking over by the witness; failover --force accepts the loss",
+        )
+    if n.last_auto is not None and now - n.last_auto < pol.flap_window:
+        return (
+            "flap_window",
+            "the active is silent, but an automatic failover already happened within flap_window",
+        )
+    if n.lease.reachable is False:
+        return (
+            "witness_unreachable",
+            "the active's agent is silent and the witness cannot be reached (a dead host and a partition "
+            "look the same): no failover",
+        )
+    return None
+
+
+def _witness_passive(c: _Cycle) -> bool:
+    """Rule 9. True when the witness decided this step (the active is silent long enough)."""
+    blocker = _witness_blocker(c)
+    if blocker == ("", ""):
+        _ask(c, "look")
+        return False
+    if blocker is not None:
+        _hold(c, *blocker)
+        _ask(c, "look")
+        return True
+    lease = c.node.lease
+    if lease.holder is None and lease.asked_at is not None and lease.asked_at >= (c.node.peer_heard_at or 0):
+        _ask(c, "acquire")
+    else:
+        _ask(c, "look")  # the active's lease has not ended yet
+    return True
+
+
+def _witness_take_over(c: _Cycle, revision: int) -> None:
+    n = c.node
+    epoch = epoch_from_revision(revision, max(n.epoch, n.seen))
+    peer = n.peer
+    lag = None if peer is None else peer.lag
+    # INVARIANT (rule 4): PersistRole(ACTIVE) comes before StartService in the same list.
+    c.emit(PersistRole(Role.ACTIVE, epoch), BecomeSender(), StartService())
+    c.set(epoch=epoch, seen=max(n.seen, epoch), hold=None, peer_down_since=None, last_auto=c.now)
+    c.move(Role.ACTIVE, "promote.witness", revision=revision)
+    c.alert(
+        "failover.done",
+        "this node is now active (witness: the active was silent and its lease ended)",
+        epoch=epoch,
+        revision=revision,
+    )
+    if lag:
+        c.alert(
+            "failover.behind",
+            f"the old active's last heartbeat said {lag} journal entries were not acknowledged: they stay on "
+            "it, and are set aside in its quarantine when it rejoins",
+            epoch=epoch,
+        )
+
+
+def _witness_startup(c: _Cycle, revision: int) -> None:
+    n = c.node
+    epoch = epoch_from_revision(revision, max(n.epoch, n.seen))
+    c.emit(PersistRole(Role.ACTIVE, epoch), BecomeSender(), StartService())
+    c.set(epoch=epoch, seen=max(n.seen, epoch), promotion=None, hold=None)
+    c.move(Role.ACTIVE, "startup.witness", revision=revision)
+
+
+def _witness_active(c: _Cycle) -> None:
+    """Rule 8 on the active: keep the key, and the service only while the lease or the peer allows."""
+    n, now, pol = c.node, c.now, c.node.policy
+    lease = n.lease
+    _ask(c, "renew" if lease.mine else "acquire" if lease.holder is None else "look")
+    lease = c.node.lease
+    held = lease.mine and lease.until is not None and now < lease.until - pol.witness_margin
+    if held or lease.forced or _confirmed(n, now):
+        failsafe = not held and not lease.forced
+        if failsafe and not lease.failsafe and lease.reachable is False:
+            c.alert(
+                "witness.failsafe",
+                "the witness lease could not be renewed, but the peer confirms it is passive and hears this "
+                "node: keeping the service (it stops if the confirmation stops too)",
+            )
+        c.set(lease=replace(lease, failsafe=failsafe, forced=lease.forced and not held))
+        if lease.suspended and n.handover is None:
+            c.set(lease=replace(c.node.lease, suspended=False))
+            c.emit(StartService())
+            c.note("witness.resumed", held=held)
+        return
+    if not lease.suspended and n.handover is None:
+        c.set(lease=replace(lease, suspended=True, failsafe=False))
+        c.emit(StopService())
+        c.alert(
+            "witness.lease_lost",
+            "the witness lease was not renewed within ttl - safety_margin and the peer does not confirm "
+            "it is passive: stopping the service before the lease can end (it starts again when the lease is "
+            "renewed or the peer confirms)",
+            reachable=lease.reachable,
+        )
+
+
 # ---- decisions --------------------------------------------------------------------------------------------
 
 
@@ -1149,6 +1498,8 @@ def _hold(c: _Cycle, reason: str | None, why: str = "") -> None:
 
 def _decide_passive(c: _Cycle) -> None:
     _retry_stop(c)
+    if c.node.policy.witness and _witness_passive(c):
+        return
     n, now, pol = c.node, c.now, c.node.policy
     peer = n.peer
     if peer is None or not n.reachable:
@@ -1221,6 +1572,12 @@ def _decide_promoting(c: _Cycle) -> None:
                 "conflict",
                 "the peer also waits to start as active at our epoch: failover --force on the node to keep",
             )
+        elif pol.witness and now - max(n.started_at, n.peer_heard_at or 0.0) >= (
+            FAILSAFE_WINDOW + pol.witness_margin
+        ):
+            # Rule 10: nobody heard, the witness decides (the key is absent: nobody leads).
+            lease = n.lease
+            _ask(c, "acquire" if lease.holder is None and lease.reachable else "look")
         elif (
             not n.reachable
             and pol.start_alone_after is not None
@@ -1235,6 +1592,13 @@ def _decide_promoting(c: _Cycle) -> None:
             c.emit(BecomeSender(), StartService())
             c.set(promotion=None)
             c.move(Role.ACTIVE, "startup.alone")
+        return
+    if p.proven is not None:  # rule 8: proven, waiting for the witness's key
+        if p.kind is Kind.FORCE:
+            event, via, drained = p.proven
+            _take_over(c, event, via=via, drained=drained)
+        else:
+            _ask(c, "acquire")
         return
     # proof by heartbeat: sent after the peer heard this boot, fenced at exactly our candidate
     if fresh is not None and fresh.echo == n.boot and fresh.role is Role.FENCED and fresh.epoch == p.epoch:
@@ -1300,6 +1664,8 @@ def _decide_active(c: _Cycle) -> None:
         c.alert("failover.split_brain", "both nodes are active at the same epoch: both step down")
         _demote(c, n.epoch, "demote.split_brain", drain=False, token=None)
         return
+    if n.policy.witness:
+        _witness_active(c)
     if n.handover is not None:
         _decide_handover(c)
 
@@ -1356,6 +1722,8 @@ def _decide_demoting(c: _Cycle) -> None:
 
 def _decide_fenced(c: _Cycle) -> None:
     _retry_stop(c)
+    if c.node.policy.witness:
+        _ask(c, "look")
     n = c.node
     peer = n.peer
     if n.rejoining or c.now < n.rejoin_retry_at:
@@ -1395,21 +1763,32 @@ def _promote(c: _Cycle, kind: Kind, **ctx: object) -> None:
     c.move(Role.PROMOTING, f"promote.{kind.value}", candidate=candidate, **ctx)
 
 
-def _take_over(c: _Cycle, event: str, *, via: str, drained: bool) -> None:
+def _take_over(c: _Cycle, event: str, *, via: str, drained: bool, revision: int | None = None) -> None:
     n = c.node
     p = n.promotion
     assert p is not None
+    forced = p.kind is Kind.FORCE
+    if n.policy.witness and revision is None and not forced:
+        # Rule 8: proven, but the service starts only once this node holds the witness's key.
+        if p.proven is None:
+            c.set(promotion=replace(p, proven=(event, via, drained)))
+            _ask_now(c)
+            _ask(c, "acquire")
+            c.note("promote.awaiting_witness", via=via)
+        return
+    epoch = p.epoch if revision is None else max(p.epoch, epoch_from_revision(revision, max(n.epoch, n.seen)))
     # INVARIANT (rule 4): PersistRole(ACTIVE) comes before StartService in the same list.
-    c.emit(PersistRole(Role.ACTIVE, p.epoch), BecomeSender(), StartService())
+    c.emit(PersistRole(Role.ACTIVE, epoch), BecomeSender(), StartService())
     c.set(
-        epoch=p.epoch,
-        seen=max(n.seen, p.epoch),
+        epoch=epoch,
+        seen=max(n.seen, epoch),
         promotion=None,
         last_auto=c.now if p.kind is Kind.AUTO else n.last_auto,
         hold=None,
+        lease=replace(n.lease, forced=forced and n.policy.witness),
     )
     c.move(Role.ACTIVE, event, via=via, kind=p.kind.value)
-    c.alert("failover.done", f"this node is now active ({p.kind.value}, proof: {via})", epoch=p.epoch)
+    c.alert("failover.done", f"this node is now active ({p.kind.value}, proof: {via})", epoch=epoch)
     if not drained and not p.caught_up:
         c.alert(
             "failover.behind",
@@ -1435,7 +1814,7 @@ def _force_alone(c: _Cycle, event: str) -> None:
         epoch=c.node.epoch,
     )
     c.emit(BecomeSender(), StartService())
-    c.set(promotion=None, hold=None)
+    c.set(promotion=None, hold=None, lease=replace(c.node.lease, forced=c.node.policy.witness))
     c.move(Role.ACTIVE, event, via="operator")
 
 
@@ -1452,6 +1831,10 @@ def _demote(c: _Cycle, epoch: int, event: str, *, drain: bool, token: Token | No
     c.emit(PersistRole(Role.FENCED, epoch), SetManual(), StopService())
     if not drain:
         c.emit(StopReplication())
+    lease = n.lease
+    if n.policy.witness and (lease.mine or lease.asking == "acquire"):
+        c.emit(AskWitness("release"))  # hand the key over at once rather than when the lease ends
+    c.set(lease=replace(lease, mine=False, until=None, suspended=False, failsafe=False, forced=False))
     d = Demotion(epoch=epoch, since=c.now, drain=drain, token=token, request_epoch=epoch)
     c.set(epoch=epoch, seen=max(n.seen, epoch), demotion=d, promotion=None, handover=None)
     c.move(Role.DEMOTING, event, drain=drain)

@@ -4,7 +4,7 @@ Owns: the one connection to etcd (the only importer of ``aetcd`` and ``grpc``), 
 key ``<prefix>/leader``. It answers four questions, each as a :class:`LeaderView` value: who holds the key
 (:meth:`Witness.look`), can I take it (:meth:`Witness.acquire`), do I still hold it (:meth:`Witness.renew`)
 and let it go (:meth:`Witness.release`). The pure checks (:func:`check_endpoints`, :func:`check_timing`)
-and the epoch rule (:func:`epoch_from_revision`) sit beside them.
+sit beside them; the epoch rule is :func:`engine.failover.epoch_from_revision`.
 
 Must not: decide roles, run timers or loops (the role machine asks, ``node`` schedules), or let a network
 failure escape as an exception: etcd being unreachable is a result (``reachable=False`` with the error
@@ -15,7 +15,7 @@ The rules, after Patroni's etcd3 DCS:
 
 - Leadership is the key ``<prefix>/leader`` = node name, bound to a lease of ``ttl`` seconds and created in
   ONE transaction that succeeds only if the key's create revision is 0 (absent). The key's create revision
-  is the fencing token (:func:`epoch_from_revision`).
+  is the fencing token (:func:`engine.failover.epoch_from_revision`).
 - INVARIANT: the key is ours only while it is bound to *our* lease (the lease id we were granted) and holds
   our name. A key with our name on another lease (an earlier run of ours) is not ours: we cannot know it is
   current, and it will expire.
@@ -198,23 +198,6 @@ def check_config(cfg: WitnessConfig) -> list[str]:
     if (cfg.cert is None) != (cfg.key is None):
         raise ValueError("witness -> cert, witness -> key: give both or neither")
     return endpoints
-
-
-def epoch_from_revision(create_revision: int, seen_epoch: int) -> int:
-    """The epoch a promotion persists when it won the leader key created at ``create_revision``.
-
-    ``max(seen_epoch + 1, create_revision)``. etcd's revision is one counter for the whole cluster that
-    only grows, so every later leader key has a higher create revision than every earlier one: two nodes
-    that promote through the witness get epochs in the order etcd granted the key, whatever either of them
-    saw. ``seen_epoch + 1`` keeps the epoch above everything this node has seen, which matters when epochs
-    were also raised without the witness (a forced failover) or the etcd cluster was rebuilt and its
-    revisions started again from 1: the epoch never goes back, at worst it stops following etcd's order
-    until the revisions overtake it."""
-    if isinstance(create_revision, bool) or not isinstance(create_revision, int) or create_revision < 1:
-        raise ValueError(f"create_revision: expected an etcd revision >= 1, got {create_revision!r}")
-    if isinstance(seen_epoch, bool) or not isinstance(seen_epoch, int) or seen_epoch < 0:
-        raise ValueError(f"seen_epoch: expected an epoch >= 0, got {seen_epoch!r}")
-    return max(seen_epoch + 1, create_revision)
 
 
 # -- the client ---------------------------------------------------------------------------------------------

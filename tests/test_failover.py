@@ -14,10 +14,12 @@ from hypothesis import strategies as st
 
 from engine.errors import LocalProtocolError
 from engine.failover import (
+    FAILSAFE_WINDOW,
     REJOIN_RETRY,
     TRANSITIONS,
     Action,
     Alert,
+    AskWitness,
     BecomeReceiver,
     BecomeSender,
     Event,
@@ -58,7 +60,9 @@ from engine.failover import (
     Tick,
     Transition,
     TreeMeasured,
+    WitnessAnswer,
     beat,
+    epoch_from_revision,
     start,
     step,
 )
@@ -122,6 +126,8 @@ class Agent:
         planned_stop: bool = False,
         boot: int = PEER,
         switching: str = "",
+        echo_at: float | None = None,
+        lag: int | None = None,
     ) -> Step:
         self.peer_at += 1.0
         echo_boot = self.state.boot if echo else None
@@ -136,6 +142,8 @@ class Agent:
             caught_up,
             echo_boot,
             switching=switching,
+            echo_at=echo_at,
+            lag=lag,
         )
         return self.feed(hb)
 
@@ -312,6 +320,9 @@ SCRIPTS: dict[Transition, Callable[[], Agent]] = {
     _row(_A, "demote.split_brain", _D): _script_split_brain,
     _row(_D, "demote.done", _F): _script_done,
     _row(_F, "rejoin", _P): _script_rejoin,
+    _row(_P, "promote.witness", _A): lambda: _script_witness_failover(),
+    _row(_R, "startup.witness", _A): lambda: _script_witness_startup(),
+    _row(_A, "demote.witness", _D): lambda: _script_witness_superseded(),
 }
 
 
@@ -1212,3 +1223,315 @@ def test_simulation_without_proof_keeps_the_passive_waiting() -> None:
     sim.run(5.0)
     assert sim.running() == [False, True]
     assert "failover.forced" in [a.event for a in sim.nodes[1].alerts]
+
+
+# ---- rules 8-10: the witness ------------------------------------------------------------------------------
+
+WITNESS = dataclasses.replace(
+    POLICY, witness=True, witness_ttl=30.0, witness_margin=10.0, witness_interval=10.0, failover_after=60.0
+)
+#: How long a passive waits after the active went silent before it may take the key (rule 9).
+QUIET = max(WITNESS.failover_after, FAILSAFE_WINDOW + WITNESS.witness_margin)
+
+
+def asked(a: Agent, since: int = 0) -> list[str]:
+    return [x.op for x in a.actions(since) if isinstance(x, AskWitness)]
+
+
+def answer(a: Agent, op: str | None = None, *, reachable: bool = True, **kw: Any) -> Step:
+    """The witness answers the last call this node made (``op`` checks which it was)."""
+    last = [x for x in a.actions() if isinstance(x, AskWitness)]
+    assert last, "the node asked the witness nothing"
+    if op is not None:
+        assert last[-1].op == op, (last[-1].op, op)
+    return a.feed(WitnessAnswer(last[-1].op, a.now, reachable, **kw))
+
+
+def witness_active(epoch: int = 1) -> Agent:
+    """Active at ``epoch``, holding the key (acquired at its first tick), its service running."""
+    a = waiting(WITNESS, epoch)
+    a.peer(Role.PASSIVE, epoch, echo_at=a.now)  # confirms: it heard this boot just now
+    a.started()
+    assert a.role() is Role.ACTIVE and not a.state.lease.suspended
+    a.at(a.now + 0.5)
+    answer(a, "acquire", holder="join-a", mine=True, revision=7, left=30.0)
+    assert a.state.lease.mine and a.state.lease.until == a.now + 30.0
+    return a
+
+
+def witness_passive() -> Agent:
+    """A passive hearing a healthy active (nothing unacknowledged), and the witness holding its key."""
+    a = passive(WITNESS)
+    a.peer(Role.ACTIVE, 1, lag=0)
+    answer(a, "look", holder="join-a", revision=7, left=30.0)
+    return a
+
+
+def _script_witness_failover() -> Agent:
+    a = witness_passive()
+    silent_from = a.now
+    a.feed(PeerSilent(), at=silent_from + 15.0)
+    a.at(silent_from + QUIET)
+    answer(a, "look")  # the key is gone: the active's lease ended
+    a.at(a.now + 0.1)
+    answer(a, "acquire", holder="join-b", mine=True, revision=57, left=30.0)
+    return a
+
+
+def _script_witness_startup() -> Agent:
+    a = waiting(WITNESS)
+    a.at(FAILSAFE_WINDOW + WITNESS.witness_margin)
+    answer(a, "look")
+    a.at(a.now + 0.1)
+    answer(a, "acquire", holder="join-a", mine=True, revision=40, left=30.0)
+    return a
+
+
+def _script_witness_superseded() -> Agent:
+    a = witness_active()
+    a.at(a.now + 10.0)
+    answer(a, "renew", holder="join-b", revision=57, left=25.0)
+    return a
+
+
+def test_the_epoch_follows_the_witness_and_never_goes_back() -> None:
+    assert epoch_from_revision(57, 3) == 57  # the witness's order
+    assert epoch_from_revision(57, 80) == 81  # never back below what this node has seen
+    first = epoch_from_revision(57, 3)
+    assert epoch_from_revision(90, 3) > first and epoch_from_revision(90, first) > first
+    for rev, seen in ((0, 1), (-1, 1), (True, 1), (1, -1)):
+        with pytest.raises(ValueError):
+            epoch_from_revision(rev, seen)
+
+
+def test_without_a_witness_nothing_asks_it() -> None:
+    for script in (_script_proven, _script_auto, _script_done, _script_rejoin, _script_alone):
+        assert asked(script()) == []
+
+
+def test_the_active_renews_every_interval_and_keeps_its_service_while_the_lease_lasts() -> None:
+    a = witness_active()
+    t0 = a.now
+    for i in range(1, 4):
+        a.at(t0 + 10.0 * i)
+        answer(a, "renew", holder="join-a", mine=True, revision=7, left=30.0)
+    assert asked(a) == ["acquire", "renew", "renew", "renew"]
+    assert not [x for x in a.actions() if isinstance(x, StopService)][1:], "only the start-up stop"
+    assert a.state.lease.until == a.now + 30.0
+
+
+def test_the_active_stops_its_service_before_the_lease_can_end_and_starts_it_when_renewed() -> None:
+    a = witness_active()
+    t0 = a.now
+    n = len(a.steps)
+    for t in (10.0, 11.0, 12.0, 19.9):  # renewals fail (the witness is gone)
+        a.at(t0 + t)
+        if a.state.lease.asking:
+            answer(a, reachable=False, error="no answer")
+    assert not any(isinstance(x, StopService) for x in a.actions(n)), "ttl - margin not reached yet"
+    s = a.at(t0 + 20.0)
+    assert StopService() in s.actions and "witness.lease_lost" in a.alerts()
+    assert "witness.unreachable" in a.alerts()
+    a.stopped()
+    assert beat(a.state, a.now).service is STOPPED and a.role() is Role.ACTIVE
+    a.at(a.now + 1.0)
+    answer(a, "renew", holder="join-a", mine=True, revision=7, left=30.0)
+    assert StartService() in a.steps[-1].actions, a.steps[-1].log
+    assert any(line.startswith("witness.resumed") for line in a.steps[-1].log)
+
+
+def test_failsafe_the_active_keeps_its_service_while_its_peer_confirms() -> None:
+    a = witness_active()
+    t0 = a.now
+    n = len(a.steps)
+    t = t0
+    while t < t0 + 60.0:  # the witness is down for a minute; the passive hears us all along
+        t += 1.0
+        a.now = t
+        a.peer(Role.PASSIVE, 1, echo_at=t - 1.5)
+        if a.state.lease.asking:
+            answer(a, reachable=False, error="no answer")
+    assert not any(isinstance(x, StopService) for x in a.actions(n))
+    assert a.state.lease.failsafe and "witness.failsafe" in a.alerts()
+    # The confirmations stop (the passive no longer hears us): the service stops within the window.
+    s = a.at(t + FAILSAFE_WINDOW + 0.1)
+    assert StopService() in s.actions
+
+
+def test_a_confirmation_must_echo_this_boot_and_be_fresh() -> None:
+    a = witness_active()
+    t0 = a.now
+    a.now = t0 + 20.0
+    a.peer(Role.PASSIVE, 1, echo_at=a.now - FAILSAFE_WINDOW - 0.5)  # too old
+    assert StopService() in a.actions(len(a.steps) - 2)
+    b = witness_active()
+    b.now = t0 + 20.0
+    b.peer(Role.PASSIVE, 1, echo_at=b.now - 1.0, echo=False)  # it has not heard this boot
+    assert StopService() in b.actions(len(b.steps) - 2)
+    c = witness_active()
+    c.now = t0 + 20.0
+    c.peer(Role.PROMOTING, 1, echo_at=c.now - 1.0)  # not passive: no confirmation
+    assert StopService() in c.actions(len(c.steps) - 2)
+
+
+def test_another_holder_makes_the_active_step_down_fenced() -> None:
+    a = _script_witness_superseded()
+    assert a.role() is Role.DEMOTING
+    assert PersistRole(Role.FENCED, 57) in a.steps[-1].actions
+    assert "witness.superseded" in a.alerts()
+
+
+def test_a_demotion_releases_the_key() -> None:
+    a = witness_active()
+    s = a.feed(FenceRequest(2, (PEER, 1)), at=a.now + 1.0)
+    assert a.role() is Role.DEMOTING
+    assert AskWitness("release") in s.actions
+    assert not a.state.lease.mine
+
+
+def test_the_passive_takes_over_by_the_witness_once_the_lease_ended() -> None:
+    a = _script_witness_failover()
+    s = a.steps[-1]
+    assert a.role() is Role.ACTIVE and a.state.epoch == 57
+    acts = list(s.actions)
+    assert index(acts, PersistRole) < index(acts, StartService)
+    assert acts[index(acts, PersistRole)] == PersistRole(Role.ACTIVE, 57)
+    assert "failover.done" in a.alerts()
+
+
+def test_the_passive_waits_for_the_quiet_time_and_for_the_lease_to_end() -> None:
+    a = witness_passive()
+    t0 = a.now
+    a.feed(PeerSilent(), at=t0 + 15.0)
+    a.at(t0 + QUIET - 0.5)
+    if a.state.lease.asking:
+        answer(a, "look")  # absent already, but not quiet long enough
+    a.at(t0 + QUIET - 0.1)
+    assert "acquire" not in asked(a)
+    a.at(t0 + QUIET)
+    answer(a, holder="join-a", revision=7, left=12.0)  # the active's lease still runs
+    a.at(a.now + 5.0)
+    assert "acquire" not in asked(a)
+    a.at(a.now + 8.0)
+    answer(a, "look")
+    a.at(a.now + 0.1)
+    assert asked(a)[-1] == "acquire"
+
+
+@pytest.mark.parametrize(
+    ("heartbeat", "reachable", "reason"),
+    [
+        ({"planned_stop": True, "lag": 0}, True, "failover.held_planned_stop"),
+        ({"maintenance": True, "lag": 0}, True, "failover.held_maintenance"),
+        ({"lag": 101}, True, "failover.held_lag"),
+        ({"caught_up": False}, True, "failover.held_lag"),
+        ({"lag": 0}, False, "failover.held_witness_unreachable"),
+    ],
+)
+def test_the_passive_does_not_take_over_by_the_witness_when(
+    heartbeat: dict[str, Any], reachable: bool, reason: str
+) -> None:
+    a = passive(WITNESS)
+    a.peer(Role.ACTIVE, 1, **heartbeat)
+    t0 = a.now
+    a.feed(PeerSilent(), at=t0 + 15.0)
+    silent = len(a.steps)
+    for t in range(16, 200, 2):
+        a.at(t0 + t)
+        if a.state.lease.asking:
+            answer(a, reachable=reachable)
+    assert "acquire" not in asked(a) and a.role() is Role.PASSIVE
+    said = [x.event for x in a.actions(silent) if isinstance(x, Alert)]
+    assert said.count(reason) == 1, said
+
+
+def test_a_heartbeat_during_the_acquisition_gives_the_key_back() -> None:
+    a = witness_passive()
+    t0 = a.now
+    a.feed(PeerSilent(), at=t0 + 15.0)
+    a.at(t0 + QUIET)
+    answer(a, "look")
+    a.at(a.now + 0.1)
+    assert asked(a)[-1] == "acquire"
+    a.peer(Role.ACTIVE, 1, lag=0)  # the active was only slow
+    s = answer(a, "acquire", holder="join-b", mine=True, revision=57, left=30.0)
+    assert a.role() is Role.PASSIVE and AskWitness("release") in s.actions
+    assert not any(isinstance(x, StartService) for x in s.actions)
+
+
+def test_an_unreachable_witness_never_promotes_a_passive() -> None:
+    a = witness_passive()
+    t0 = a.now
+    a.feed(PeerSilent(), at=t0 + 15.0)
+    for t in range(16, 600, 3):
+        a.at(t0 + t)
+        if a.state.lease.asking:
+            answer(a, reachable=False, error="deadline exceeded")
+    assert a.role() is Role.PASSIVE and "acquire" not in asked(a)
+
+
+def test_a_proven_promotion_starts_the_service_only_with_the_key() -> None:
+    a = witness_passive()
+    a.feed(Failover())
+    r = request_of(a)
+    a.feed(FenceAck(r.epoch, r.token, drained=True))
+    assert a.role() is Role.PROMOTING and a.state.promotion is not None and a.state.promotion.proven
+    answer(a, "acquire", holder="join-a", revision=7, left=29.0)  # the old active has not released it yet
+    for t in (1.0, 2.0, 3.0):
+        a.at(a.now + t)
+        if a.state.lease.asking:
+            answer(a, reachable=False)
+    assert a.role() is Role.PROMOTING, "no deadline abandons a proven promotion"
+    assert not any(isinstance(x, StartService) for x in a.actions())
+    a.at(a.now + 1.0)
+    s = answer(a, "acquire", holder="join-b", mine=True, revision=58, left=30.0)
+    assert a.role() is Role.ACTIVE and PersistRole(Role.ACTIVE, 58) in s.actions
+    assert index(list(s.actions), PersistRole) < index(list(s.actions), StartService)
+
+
+def test_force_does_not_wait_for_the_key_and_keeps_running_without_it() -> None:
+    a = witness_passive()
+    a.feed(Failover())
+    r = request_of(a)
+    a.feed(FenceAck(r.epoch, r.token, drained=True))
+    answer(a, "acquire", reachable=False)
+    a.feed(Failover(force=True))
+    assert a.role() is Role.ACTIVE and a.state.lease.forced
+    n = len(a.steps)
+    for _ in range(1, 60):
+        a.at(a.now + 1.0)
+        if a.state.lease.asking:
+            answer(a, reachable=False)
+    assert not any(isinstance(x, StopService) for x in a.actions(n))
+
+
+def test_a_restarting_active_takes_the_key_when_its_peer_is_silent() -> None:
+    a = _script_witness_startup()
+    assert a.role() is Role.ACTIVE and a.state.epoch == 40
+    acts = list(a.steps[-1].actions)
+    assert index(acts, PersistRole) < index(acts, StartService)
+
+
+def test_a_restarting_active_steps_down_when_the_witness_has_another_holder() -> None:
+    a = waiting(WITNESS, epoch=3)
+    a.at(FAILSAFE_WINDOW + WITNESS.witness_margin)
+    answer(a, "look", holder="join-b", revision=57, left=20.0)
+    assert a.role() is Role.DEMOTING and PersistRole(Role.FENCED, 57) in a.steps[-1].actions
+    assert not any(isinstance(x, StartService) for x in a.actions())
+
+
+def test_a_restarting_active_waits_for_its_own_stale_key() -> None:
+    a = waiting(WITNESS, epoch=3)
+    a.at(FAILSAFE_WINDOW + WITNESS.witness_margin)
+    answer(a, "look", holder="join-a", stale_self=True, revision=5, left=20.0)
+    assert a.role() is Role.PROMOTING
+    a.at(a.now + 5.0)
+    assert asked(a)[-1] == "look" and a.role() is Role.PROMOTING
+
+
+def test_a_passive_or_fenced_node_that_finds_itself_holding_the_key_releases_it() -> None:
+    a = Agent(WITNESS, role=Role.FENCED, epoch=2)
+    a.stopped()
+    a.at(1.0)
+    s = answer(a, "look", holder="join-b", mine=True, revision=9, left=20.0)
+    assert AskWitness("release") in s.actions

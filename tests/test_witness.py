@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.failover import epoch_from_revision
 from engine.witness import (
     LeaderView,
     Witness,
@@ -20,7 +21,6 @@ from engine.witness import (
     check_config,
     check_endpoints,
     check_timing,
-    epoch_from_revision,
 )
 from tests.etcd import EtcdCluster, free_ports, make_tls, running_etcd
 
@@ -124,17 +124,6 @@ def test_check_config_prefix_and_tls_pairs() -> None:
             check_config(WitnessConfig(**{**ok.__dict__, "prefix": p}))
     with pytest.raises(ValueError, match="cert, witness -> key"):
         check_config(WitnessConfig(**{**ok.__dict__, "cert": Path("c.pem")}))
-
-
-def test_epoch_from_revision_orders_epochs() -> None:
-    assert epoch_from_revision(57, 3) == 57  # the witness's order
-    assert epoch_from_revision(57, 80) == 81  # never back below what this node has seen
-    # Two witness-driven promotions in etcd's order get increasing epochs, whoever saw what.
-    first = epoch_from_revision(57, 3)
-    assert epoch_from_revision(90, 3) > first and epoch_from_revision(90, first) > first
-    for rev, seen in ((0, 1), (-1, 1), (5, -1)):
-        with pytest.raises(ValueError):
-            epoch_from_revision(rev, seen)
 
 
 async def test_programming_errors_raise() -> None:
