@@ -11,9 +11,11 @@ import math
 import platform
 import stat
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from engine.errors import ConfigError, PathRejected
 from engine.failover import Policy, Role
@@ -467,6 +469,96 @@ def _service_name(name: str, backend: str) -> None:
         )
 
 
+# ---- the witness: [witness] in a node config (engine.witness talks to it) ----------------------------------
+
+
+@dataclass(frozen=True)
+class WitnessConfig:
+    """``[witness]``: where etcd is, the pair's key prefix, and the lease timing (seconds)."""
+
+    endpoints: tuple[str, ...]  # "https://host:port"; plain "http://" on loopback only
+    prefix: str  # "/standby/<pair-name>": the leader key is "<prefix>/leader"
+    ttl: int = 30  # the lease, in whole seconds (etcd's unit)
+    safety_margin: float = 10.0  # the holder stops its service after ttl - safety_margin without renewal
+    check_interval: float = 10.0  # one HA cycle (renew or look)
+    retry_timeout: float = 10.0  # the bound on one witness call, every try on every member included
+    ca: Path | None = None  # CA bundle for https endpoints; None: the system's roots
+    cert: Path | None = None  # client certificate (PEM), with key
+    key: Path | None = None  # client private key (PEM), with cert
+    max_lag: int = 100  # a passive takes over by the witness only if its active was at most this far ahead
+
+    @property
+    def leader_key(self) -> str:
+        return f"{self.prefix}/leader"
+
+
+def check_endpoints(endpoints: Sequence[str]) -> list[str]:
+    """The endpoints normalised to ``scheme://host:port``; ValueError naming the first bad one.
+
+    ``https`` anywhere; ``http`` only to a loopback host (``localhost``, 127.0.0.0/8, ``::1``), since the
+    lease decides which server runs the service and must not cross a network in clear text."""
+    if isinstance(endpoints, str) or not endpoints:
+        raise ValueError("witness -> endpoints: expected a non-empty list of 'https://host:port'")
+    out: list[str] = []
+    for text in endpoints:
+        where = f"witness -> endpoints: {text!r}"
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: expected a string 'https://host:port'")
+        try:
+            parts = urlsplit(text.strip())
+            port = parts.port
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        scheme = parts.scheme.lower()
+        host = parts.hostname
+        if scheme not in ("http", "https"):
+            raise ValueError(f"{where}: expected http:// or https://")
+        if not host or port is None:
+            raise ValueError(f"{where}: expected scheme://host:port (the port is required)")
+        if parts.username is not None or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"{where}: only scheme://host:port, no user, path, query or fragment")
+        if scheme == "http" and not is_loopback(host.lower()):
+            raise ValueError(f"{where}: plain http is allowed on loopback only; use https")
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host.lower()}:{port}"
+        norm = f"{scheme}://{netloc}"
+        if norm in out:
+            raise ValueError(f"{where}: listed twice")
+        out.append(norm)
+    return out
+
+
+def check_timing(cfg: WitnessConfig) -> None:
+    """Patroni's timing rules; ValueError naming the keys that break them."""
+    if isinstance(cfg.ttl, bool) or not isinstance(cfg.ttl, int) or cfg.ttl < 2:
+        raise ValueError(f"witness -> ttl: expected whole seconds >= 2 (etcd's unit), got {cfg.ttl!r}")
+    for name in ("safety_margin", "check_interval", "retry_timeout"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"witness -> {name}: expected seconds > 0, got {value!r}")
+    if cfg.check_interval + 2 * cfg.retry_timeout > cfg.ttl:
+        raise ValueError(
+            f"witness -> check_interval + 2 * witness -> retry_timeout ({cfg.check_interval:g} + 2 * "
+            f"{cfg.retry_timeout:g}) must be <= witness -> ttl ({cfg.ttl}): a renewal could come too late"
+        )
+    if not cfg.safety_margin < cfg.ttl:
+        raise ValueError(
+            f"witness -> safety_margin ({cfg.safety_margin:g}) must be < witness -> ttl ({cfg.ttl}): the "
+            "holder must stop its service before its lease can expire"
+        )
+
+
+def check_config(cfg: WitnessConfig) -> list[str]:
+    """Every check of a witness config (endpoints, timing, prefix, TLS pairs); the normalised endpoints."""
+    endpoints = check_endpoints(cfg.endpoints)
+    check_timing(cfg)
+    p = cfg.prefix
+    if not isinstance(p, str) or not p.startswith("/") or p.endswith("/") or len(p) < 2 or "\0" in p:
+        raise ValueError(f"witness -> prefix: expected '/name' without a trailing '/', got {p!r}")
+    if (cfg.cert is None) != (cfg.key is None):
+        raise ValueError("witness -> cert, witness -> key: give both or neither")
+    return endpoints
+
+
 # ---- the node: one config per server, read by `standby run` ------------------------------------------------
 #
 # A node config has [node] and [peer] (and optionally [service], [failover], [alert], [[guard]]) instead of
@@ -580,6 +672,7 @@ class NodeSetup:
     upgrade: UpgradeConfig = UpgradeConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    witness: WitnessConfig | None = None  # [witness]: None, no witness (failover needs proof)
 
     def sender(self) -> SenderConfig:
         """The sender part, run while the node is active: it ships ``root`` to the peer."""
@@ -611,15 +704,26 @@ class NodeSetup:
         return Config(self.path, self.sender(), self.receiver(), self.guards)
 
     def policy(self) -> Policy:
-        """The role machine's policy from ``[service] failover_after`` and ``[failover]``."""
+        """The role machine's policy from ``[service] failover_after``, ``[failover]`` and ``[witness]``."""
         f = self.failover
-        return Policy(
+        policy = Policy(
             failover_after=self.service.failover_after,
             flap_window=f.flap_window,
             start_alone_after=f.start_alone_after or None,
             fence_command=bool(f.fence_command),
             auto_rejoin=f.auto_rejoin,
             switchover_timeout=f.switchover_timeout,
+        )
+        w = self.witness
+        if w is None:
+            return policy
+        return replace(
+            policy,
+            witness=True,
+            witness_ttl=float(w.ttl),
+            witness_margin=w.safety_margin,
+            witness_interval=w.check_interval,
+            max_lag=w.max_lag,
         )
 
 
@@ -641,6 +745,13 @@ UPGRADE_RANGES: dict[str, Range] = {
     "timeout": Range(10, 86_400, "seconds"),
 }
 ALERT_RANGES: dict[str, Range] = {"timeout": Range(1, 600, "seconds")}
+WITNESS_RANGES: dict[str, Range] = {
+    "ttl": Range(2, 3600, "seconds"),
+    "safety_margin": Range(0.5, 3600, "seconds"),
+    "check_interval": Range(0.2, 3600, "seconds"),
+    "retry_timeout": Range(0.2, 600, "seconds"),
+    "max_lag": Range(0, 1_000_000_000, "entries"),
+}
 #: Every numeric key of a node config's own sections, by section ([node] and [peer] have none). Kept apart
 #: from RANGES, which is by key alone: ``timeout`` means one thing in [service], another in [alert] and in
 #: [[guard]]. config.example.toml states each range in its section (a test checks).
@@ -650,8 +761,20 @@ NODE_RANGES: dict[str, dict[str, Range]] = {
     "alert": ALERT_RANGES,
     "upgrade": UPGRADE_RANGES,
     "log": LOG_RANGES,
+    "witness": WITNESS_RANGES,
 }
-NODE_SECTIONS = ("node", "peer", "service", "failover", "alert", "guard", "upgrade", "log", "metrics")
+NODE_SECTIONS = (
+    "node",
+    "peer",
+    "service",
+    "failover",
+    "alert",
+    "guard",
+    "upgrade",
+    "log",
+    "metrics",
+    "witness",
+)
 _NODE_KEYS = ("name", "listen", "root", "include", "state_dir", "initial_role", "insecure", "preferred")
 _PEER_KEYS = ("name", "address", "id")
 _INITIAL_ROLES = {"active": Role.ACTIVE, "passive": Role.PASSIVE}
@@ -798,7 +921,41 @@ def parse_node(data: dict[str, Any], path: Path) -> NodeSetup:
         upgrade,
         log_cfg,
         metrics,
+        _witness(data, name, peer_name, base),
     )
+
+
+def _witness(data: dict[str, Any], node: str, peer: str, base: Path) -> WitnessConfig | None:
+    """``[witness]``, or None when the section is absent. The prefix defaults to one both nodes derive alike
+    from the pair's names, so that two configs written separately name the same key."""
+    keys = tuple(f.name for f in fields(WitnessConfig))
+    w = _table(data, "witness", keys, required=False)
+    if "witness" not in data:
+        return None
+    endpoints = w.get("endpoints")
+    if not isinstance(endpoints, list):
+        raise ConfigError(f"witness -> endpoints: expected a list of 'https://host:port', got {endpoints!r}")
+    prefix = w.get("prefix", "/standby/" + "+".join(sorted((node, peer), key=str.casefold)))
+    ttl = _section_number(w, "witness", "ttl", WitnessConfig.ttl)
+    if ttl != int(ttl):
+        raise ConfigError(f"witness -> ttl: expected whole seconds (etcd's unit), got {w['ttl']!r}")
+    cfg = WitnessConfig(
+        endpoints=tuple(endpoints),
+        prefix=prefix,
+        ttl=int(ttl),
+        safety_margin=_section_number(w, "witness", "safety_margin", WitnessConfig.safety_margin),
+        check_interval=_section_number(w, "witness", "check_interval", WitnessConfig.check_interval),
+        retry_timeout=_section_number(w, "witness", "retry_timeout", WitnessConfig.retry_timeout),
+        ca=_path(w, "ca", "witness", base) if "ca" in w else None,
+        cert=_path(w, "cert", "witness", base) if "cert" in w else None,
+        key=_path(w, "key", "witness", base) if "key" in w else None,
+        max_lag=int(_section_number(w, "witness", "max_lag", WitnessConfig.max_lag)),
+    )
+    try:
+        endpoints = check_config(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return replace(cfg, endpoints=tuple(endpoints))
 
 
 def load_node(path: Path) -> NodeSetup:

@@ -3,8 +3,8 @@
 Owns: the one connection to etcd (the only importer of ``aetcd`` and ``grpc``), the lease we hold and the
 key ``<prefix>/leader``. It answers four questions, each as a :class:`LeaderView` value: who holds the key
 (:meth:`Witness.look`), can I take it (:meth:`Witness.acquire`), do I still hold it (:meth:`Witness.renew`)
-and let it go (:meth:`Witness.release`). The pure checks (:func:`check_endpoints`, :func:`check_timing`)
-sit beside them; the epoch rule is :func:`engine.failover.epoch_from_revision`.
+and let it go (:meth:`Witness.release`). Its config and the pure checks of it (timing, endpoints) are in
+:mod:`engine.config`; the epoch rule is :func:`engine.failover.epoch_from_revision`.
 
 Must not: decide roles, run timers or loops (the role machine asks, ``node`` schedules), or let a network
 failure escape as an exception: etcd being unreachable is a result (``reachable=False`` with the error
@@ -47,17 +47,17 @@ raft leader change etcd 3.4 restarts every lease's TTL, so a lease can outlive `
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import grpc  # type: ignore[import-untyped]
 from aetcd import rpc  # type: ignore[import-untyped]
+
+from engine.config import WitnessConfig, check_config
 
 log = logging.getLogger(__name__)
 
@@ -88,25 +88,6 @@ CHANNEL_OPTIONS = (
 
 
 @dataclass(frozen=True)
-class WitnessConfig:
-    """``[witness]``: where etcd is, the pair's key prefix, and the lease timing (seconds)."""
-
-    endpoints: tuple[str, ...]  # "https://host:port"; plain "http://" on loopback only
-    prefix: str  # "/standby/<pair-name>": the leader key is "<prefix>/leader"
-    ttl: int = 30  # the lease, in whole seconds (etcd's unit)
-    safety_margin: float = 10.0  # the holder stops its service after ttl - safety_margin without renewal
-    check_interval: float = 10.0  # one HA cycle (renew or look)
-    retry_timeout: float = 10.0  # the bound on one witness call, every try on every member included
-    ca: Path | None = None  # CA bundle for https endpoints; None: the system's roots
-    cert: Path | None = None  # client certificate (PEM), with key
-    key: Path | None = None  # client private key (PEM), with cert
-
-    @property
-    def leader_key(self) -> str:
-        return f"{self.prefix}/leader"
-
-
-@dataclass(frozen=True)
 class LeaderView:
     """What one witness call saw. ``reachable`` False: etcd (or its quorum) did not answer in time; the
     other fields are then unknown (None/False) and ``error`` says why. ``mine``: the key is bound to our
@@ -119,85 +100,6 @@ class LeaderView:
     lease_left: float | None = None
     mine: bool = False
     error: str | None = None
-
-
-# -- pure checks and rules --------------------------------------------------------------------------------
-
-
-def check_endpoints(endpoints: Sequence[str]) -> list[str]:
-    """The endpoints normalised to ``scheme://host:port``; ValueError naming the first bad one.
-
-    ``https`` anywhere; ``http`` only to a loopback host (``localhost``, 127.0.0.0/8, ``::1``), since the
-    lease decides which server runs the service and must not cross a network in clear text."""
-    if isinstance(endpoints, str) or not endpoints:
-        raise ValueError("witness -> endpoints: expected a non-empty list of 'https://host:port'")
-    out: list[str] = []
-    for text in endpoints:
-        where = f"witness -> endpoints: {text!r}"
-        if not isinstance(text, str):
-            raise ValueError(f"{where}: expected a string 'https://host:port'")
-        try:
-            parts = urlsplit(text.strip())
-            port = parts.port
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        scheme = parts.scheme.lower()
-        host = parts.hostname
-        if scheme not in ("http", "https"):
-            raise ValueError(f"{where}: expected http:// or https://")
-        if not host or port is None:
-            raise ValueError(f"{where}: expected scheme://host:port (the port is required)")
-        if parts.username is not None or parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"{where}: only scheme://host:port, no user, path, query or fragment")
-        if scheme == "http" and not _is_loopback(host):
-            raise ValueError(f"{where}: plain http is allowed on loopback only; use https")
-        netloc = f"[{host}]:{port}" if ":" in host else f"{host.lower()}:{port}"
-        norm = f"{scheme}://{netloc}"
-        if norm in out:
-            raise ValueError(f"{where}: listed twice")
-        out.append(norm)
-    return out
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_timing(cfg: WitnessConfig) -> None:
-    """Patroni's timing rules; ValueError naming the keys that break them."""
-    if isinstance(cfg.ttl, bool) or not isinstance(cfg.ttl, int) or cfg.ttl < 2:
-        raise ValueError(f"witness -> ttl: expected whole seconds >= 2 (etcd's unit), got {cfg.ttl!r}")
-    for name in ("safety_margin", "check_interval", "retry_timeout"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ValueError(f"witness -> {name}: expected seconds > 0, got {value!r}")
-    if cfg.check_interval + 2 * cfg.retry_timeout > cfg.ttl:
-        raise ValueError(
-            f"witness -> check_interval + 2 * witness -> retry_timeout ({cfg.check_interval:g} + 2 * "
-            f"{cfg.retry_timeout:g}) must be <= witness -> ttl ({cfg.ttl}): a renewal could come too late"
-        )
-    if not cfg.safety_margin < cfg.ttl:
-        raise ValueError(
-            f"witness -> safety_margin ({cfg.safety_margin:g}) must be < witness -> ttl ({cfg.ttl}): the "
-            "holder must stop its service before its lease can expire"
-        )
-
-
-def check_config(cfg: WitnessConfig) -> list[str]:
-    """Every check of a witness config (endpoints, timing, prefix, TLS pairs); the normalised endpoints."""
-    endpoints = check_endpoints(cfg.endpoints)
-    check_timing(cfg)
-    p = cfg.prefix
-    if not isinstance(p, str) or not p.startswith("/") or p.endswith("/") or len(p) < 2 or "\0" in p:
-        raise ValueError(f"witness -> prefix: expected '/name' without a trailing '/', got {p!r}")
-    if (cfg.cert is None) != (cfg.key is None):
-        raise ValueError("witness -> cert, witness -> key: give both or neither")
-    return endpoints
 
 
 # -- the client ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from engine.config import (
     PeerConfig,
     ServiceConfig,
     UpgradeConfig,
+    WitnessConfig,
     load,
     load_node,
     parse_node,
@@ -210,6 +211,29 @@ BAD: list[tuple[str, str, Any, str]] = [
 ]
 
 
+def test_the_witness_section_feeds_the_policy_and_derives_one_prefix_for_the_pair() -> None:
+    data = full()
+    data["witness"] = {
+        "endpoints": ["https://E.example:2379"],
+        "ttl": 9,
+        "check_interval": 3,
+        "retry_timeout": 3,
+    }
+    data["witness"]["safety_margin"] = 4
+    setup = parse_node(data, WHERE)
+    w = setup.witness
+    assert w is not None and w.endpoints == ("https://e.example:2379",)
+    assert w.prefix == "/standby/join-a+join-b" and w.leader_key == "/standby/join-a+join-b/leader"
+    p = setup.policy()
+    assert (p.witness, p.witness_ttl, p.witness_margin, p.witness_interval, p.max_lag) == (True, 9, 4, 3, 100)
+    # The other node's config names the pair the other way round: the same prefix.
+    other = full()
+    other["node"]["name"], other["peer"]["name"] = "join-b", "join-a"
+    other["witness"] = {"endpoints": ["https://e.example:2379"]}
+    assert parse_node(other, WHERE).witness.prefix == w.prefix  # type: ignore[union-attr]
+    assert parse_node(full(), WHERE).witness is None and not parse_node(full(), WHERE).policy().witness
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value", "message"), BAD, ids=[f"{s}.{k}={v!r}" for s, k, v, _ in BAD]
 )
@@ -225,7 +249,24 @@ def test_each_bad_value_is_one_error_naming_its_key(section: str, key: str, valu
 
 
 BAD_SECTIONS: list[tuple[dict[str, Any], str]] = [
-    ({"witness": {"endpoints": []}}, "witness: unknown section (known in a node config: node, peer,"),
+    ({"witness": {"endpoints": []}}, "witness -> endpoints: expected a non-empty list"),
+    ({"witness": {}}, "witness -> endpoints: expected a list"),
+    (
+        {"witness": {"endpoints": ["http://10.0.0.13:2379"]}},
+        "witness -> endpoints: 'http://10.0.0.13:2379': plain",
+    ),
+    ({"witness": {"endpoints": ["https://e:2379"], "ttl": 2.5}}, "witness -> ttl: expected whole seconds"),
+    ({"witness": {"endpoints": ["https://e:2379"], "ttl": 1}}, "witness -> ttl: expected 2 to 3600 seconds"),
+    (
+        {"witness": {"endpoints": ["https://e:2379"], "ttl": 20}},
+        "witness -> check_interval + 2 * witness -> retry_timeout (10 + 2 * 10) must be <= witness -> ttl",
+    ),
+    (
+        {"witness": {"endpoints": ["https://e:2379"], "cert": "c.pem"}},
+        "witness -> cert, witness -> key: give both or neither",
+    ),
+    ({"witness": {"endpoints": ["https://e:2379"], "lease": 3}}, "witness -> lease: unknown key"),
+    ({"wittness": {}}, "wittness: unknown section (known in a node config: node, peer,"),
     ({"sender": {"source": "/s"}}, "sender: not part of a node config"),
     ({"receiver": {"listen": ":7420"}}, "receiver: not part of a node config"),
     ({"peer": DELETE}, "peer: required in a node config"),
@@ -306,6 +347,7 @@ def test_the_example_documents_every_key_of_a_node_config_with_its_range() -> No
     assert found["upgrade"] == {f.name for f in dataclasses.fields(UpgradeConfig)}
     assert found["log"] == {f.name for f in dataclasses.fields(LogConfig)}
     assert found["metrics"] == {f.name for f in dataclasses.fields(MetricsConfig)}
+    assert found["witness"] == {f.name for f in dataclasses.fields(WitnessConfig)}
 
 
 def test_every_node_range_holds_its_default() -> None:
@@ -315,6 +357,7 @@ def test_every_node_range_holds_its_default() -> None:
         "alert": AlertConfig(),
         "upgrade": UpgradeConfig(),
         "log": LogConfig(),
+        "witness": WitnessConfig(("https://e:2379",), "/p"),
     }
     for section, ranges in NODE_RANGES.items():
         for key, allowed in ranges.items():

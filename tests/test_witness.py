@@ -13,15 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from engine.config import WitnessConfig, check_config, check_endpoints, check_timing
 from engine.failover import epoch_from_revision
-from engine.witness import (
-    LeaderView,
-    Witness,
-    WitnessConfig,
-    check_config,
-    check_endpoints,
-    check_timing,
-)
+from engine.witness import LeaderView, Witness
 from tests.etcd import EtcdCluster, free_ports, make_tls, running_etcd
 
 #: Slack for a call that must give up within retry_timeout (scheduling on a busy 2-core machine).
