@@ -495,6 +495,20 @@ def _node_status(args: argparse.Namespace, setup: config.NodeSetup) -> int:
         if cond
     ]
     degraded += [f"clock: {p}" for p in clock.get("problems") or []]
+    witness = st.get("witness") or {}
+    if witness:
+        degraded += [
+            why
+            for cond, why in (
+                (witness.get("reachable") is False, f"the witness cannot be reached: {witness.get('error')}"),
+                (
+                    bool(witness.get("failsafe")),
+                    "running without the witness's lease, on the peer's confirmation",
+                ),
+                (bool(witness.get("suspended")), "the service is stopped: the witness's lease is lost"),
+            )
+            if cond
+        ]
     st["schema"] = STATUS_SCHEMA
     st["degraded"] = degraded
     st["halted"] = halt
@@ -535,6 +549,15 @@ def _node_status(args: argparse.Namespace, setup: config.NodeSetup) -> int:
         con = Console(soft_wrap=True)
         con.print(t)
         con.print(f"maintenance: {'open' if st.get('maintenance') else 'closed'}", highlight=False)
+        if witness:
+            if witness.get("reachable") is False:
+                said = "UNREACHABLE"
+            elif witness.get("holder"):
+                said = f"key held by {witness['holder']}" + (" (this node)" if witness.get("mine") else "")
+                said += f", lease left {witness.get('lease_left')} s, revision {witness.get('revision')}"
+            else:
+                said = "no one holds the key" if witness.get("reachable") else "not asked yet"
+            con.print(f"witness: {said} ({', '.join(witness.get('endpoints') or [])})", highlight=False)
         if halt:
             con.print(f"HALTED: {halt}", style="bold red", markup=False, highlight=False)
         for why in degraded:

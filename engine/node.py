@@ -347,6 +347,7 @@ class Agent:
         self._quarantined = 0
         self._quarantine_checked = 0.0
         self._incoming: Any = None  # engine.upgrade.Incoming while an installer arrives
+        self.witness: Any = None  # engine.witness.Witness when [witness] is configured
 
     def _accepts_senders(self) -> bool:
         """Only a passive takes the peer's stream (and one promoting from passive, which still drains the
@@ -392,6 +393,11 @@ class Agent:
         )
         rx_stop = asyncio.Event()
         served = self._serve_metrics()
+        if self.setup.witness is not None:
+            from engine.witness import Witness  # grpc is loaded only by a node with a witness
+
+            self.witness = Witness(self.setup.witness)
+            await self.witness.connect()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.receiver.serve(rx_stop), name="receiver")
@@ -407,6 +413,8 @@ class Agent:
                 t.cancel()
             if served is not None:
                 await asyncio.to_thread(served.close)
+            if self.witness is not None:
+                await self.witness.close()  # the lease is kept: it ends by itself unless renewed
             self.roles.close()
             log.info("agent.stopped")
 
@@ -503,6 +511,8 @@ class Agent:
             self._spawn(self._measure_tree())
         elif isinstance(a, failover.OfferHandover):
             self._spawn(self._offer(a))
+        elif isinstance(a, failover.AskWitness):
+            self._spawn(self._ask_witness(a.op))
         elif isinstance(a, failover.Alert):
             self._alert(a)
         if self._crash_after and self._crash_after == f"{type(a).__name__}:{self._role_now()}":
@@ -604,6 +614,61 @@ class Agent:
         if (caught, idle) != self._caught_up:
             self._caught_up = (caught, idle)
             self._events.put_nowait(failover.Replication(caught, idle))
+
+    # -- the witness ---------------------------------------------------------------------------------------
+    async def _ask_witness(self, op: str) -> None:
+        """One witness call; its answer goes back to the role machine (an error is an unreachable answer)."""
+        w, name = self.witness, self.setup.node.name
+        asked_at = self.clock()
+        if w is None:
+            return
+        try:
+            if op in ("look", "acquire"):
+                view = await getattr(w, op)(name)
+            else:
+                view = await getattr(w, op)()
+        except Exception as e:  # the answer must come back whatever happened
+            log.error("witness.call_failed op=%s error=%r", op, e)
+            self._post(failover.WitnessAnswer(op, asked_at, False, error=f"{type(e).__name__}: {e}"))
+            return
+        if not view.reachable:
+            log.warning("witness.unreachable op=%s error=%s", op, view.error)
+        self._post(
+            failover.WitnessAnswer(
+                op,
+                asked_at,
+                view.reachable,
+                holder=view.holder,
+                mine=view.mine,
+                stale_self=view.holder == name and not view.mine,
+                revision=view.create_revision,
+                left=view.lease_left,
+                error=view.error or "",
+            )
+        )
+
+    def _witness_status(self) -> dict[str, Any] | None:
+        st = self.state
+        if self.witness is None or st is None:
+            return None
+        lease = st.lease
+        now = self.clock()
+        return {
+            "endpoints": list(self.witness.endpoints),
+            "key": self.setup.witness.leader_key if self.setup.witness else None,
+            "reachable": lease.reachable,
+            "holder": lease.holder,
+            "mine": lease.mine,
+            "revision": lease.revision,
+            "lease_left": None
+            if lease.left is None or lease.asked_at is None
+            else round(max(0.0, lease.asked_at + lease.left - now), 1),
+            "asked_ago": None if lease.asked_at is None else round(now - lease.asked_at, 1),
+            "failsafe": lease.failsafe,
+            "suspended": lease.suspended,
+            "forced": lease.forced,
+            "error": lease.error or None,
+        }
 
     # -- the peer and the operator --------------------------------------------------------------------------
     async def _send_heartbeat(self) -> None:
@@ -1109,6 +1174,7 @@ class Agent:
             "quarantined": self._quarantined,
             "preferred": self.setup.node.preferred,
             "clock": self._clock_view(peer).to_dict(),
+            "witness": self._witness_status(),
             "alerts": self.alerts[-5:],
             "updated": time.time(),
         }
