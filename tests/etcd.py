@@ -114,10 +114,16 @@ class Member:
     log: Path
     scheme: str = "http"
     proc: subprocess.Popen[bytes] | None = None
+    more_ports: tuple[int, ...] = ()  # more client ports, the same member (a client each, to cut apart)
 
     @property
     def endpoint(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.client_port}"
+
+    def url(self, i: int) -> str:
+        """The member's ``i``-th client URL (0: :attr:`endpoint`)."""
+        port = self.client_port if i == 0 else self.more_ports[i - 1]
+        return f"{self.scheme}://127.0.0.1:{port}"
 
     @property
     def peer_url(self) -> str:
@@ -137,19 +143,28 @@ class EtcdCluster:
     size: int = 1
     tls: TlsFiles | None = None
     token: str = "standby-test"
+    clients: int = 1  # client ports per member: give each client its own to cut one off (nftables)
     members: list[Member] = field(default_factory=list)
     #: Seconds from the first spawn until every member was healthy, per (re)start.
     startup_seconds: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        ports = free_ports(2 * self.size)
+        per = 1 + self.clients
+        ports = free_ports(per * self.size)
         self.root.mkdir(parents=True, exist_ok=True)
         scheme = "http" if self.tls is None else "https"
         for i in range(self.size):
             name = f"n{i}"
+            mine = ports[per * i : per * (i + 1)]
             self.members.append(
                 Member(
-                    name, ports[2 * i], ports[2 * i + 1], self.root / name, self.root / f"{name}.log", scheme
+                    name,
+                    mine[0],
+                    mine[-1],
+                    self.root / name,
+                    self.root / f"{name}.log",
+                    scheme,
+                    more_ports=tuple(mine[1:-1]),
                 )
             )
         self._ssl: ssl.SSLContext | None = None
@@ -160,6 +175,10 @@ class EtcdCluster:
     @property
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
+
+    def client_endpoints(self, i: int) -> list[str]:
+        """Every member's ``i``-th client URL: what client ``i`` is configured with."""
+        return [m.url(i) for m in self.members]
 
     def _argv(self, m: Member) -> list[str]:
         cluster = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
@@ -173,7 +192,7 @@ class EtcdCluster:
             self.binary,
             "--name", m.name,
             "--data-dir", str(m.data_dir),
-            "--listen-client-urls", m.endpoint,
+            "--listen-client-urls", ",".join(m.url(i) for i in range(self.clients)),
             "--advertise-client-urls", m.endpoint,
             "--listen-peer-urls", m.peer_url,
             "--initial-advertise-peer-urls", m.peer_url,
@@ -265,12 +284,14 @@ class EtcdCluster:
 
 
 @contextlib.contextmanager
-def running_etcd(root: Path, size: int = 1, tls: TlsFiles | None = None) -> Iterator[EtcdCluster]:
+def running_etcd(
+    root: Path, size: int = 1, tls: TlsFiles | None = None, clients: int = 1
+) -> Iterator[EtcdCluster]:
     """A started cluster of ``size`` members under ``root``, stopped on the way out whatever happens.
 
     Skips (fails under ``CI=true``) when etcd is not installed."""
     binary = need_binary("etcd")
-    cluster = EtcdCluster(binary, root, size, tls)
+    cluster = EtcdCluster(binary, root, size, tls, clients=clients)
     try:
         cluster.start()
         yield cluster
