@@ -130,6 +130,10 @@ METRICS: Final[Mapping[str, tuple[str, tuple[str, ...], str]]] = {
     "standby_witness_holder": (GAUGE, ("holder",), "1, labelled with the node the witness says holds "
                                "the lease"),
     "standby_witness_lease_left_seconds": (GAUGE, (), "Seconds left on the witness lease"),
+    "standby_witness_failsafe": (GAUGE, (), "1 while the active runs without the witness's lease, on its "
+                                 "peer's confirmation"),
+    "standby_witness_suspended": (GAUGE, (), "1 while the active's service is stopped for want of the "
+                                  "witness's lease"),
 }  # fmt: skip
 
 _NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
@@ -273,6 +277,8 @@ def _agent(f: _Families, status: Mapping[str, Any], role: str | None) -> None:
         if holder:
             f.add("standby_witness_holder", 1.0, [holder])
         f.add("standby_witness_lease_left_seconds", _num(witness, "lease_left"))
+        f.add("standby_witness_failsafe", _flag(witness, "failsafe"))
+        f.add("standby_witness_suspended", _flag(witness, "suspended"))
 
 
 def _sender(f: _Families, s: Mapping[str, Any] | None) -> None:

@@ -280,7 +280,13 @@ def test_a_held_failover_a_switchover_and_a_witness(agent: Agent, clock: Clock) 
         **passive(agent, clock),
         "failover_held": "maintenance",
         "switchover": "draining",
-        "witness": {"reachable": True, "holder": "b", "lease_left": 7.5},
+        "witness": {
+            "reachable": True,
+            "holder": "b",
+            "lease_left": 7.5,
+            "failsafe": True,
+            "suspended": False,
+        },
     }
     m = scrape(status)
     assert {r: m[key("standby_failover_held", reason=r)] for r in HOLD_REASONS} == {
@@ -293,6 +299,7 @@ def test_a_held_failover_a_switchover_and_a_witness(agent: Agent, clock: Clock) 
     assert m[key("standby_witness_reachable")] == 1
     assert m[key("standby_witness_holder", holder="b")] == 1
     assert m[key("standby_witness_lease_left_seconds")] == 7.5
+    assert m[key("standby_witness_failsafe")] == 1 and m[key("standby_witness_suspended")] == 0
     released = scrape({**status, "failover_held": None})
     assert all(released[key("standby_failover_held", reason=r)] == 0 for r in HOLD_REASONS)
 
@@ -323,7 +330,13 @@ def test_every_metric_of_the_table_is_produced_as_listed(agent: Agent, clock: Cl
         {
             **active(agent, clock, halt="halted"),
             "failover_held": "flap_window",
-            "witness": {"reachable": False, "holder": "a", "lease_left": 1.0},
+            "witness": {
+                "reachable": False,
+                "holder": "a",
+                "lease_left": 1.0,
+                "failsafe": True,
+                "suspended": False,
+            },
         },
         passive(agent, clock),
         sender_status(),
