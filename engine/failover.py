@@ -48,13 +48,16 @@ Rules (the whole contract; the code below only spells them out):
    holding the key for another node makes the active step down (fenced). Every promotion takes the key
    before the service starts (a ``--force`` does not wait for it) and persists an epoch derived from the
    key's create revision (:func:`epoch_from_revision`).
-9. Witness failover: a passive whose active has been silent for ``max(failover_after, FAILSAFE_WINDOW +
-   witness_margin)`` (longer than any confirmation it gave can last plus the time a stop takes) takes the
-   key when it is absent (the active's lease ended: it could not renew, so it stopped its service) and
-   becomes active; only if the active's last heartbeat said it was within ``max_lag`` entries, announced no
-   planned stop and no maintenance window is open, and within ``flap_window`` like any automatic failover.
-   A witness that cannot be reached never causes a promotion.
-10. A node waiting at start-up with a durable active role and a silent peer starts when it takes the key
+9. Witness failover: a passive whose active is silent (``PeerSilent``) and has been for
+   ``max(failover_after, FAILSAFE_WINDOW + witness_margin)`` (longer than any confirmation it gave can
+   last plus the time a stop takes) takes the key when it is absent (the active's lease ended: it could
+   not renew, so it stopped its service) and becomes active; only if the active's last heartbeat said it
+   was within ``max_lag`` entries, announced no planned stop and no maintenance window is open, and within
+   ``flap_window`` like any automatic failover. Not while the active's host refuses connections
+   (``PeerSilent.refused``: the host is up, its agent is not, its service may run on). A witness that
+   cannot be reached never causes a promotion.
+10. A node waiting at start-up with a durable active role and a silent peer (whose host does not refuse
+   connections) starts when it takes the key
    (after ``FAILSAFE_WINDOW + witness_margin``), and steps down if the witness shows another holder at a
    higher epoch.
 
@@ -224,7 +227,11 @@ class Heartbeat:
 
 @dataclass(frozen=True, slots=True)
 class PeerSilent:
-    """No heartbeat from the peer for the liveness timeout (also sent when none came since start-up)."""
+    """No heartbeat from the peer for the liveness timeout (also sent when none came since start-up), again
+    about once a second while it lasts. ``refused``: the peer's host refused the last connection (it is up,
+    its agent is not: the service may still run there)."""
+
+    refused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -649,6 +656,8 @@ class Node:
     rejoin_failed: str = ""  # why the last quarantine failed (alerted once per reason)
     rejoin_asked: bool = False  # an operator asked: retried even without auto_rejoin
     peer_heard_at: float | None = None  # our clock, the last heartbeat from the peer
+    peer_silent: bool = False  # a PeerSilent came after the last heartbeat (none: not known silent yet)
+    peer_refused: bool = False  # silent, and its host refuses connections (PeerSilent.refused)
     lease: Lease = Lease()
 
     @property
@@ -765,7 +774,7 @@ def step(state: Node, event: Event, now: float) -> Step:
         case Heartbeat():
             _on_heartbeat(c, event)
         case PeerSilent():
-            _on_silent(c)
+            _on_silent(c, event)
         case LocalService():
             _on_local_service(c, event)
         case ServiceResult():
@@ -902,17 +911,19 @@ def _on_heartbeat(c: _Cycle, hb: Heartbeat) -> None:
         last_auto=last_auto,
         peer_down_since=since,
         peer_heard_at=now,
+        peer_silent=False,
+        peer_refused=False,
     )
     p = n.promotion
     if p is not None and p.kind is not Kind.RESTART and hb.role in (Role.ACTIVE, Role.DEMOTING, Role.FENCED):
         c.set(promotion=replace(p, caught_up=hb.caught_up))
 
 
-def _on_silent(c: _Cycle) -> None:
+def _on_silent(c: _Cycle, ev: PeerSilent) -> None:
     n = c.node
     if n.reachable:
-        c.note("peer.silent")
-    c.set(reachable=False, peer_down_since=None)
+        c.note("peer.silent", refused=ev.refused)
+    c.set(reachable=False, peer_down_since=None, peer_silent=True, peer_refused=ev.refused)
     if n.role is Role.PASSIVE and n.reachable and n.peer is not None and n.peer.role is Role.ACTIVE:
         c.alert(
             "failover.peer_unreachable",
@@ -1328,13 +1339,19 @@ def _witness_blocker(c: _Cycle) -> tuple[str, str] | None:
     reason and its explanation), or None."""
     n, now, pol = c.node, c.now, c.node.policy
     peer = n.peer
-    if peer is None or peer.role is not Role.ACTIVE:
-        return ("", "")
+    if peer is None or peer.role is not Role.ACTIVE or not n.peer_silent:
+        return ("", "")  # a reachable active is asked first (rules 1-3); PeerSilent also says if it refuses
     silent_for = now - (n.peer_heard_at if n.peer_heard_at is not None else n.started_at)
     if silent_for < max(pol.failover_after, FAILSAFE_WINDOW + pol.witness_margin) or now < n.quiet_until:
         return ("", "")
     if peer.planned_stop:
         return ("planned_stop", "the active announced a planned stop before it went silent: not taking over")
+    if n.peer_refused:
+        return (
+            "agent_down",
+            "the active's host refuses connections: it is up but its agent is not, so its service may still "
+            "run; no failover by the witness until the agent is back or the host stops answering",
+        )
     if n.maintenance_open(now) or peer.maintenance:
         return ("maintenance", "the active is silent, but a maintenance window is open")
     lag = peer.lag if peer.lag is not None else (0 if peer.caught_up else None)
@@ -1572,8 +1589,11 @@ def _decide_promoting(c: _Cycle) -> None:
                 "conflict",
                 "the peer also waits to start as active at our epoch: failover --force on the node to keep",
             )
-        elif pol.witness and now - max(n.started_at, n.peer_heard_at or 0.0) >= (
-            FAILSAFE_WINDOW + pol.witness_margin
+        elif (
+            pol.witness
+            and n.peer_silent
+            and not n.peer_refused
+            and now - max(n.started_at, n.peer_heard_at or 0.0) >= FAILSAFE_WINDOW + pol.witness_margin
         ):
             # Rule 10: nobody heard, the witness decides (the key is absent: nobody leads).
             lease = n.lease

@@ -457,7 +457,7 @@ class Agent:
                 self._replication_progress()
                 if now - self._last_heartbeat >= self.peer.silence and now - self._silent_said >= 1.0:
                     self._silent_said = now
-                    self._events.put_nowait(failover.PeerSilent())
+                    self._events.put_nowait(failover.PeerSilent(refused=self.peer.refused))
             if now >= next_tick:
                 next_tick = now + TICK
                 self._events.put_nowait(failover.Tick())

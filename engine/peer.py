@@ -62,6 +62,9 @@ class PeerChannel:
         self._out: _Conn | None = None  # the connection we dialed
         self._in: _Conn | None = None  # the connection the peer dialed
         self.last_error: str | None = None
+        #: The last dial was refused by the peer's host (a reset: the host is up, nothing listens on the
+        #: agent's port). A dead host or a cut network answers nothing: a timeout, never this.
+        self.refused = False
         self._replies: dict[str, asyncio.Future[wire.AgentReply]] = {}
 
     @property
@@ -120,6 +123,7 @@ class PeerChannel:
             try:
                 await self._dial()
             except (OSError, EOFError, RemoteProtocolError, TimeoutError, PeerRefused) as e:
+                self.refused = isinstance(e, ConnectionRefusedError)
                 text = str(e) or type(e).__name__
                 if text != self.last_error:
                     log.info("agent.peer_link_down peer=%s:%d reason=%s", *self.address, text)
@@ -137,6 +141,7 @@ class PeerChannel:
                 raise PeerRefused(f"{d.answer.code}: {d.answer.reason}")
             proto = wire.AgentProtocol(hs.take_buffered())
             self._out = _Conn(d.writer, proto)
+            self.refused = False
             if self.last_error is not None:
                 log.info("agent.peer_link_up peer=%s:%d", *self.address)
             self.last_error = None

@@ -1280,7 +1280,7 @@ def _script_witness_failover() -> Agent:
 
 def _script_witness_startup() -> Agent:
     a = waiting(WITNESS)
-    a.at(FAILSAFE_WINDOW + WITNESS.witness_margin)
+    a.feed(PeerSilent(), at=FAILSAFE_WINDOW + WITNESS.witness_margin)
     answer(a, "look")
     a.at(a.now + 0.1)
     answer(a, "acquire", holder="join-a", mine=True, revision=40, left=30.0)
@@ -1514,7 +1514,7 @@ def test_a_restarting_active_takes_the_key_when_its_peer_is_silent() -> None:
 
 def test_a_restarting_active_steps_down_when_the_witness_has_another_holder() -> None:
     a = waiting(WITNESS, epoch=3)
-    a.at(FAILSAFE_WINDOW + WITNESS.witness_margin)
+    a.feed(PeerSilent(), at=FAILSAFE_WINDOW + WITNESS.witness_margin)
     answer(a, "look", holder="join-b", revision=57, left=20.0)
     assert a.role() is Role.DEMOTING and PersistRole(Role.FENCED, 57) in a.steps[-1].actions
     assert not any(isinstance(x, StartService) for x in a.actions())
@@ -1522,7 +1522,7 @@ def test_a_restarting_active_steps_down_when_the_witness_has_another_holder() ->
 
 def test_a_restarting_active_waits_for_its_own_stale_key() -> None:
     a = waiting(WITNESS, epoch=3)
-    a.at(FAILSAFE_WINDOW + WITNESS.witness_margin)
+    a.feed(PeerSilent(), at=FAILSAFE_WINDOW + WITNESS.witness_margin)
     answer(a, "look", holder="join-a", stale_self=True, revision=5, left=20.0)
     assert a.role() is Role.PROMOTING
     a.at(a.now + 5.0)
@@ -1535,3 +1535,37 @@ def test_a_passive_or_fenced_node_that_finds_itself_holding_the_key_releases_it(
     a.at(1.0)
     s = answer(a, "look", holder="join-b", mine=True, revision=9, left=20.0)
     assert AskWitness("release") in s.actions
+
+
+def test_a_host_that_refuses_connections_holds_the_witness_failover_until_it_stops_answering() -> None:
+    a = witness_passive()
+    t0 = a.now
+    for t in range(15, 120):  # the active's agent died, its host is up: every dial is refused
+        a.feed(PeerSilent(refused=True), at=t0 + t)
+        if a.state.lease.asking:
+            answer(a, "look")
+    assert "acquire" not in asked(a) and "failover.held_agent_down" in a.alerts()
+    a.feed(PeerSilent(refused=False), at=a.now + 1.0)  # now it answers nothing: gone
+    if a.state.lease.asking:
+        answer(a, "look")
+    a.at(a.now + 0.1)
+    assert asked(a)[-1] == "acquire"
+
+
+def test_without_a_peer_silent_the_witness_path_does_not_start() -> None:
+    """Rule 9 waits for the caller's PeerSilent (the liveness timeout, and whether the host refuses)."""
+    a = witness_passive()
+    for _ in range(100):
+        a.at(a.now + 2.0)
+        if a.state.lease.asking:
+            answer(a, "look")
+    assert "acquire" not in asked(a) and a.role() is Role.PASSIVE
+
+
+def test_a_restarting_active_whose_peer_refuses_connections_does_not_take_the_key() -> None:
+    a = waiting(WITNESS)
+    for t in range(15, 100):
+        a.feed(PeerSilent(refused=True), at=float(t))
+        if a.state.lease.asking:
+            answer(a, "look")
+    assert "acquire" not in asked(a) and a.role() is Role.PROMOTING

@@ -61,6 +61,11 @@ def _holds(n: HaNode) -> bool:
     return bool(_witness(n).get("mine"))
 
 
+def _seen_up(sampler: Sampler, i: int, after: float) -> bool:
+    """The sampler has recorded node ``i``'s service running since ``after``."""
+    return sampler.first_time(lambda up: up[i], after=after) is not None
+
+
 def _failsafe(n: HaNode) -> bool:
     return _witness(n).get("failsafe") is True
 
@@ -84,14 +89,17 @@ def _ready(tmp_path: Path, etcd: EtcdCluster, a: HaNode, b: HaNode) -> None:
 def test_the_passive_takes_over_by_the_witness_when_the_active_host_dies_and_the_old_active_rejoins(
     tmp_path: Path,
 ) -> None:
-    with witnessed_pair(tmp_path) as (etcd, a, b, sampler):
+    with nft_table() as cut, witnessed_pair(tmp_path) as (etcd, a, b, sampler):
         _ready(tmp_path, etcd, a, b)
         old_epoch = a.status()["epoch"]
         t0 = time.monotonic()
-        a.kill()  # the host dies: its agent and its service at once
+        # The host dies: its agent and its service at once, and it answers nothing any more (a host that
+        # is up but whose agent is down refuses connections, which holds the failover: see below).
+        cut.set([a.port, *_ports(etcd, CLIENT["join-a"])])
+        a.kill()
         a.kill_service()
         bound = TTL + FAILOVER_AFTER + 5
-        wait_for(lambda: b.service_pid() is not None, bound + 5, "the passive's service to start")
+        wait_for(lambda: _seen_up(sampler, 1, t0), bound + 5, "the passive's service to start")
         started = sampler.first_time(lambda up: up[1], after=t0)
         assert started is not None
         rto = started - t0
@@ -103,6 +111,7 @@ def test_the_passive_takes_over_by_the_witness_when_the_active_host_dies_and_the
         assert "promote.witness" in b.log()
         # The old active's host comes back: the higher epoch (and the key held by the other) fences it,
         # and it rejoins as passive by itself.
+        cut.set([])
         t1 = time.monotonic()
         a.start()
         wait_for(lambda: a.status().get("role") == "passive" and _meets(a), 60, "the old active to rejoin")
@@ -119,7 +128,7 @@ def test_an_active_cut_from_the_witness_and_its_peer_stops_its_service_before_th
         _ready(tmp_path, etcd, a, b)
         t0 = time.monotonic()
         cut.set([a.port, b.port, *_ports(etcd, CLIENT["join-a"])])  # a partition around the active
-        wait_for(lambda: b.service_pid() is not None, TTL + FAILOVER_AFTER + 15, "the passive to take over")
+        wait_for(lambda: _seen_up(sampler, 1, t0), TTL + FAILOVER_AFTER + 15, "the passive to take over")
         stopped = sampler.first_time(lambda up: not up[0], after=t0)
         started = sampler.first_time(lambda up: up[1], after=t0)
         assert stopped is not None and started is not None
@@ -162,6 +171,17 @@ def test_without_the_witness_nobody_promotes_and_the_active_runs_on_its_peers_wo
         etcd.start()
         wait_for(lambda: _holds(a) and not _failsafe(a), 30, "the active to hold the key again")
         assert a.service_pid() is not None and b.service_pid() is None
+        # The active's agent dies but its host is up and its service runs on: the host refuses
+        # connections, and the passive holds the failover instead of taking the key when the lease ends.
+        a.kill()
+        wait_for(lambda: "failover.held_agent_down" in _alerts(b), FAILOVER_AFTER + 15, "the passive to hold")
+        time.sleep(2)
+        assert a.service_pid() is not None and b.service_pid() is None
+        assert b.status().get("role") == "passive"
+        a.start()  # the agent comes back: it is confirmed active again
+        wait_for(lambda: _meets(a) and a.status().get("role") == "active", 30, "the agent to be back")
+        wait_for(lambda: a.service_pid() is not None, 30, "the active's service")
+        assert b.service_pid() is None
 
 
 def test_three_members_one_down_changes_nothing_two_down_is_the_witness_down(tmp_path: Path) -> None:
