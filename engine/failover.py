@@ -56,10 +56,9 @@ Rules (the whole contract; the code below only spells them out):
    ``flap_window`` like any automatic failover. Not while the active's host refuses connections
    (``PeerSilent.refused``: the host is up, its agent is not, its service may run on). A witness that
    cannot be reached never causes a promotion.
-10. A node waiting at start-up with a durable active role and a silent peer (whose host does not refuse
-   connections) starts when it takes the key
-   (after ``FAILSAFE_WINDOW + witness_margin``), and steps down if the witness shows another holder at a
-   higher epoch.
+10. A node waiting at start-up with a durable active role looks at the witness too: another holder makes it
+   step down (fenced). It never starts by taking the key alone (rule 4 stands): the peer may have been
+   forced active without reaching the witness.
 
 A passive whose peer reports ``fenced`` (an earlier failover whose acknowledgement was lost) finishes
 that failover: it asks again and the fenced peer acknowledges again. This is not a new failover and is
@@ -358,7 +357,9 @@ class WitnessAnswer:
 
 @dataclass(frozen=True, slots=True)
 class Shutdown:
-    """The agent is stopping gracefully: announce a planned stop in the heartbeats that remain."""
+    """The agent is stopping gracefully: announce a planned stop in the heartbeats that remain. With a
+    witness an active also stops its service (its lease cannot outlive the agent); the caller waits for
+    that stop's result before it exits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -545,7 +546,6 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(_R, "startup.confirmed", _A),  # rule 4: the peer saw no higher epoch
     Transition(_R, "startup.alone", _A),  # rule 4: start_alone_after elapsed
     Transition(_R, "startup.forced_alone", _A),  # rule 4: failover --force while waiting
-    Transition(_R, "startup.witness", _A),  # rule 10: the peer is silent and this node took the key
     Transition(_R, "startup.superseded", _D),  # rule 4: a higher epoch exists (or is asked for)
     Transition(_A, "demote.requested", _D),  # a fence request at a higher epoch
     Transition(_A, "demote.higher_epoch", _D),  # rule 6
@@ -812,7 +812,12 @@ def step(state: Node, event: Event, now: float) -> Step:
             _on_witness(c, event)
         case Shutdown():
             c.set(planned_stop=True)
-            c.note("agent.stopping", planned_stop=True)
+            n = c.node
+            # Rule 8: nobody renews the lease of a stopped agent, so an active stops its service with it.
+            stop = n.policy.witness and n.role is Role.ACTIVE and not n.service_stopped
+            if stop:
+                c.emit(StopService())
+            c.note("agent.stopping", planned_stop=True, stops_service=stop)
     _decide(c)
     return c.result()
 
@@ -1275,10 +1280,10 @@ def _on_witness(c: _Cycle, ev: WitnessAnswer) -> None:
     if lease.alerted:
         c.note("witness.reachable", holder=ev.holder)
     nxt = lease.next_call
-    if n.role is not Role.ACTIVE:
-        if ev.holder is None:
-            nxt = c.now  # absent: whatever this node wants of it, at once
-        elif ev.left is not None:
+    if ev.holder is None:
+        nxt = min(nxt, c.now + WITNESS_RETRY)  # absent: an active takes it back, a passive may want it
+    elif n.role is not Role.ACTIVE:
+        if ev.left is not None:
             nxt = min(nxt, ev.asked_at + ev.left + 0.5)  # look again when the holder's lease could end
         if n.role is Role.PROMOTING:
             nxt = min(nxt, c.now + WITNESS_RETRY)  # a proven promotion waits for the key
@@ -1305,8 +1310,6 @@ def _on_witness(c: _Cycle, ev: WitnessAnswer) -> None:
         rev = ev.revision or 1
         if n.role is Role.PASSIVE and ev.op == "acquire" and _witness_blocker(c) is None:
             _witness_take_over(c, rev)
-        elif n.role is Role.PROMOTING and p is not None and p.kind is Kind.RESTART:
-            _witness_startup(c, rev)
         elif n.role is Role.PROMOTING and p is not None and p.proven is not None:
             event, via, drained = p.proven
             _take_over(c, event, via=via, drained=drained, revision=rev)
@@ -1415,14 +1418,6 @@ def _witness_take_over(c: _Cycle, revision: int) -> None:
             "it, and are set aside in its quarantine when it rejoins",
             epoch=epoch,
         )
-
-
-def _witness_startup(c: _Cycle, revision: int) -> None:
-    n = c.node
-    epoch = epoch_from_revision(revision, max(n.epoch, n.seen))
-    c.emit(PersistRole(Role.ACTIVE, epoch), BecomeSender(), StartService())
-    c.set(epoch=epoch, seen=max(n.seen, epoch), promotion=None, hold=None)
-    c.move(Role.ACTIVE, "startup.witness", revision=revision)
 
 
 def _witness_active(c: _Cycle) -> None:
@@ -1560,6 +1555,8 @@ def _decide_promoting(c: _Cycle) -> None:
     peer = n.peer
     fresh = peer if (peer is not None and n.reachable) else None
     if p.kind is Kind.RESTART:
+        if pol.witness and not n.reachable:
+            _ask(c, "look")  # rule 10: another holder makes this node step down
         if n.seen > n.epoch:
             _demote(c, n.seen, "startup.superseded", drain=False, token=None)
         elif fresh is not None and fresh.role is Role.ACTIVE and fresh.epoch == n.epoch:
@@ -1589,15 +1586,6 @@ def _decide_promoting(c: _Cycle) -> None:
                 "conflict",
                 "the peer also waits to start as active at our epoch: failover --force on the node to keep",
             )
-        elif (
-            pol.witness
-            and n.peer_silent
-            and not n.peer_refused
-            and now - max(n.started_at, n.peer_heard_at or 0.0) >= FAILSAFE_WINDOW + pol.witness_margin
-        ):
-            # Rule 10: nobody heard, the witness decides (the key is absent: nobody leads).
-            lease = n.lease
-            _ask(c, "acquire" if lease.holder is None and lease.reachable else "look")
         elif (
             not n.reachable
             and pol.start_alone_after is not None

@@ -445,6 +445,7 @@ class Agent:
             if stop.is_set() and not shutting:
                 shutting = True
                 await self._feed(failover.Shutdown())
+                await self._finish_service_ops()
                 await self._send_heartbeat()
                 raise _Stop
             self._commands()
@@ -472,6 +473,15 @@ class Agent:
             while not self._events.empty():
                 await self._feed(self._events.get_nowait())
             self._write_status()
+
+    async def _finish_service_ops(self) -> None:
+        """Before the agent exits: wait (up to the service timeout) for the service actions in flight (the
+        stop a Shutdown asked for), feeding their results and whatever else comes meanwhile."""
+        deadline = self.clock() + self.setup.service.timeout + 1.0
+        while self.state is not None and self.state.service_ops and self.clock() < deadline:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - self.clock())):
+                    await self._feed(await self._events.get())
 
     async def _feed(self, ev: failover.Event) -> None:
         assert self.state is not None

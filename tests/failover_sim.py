@@ -5,7 +5,9 @@ start and stop late, fail to and crash; hosts that crash (service and agent die,
 wrote survives, even when the crash falls between two actions of one step); agents that crash or stop
 gracefully while their service runs on; a fence command that really powers the other host off, or
 fails; operators that fail over, force (only while the other host is really down), open and close
-maintenance windows and rejoin fenced nodes.
+maintenance windows and rejoin fenced nodes. With ``Policy.witness``, a witness (a model of etcd: one key,
+leases that end, a revision counter) that goes down, or is cut from one node, and whose writes may apply
+with their answer lost.
 
 The simulation checks, as it runs, what must never happen (``Sim.violations``): two services running at
 once; an epoch on disk going back; StartService run while the disk does not say active at the node's
@@ -16,11 +18,12 @@ per-node records.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.failover import (
     Action,
     Alert,
+    AskWitness,
     BecomeReceiver,
     BecomeSender,
     Event,
@@ -60,6 +63,7 @@ from engine.failover import (
     Switchover,
     Transition,
     TreeMeasured,
+    WitnessAnswer,
     beat,
     start,
     step,
@@ -109,6 +113,8 @@ class Faults:
     operator: float = 0.0  # per round: one random operator command
     switchover: float = 0.0  # per round: a manual failover or a switchover, asked of a random node
     fence_ok: float = 0.75  # the fence command powers the other host off and exits 0
+    witness_down: float = 0.0  # per round: the witness is down (2..40 s)
+    witness_cut: float = 0.0  # per round, per node: the node cannot reach the witness (2..40 s)
 
 
 @dataclass
@@ -134,6 +140,8 @@ class SimNode:
     next_beat: float = 0.0
     next_observe: float = 0.0
     restart_at: float | None = None
+    peer_at: float | None = None  # ``at`` of the last heartbeat delivered from the peer (echoed back)
+    witness_cut_until: float = -1.0
     alerts: list[Alert] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
     moves: list[Transition] = field(default_factory=list)
@@ -145,6 +153,81 @@ class InFlight:
     seq: int
     dst: int = field(compare=False)
     msg: Message = field(compare=False)
+
+
+@dataclass
+class SimWitness:
+    """etcd as the role machine needs it: one leader key bound to a lease, and a revision counter."""
+
+    ttl: float
+    revision: int = 0
+    key: tuple[int, int, int] | None = None  # (holder node, lease, create revision)
+    leases: dict[int, float] = field(default_factory=dict)  # lease -> when it ends
+    client: dict[int, int | None] = field(default_factory=lambda: {0: None, 1: None})  # the agent's lease
+    next_lease: int = 0
+    down_until: float = -1.0
+
+    def expire(self, now: float) -> None:
+        for lease, end in list(self.leases.items()):
+            if end <= now:
+                del self.leases[lease]
+        if self.key is not None and self.key[1] not in self.leases:
+            self.key = None
+
+    def view(self, i: int, op: str, now: float) -> WitnessAnswer:
+        mine = self.key is not None and self.key[0] == i and self.key[1] == self.client[i]
+        left = None if self.key is None else self.leases[self.key[1]] - now
+        return WitnessAnswer(
+            op,
+            now,
+            True,
+            holder=None if self.key is None else "ab"[self.key[0]],
+            mine=mine,
+            stale_self=self.key is not None and self.key[0] == i and not mine,
+            revision=None if self.key is None else self.key[2],
+            left=left,
+        )
+
+    def apply(self, i: int, op: str, now: float) -> WitnessAnswer:
+        """What ``op`` does at etcd now, as ``engine.witness`` asks it; the view it answers."""
+        self.expire(now)
+        lease = self.client[i]
+        ours = self.key is not None and self.key[0] == i and self.key[1] == lease
+        if op == "acquire" and not ours:
+            if lease is not None:
+                self.leases.pop(lease, None)
+                self.client[i] = None
+                self.expire(now)
+            if self.key is None:
+                self.next_lease += 1
+                self.revision += 1
+                self.leases[self.next_lease] = now + self.ttl
+                self.client[i] = self.next_lease
+                self.key = (i, self.next_lease, self.revision)
+        elif op == "renew" and lease is not None:
+            if lease in self.leases and ours:
+                self.leases[lease] = now + self.ttl
+            else:
+                self.leases.pop(lease, None)
+                self.client[i] = None
+                self.expire(now)
+        elif op == "release" and lease is not None:
+            if ours:
+                self.key = None
+            self.leases.pop(lease, None)
+            self.client[i] = None
+        return self.view(i, op, now)
+
+
+@dataclass
+class WitnessCall:
+    effect_at: float
+    answer_at: float
+    node: int
+    boot: int
+    op: str
+    asked_at: float
+    answer: WitnessAnswer | None = None
 
 
 @dataclass
@@ -170,6 +253,8 @@ class Sim:
         self.seq = 0
         self.violations: list[str] = []
         self.both_running_for = 0.0
+        self.witness = SimWitness(policy.witness_ttl) if policy.witness else None
+        self.calls: list[WitnessCall] = []
         for i in (0, 1):
             self.start_agent(i)
 
@@ -215,15 +300,20 @@ class Sim:
         n.service.done_at = None
         n.restart_at = self.now + self.rng.uniform(3.0, 40.0)
         n.log.append(f"{self.now:.1f} host.crash")
+        if self.witness is not None:
+            self.witness.client[i] = None  # the agent's lease is forgotten; etcd keeps it until it ends
 
-    def crash_agent(self, i: int, down_for: float | None = None) -> None:
+    def crash_agent(self, i: int, down_for: float | None = None, graceful: bool = False) -> None:
         n = self.nodes[i]
         if n.agent is None:
             return
         n.agent = None
-        del n.service.queue[1:]  # an operation already handed to the service manager finishes
+        if not graceful:  # a graceful stop waits for its service actions; they finish without it
+            del n.service.queue[1:]  # an operation already handed to the service manager finishes
         n.restart_at = self.now + (down_for if down_for is not None else self.rng.uniform(1.0, 15.0))
         n.log.append(f"{self.now:.1f} agent.crash")
+        if self.witness is not None:
+            self.witness.client[i] = None
 
     def send(self, src: int, msg: Message) -> None:
         f = self.faults
@@ -289,6 +379,9 @@ class Sim:
                 self.later(i, TreeMeasured("same-tree", 1))
             case OfferHandover(epoch=epoch):
                 self.send(i, Offer(epoch))
+            case AskWitness(op=op):
+                d1, d2 = self.rng.uniform(0.01, 0.6), self.rng.uniform(0.01, 0.6)
+                self.calls.append(WitnessCall(self.now + d1, self.now + d1 + d2, i, n.boot, op, self.now))
             case Alert():
                 n.alerts.append(a)
             case SetManual() | BecomeSender() | BecomeReceiver() | StopReplication():
@@ -314,6 +407,41 @@ class Sim:
         svc.queue.append((op, self.nodes[i].boot))
         if svc.done_at is None:
             svc.done_at = self.now + self.rng.uniform(*self.faults.op_time)
+
+    def reaches_witness(self, i: int) -> bool:
+        w = self.witness
+        return w is not None and self.now >= w.down_until and self.now >= self.nodes[i].witness_cut_until
+
+    def witness_round(self) -> None:
+        """Witness calls take effect (if the node reaches etcd then) and are answered (unreachable if it does
+        not reach it at either moment: a write may apply with its answer lost)."""
+        w = self.witness
+        if w is None:
+            return
+        w.expire(self.now)
+        for call in list(self.calls):
+            caller = self.nodes[call.node]
+            alive = caller.boot == call.boot and caller.agent is not None
+            if (
+                call.answer is None
+                and call.effect_at <= self.now
+                and self.reaches_witness(call.node)
+                and alive
+            ):
+                call.answer = w.apply(call.node, call.op, self.now)
+            if call.answer_at > self.now:
+                continue
+            self.calls.remove(call)
+            n = self.nodes[call.node]
+            if n.agent is None or n.boot != call.boot:
+                continue
+            ok = call.answer is not None and self.reaches_witness(call.node)
+            ans = (
+                replace(call.answer, asked_at=call.asked_at)
+                if ok and call.answer is not None
+                else WitnessAnswer(call.op, call.asked_at, False, error="unreachable")
+            )
+            self.feed(call.node, ans)
 
     # ---- one round ------------------------------------------------------------------------------------
     def round(self) -> None:
@@ -349,6 +477,7 @@ class Sim:
             if isinstance(m.msg, Heartbeat):
                 dst.last_heard = self.now
                 dst.silent_told = False
+                dst.peer_at = m.msg.at
             if isinstance(m.msg, Offer):
                 self.offered(m.dst, m.msg)
             else:
@@ -358,6 +487,7 @@ class Sim:
             _, i, boot, ev = r
             if self.nodes[i].agent is not None and self.nodes[i].boot == boot:
                 self.feed(i, ev)
+        self.witness_round()
         for run in [r for r in self.fence_runs if r.at <= self.now]:
             self.fence_runs.remove(run)
             ok = self.rng.random() < f.fence_ok
@@ -369,9 +499,11 @@ class Sim:
         for i, n in enumerate(self.nodes):
             if n.agent is None:
                 continue
-            if not n.silent_told and self.now - n.last_heard >= SILENCE:
-                n.silent_told = True
-                self.feed(i, PeerSilent())
+            if self.now - n.last_heard >= SILENCE and (not n.silent_told or self.now >= n.next_beat):
+                n.silent_told = True  # again every beat while it lasts, with what a dial would find
+                other = self.nodes[self.other(i)]
+                refused = not self.partitioned() and other.host_up and other.agent is None
+                self.feed(i, PeerSilent(refused=refused))
             if n.agent is not None and self.now >= n.next_observe:
                 n.next_observe = self.now + OBSERVE_EVERY
                 state = ServiceState.RUNNING if n.service.running else ServiceState.STOPPED
@@ -384,13 +516,18 @@ class Sim:
                 self.apply(i, tick(n.agent, self.now))
             if n.agent is not None and self.now >= n.next_beat:
                 n.next_beat = self.now + BEAT_EVERY
-                self.send(i, beat(n.agent, self.now))
+                self.send(i, self.heartbeat(i))
 
     def inject_faults(self) -> None:
         f, rng = self.faults, self.rng
         if not self.partitioned() and rng.random() < f.partition:
             self.partition_until = self.now + rng.uniform(2.0, 40.0)
+        w = self.witness
+        if w is not None and self.now >= w.down_until and rng.random() < f.witness_down:
+            w.down_until = self.now + rng.uniform(2.0, 40.0)
         for i, n in enumerate(self.nodes):
+            if w is not None and self.now >= n.witness_cut_until and rng.random() < f.witness_cut:
+                n.witness_cut_until = self.now + rng.uniform(2.0, 40.0)
             if n.host_up and rng.random() < f.host_crash:
                 self.crash_host(i)
             if n.agent is not None and rng.random() < f.agent_crash:
@@ -413,6 +550,14 @@ class Sim:
                     self.feed(j, Switchover())
             else:
                 self.feed(i, Rejoin() if fenced else FailoverCommand())
+
+    def heartbeat(self, i: int) -> Heartbeat:
+        """What the agent sends: the role machine's beat, plus the echo and the lag ``node`` adds."""
+        n = self.nodes[i]
+        assert n.agent is not None
+        hb = beat(n.agent, self.now)
+        lag = None if n.agent.role is not Role.ACTIVE else 0 if n.agent.caught_up else 5
+        return replace(hb, echo_at=n.peer_at, lag=lag)
 
     def crash_service(self, i: int) -> None:
         n = self.nodes[i]
@@ -445,8 +590,8 @@ class Sim:
         else:
             self.feed(i, Shutdown())
             if n.agent is not None:
-                self.send(i, beat(n.agent, self.now))
-            self.crash_agent(i, down_for=rng.uniform(1.0, 20.0))
+                self.send(i, self.heartbeat(i))
+            self.crash_agent(i, down_for=rng.uniform(1.0, 20.0), graceful=True)
 
     # ---- driving --------------------------------------------------------------------------------------
     def run(self, seconds: float) -> None:
@@ -474,7 +619,10 @@ class Sim:
         """Stop injecting faults and bring everything back (hosts, agents, the network)."""
         self.faults = Faults(delay=self.faults.delay, op_time=self.faults.op_time)
         self.partition_until = -1.0
+        if self.witness is not None:
+            self.witness.down_until = -1.0
         for i, n in enumerate(self.nodes):
+            n.witness_cut_until = -1.0
             if not n.host_up:
                 n.host_up = True
                 self.start_agent(i)
