@@ -157,7 +157,15 @@ def test_the_sender_and_receiver_a_node_runs_as() -> None:
 
 # ---- bad values ------------------------------------------------------------------------------------------
 
-DELETE = object()
+
+class _Delete:
+    """A stable marker (its repr names it, so test ids are the same in every process)."""
+
+    def __repr__(self) -> str:
+        return "DELETE"
+
+
+DELETE: Any = _Delete()
 
 #: (section, key, value or DELETE, how the one error begins).
 BAD: list[tuple[str, str, Any, str]] = [
