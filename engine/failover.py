@@ -619,6 +619,7 @@ class Lease:
     failsafe: bool = False
     suspended: bool = False
     forced: bool = False
+    forced_until: float | None = None  # forced, another holder seen: it steps down if the key outlives this
     alerted: bool = False  # witness.unreachable said for this outage
 
 
@@ -1077,7 +1078,14 @@ def _on_failover(c: _Cycle, ev: Failover) -> None:
         else:
             c.note("command.noop", why="already promoting")
     elif n.role is Role.ACTIVE:
-        if n.service_ops == 0 and n.service is not ServiceState.RUNNING:
+        if n.lease.suspended:
+            c.alert(
+                "command.refused",
+                "failover refused: the service is stopped for want of the witness's lease; it starts again "
+                "when the lease is renewed or the peer confirms this node",
+                role=n.role.value,
+            )
+        elif n.service_ops == 0 and n.service is not ServiceState.RUNNING:
             c.emit(StartService())
             c.note("service.restart", why="operator")
         else:
@@ -1167,7 +1175,7 @@ def _rollback(c: _Cycle, why: str) -> None:
     h = c.node.handover
     assert h is not None
     c.set(handover=None)
-    c.emit(StartService())
+    _start_service(c, "switchover rolled back")
     c.alert(
         "switchover.rolled_back",
         f"switchover rolled back at stage {h.stage}: {why}; the service is started here again",
@@ -1249,8 +1257,41 @@ def _confirmed(n: Node, now: float) -> bool:
         and p.role in (Role.PASSIVE, Role.FENCED)
         and p.echo == n.boot
         and p.echo_at is not None
+        and n.started_at <= p.echo_at <= now  # of this boot: after a clock reset others mean nothing
         and now - p.echo_at <= FAILSAFE_WINDOW
     )
+
+
+def _may_run(n: Node, now: float) -> bool:
+    """Rule 8: this node may run its service as far as the witness is concerned: no witness, or it holds the
+    lease with ``witness_margin`` to spare, or it was forced, or its peer confirms it."""
+    pol, lease = n.policy, n.lease
+    if not pol.witness or lease.forced:
+        return True
+    held = lease.mine and lease.until is not None and now < lease.until - pol.witness_margin
+    return held or _confirmed(n, now)
+
+
+def _start_service(c: _Cycle, why: str) -> None:
+    """StartService for a node that is (becoming) active; with a witness, only if rule 8 allows it now,
+    otherwise it waits suspended and starts when it holds the lease or is confirmed."""
+    n = c.node
+    if _may_run(n, c.now):
+        c.emit(StartService())
+        return
+    c.set(lease=replace(n.lease, suspended=True))
+    c.note("witness.start_deferred", why=why)
+
+
+def _wants_key(c: _Cycle) -> bool:
+    """This node would take the key now: an active, a proven promotion, a passive whose way to take over by
+    the witness is open. Only these ask again within ``WITNESS_RETRY``; others keep ``witness_interval``."""
+    n = c.node
+    if n.role is Role.ACTIVE:
+        return True
+    if n.role is Role.PROMOTING:
+        return n.promotion is not None and n.promotion.proven is not None
+    return n.role is Role.PASSIVE and _witness_blocker(c) is None
 
 
 def _on_witness(c: _Cycle, ev: WitnessAnswer) -> None:
@@ -1264,7 +1305,7 @@ def _on_witness(c: _Cycle, ev: WitnessAnswer) -> None:
                 asking=asking,
                 reachable=False,
                 error=ev.error,
-                next_call=min(lease.next_call, c.now + WITNESS_RETRY),
+                next_call=min(lease.next_call, c.now + WITNESS_RETRY) if _wants_key(c) else lease.next_call,
             )
         )
         if not lease.alerted:
@@ -1280,12 +1321,12 @@ def _on_witness(c: _Cycle, ev: WitnessAnswer) -> None:
     if lease.alerted:
         c.note("witness.reachable", holder=ev.holder)
     nxt = lease.next_call
-    if ev.holder is None:
-        nxt = min(nxt, c.now + WITNESS_RETRY)  # absent: an active takes it back, a passive may want it
+    if ev.holder is None and _wants_key(c):
+        nxt = min(nxt, c.now + WITNESS_RETRY)  # absent, and this node wants it: ask again soon
     elif n.role is not Role.ACTIVE:
         if ev.left is not None:
             nxt = min(nxt, ev.asked_at + ev.left + 0.5)  # look again when the holder's lease could end
-        if n.role is Role.PROMOTING:
+        if _wants_key(c):
             nxt = min(nxt, c.now + WITNESS_RETRY)  # a proven promotion waits for the key
     c.set(
         lease=replace(
@@ -1320,6 +1361,17 @@ def _on_witness(c: _Cycle, ev: WitnessAnswer) -> None:
         return
     restart = n.role is Role.PROMOTING and p is not None and p.kind is Kind.RESTART
     other = ev.holder is not None and not ev.stale_self and ev.revision is not None
+    lease = c.node.lease
+    if other and n.role is Role.ACTIVE and lease.forced and ev.left is not None:
+        # A --force while the old active's lease still ran: step down only if the key outlives that lease
+        # (renewed by a live holder), not because of what was left of a dead one.
+        if lease.forced_until is None:
+            end = ev.asked_at + ev.left + 0.5
+            c.set(lease=replace(lease, forced_until=end, next_call=min(lease.next_call, end)))
+            c.note("witness.forced_waits", holder=ev.holder, left=ev.left)
+            return
+        if ev.asked_at < lease.forced_until:
+            return
     if other and ev.revision is not None and (n.role is Role.ACTIVE or restart):
         # Another node holds the key: the witness says it leads. Its epoch is at least the revision.
         c.alert(
@@ -1389,6 +1441,13 @@ def _witness_passive(c: _Cycle) -> bool:
         _ask(c, "look")
         return True
     lease = c.node.lease
+    if (
+        lease.holder is None
+        and lease.asked_at is not None
+        and lease.next_call > lease.asked_at + WITNESS_RETRY
+    ):
+        lease = replace(lease, next_call=lease.asked_at + WITNESS_RETRY)  # it wants the key now: ask soon
+        c.set(lease=lease)
     if lease.holder is None and lease.asked_at is not None and lease.asked_at >= (c.node.peer_heard_at or 0):
         _ask(c, "acquire")
     else:
@@ -1427,23 +1486,29 @@ def _witness_active(c: _Cycle) -> None:
     _ask(c, "renew" if lease.mine else "acquire" if lease.holder is None else "look")
     lease = c.node.lease
     held = lease.mine and lease.until is not None and now < lease.until - pol.witness_margin
-    if held or lease.forced or _confirmed(n, now):
-        failsafe = not held and not lease.forced
+    confirmed = _confirmed(n, now)
+    # A forced node runs without the lease until it holds it or its peer is back to confirm it; from then
+    # on the usual rule applies (a peer that hears it again may take the key once it stops hearing it).
+    forced = lease.forced and not held and not confirmed
+    if held or forced or confirmed:
+        failsafe = not held and not forced
         if failsafe and not lease.failsafe and lease.reachable is False:
             c.alert(
                 "witness.failsafe",
                 "the witness lease could not be renewed, but the peer confirms it is passive and hears this "
                 "node: keeping the service (it stops if the confirmation stops too)",
             )
-        c.set(lease=replace(lease, failsafe=failsafe, forced=lease.forced and not held))
+        c.set(lease=replace(lease, failsafe=failsafe, forced=forced))
         if lease.suspended and n.handover is None:
             c.set(lease=replace(c.node.lease, suspended=False))
-            c.emit(StartService())
+            if n.service_ops == 0 and n.service is not ServiceState.RUNNING:
+                c.emit(StartService())
             c.note("witness.resumed", held=held)
         return
-    if not lease.suspended and n.handover is None:
-        c.set(lease=replace(lease, suspended=True, failsafe=False))
-        c.emit(StopService())
+    if n.handover is not None:
+        return  # a switchover stopped the service already; its rollback starts it only as rule 8 allows
+    if not lease.suspended:
+        c.set(lease=replace(lease, suspended=True, failsafe=False, forced=False))
         c.alert(
             "witness.lease_lost",
             "the witness lease was not renewed within ttl - safety_margin and the peer does not confirm "
@@ -1451,6 +1516,12 @@ def _witness_active(c: _Cycle) -> None:
             "renewed or the peer confirms)",
             reachable=lease.reachable,
         )
+    # Until it may run again: stopped, and stopped again if a stop failed or the service came back.
+    n = c.node
+    if n.service_ops == 0 and n.service is not ServiceState.STOPPED and n.stop_retry_at is None:
+        c.emit(StopService())
+    else:
+        _retry_stop(c)
 
 
 # ---- decisions --------------------------------------------------------------------------------------------
@@ -1570,8 +1641,9 @@ def _decide_promoting(c: _Cycle) -> None:
             and fresh.role in (Role.PASSIVE, Role.FENCED)
             and fresh.epoch <= n.epoch
         ):
-            c.emit(BecomeSender(), StartService())
+            c.emit(BecomeSender())
             c.set(promotion=None)
+            _start_service(c, "startup.confirmed")
             c.move(Role.ACTIVE, "startup.confirmed", peer_role=fresh.role.value, peer_epoch=fresh.epoch)
         elif (
             fresh is not None
@@ -1597,9 +1669,13 @@ def _decide_promoting(c: _Cycle) -> None:
                 "if the peer promoted meanwhile, both run until one sees the other's epoch",
                 epoch=n.epoch,
             )
-            c.emit(BecomeSender(), StartService())
+            c.emit(BecomeSender())
             c.set(promotion=None)
+            _start_service(c, "startup.alone")
             c.move(Role.ACTIVE, "startup.alone")
+        return
+    if n.seen > p.epoch or (fresh is not None and fresh.role is Role.ACTIVE and fresh.epoch >= p.epoch):
+        _abandon(c, "promote.yielded", seen=n.seen)
         return
     if p.proven is not None:  # rule 8: proven, waiting for the witness's key
         if p.kind is Kind.FORCE:
@@ -1611,9 +1687,6 @@ def _decide_promoting(c: _Cycle) -> None:
     # proof by heartbeat: sent after the peer heard this boot, fenced at exactly our candidate
     if fresh is not None and fresh.echo == n.boot and fresh.role is Role.FENCED and fresh.epoch == p.epoch:
         _take_over(c, "promote.proven", via="heartbeat", drained=fresh.caught_up)
-        return
-    if n.seen > p.epoch or (fresh is not None and fresh.role is Role.ACTIVE and fresh.epoch >= p.epoch):
-        _abandon(c, "promote.yielded", seen=n.seen)
         return
     if fresh is not None and fresh.role is Role.DEMOTING and fresh.epoch == p.epoch:
         p = replace(p, deadline=max(p.deadline, now + pol.fence_timeout))  # it is stopping for us

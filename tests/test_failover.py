@@ -1558,3 +1558,100 @@ def test_a_restarting_active_never_takes_the_key_alone() -> None:
             answer(a, "look")  # nobody holds the key
     assert "acquire" not in asked(a) and a.role() is Role.PROMOTING
     assert not any(isinstance(x, StartService) for x in a.actions())
+
+
+def _lease_lost(a: Agent) -> None:
+    """The witness goes away; the active's lease runs out (no peer confirms it): it stops its service."""
+    t0 = a.now
+    for t in range(1, 22):
+        a.at(t0 + t)
+        if a.state.lease.asking:
+            answer(a, reachable=False)
+    assert a.state.lease.suspended and "witness.lease_lost" in a.alerts()
+
+
+def test_a_failed_stop_for_want_of_the_lease_is_tried_again() -> None:
+    a = witness_active()
+    _lease_lost(a)
+    a.feed(ServiceResult(ServiceOp.STOP, False, "access denied"))
+    n = len(a.steps)
+    for _t in range(1, int(POLICY.service_retry) + 2):
+        a.at(a.now + 1.0)
+        if a.state.lease.asking:
+            answer(a, reachable=False)
+    assert StopService() in a.actions(n), "the stop is retried"
+    a.stopped()
+    a.feed(LocalService(RUNNING, a.now), at=a.now + 1.0)  # someone started it by hand
+    assert StopService() in a.steps[-1].actions
+
+
+def test_an_operator_cannot_restart_a_service_held_stopped_for_want_of_the_lease() -> None:
+    a = witness_active()
+    _lease_lost(a)
+    a.stopped()
+    s = a.feed(Failover(force=True))
+    assert StartService() not in s.actions and "command.refused" in a.alerts()
+
+
+def test_a_rollback_without_lease_or_confirmation_does_not_start_the_service() -> None:
+    a = witness_active()
+    a.peer(Role.PASSIVE, 1, echo_at=a.now)
+    a.feed(Switchover())
+    a.stopped()
+    assert a.state.handover is not None
+    for _t in range(1, 200):  # the witness and the peer are gone: the handover times out
+        a.at(a.now + 1.0)
+        if a.state.lease.asking:
+            answer(a, reachable=False)
+        if a.state.reachable and a.now > 30:
+            a.feed(PeerSilent())
+    assert "switchover.rolled_back" in a.alerts()
+    assert not any(isinstance(x, StartService) for x in a.actions(len(a.steps) - 150))
+    assert a.state.lease.suspended
+
+
+def test_start_alone_with_a_witness_waits_for_the_key() -> None:
+    a = waiting(dataclasses.replace(WITNESS, start_alone_after=60.0))
+    a.feed(PeerSilent(), at=15.0)
+    for t in range(16, 62):
+        a.at(float(t))
+        if a.state.lease.asking:
+            answer(a, "look")  # nobody holds the key (a restarting node never takes it for that)
+    assert a.role() is Role.ACTIVE and a.state.lease.suspended
+    assert not any(isinstance(x, StartService) for x in a.actions())
+    for _ in range(12):
+        if a.state.lease.asking == "acquire":
+            break
+        if a.state.lease.asking:
+            answer(a, "look")
+        a.at(a.now + WITNESS_RETRY)
+    s = answer(a, "acquire", holder="join-a", mine=True, revision=12, left=30.0)
+    assert StartService() in s.actions
+
+
+def test_a_forced_active_waits_out_a_dead_holders_lease_before_stepping_down() -> None:
+    a = witness_passive()
+    a.feed(PeerSilent(), at=a.now + 15.0)
+    a.feed(Failover(force=True))
+    assert a.role() is Role.ACTIVE and a.state.lease.forced
+    a.at(a.now + 0.5)
+    answer(a, holder="join-a", revision=7, left=6.0)  # what is left of the dead active's lease
+    assert a.role() is Role.ACTIVE
+    a.at(a.now + 7.0)
+    answer(a, "look")  # it ended: the key is free
+    assert a.role() is Role.ACTIVE
+    b = witness_passive()
+    b.feed(PeerSilent(), at=b.now + 15.0)
+    b.feed(Failover(force=True))
+    b.at(b.now + 0.5)
+    answer(b, holder="join-a", revision=7, left=6.0)
+    b.at(b.now + 7.0)
+    answer(b, holder="join-a", revision=7, left=29.0)  # renewed: a live holder
+    assert b.role() is Role.DEMOTING
+
+
+def test_a_confirmation_echoing_a_time_this_boot_never_sent_is_no_confirmation() -> None:
+    a = witness_active()
+    a.now += 20.0
+    a.peer(Role.PASSIVE, 1, echo_at=a.now + 100.0)  # from before a clock reset
+    assert StopService() in a.actions(len(a.steps) - 2)
