@@ -620,6 +620,7 @@ class Lease:
     suspended: bool = False
     forced: bool = False
     forced_until: float | None = None  # forced, another holder seen: it steps down if the key outlives this
+    failsafe_said: bool = False  # witness.failsafe alerted for this stretch of running on the peer's word
     alerted: bool = False  # witness.unreachable said for this outage
 
 
@@ -659,6 +660,7 @@ class Node:
     peer_heard_at: float | None = None  # our clock, the last heartbeat from the peer
     peer_silent: bool = False  # a PeerSilent came after the last heartbeat (none: not known silent yet)
     peer_refused: bool = False  # silent, and its host refuses connections (PeerSilent.refused)
+    peer_refused_at: float | None = None  # the last PeerSilent that said so, since the peer was last heard
     lease: Lease = Lease()
 
     @property
@@ -919,6 +921,7 @@ def _on_heartbeat(c: _Cycle, hb: Heartbeat) -> None:
         peer_heard_at=now,
         peer_silent=False,
         peer_refused=False,
+        peer_refused_at=None,
     )
     p = n.promotion
     if p is not None and p.kind is not Kind.RESTART and hb.role in (Role.ACTIVE, Role.DEMOTING, Role.FENCED):
@@ -930,6 +933,8 @@ def _on_silent(c: _Cycle, ev: PeerSilent) -> None:
     if n.reachable:
         c.note("peer.silent", refused=ev.refused)
     c.set(reachable=False, peer_down_since=None, peer_silent=True, peer_refused=ev.refused)
+    if ev.refused:
+        c.set(peer_refused_at=c.now)
     if n.role is Role.PASSIVE and n.reachable and n.peer is not None and n.peer.role is Role.ACTIVE:
         c.alert(
             "failover.peer_unreachable",
@@ -1401,7 +1406,12 @@ def _witness_blocker(c: _Cycle) -> tuple[str, str] | None:
         return ("", "")
     if peer.planned_stop:
         return ("planned_stop", "the active announced a planned stop before it went silent: not taking over")
-    if n.peer_refused:
+    refused_lately = (
+        n.peer_refused_at is not None and now - n.peer_refused_at < FAILSAFE_WINDOW + pol.witness_margin
+    )
+    if n.peer_refused or refused_lately:
+        # Its agent was down with its host up (its service may have run on unleased); an agent that comes
+        # back stops the service first and is heard within seconds: wait as long as a confirmation lasts.
         return (
             "agent_down",
             "the active's host refuses connections: it is up but its agent is not, so its service may still "
@@ -1492,13 +1502,15 @@ def _witness_active(c: _Cycle) -> None:
     forced = lease.forced and not held and not confirmed
     if held or forced or confirmed:
         failsafe = not held and not forced
-        if failsafe and not lease.failsafe and lease.reachable is False:
+        said = lease.failsafe_said and failsafe
+        if failsafe and not said and lease.reachable is False:
+            said = True
             c.alert(
                 "witness.failsafe",
                 "the witness lease could not be renewed, but the peer confirms it is passive and hears this "
                 "node: keeping the service (it stops if the confirmation stops too)",
             )
-        c.set(lease=replace(lease, failsafe=failsafe, forced=forced))
+        c.set(lease=replace(lease, failsafe=failsafe, forced=forced, failsafe_said=said))
         if lease.suspended and n.handover is None:
             c.set(lease=replace(c.node.lease, suspended=False))
             if n.service_ops == 0 and n.service is not ServiceState.RUNNING:

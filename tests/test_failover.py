@@ -67,7 +67,7 @@ from engine.failover import (
     start,
     step,
 )
-from tests.failover_sim import SIM_POLICY, Faults, Sim
+from tests.failover_sim import SILENCE, SIM_POLICY, Faults, Sim
 
 POLICY = Policy()  # the defaults: failover_after 300 s, flap_window 6 h, no fence command, never alone
 PEER = 9000  # the peer agent's boot
@@ -1532,10 +1532,16 @@ def test_a_host_that_refuses_connections_holds_the_witness_failover_until_it_sto
             answer(a, "look")
     assert "acquire" not in asked(a) and "failover.held_agent_down" in a.alerts()
     n = len(a.steps)
-    a.feed(PeerSilent(refused=False), at=a.now + 1.0)  # now it answers nothing: gone
-    if a.state.lease.asking == "look":
-        answer(a, "look")
-        a.at(a.now + WITNESS_RETRY)
+    gone = a.now + 1.0  # now it answers nothing: the host is gone too (or its agent is about to be heard)
+    while a.now + 1.0 < gone - 1.0 + FAILSAFE_WINDOW + WITNESS.witness_margin:
+        a.feed(PeerSilent(refused=False), at=a.now + 1.0)
+        if a.state.lease.asking == "look":
+            answer(a, "look")
+    assert "acquire" not in asked(a, n), "held as long as a confirmation could last"
+    for _ in range(4):
+        a.feed(PeerSilent(refused=False), at=a.now + 1.0)
+        if a.state.lease.asking == "look":
+            answer(a, "look")
     assert "acquire" in asked(a, n)
 
 
@@ -1655,3 +1661,70 @@ def test_a_confirmation_echoing_a_time_this_boot_never_sent_is_no_confirmation()
     a.now += 20.0
     a.peer(Role.PASSIVE, 1, echo_at=a.now + 100.0)  # from before a clock reset
     assert StopService() in a.actions(len(a.steps) - 2)
+
+
+# ---- the witness in the two-node simulation ---------------------------------------------------------------
+
+SIM_WITNESS = dataclasses.replace(
+    SIM_POLICY,
+    witness=True,
+    # What a witness assumes (README, "A witness"): a crashed agent is back, and has stopped its service,
+    # before its lease could end (the simulation: back within 15 s, a stop within 4 s; the lease renewed
+    # every 3 s ends 30 s after); and safety_margin is longer than a stop takes.
+    witness_ttl=30.0,
+    witness_margin=8.0,
+    witness_interval=3.0,
+    failover_after=10.0,
+)
+#: The hostile schedule plus a witness that goes down and is cut from one node at a time. Service stops
+#: never fail here: a stop that keeps failing defeats any lease, which is what safety_margin assumes away.
+WITNESS_STORM = dataclasses.replace(HOSTILE, witness_down=0.005, witness_cut=0.005, op_fail=0.0)
+
+
+def test_simulation_with_a_witness_never_runs_two_services_and_recovers() -> None:
+    """Safety with the witness under the storm, then liveness once the faults stop."""
+    moves: set[Transition] = set()
+    for seed in seeds(40, 1000):
+        sim = Sim(seed, WITNESS_STORM, SIM_WITNESS)
+        sim.run(300.0)
+        assert not sim.violations, "\n".join(sim.violations[:5]) + "\n" + sim.describe()
+        sim.heal()
+        assert converge(sim, 300.0), "did not settle after the faults stopped\n" + sim.describe()
+        assert not sim.violations, "\n".join(sim.violations[:5]) + "\n" + sim.describe()
+        moves.update(m for n in sim.nodes for m in n.moves)
+    events = {m.event for m in moves}
+    assert {"promote.witness", "demote.witness", "promote.proven"} <= events, events
+
+
+def test_simulation_with_a_witness_fails_over_when_the_active_host_dies() -> None:
+    """Liveness without a fence command: the active's host dies for good; the passive's service runs once
+    the silence, the quiet time and the old lease are over, and never while the old one ran."""
+    bound = (
+        SILENCE
+        + SIM_WITNESS.witness_ttl
+        + max(SIM_WITNESS.failover_after, FAILSAFE_WINDOW + SIM_WITNESS.witness_margin)
+    )
+    for seed in seeds(10, 200):
+        sim = Sim(seed, Faults(), SIM_WITNESS)
+        assert sim.run_until(lambda s=sim: s.running() == [True, False], 30.0) is not None, sim.describe()
+        sim.run(5.0)
+        sim.crash_host(0)
+        sim.nodes[0].restart_at = 10_000.0
+        took = sim.run_until(lambda s=sim: s.running()[1], bound + 30.0)
+        assert took is not None and took <= bound + 4.0, f"took {took} (bound {bound})\n{sim.describe()}"
+        assert sim.roles()[1] is Role.ACTIVE and not sim.violations
+        assert sim.witness is not None and sim.witness.key is not None and sim.witness.key[0] == 1
+
+
+def test_simulation_witness_down_keeps_the_active_running_on_its_peers_word() -> None:
+    for seed in seeds(10, 200):
+        sim = Sim(seed, Faults(), SIM_WITNESS)
+        assert sim.run_until(lambda s=sim: s.running() == [True, False], 30.0) is not None, sim.describe()
+        w = sim.witness
+        assert w is not None
+        assert sim.run_until(lambda w=w: w.key is not None and w.key[0] == 0, 30.0) is not None
+        w.down_until = sim.now + 200.0
+        sim.run(150.0)
+        assert sim.running() == [True, False] and sim.roles() == [Role.ACTIVE, Role.PASSIVE], sim.describe()
+        assert "witness.failsafe" in [a.event for a in sim.nodes[0].alerts]
+        assert not sim.violations
