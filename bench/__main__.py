@@ -29,6 +29,7 @@ from bench import measure
 from bench.machine import Limits, describe, measure_limits
 from bench.measure import Context, Settings, ToolResult
 from bench.procs import Registry
+from bench.ratios import ratios
 from bench.report import evaluate_goals, print_report, write_chart, write_json
 from bench.runners import Lsyncd, RsyncDaemon, RsyncPush, Standby, lsyncd_default_delay
 from bench.workload import DEFAULT_FILES, generate
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                 "rooms": len(workload.rooms),
             },
             "tools": results,
+            # standby ÷ each other tool and ÷ the machine's own limit, per metric, as numbers
+            "ratios": ratios(results, limits, settings),
             "goals": goals,
             "skipped": skipped,
         }

@@ -46,6 +46,8 @@ class Machine:
 class Limits:
     cp_seconds: float = 0.0
     cp_files_per_s: float = 0.0
+    cp_sync_seconds: float = 0.0  # cp -a, then sync: the copy made durable
+    walk_seconds: float = 0.0  # a walk that stats every file of the tree (the floor of a reconciliation)
     replace_per_s: float = 0.0  # write temp + fsync + rename
     replace_dirsync_per_s: float = 0.0  # the same + fsync of the folder (what standby's apply does)
     loopback_mib: int = 0
@@ -111,9 +113,10 @@ def describe(work: Path) -> Machine:
     return m
 
 
-def cp_tree(src: Path, work: Path) -> tuple[float, float]:
-    """``cp -a`` of the tree into ``work``: (seconds, files per second). The copy is left in ``work``'s
-    ``.trash`` folder, deleted with everything else at the end (deleting it now would slow what follows)."""
+def cp_tree(src: Path, work: Path) -> tuple[float, float, float]:
+    """``cp -a`` of the tree into ``work``: (seconds, files per second, seconds until synced too). The copy
+    is left in ``work``'s ``.trash`` folder, deleted with everything else at the end (deleting it now would
+    slow what follows)."""
     dst = work / ".trash" / "cp-copy"
     dst.parent.mkdir(exist_ok=True)
     files = len(snapshot(src).files)
@@ -121,7 +124,18 @@ def cp_tree(src: Path, work: Path) -> tuple[float, float]:
     t0 = time.perf_counter()
     subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
     took = time.perf_counter() - t0
-    return took, files / took
+    os.sync()
+    synced = time.perf_counter() - t0
+    return took, files / took, synced
+
+
+def walk_tree(root: Path) -> float:
+    """Seconds to walk the tree and stat every file (warm cache: what a reconciliation cannot go below)."""
+    t0 = time.perf_counter()
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            os.stat(os.path.join(dirpath, f))
+    return time.perf_counter() - t0
 
 
 def replace_rate(work: Path, seconds: float, dir_fsync: bool) -> float:
@@ -191,7 +205,9 @@ def loopback_throughput(mib: int) -> float:
 
 def measure_limits(tree: Path, work: Path, loopback_mib: int, fsync_seconds: float) -> Limits:
     lim = Limits(loopback_mib=loopback_mib)
-    lim.cp_seconds, lim.cp_files_per_s = cp_tree(tree, work)
+    lim.cp_seconds, lim.cp_files_per_s, lim.cp_sync_seconds = cp_tree(tree, work)
+    walk_tree(tree)  # warm the cache, as a restarted replicator finds it
+    lim.walk_seconds = min(walk_tree(tree) for _ in range(3))
     lim.replace_per_s = replace_rate(work, fsync_seconds, dir_fsync=False)
     lim.replace_dirsync_per_s = replace_rate(work, fsync_seconds, dir_fsync=True)
     lim.loopback_mib_per_s = loopback_throughput(loopback_mib)

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from bench.machine import Limits, Machine
 from bench.measure import Latency, Series, Settings, Sustained, ToolResult, Trials
+from bench.ratios import limit_rows
 
 MB = 1e6
 TIMES = "\u00d7"  # the multiplication sign
@@ -424,6 +425,8 @@ def print_report(
         m.add_row(
             "cp -a of the tree", f"{fmt_time(limits.cp_seconds)} ({limits.cp_files_per_s:,.0f} files/s)"
         )
+        m.add_row("  then sync (durable)", fmt_time(limits.cp_sync_seconds))
+        m.add_row("walk + stat of the tree", fmt_time(limits.walk_seconds))
         m.add_row("fsynced replace (temp + fsync + rename)", f"{limits.replace_per_s:,.0f} files/s")
         m.add_row("  + fsync of the folder (standby's apply)", f"{limits.replace_dirsync_per_s:,.0f} files/s")
         m.add_row(f"loopback TCP ({limits.loopback_mib} MiB)", f"{limits.loopback_mib_per_s:,.0f} MiB/s")
@@ -456,6 +459,25 @@ def print_report(
             cells.append(text + (f"\n[dim]{c.sub}[/]" if c.sub else ""))
         t.add_row(row.label, *cells)
     console.print(t)
+
+    if limits is not None:
+        lt = Table(
+            title="standby against this machine's own limits (measured in this run)",
+            caption="ratio = standby ÷ limit (1 would be as fast as the machine allows)",
+            title_justify="left",
+        )
+        for col in ("metric", "standby", "limit", "", "ratio"):
+            lt.add_column(col)
+        for label, mine, what, lim, quotient in limit_rows(results, limits, settings):
+            shown = "—" if quotient is None else f"{quotient:.2f}"
+            lt.add_row(label, fmt_time(mine), what, fmt_time(lim), shown)
+        console.print(lt)
+    missing = [t for t in ("rsync", "lsyncd") if machine.tools.get(t) == "not installed"]
+    if missing:
+        console.print(
+            f"[yellow]no {' or '.join(missing)} here: compared with the machine's limits only; "
+            f"apt-get install {' '.join(missing)} (or your system's package) for the side-by-side rows[/]"
+        )
 
     g = Table(title="goals (benchmark goals, not assertions)", title_justify="left")
     g.add_column("goal", max_width=48)

@@ -33,3 +33,28 @@ def test_bench_smoke_runs_and_writes_results(tmp_path: Path) -> None:
     standby = next(t for t in data["tools"] if t["name"] == "standby")
     assert standby["initial_sync"]["median"] > 0
     assert standby["torn"]["bad"] == 0 and standby["lost_same_second"]["bad"] == 0
+    # Ratios as numbers: against every other tool measured and against the machine's own limits.
+    ratios = data["ratios"]
+    assert isinstance(ratios["initial_sync"]["rsync"], float) and ratios["initial_sync"]["rsync"] > 0
+    for key in ("initial_sync", "reconcile_same", "latency_rewrite_p50"):
+        assert isinstance(ratios[key]["limit"], float) and ratios[key]["limit"] > 0, (key, ratios)
+    assert data["limits"]["cp_sync_seconds"] >= data["limits"]["cp_seconds"] > 0
+    assert data["limits"]["walk_seconds"] > 0
+    assert "against this machine's own limits" in r.stdout
+
+
+def test_ratios_are_standby_over_each_figure_and_skip_what_is_missing() -> None:
+    from bench.__main__ import MODES
+    from bench.machine import Limits
+    from bench.measure import Latency, Series, ToolResult
+    from bench.ratios import ratios
+
+    sb = ToolResult("standby", "standby", "live", initial_sync=Series([2.0, 2.2, 2.1]))
+    sb.latency_rewrite = Latency("sequential", [0.005, 0.005, 0.005])
+    rs = ToolResult("rsync", "rsync", "one-shot", initial_sync=Series([1.0]))
+    lim = Limits(cp_sync_seconds=0.5, replace_dirsync_per_s=500.0)
+    got = ratios([sb, rs], lim, MODES["smoke"])
+    assert got["initial_sync"] == {"rsync": 2.1, "limit": 4.2}
+    assert got["latency_rewrite_p50"] == {"limit": 2.5}  # 5 ms against one 2 ms replace
+    assert "reconcile_same" not in got  # nobody measured it, and the walk was not measured either
+    assert ratios([rs], lim, MODES["smoke"]) == {}  # no standby, no ratios
