@@ -29,6 +29,7 @@ from bench import measure
 from bench.machine import Limits, describe, measure_limits
 from bench.measure import Context, Settings, ToolResult
 from bench.procs import Registry
+from bench.profile import print_profile, profiled_initial_sync
 from bench.ratios import ratios
 from bench.report import evaluate_goals, print_report, write_chart, write_json
 from bench.runners import Lsyncd, RsyncDaemon, RsyncPush, Standby, lsyncd_default_delay
@@ -181,6 +182,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-chart", action="store_true", help="do not draw the PNG (no matplotlib needed)")
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the measurements, one more initial sync of standby with both sides under cProfile: the "
+        "top functions per side go into the JSON (tools[standby].profile) and the report; the .prof files "
+        "stay next to the JSON",
+    )
+    p.add_argument(
         "--keep", action="store_true", help="keep the temporary folders (logs, trees) and say where"
     )
     return p
@@ -241,13 +249,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"[yellow]warning:[/] load average {machine.load_start[0]:.1f} on {machine.cores} cores: "
                 "other work is running on this machine; the figures will be slower and noisier"
             )
-        results, skipped = run_tools(ctx, wanted, work)
+        stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+        profile_out = args.out / f"{stamp}-profile" if args.profile else None
+        results, skipped = run_tools(ctx, wanted, work, profile_out)
         machine.load_end = os.getloadavg()
         goals = evaluate_goals(results, settings)
         print_report(
             console, results, settings, machine, limits, workload.files, workload.total_bytes, goals, skipped
         )
-        stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+        for r in results:
+            if r.profile is not None:
+                print_profile(console, r.profile)
         out = args.out / f"{stamp}.json"
         doc: dict[str, Any] = {
             "started": stamp,
@@ -290,8 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(r.errors for r in results) else 0
 
 
-def run_tools(ctx: Context, wanted: list[str], work: Path) -> tuple[list[ToolResult], list[str]]:
-    """Measure each wanted tool that is installed, one after the other, on fresh copies of the tree."""
+def run_tools(
+    ctx: Context, wanted: list[str], work: Path, profile_out: Path | None = None
+) -> tuple[list[ToolResult], list[str]]:
+    """Measure each wanted tool that is installed, one after the other, on fresh copies of the tree; with
+    ``profile_out``, then one profiled initial sync of standby (``--profile``)."""
     results: list[ToolResult] = []
     has_rsync = shutil.which("rsync") is not None
     has_lsyncd = shutil.which("lsyncd") is not None
@@ -327,6 +342,9 @@ def run_tools(ctx: Context, wanted: list[str], work: Path) -> tuple[list[ToolRes
                 results.append(res)
                 ctx.say("[bold]standby[/]")
                 measure.measure_live(ctx, sb, replica, res)
+                if profile_out is not None:
+                    ctx.say("standby: one more initial sync, profiled (not measured)")
+                    res.profile = profiled_initial_sync(ctx, sb, replica, profile_out)
             elif name in ("rsync", "rsync-fsync"):
                 assert daemon is not None
                 push = RsyncPush(

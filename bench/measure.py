@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -191,6 +192,8 @@ class ToolResult:
     peak_rss: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: ``--profile`` (standby only): a profiled initial sync's top functions per side (bench.profile).
+    profile: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -58,3 +58,22 @@ def test_ratios_are_standby_over_each_figure_and_skip_what_is_missing() -> None:
     assert got["latency_rewrite_p50"] == {"limit": 2.5}  # 5 ms against one 2 ms replace
     assert "reconcile_same" not in got  # nobody measured it, and the walk was not measured either
     assert ratios([rs], lim, MODES["smoke"]) == {}  # no standby, no ratios
+
+
+def test_a_profile_is_summarised_by_cumulative_and_own_time(tmp_path: Path) -> None:
+    import cProfile
+
+    from bench.profile import summarise
+
+    def busy() -> int:
+        return sum(i * i for i in range(200_000))
+
+    prof = cProfile.Profile()
+    prof.runcall(busy)
+    out = tmp_path / "send.1.prof"
+    prof.dump_stats(out)
+    got = summarise([out, out], top=3)  # two files of one side add up
+    assert len(got["cumulative"]) == 3 and len(got["own"]) == 3
+    top = got["cumulative"][0]
+    assert "busy" in top.function and top.calls == 2 and top.cumulative_seconds >= top.own_seconds
+    assert summarise([]) == {"cumulative": [], "own": []}
