@@ -26,12 +26,13 @@ from typing import Any
 from rich.console import Console
 
 from bench import measure
+from bench.ha import HaFigures, measure_ha
 from bench.machine import Limits, describe, measure_limits
 from bench.measure import Context, Settings, ToolResult
 from bench.procs import Registry
 from bench.profile import print_profile, profiled_initial_sync
-from bench.ratios import ratios
-from bench.report import evaluate_goals, print_report, write_chart, write_json
+from bench.ratios import ha_ratios, ratios
+from bench.report import evaluate_goals, print_ha, print_report, write_chart, write_json
 from bench.runners import Lsyncd, RsyncDaemon, RsyncPush, Standby, lsyncd_default_delay
 from bench.workload import DEFAULT_FILES, generate
 
@@ -182,6 +183,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-chart", action="store_true", help="do not draw the PNG (no matplotlib needed)")
     p.add_argument(
+        "--ha",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the HA rows: failover RTO, switchover downtime and rejoin transfer on two real agents, each "
+        "next to its target (about a minute; default: on, off with --smoke)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="after the measurements, one more initial sync of standby with both sides under cProfile: the "
@@ -252,11 +260,17 @@ def main(argv: list[str] | None = None) -> int:
         stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
         profile_out = args.out / f"{stamp}-profile" if args.profile else None
         results, skipped = run_tools(ctx, wanted, work, profile_out)
+        ha: HaFigures | None = None
+        if args.ha if args.ha is not None else settings.mode != "smoke":
+            say("[bold]HA[/]: two standby run agents, failover, switchover, rejoin")
+            ha = measure_ha(work / "ha", min(settings.files, 2000), say)
         machine.load_end = os.getloadavg()
         goals = evaluate_goals(results, settings)
         print_report(
             console, results, settings, machine, limits, workload.files, workload.total_bytes, goals, skipped
         )
+        if ha is not None:
+            print_ha(console, ha)
         for r in results:
             if r.profile is not None:
                 print_profile(console, r.profile)
@@ -274,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             },
             "tools": results,
             # standby ÷ each other tool and ÷ the machine's own limit, per metric, as numbers
-            "ratios": ratios(results, limits, settings),
+            "ratios": {**ratios(results, limits, settings), **ha_ratios(ha)},
+            "ha": ha,
             "goals": goals,
             "skipped": skipped,
         }

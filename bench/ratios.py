@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from bench.ha import HaFigures
 from bench.machine import Limits
 from bench.measure import Settings, ToolResult
 
@@ -135,3 +136,25 @@ def limit_rows(
             continue
         rows.append((m.label, mine, m.limit_label, lim, _ratio(mine, lim)))
     return rows
+
+
+def ha_ratios(ha: HaFigures | None) -> dict[str, dict[str, float]]:
+    """The HA rows against their targets (and the rejoin against rsync --checksum from the same trees)."""
+    if ha is None:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    pairs = (
+        ("failover_rto", ha.rto_s, ha.rto_target_s, None),
+        ("switchover_downtime", ha.switchover_downtime_s, ha.switchover_target_s, None),
+        ("rejoin_transfer", ha.rejoin_per_differ, ha.rejoin_target_per_differ, ha.rejoin_vs_rsync),
+    )
+    for key, value, target, vs_rsync in pairs:
+        row: dict[str, float] = {}
+        t = _ratio(value, target)
+        if t is not None:
+            row["target"] = t
+        if vs_rsync is not None:
+            row["rsync"] = round(vs_rsync, 3)
+        if row:
+            out[key] = row
+    return out

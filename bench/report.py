@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.ha import HaFigures
 from bench.machine import Limits, Machine
 from bench.measure import Latency, Series, Settings, Sustained, ToolResult, Trials
 from bench.ratios import limit_rows
@@ -498,6 +499,55 @@ def print_report(
         for tr, what in ((r.torn, "half file"), (r.lost_same_second, "lost"), (r.lost_same_mtime, "lost")):
             if tr is not None and tr.examples:
                 console.print(f"{r.name}: {what}, e.g. {tr.examples[0]}")
+
+
+def print_ha(console: Console, ha: HaFigures) -> None:
+    """The HA rows, each next to its target."""
+    t = Table(
+        title=f"HA on two standby run agents ({ha.files:,} files; both services sampled every 50 ms)",
+        title_justify="left",
+    )
+    for col in ("figure", "measured", "target", "verdict"):
+        t.add_column(col)
+
+    def verdict(v: float | None, target: float) -> str:
+        return "—" if v is None else "[green]met[/]" if v <= target else "[red]missed[/]"
+
+    t.add_row(
+        f"failover RTO (service killed; failover_after {ha.failover_after:g} s)",
+        fmt_time(ha.rto_s),
+        f"<= {ha.rto_target_s:g} s",
+        verdict(ha.rto_s, ha.rto_target_s),
+    )
+    t.add_row("  old active passive again, trees equal", fmt_time(ha.rejoined_s), "", "")
+    t.add_row(
+        "switchover downtime (no service running)",
+        fmt_time(ha.switchover_downtime_s),
+        f"<= {ha.switchover_target_s:g} s",
+        verdict(ha.switchover_downtime_s, ha.switchover_target_s),
+    )
+    per = ha.rejoin_per_differ
+    t.add_row(
+        f"rejoin: changes received per changed file ({ha.rejoin_differ} of {ha.rejoin_files:,} changed)",
+        "—" if per is None else f"{per:.2f} ({ha.rejoin_transferred} changes)",
+        f"<= {ha.rejoin_target_per_differ:g}",
+        verdict(per, ha.rejoin_target_per_differ),
+    )
+    t.add_row(
+        "  rejoin to identical, vs rsync --checksum",
+        fmt_time(ha.rejoin_converge_s),
+        f"rsync {fmt_time(ha.rejoin_rsync_s)}",
+        "—" if ha.rejoin_vs_rsync is None else f"{ha.rejoin_vs_rsync:.2f}x",
+    )
+    t.add_row(
+        "both services ever ran at once",
+        "yes" if ha.both_ran else "no",
+        "no",
+        verdict(1.0 if ha.both_ran else 0.0, 0.5),
+    )
+    console.print(t)
+    for e in ha.errors:
+        console.print(f"[red]HA: {e}[/]")
 
 
 # ---------------------------------------------------------------------------------------------------------

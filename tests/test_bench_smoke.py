@@ -77,3 +77,15 @@ def test_a_profile_is_summarised_by_cumulative_and_own_time(tmp_path: Path) -> N
     top = got["cumulative"][0]
     assert "busy" in top.function and top.calls == 2 and top.cumulative_seconds >= top.own_seconds
     assert summarise([]) == {"cumulative": [], "own": []}
+
+
+def test_the_ha_rows_are_ratios_to_their_targets() -> None:
+    from bench.ha import HaFigures
+    from bench.ratios import ha_ratios
+
+    fig = HaFigures(300, rto_s=11.4, switchover_downtime_s=1.5, rejoin_per_differ=1.0, rejoin_vs_rsync=4.0)
+    got = ha_ratios(fig)
+    assert got["failover_rto"] == {"target": round(11.4 / 15.0, 3)}
+    assert got["switchover_downtime"] == {"target": 0.3}
+    assert got["rejoin_transfer"] == {"target": round(1 / 1.5, 3), "rsync": 4.0}
+    assert ha_ratios(HaFigures(300)) == {} and ha_ratios(None) == {}
