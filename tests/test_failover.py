@@ -1153,20 +1153,28 @@ def seeds(n: int, soak: int) -> Iterable[int]:
     return range(soak if SOAK else n)
 
 
-@pytest.mark.parametrize("faults", [HOSTILE, SWITCHOVERS], ids=["hostile", "switchovers"])
-def test_simulation_never_runs_two_services_and_recovers(faults: Faults) -> None:
-    """Safety under a hostile schedule (force is used only while the other host is really down), then
-    liveness: once the faults stop, the operator's routine brings back one active and one passive."""
+def storm(runs: Iterable[int], faults: Faults, policy: Callable[[int], Policy]) -> set[Transition]:
+    """Per seed: 300 s of ``faults`` never run two services; after they stop, the operator's routine
+    settles the pair. The transitions taken, over all runs."""
     moves: set[Transition] = set()
-    for seed in seeds(60, 1000):
-        policy = dataclasses.replace(SIM_POLICY, fence_command=seed % 2 == 1)
-        sim = Sim(seed, faults, policy)
+    for seed in runs:
+        sim = Sim(seed, faults, policy(seed))
         sim.run(300.0)
         assert not sim.violations, "\n".join(sim.violations[:5]) + "\n" + sim.describe()
         sim.heal()
         assert converge(sim, 300.0), "did not settle after the faults stopped\n" + sim.describe()
         assert not sim.violations, "\n".join(sim.violations[:5]) + "\n" + sim.describe()
         moves.update(m for n in sim.nodes for m in n.moves)
+    return moves
+
+
+@pytest.mark.parametrize("faults", [HOSTILE, SWITCHOVERS], ids=["hostile", "switchovers"])
+def test_simulation_never_runs_two_services_and_recovers(faults: Faults) -> None:
+    """Safety under a hostile schedule (force is used only while the other host is really down), then
+    liveness: once the faults stop, the operator's routine brings back one active and one passive."""
+    moves = storm(
+        seeds(60, 1000), faults, lambda seed: dataclasses.replace(SIM_POLICY, fence_command=seed % 2 == 1)
+    )
     assert moves <= set(TRANSITIONS)
     common = {"promote.auto", "promote.proven", "demote.requested", "demote.done", "startup.confirmed"}
     if faults.switchover:
@@ -1683,15 +1691,7 @@ WITNESS_STORM = dataclasses.replace(HOSTILE, witness_down=0.005, witness_cut=0.0
 
 def test_simulation_with_a_witness_never_runs_two_services_and_recovers() -> None:
     """Safety with the witness under the storm, then liveness once the faults stop."""
-    moves: set[Transition] = set()
-    for seed in seeds(40, 1000):
-        sim = Sim(seed, WITNESS_STORM, SIM_WITNESS)
-        sim.run(300.0)
-        assert not sim.violations, "\n".join(sim.violations[:5]) + "\n" + sim.describe()
-        sim.heal()
-        assert converge(sim, 300.0), "did not settle after the faults stopped\n" + sim.describe()
-        assert not sim.violations, "\n".join(sim.violations[:5]) + "\n" + sim.describe()
-        moves.update(m for n in sim.nodes for m in n.moves)
+    moves = storm(seeds(40, 1000), WITNESS_STORM, lambda seed: SIM_WITNESS)
     events = {m.event for m in moves}
     assert {"promote.witness", "demote.witness", "promote.proven"} <= events, events
 
