@@ -2,8 +2,9 @@
 summarised as the top functions per side, so that the next optimisation starts from data.
 
 Profiling slows Python down about twice, so the profiled sync is never one of the measured repetitions.
-Each side runs as ``python -m cProfile -o FILE -m engine send|receive``; cProfile writes its file when the
-process ends normally, which a SIGTERM to standby does (it stops gracefully).
+Each side runs as ``python -m bench.profiled FILE -m engine send|receive``: every thread profiled (standby
+reads, hashes, journals and applies in worker threads), merged into one file when the process ends
+normally, which a SIGTERM to standby does (it stops gracefully).
 
 Owns: the profiled run and the summary (function, calls, own time, cumulative time). Must not: change a
 measured figure.
@@ -101,12 +102,31 @@ def print_profile(console: Console, profile: dict[str, Any]) -> None:
         )
         for col in ("function", "calls", "own s", "cumulative s"):
             t.add_column(col)
-        shown = [h for h in summary.get("cumulative", []) if not h.function.startswith(_PLUMBING)][:10]
-        shown += [h for h in summary.get("own", [])[:8] if h not in shown]
+        busy = [h for h in summary.get("cumulative", []) if not _idle(h.function)]
+        shown = busy[:10]
+        shown += [h for h in summary.get("own", []) if not _idle(h.function) and h not in shown][:8]
         for h in shown:
             t.add_row(h.function, f"{h.calls:,}", f"{h.own_seconds:.3f}", f"{h.cumulative_seconds:.3f}")
         console.print(t)
 
 
-#: Frames every run has (the interpreter starting the module): left out of the printed table only.
-_PLUMBING = ("<frozen", "~(", "<string>")
+#: Left out of the printed table only (the JSON keeps them): frames every run has (the interpreter
+#: starting the module) and threads waiting (locks, queues, polls), which say nothing of the work.
+_PLUMBING = ("<frozen", "<string>", "~(<built-in method builtins.exec>")
+_WAITING = (
+    "acquire' of '_thread",
+    "SimpleQueue",
+    "'poll' of",
+    "threading.py:",
+    "selectors.py:",
+    "delayed_queue",
+    "inotify",
+    "futures/thread.py",
+    "base_events.py",
+    "runners.py:",
+    "events.py:",
+)
+
+
+def _idle(function: str) -> bool:
+    return function.startswith(_PLUMBING) or any(w in function for w in _WAITING)

@@ -101,7 +101,7 @@ class Standby:
         #: The node IDs ``standby init`` printed: role -> ID (empty before :meth:`reset`).
         self.ids: dict[str, str] = {}
         self.notes: list[str] = []
-        #: ``--profile``: send and receive run under cProfile, writing ``<role>.<n>.prof`` here.
+        #: ``--profile``: send and receive run under ``bench.profiled``, writing ``<role>.<n>.prof`` here.
         self.profile_dir: Path | None = None
         base.mkdir(parents=True, exist_ok=True)
 
@@ -137,18 +137,8 @@ rule = "base64"
     def argv(self, role: str) -> list[str]:
         if self.profile_dir is not None and role in ("send", "receive"):
             prof = self.profile_dir / f"{role}.{self._n + 1}.prof"
-            return [
-                sys.executable,
-                "-m",
-                "cProfile",
-                "-o",
-                str(prof),
-                "-m",
-                "engine",
-                role,
-                "--config",
-                str(self.config),
-            ]
+            engine = ["-m", "engine", role, "--config", str(self.config)]
+            return [sys.executable, "-m", "bench.profiled", str(prof), *engine]
         return [sys.executable, "-m", "engine", role, "--config", str(self.config)]
 
     def commands(self) -> list[str]:
