@@ -302,6 +302,8 @@ def _parser() -> argparse.ArgumentParser:
         "journal",
         "inspect, check, repair the journal or replay it into a folder",
         "list: the journal's segments and positions.\n"
+        "show --path P: every version of one file (or the files below a folder) the journal keeps:\n"
+        "time (UTC and local), entry, size, hash, what changed it.\n"
         "replay: rebuild a tree from the journal into a new folder, up to a seq or a time\n"
         "(point-in-time recovery). The output is built aside and renamed into place when whole.\n"
         "check: read every segment; report the valid prefix and the first damage (segment, byte,\n"
@@ -310,7 +312,9 @@ def _parser() -> argparse.ArgumentParser:
         "<state_dir>/journal/damaged-<UTC time>/ (never deletes); prints what it set aside.",
     )
     conf(sp)
-    sp.add_argument("action", choices=["list", "replay", "check", "repair"])
+    sp.add_argument("action", choices=["list", "show", "replay", "check", "repair"])
+    sp.add_argument("--path", help="show: a path relative to the replicated root, e.g. config/config.json")
+    sp.add_argument("--json", action="store_true", help="show: machine-readable output")
     sp.add_argument("--out", type=Path, help="replay: the folder to create (must not exist)")
     sp.add_argument(
         "--until-seq", type=int, metavar="N", help="replay: last entry to apply (within the journal's seqs)"
@@ -321,6 +325,27 @@ def _parser() -> argparse.ArgumentParser:
         help="replay: last moment to apply, ISO 8601: 2026-11-25T10:00:00 is local time,\n"
         "2026-11-25T10:00:00+01:00 or 2026-11-25T09:00:00Z carry their own offset",
     )
+    sp = cmd(
+        "restore",
+        "put one file (or a folder's files) back as it was at a moment, from the journal",
+        "Reads the journal (the sender's, or this node's while it is active) and writes the file as it\n"
+        "was after the last change at or before the moment, in place, atomically and durably (temp file,\n"
+        "fsync, rename); on the active it then replicates as any other change. A folder: every file\n"
+        "below it that existed then (files added since are left alone and listed). Refused on a node\n"
+        "that is passive while its agent runs, and for a moment whose answer the journal no longer\n"
+        "holds (older entries pruned): the message names the window. Exit 0 restored, 2 refused.",
+    )
+    conf(sp)
+    sp.add_argument("--path", required=True, help="relative to the replicated root, e.g. config/config.json")
+    when = sp.add_mutually_exclusive_group(required=True)
+    when.add_argument(
+        "--at",
+        metavar="TIME",
+        help="ISO 8601: 2026-11-25T10:01:00 is this machine's local time; 2026-11-25T10:01:00+01:00\n"
+        "or 2026-11-25T09:01:00Z carry their own offset",
+    )
+    when.add_argument("--pos", type=int, metavar="N", help="the journal entry to restore after")
+    sp.add_argument("--dry-run", action="store_true", help="say what would be written, write nothing")
     return p
 
 
@@ -715,20 +740,33 @@ def _cmd_guard(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _journal_of(path: Path) -> tuple[Path, Path, config.NodeSetup | None]:
+    """The journal folder and the replicated root of a sender config or a node config."""
+    cfg = config.load(path, allow_node=True)
+    if cfg.node is not None:
+        part = cfg.node.sender()
+        return part.state_dir / "journal", part.source, cfg.node
+    sender = cfg.need_sender()
+    return sender.state_dir / "journal", sender.source, None
+
+
 def _cmd_journal(args: argparse.Namespace) -> int:
     from engine.replay import check_journal, list_journal, parse_until_time, repair_journal, replay
 
-    cfg = config.load(args.config).need_sender()
-    folder = cfg.state_dir / "journal"
+    folder, _root, node = _journal_of(args.config)
     if args.action == "list":
         list_journal(folder)
         return EXIT_OK
+    if args.action == "show":
+        return _journal_show(folder, args)
     if args.action == "check":  # read-only: never takes the state lock
         return EXIT_OK if check_journal(folder, args.config) else EXIT_DIFF
     if args.action == "repair":
         from engine import statelock
 
-        with statelock.acquire(cfg.state_dir, "standby journal repair"):
+        # The lock of whoever writes this journal: the node's (its agent) or the sender's.
+        owner = node.node.state_dir if node is not None else folder.parent
+        with statelock.acquire(owner, "standby journal repair"):
             repair_journal(folder)
         return EXIT_OK
     if args.out is None:
@@ -736,6 +774,79 @@ def _cmd_journal(args: argparse.Namespace) -> int:
     until = parse_until_time(args.until_time) if args.until_time else None
     res = replay(folder, args.out, until_seq=args.until_seq, until=until)
     print(res.summary(args.out, until))
+    return EXIT_OK
+
+
+def _journal_show(folder: Path, args: argparse.Namespace) -> int:
+    from engine import recovery
+
+    if not args.path:
+        raise ConfigError("journal show: --path P is required (a path relative to the replicated root)")
+    window, found = recovery.versions(folder, args.path)
+    if args.json:
+        doc = {
+            "path": args.path,
+            "window": {"first": window.first, "head": window.head, "pruned": window.pruned},
+            "versions": [
+                {
+                    "seq": v.seq,
+                    "utc": v.ts_ns / 1e9,
+                    "op": v.op,
+                    "other": v.other,
+                    "size": v.held.size if v.held else None,
+                    "xxh3": v.held.digest.hex() if v.held else None,
+                }
+                for v in found
+            ],
+        }
+        print(json.dumps(doc, indent=1))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{args.path}: {len(found)} version(s) kept ({window})", title_justify="left")
+    for col in ("time", "entry", "what", "size", "xxh3"):
+        t.add_column(col)
+    for v in found:
+        what = v.op + (f" ({v.other})" if v.other else "")
+        size = f"{v.held.size:,}" if v.held else "—"
+        t.add_row(recovery.when(v.ts_ns), str(v.seq), what, size, v.held.digest.hex()[:16] if v.held else "—")
+    Console(soft_wrap=True).print(t)
+    if not found:
+        print(f"{args.path}: no change of it is kept in the journal ({window})")
+    return EXIT_OK
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from engine import recovery
+    from engine.replay import parse_until_time
+    from engine.status import read_status
+
+    folder, root, node = _journal_of(args.config)
+    if node is not None:
+        st = read_status(node.node.state_dir) or {}
+        if st.get("running") and st.get("role") not in ("active", None):
+            raise ConfigError(
+                f"restore refused: this node is {st.get('role')} and its agent runs (what it receives would "
+                "overwrite the file); restore on the active, where it replicates as a normal change"
+            )
+    until = parse_until_time(args.at) if args.at else None
+    done = recovery.restore(
+        folder,
+        root,
+        args.path,
+        until_ns=until.ns if until else None,
+        until_seq=args.pos,
+        dry_run=args.dry_run,
+    )
+    moment = until.text if until else f"entry {args.pos}"
+    verb = "would restore" if args.dry_run else "restored"
+    for r in done:
+        assert r.held is not None
+        print(
+            f"{verb} {r.path} as it was at {moment}: {r.held.size:,} bytes from entry {r.held.seq} "
+            f"(xxh3 {r.held.digest.hex()[:16]})"
+        )
     return EXIT_OK
 
 
@@ -935,6 +1046,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": _cmd_demo,
     "guard": _cmd_guard,
     "journal": _cmd_journal,
+    "restore": _cmd_restore,
 }
 
 

@@ -36,7 +36,7 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -437,7 +437,7 @@ class Journal:
             raise JournalError(f"seq {seq} is not in the journal (kept: {self.first_seq}..{self.head})")
         return Cursor(self, seq)
 
-    def headers(self, seq: int) -> Iterator[Change]:
+    def headers(self, seq: int) -> Generator[Change, None, None]:
         """The entries' headers from ``seq`` to the committed head, their content skipped (what a plan
         needs: paths, kinds, digests)."""
         cur = self.cursor(seq)

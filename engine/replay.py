@@ -141,6 +141,13 @@ def _refuse_unanswerable(w: _Window, until_seq: int | None, until: UntilTime | N
             )
         if until_seq < w.first:
             raise ConfigError(f"--until-seq {until_seq} is before the journal's first entry, {w.first} ({w})")
+    if w.pruned:
+        # Files unchanged since before the first entry kept are in no entry: any tree rebuilt from what is
+        # left would lack them. One file can still be put back (standby restore), when its change is kept.
+        raise ConfigError(
+            f"the whole set cannot be rebuilt: {w}, and files unchanged since then are in no entry kept "
+            "(standby journal show --path P and standby restore still work for a file changed since)"
+        )
     if until is not None:
         if w.head < w.first:
             raise ConfigError(f"--until-time {until.text}: {w}")

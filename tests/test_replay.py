@@ -115,6 +115,17 @@ def replay_cli(pair: Pair, out: Path, *args: str) -> subprocess.CompletedProcess
     )
 
 
+def restore_cli(pair: Pair, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine", "restore", "--config", str(pair.config), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env={**os.environ, **LOCAL_TZ},
+    )
+
+
 def refused(r: subprocess.CompletedProcess[str], out: Path, *words: str) -> None:
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
@@ -166,19 +177,25 @@ def test_replay_until_a_time_with_an_offset_or_in_local_time(pair: Pair) -> None
     assert "is local time" in r.stdout and "+01:00" in r.stdout
 
 
-def test_replay_of_a_pruned_journal_refuses_what_was_pruned(pair: Pair) -> None:
+def test_a_pruned_journal_refuses_to_rebuild_the_set_but_restores_a_file_changed_since(pair: Pair) -> None:
+    """What replay used to answer with a partial tree (only the files changed since the first entry kept)
+    is refused, naming the window; one file whose change is kept can still be put back."""
     journal_of_five(pair, segment_bytes=1)  # one entry per segment
     with closing(Journal.open(pair.sender_state / "journal", fsync=False, segment_bytes=1)) as j:
         assert j.prune(acked=2, keep_after_mtime=float("inf")) == 2
         assert j.first_seq == 3
     out = pair.base / "out"
-    refused(replay_cli(pair, out, "--until-seq", "2"), out, "before the first entry kept, 3", "pruned")
-    refused(
-        replay_cli(pair, out, "--until-time", "2026-11-25T10:01:30Z"),
-        out,
-        "before the first entry kept (older entries were pruned), at 2026-11-25T15:32:00+05:30",
-    )
-    r = replay_cli(pair, out, "--until-seq", "4")
+    for args in (["--until-seq", "2"], ["--until-time", "2026-11-25T10:01:30Z"], ["--until-seq", "4"], []):
+        refused(
+            replay_cli(pair, out, *args),
+            out,
+            "cannot be rebuilt",
+            "entries before 3 were pruned",
+        )
+    source = pair.source
+    r = restore_cli(pair, "--path", "databases/f3", "--pos", "4")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in (out / "databases").iterdir()) == ["f2", "f3"]
-    assert "replayed seqs 3..4" in r.stdout and "entries before 3 were pruned" in r.stdout
+    assert (source / "databases" / "f3").read_bytes() == b"v3" and "from entry 4" in r.stdout
+    r = restore_cli(pair, "--path", "databases/f0", "--pos", "4")  # its only put was pruned
+    assert r.returncode == 2 and "older than the journal" in r.stderr and "Traceback" not in r.stderr
+    assert not (source / "databases" / "f0").exists()

@@ -1,0 +1,320 @@
+"""Recovery of single files from the journal: what a path held at a moment, every version of it kept, and
+putting one file (or every file of a folder) back in place as it was.
+
+The journal holds every change with its content, so following its entries in order says what any path
+held after any entry (:class:`Follow`, pure: the same moves as ``engine.apply``: a put replaces, a delete or
+rmdir removes the path and all below it, a rename moves a file or a folder and replaces its target). What
+a path held *before* the first entry kept is unknown once older entries were pruned: a moment whose answer
+depends on it is refused, naming the window, never answered with a guess.
+
+Restore writes as the service would: a temp file beside the target, fsynced, renamed over it, the folder
+fsynced; on the active, the sender then journals and ships it as any other change. The content read back
+is checked against the digest the journal recorded before anything is written.
+
+Owns: following a path through the journal, ``standby journal show --path`` and ``standby restore``.
+Must not: write anywhere but the one path (or the folder's files) it restores, or touch the journal.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from engine import journal as jn
+from engine.digest import digest_bytes
+from engine.errors import ConfigError, JournalError, PathRejected
+from engine.journal import Journal
+from engine.model import Change, Op, check_relpath
+
+# ---- following paths (pure) -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What a file path holds: the entry whose content it is, and its size, digest and mtime."""
+
+    seq: int  # the PUT whose content this is
+    size: int
+    digest: bytes
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One change of what ``path`` holds, as ``journal show --path`` lists it. ``held`` None: absent."""
+
+    seq: int
+    ts_ns: int
+    op: str  # put, touch, delete, rename-in, rename-away, removed-with-folder, moved-with-folder
+    held: Held | None
+    other: str = ""  # the other path of a rename
+
+
+def _under(path: str, folder: str) -> bool:
+    return path.startswith(folder + "/")
+
+
+class Follow:
+    """The files' contents (and the folders) after each entry, starting from ``known`` (True: the journal
+    starts from an empty tree, nothing before its first entry; False: older entries were pruned, so a path
+    not changed since is unknown). The moves are ``engine.apply``'s: a put or mkdir removes a file standing
+    where one of its folders goes and a folder standing where it goes; delete and rmdir remove the path
+    and all below it; a rename of a path that exists moves it and all below it, replacing its target."""
+
+    def __init__(self, known: bool) -> None:
+        self.known = known
+        self.files: dict[str, Held] = {}
+        self.dirs: set[str] = set()
+        self.touched: set[str] = set()  # paths (and folders) whose state the kept entries decided
+
+    def state(self, path: str) -> Held | None:
+        """What ``path`` holds now; LookupError if that depends on entries no longer kept."""
+        if path in self.files:
+            return self.files[path]
+        if self.known or path in self.touched or any(_under(path, t) for t in self.touched if t):
+            return None
+        raise LookupError(path)
+
+    def _drop(self, path: str, how: str, why: str, changed: list[tuple[str, str, str]]) -> None:
+        """Remove ``path`` and all below it (files and folders)."""
+        for p in [p for p in self.files if p == path or _under(p, path)]:
+            del self.files[p]
+            changed.append((p, how if p == path else "removed-with-folder", why))
+        self.dirs = {d for d in self.dirs if not (d == path or _under(d, path))}
+
+    def _parents(self, path: str, why: str, changed: list[tuple[str, str, str]]) -> None:
+        """The folders above ``path`` exist; a file standing where one goes is removed."""
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d in self.files:
+                del self.files[d]
+                changed.append((d, "replaced-by-folder", why))
+            self.dirs.add(d)
+
+    def apply(self, c: Change) -> list[tuple[str, str, str]]:
+        """Apply one entry; the paths whose content changed: (path, how, other path)."""
+        changed: list[tuple[str, str, str]] = []
+        if c.op is Op.PUT:
+            self._parents(c.path, c.path, changed)
+            if c.path in self.dirs:
+                self._drop(c.path, "replaced-by-file", c.path, changed)
+            self.files[c.path] = Held(c.seq, c.size, c.digest, c.mtime_ns)
+            changed.append((c.path, "put", ""))
+        elif c.op is Op.MKDIR:
+            if c.path not in self.dirs:
+                self._parents(c.path, c.path, changed)
+                if c.path in self.files:
+                    del self.files[c.path]
+                    changed.append((c.path, "replaced-by-folder", c.path))
+                self.dirs.add(c.path)
+        elif c.op is Op.TOUCH:
+            old = self.files.get(c.path)
+            if old is not None and old.digest == c.digest:
+                self.files[c.path] = Held(old.seq, old.size, old.digest, c.mtime_ns)
+                changed.append((c.path, "touch", ""))
+        elif c.op in (Op.DELETE, Op.RMDIR):
+            self._drop(c.path, "delete", c.path, changed)
+        elif c.op is Op.RENAME:
+            self._rename(c.path, c.dst, changed)
+        self.touched.add(c.path)
+        if c.op is Op.RENAME:
+            self.touched.add(c.dst)
+        return changed
+
+    def _rename(self, src: str, dst: str, changed: list[tuple[str, str, str]]) -> None:
+        if src not in self.files and src not in self.dirs:
+            return  # nothing there: the applier reports a missing source and changes nothing
+        moving = {p: h for p, h in self.files.items() if p == src or _under(p, src)}
+        folders = {d for d in self.dirs if d == src or _under(d, src)}
+        self.dirs -= folders
+        for p in moving:
+            del self.files[p]
+        self._parents(dst, src, changed)
+        self._drop(dst, "replaced-by-rename", src, changed)
+        self.dirs |= {dst + d[len(src) :] for d in folders}
+        for p, h in moving.items():
+            new = dst + p[len(src) :]
+            self.files[new] = h
+            how = ("rename-away", "rename-in") if p == src else ("moved-with-folder", "moved-with-folder")
+            changed.append((p, how[0], new))
+            changed.append((new, how[1], p))
+
+
+def follow_versions(changes: Iterable[Change], path: str, known: bool) -> list[Version]:
+    """Every change of what ``path`` (a file, or every file below a folder) held, in order."""
+    f = Follow(known)
+    out: list[Version] = []
+    for c in changes:
+        for p, how, other in f.apply(c):
+            if p == path or _under(p, path):
+                out.append(Version(c.seq, c.ts_ns, how, f.files.get(p), other if p == path else p))
+    return out
+
+
+# ---- reading the journal ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    first: int
+    head: int
+    first_ts: int
+    head_ts: int
+
+    @property
+    def pruned(self) -> bool:
+        return self.first > 1
+
+    def __str__(self) -> str:
+        if self.head < self.first:
+            return "the journal holds no entry"
+        s = f"the journal holds entries {self.first}..{self.head}, written {when(self.first_ts)} .. "
+        s += when(self.head_ts)
+        if self.pruned:
+            s += f"; entries before {self.first} were pruned"
+        return s
+
+
+def when(ns: int) -> str:
+    """A moment as UTC and as this machine's local time, both labelled."""
+    if not ns:
+        return "(unknown time)"
+    utc = datetime.fromtimestamp(ns / 1e9, UTC)
+    local = utc.astimezone()
+    return f"{utc.strftime('%Y-%m-%d %H:%M:%S')} UTC ({local.strftime('%H:%M:%S %Z')} local)"
+
+
+def _window(j: Journal) -> Window:
+    if j.head < j.first_seq:
+        return Window(j.first_seq, j.head, 0, 0)
+    return Window(j.first_seq, j.head, _ts(j, j.first_seq), _ts(j, j.head))
+
+
+def _ts(j: Journal, seq: int) -> int:
+    """When entry ``seq`` was journaled (0 if unknown)."""
+    gen = j.headers(seq)
+    try:
+        c = next(gen, None)
+        return c.ts_ns if c is not None else 0
+    finally:
+        gen.close()
+
+
+def _rel(path: str) -> str:
+    try:
+        return check_relpath(path)
+    except PathRejected as e:
+        raise ConfigError(f"--path: {e}") from None
+
+
+def _open(folder: Path) -> Journal:
+    if not folder.is_dir():
+        raise JournalError(f"{folder}: no journal here")
+    return Journal.open(folder, fsync=False, readonly=True)
+
+
+def _upto(j: Journal, until_ns: int | None, until_seq: int | None) -> Iterator[Change]:
+    for c in j.headers(j.first_seq):
+        if until_seq is not None and c.seq > until_seq:
+            return
+        if until_ns is not None and c.ts_ns > until_ns:
+            return
+        yield c
+
+
+def versions(folder: Path, path: str) -> tuple[Window, list[Version]]:
+    """``journal show --path``: the window and every version of ``path`` it keeps."""
+    rel = _rel(path)
+    j = _open(folder)
+    try:
+        w = _window(j)
+        return w, follow_versions(j.headers(j.first_seq), rel, known=not w.pruned)
+    finally:
+        j.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    path: str
+    held: Held | None  # None: the path held nothing at that moment (nothing was written)
+    wrote: bool
+
+
+def restore(
+    folder: Path,
+    root: Path,
+    path: str,
+    *,
+    until_ns: int | None = None,
+    until_seq: int | None = None,
+    dry_run: bool = False,
+) -> list[Restored]:
+    """Put ``path`` (a file, or every file below a folder) back as it was after the last entry at or before
+    the moment; ConfigError (exit 2) naming the window when the journal cannot say."""
+    rel = _rel(path)
+    j = _open(folder)
+    try:
+        w = _window(j)
+        if until_seq is not None and not (w.first - (0 if w.pruned else 1) <= until_seq <= w.head):
+            raise ConfigError(f"--pos {until_seq}: outside the window ({w})")
+        if until_ns is not None and (w.head < w.first or (w.pruned and until_ns < w.first_ts)):
+            raise ConfigError(f"--at {when(until_ns)}: outside the window ({w})")
+        f = Follow(known=not w.pruned)
+        for c in _upto(j, until_ns, until_seq):
+            f.apply(c)
+        targets = sorted(p for p in f.files if p == rel or _under(p, rel))
+        if not targets:
+            try:
+                held = f.state(rel)
+            except LookupError:
+                raise ConfigError(
+                    f"{rel}: what it held then is older than the journal ({w}); it cannot be restored"
+                ) from None
+            assert held is None
+            raise ConfigError(f"{rel}: nothing was there at that moment (see `standby journal show --path`)")
+        out: list[Restored] = []
+        for p in targets:
+            held = f.files[p]
+            data = _content(j, held)
+            if not dry_run:
+                _put(root, p, data, held.mtime_ns)
+            out.append(Restored(p, held, not dry_run))
+        return out
+    finally:
+        j.close()
+
+
+def _content(j: Journal, held: Held) -> bytes:
+    cur = j.cursor(held.seq)
+    try:
+        c = cur.next_header()
+        if c is None or c.seq != held.seq or c.op is not Op.PUT:
+            raise JournalError(f"entry {held.seq}: not the put it should be")
+        data = b"".join(cur.chunks())
+    finally:
+        cur.close()
+    if len(data) != held.size or digest_bytes(data) != held.digest:
+        raise JournalError(f"entry {held.seq}: its content does not match the digest it was journaled with")
+    return data
+
+
+def _put(root: Path, rel: str, data: bytes, mtime_ns: int) -> None:
+    """Write ``data`` at ``root/rel`` atomically and durably: temp, fsync, rename, folder fsync."""
+    final = root.joinpath(*rel.split("/"))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.restore-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    jn.fsync_dir(final.parent)
