@@ -40,22 +40,27 @@ Rules (the whole contract; the code below only spells them out):
    Every node persists the highest epoch it has seen, a passive too, so that a promotion forced after a
    crash still picks a higher one. Two durable actives at one epoch (possible only when a forced node
    never heard the other) both wait at start-up and alert; the operator forces the one to keep.
-8. Witness (``Policy.witness``: an etcd lease, ``engine.witness``). Leadership is also a key bound to a lease
-   of ``witness_ttl``. The active renews it every ``witness_interval``; once it has not renewed for
-   ``witness_ttl - witness_margin`` it stops its service (``witness.lease_lost``) unless its peer confirms,
-   in a heartbeat that echoes one of ours sent within ``FAILSAFE_WINDOW``, that it is passive or fenced and
-   hears us (Patroni's failsafe); it starts it again as soon as it renews or is confirmed. A witness
-   holding the key for another node makes the active step down (fenced). Every promotion takes the key
-   before the service starts (a ``--force`` does not wait for it) and persists an epoch derived from the
-   key's create revision (:func:`epoch_from_revision`).
+8. Witness (``Policy.witness``: an etcd lease, ``engine.witness``). Leadership is also a key bound to a
+   lease of ``witness_ttl``. The active renews it every ``witness_interval``; once it has not renewed for
+   ``witness_ttl - witness_margin`` it stops its service (``witness.lease_lost``) and keeps it stopped (a
+   failed stop is retried, a service started by hand is stopped, an operator's restart refused) unless its
+   peer confirms, in a heartbeat that echoes one of ours sent within ``FAILSAFE_WINDOW``, that it is
+   passive or fenced and hears us (Patroni's failsafe); it starts it again as soon as it renews or is
+   confirmed, and every other start of an active (start-up, ``start_alone``, a switchover's rollback)
+   waits for the same. A witness holding the key for another node makes the active step down (fenced).
+   Every promotion takes the key before the service starts (a ``--force`` does not wait for it: a forced
+   node runs without it until it holds it or its peer is back) and persists an epoch derived from the
+   key's create revision (:func:`epoch_from_revision`). A graceful stop of an active's agent stops its
+   service (nothing renews the lease of a stopped agent).
 9. Witness failover: a passive whose active is silent (``PeerSilent``) and has been for
    ``max(failover_after, FAILSAFE_WINDOW + witness_margin)`` (longer than any confirmation it gave can
    last plus the time a stop takes) takes the key when it is absent (the active's lease ended: it could
    not renew, so it stopped its service) and becomes active; only if the active's last heartbeat said it
    was within ``max_lag`` entries, announced no planned stop and no maintenance window is open, and within
    ``flap_window`` like any automatic failover. Not while the active's host refuses connections
-   (``PeerSilent.refused``: the host is up, its agent is not, its service may run on). A witness that
-   cannot be reached never causes a promotion.
+   (``PeerSilent.refused``: the host is up, its agent is not, its service may run on), nor for
+   ``FAILSAFE_WINDOW + witness_margin`` after it last did. A witness that cannot be reached never causes a
+   promotion.
 10. A node waiting at start-up with a durable active role looks at the witness too: another holder makes it
    step down (fenced). It never starts by taking the key alone (rule 4 stands): the peer may have been
    forced active without reaching the witness.
