@@ -326,6 +326,28 @@ def _parser() -> argparse.ArgumentParser:
         "2026-11-25T10:00:00+01:00 or 2026-11-25T09:00:00Z carry their own offset",
     )
     sp = cmd(
+        "replay",
+        "rebuild the whole replicated set as it was at a moment, into a new folder",
+        "Applies the journal's entries up to the moment into a new folder, built aside and renamed\n"
+        "into place when whole (a progress bar on long replays). --dry-run prints the plan: the\n"
+        "entries it would apply and the files and bytes the folder would hold. A moment the journal\n"
+        "cannot answer is refused with its window (exit 2), never answered with a partial tree: once\n"
+        "segments were pruned, files unchanged since are in no entry kept (standby restore still puts\n"
+        "back one file whose change is kept).",
+    )
+    conf(sp)
+    sp.add_argument(
+        "--into", type=Path, required=True, metavar="DIR", help="the folder to create (must not exist)"
+    )
+    when = sp.add_mutually_exclusive_group(required=True)
+    when.add_argument(
+        "--at",
+        metavar="TIME",
+        help="ISO 8601: 2026-11-25T09:30:00 is this machine's local time; +01:00 or Z carry their own offset",
+    )
+    when.add_argument("--pos", type=int, metavar="N", help="the last journal entry to apply")
+    sp.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    sp = cmd(
         "restore",
         "put one file (or a folder's files) back as it was at a moment, from the journal",
         "Reads the journal (the sender's, or this node's while it is active) and writes the file as it\n"
@@ -817,6 +839,24 @@ def _journal_show(folder: Path, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from engine import recovery
+    from engine.replay import parse_until_time, replay
+
+    folder, _root, _node = _journal_of(args.config)
+    until = parse_until_time(args.at) if args.at else None
+    if args.dry_run:
+        plan = recovery.plan_replay(folder, until_ns=until.ns if until else None, until_seq=args.pos)
+        print(
+            f"would replay entries {plan.first}..{plan.last} into {args.into}: {plan.files:,} files, "
+            f"{plan.bytes:,} bytes ({plan.window})"
+        )
+        return EXIT_OK
+    res = replay(folder, args.into, until_seq=args.pos, until=until)
+    print(res.summary(args.into, until))
+    return EXIT_OK
+
+
 def _cmd_restore(args: argparse.Namespace) -> int:
     from engine import recovery
     from engine.replay import parse_until_time
@@ -1047,6 +1087,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "guard": _cmd_guard,
     "journal": _cmd_journal,
     "restore": _cmd_restore,
+    "replay": _cmd_replay,
 }
 
 

@@ -28,6 +28,7 @@ from engine.digest import digest_bytes
 from engine.errors import ConfigError, JournalError, PathRejected
 from engine.journal import Journal
 from engine.model import Change, Op, check_relpath
+from engine.replay import UntilTime, Window, refuse_unanswerable, window
 
 # ---- following paths (pure) -------------------------------------------------------------------------------
 
@@ -158,27 +159,6 @@ def follow_versions(changes: Iterable[Change], path: str, known: bool) -> list[V
 # ---- reading the journal ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
-    first: int
-    head: int
-    first_ts: int
-    head_ts: int
-
-    @property
-    def pruned(self) -> bool:
-        return self.first > 1
-
-    def __str__(self) -> str:
-        if self.head < self.first:
-            return "the journal holds no entry"
-        s = f"the journal holds entries {self.first}..{self.head}, written {when(self.first_ts)} .. "
-        s += when(self.head_ts)
-        if self.pruned:
-            s += f"; entries before {self.first} were pruned"
-        return s
-
-
 def when(ns: int) -> str:
     """A moment as UTC and as this machine's local time, both labelled."""
     if not ns:
@@ -186,22 +166,6 @@ def when(ns: int) -> str:
     utc = datetime.fromtimestamp(ns / 1e9, UTC)
     local = utc.astimezone()
     return f"{utc.strftime('%Y-%m-%d %H:%M:%S')} UTC ({local.strftime('%H:%M:%S %Z')} local)"
-
-
-def _window(j: Journal) -> Window:
-    if j.head < j.first_seq:
-        return Window(j.first_seq, j.head, 0, 0)
-    return Window(j.first_seq, j.head, _ts(j, j.first_seq), _ts(j, j.head))
-
-
-def _ts(j: Journal, seq: int) -> int:
-    """When entry ``seq`` was journaled (0 if unknown)."""
-    gen = j.headers(seq)
-    try:
-        c = next(gen, None)
-        return c.ts_ns if c is not None else 0
-    finally:
-        gen.close()
 
 
 def _rel(path: str) -> str:
@@ -231,7 +195,7 @@ def versions(folder: Path, path: str) -> tuple[Window, list[Version]]:
     rel = _rel(path)
     j = _open(folder)
     try:
-        w = _window(j)
+        w = window(j)
         return w, follow_versions(j.headers(j.first_seq), rel, known=not w.pruned)
     finally:
         j.close()
@@ -258,7 +222,7 @@ def restore(
     rel = _rel(path)
     j = _open(folder)
     try:
-        w = _window(j)
+        w = window(j)
         if until_seq is not None and not (w.first - (0 if w.pruned else 1) <= until_seq <= w.head):
             raise ConfigError(f"--pos {until_seq}: outside the window ({w})")
         if until_ns is not None and (w.head < w.first or (w.pruned and until_ns < w.first_ts)):
@@ -318,3 +282,30 @@ def _put(root: Path, rel: str, data: bytes, mtime_ns: int) -> None:
         tmp.unlink(missing_ok=True)
         raise
     jn.fsync_dir(final.parent)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPlan:
+    first: int
+    last: int
+    files: int
+    bytes: int
+    window: Window
+
+
+def plan_replay(folder: Path, *, until_ns: int | None = None, until_seq: int | None = None) -> ReplayPlan:
+    """``standby replay --dry-run``: the entries a replay would apply and what the folder would hold; the
+    same refusals as the replay itself (engine.replay), naming the window."""
+    j = _open(folder)
+    try:
+        w = refuse_unanswerable(
+            j, until_seq, None if until_ns is None else UntilTime(until_ns, when(until_ns))
+        )
+        f = Follow(known=True)
+        last = j.first_seq - 1
+        for c in _upto(j, until_ns, until_seq):
+            f.apply(c)
+            last = c.seq
+        return ReplayPlan(j.first_seq, last, len(f.files), sum(h.size for h in f.files.values()), w)
+    finally:
+        j.close()

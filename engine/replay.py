@@ -92,7 +92,7 @@ def _when(ns: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _Window:
+class Window:
     first: int  # first seq kept
     head: int
     first_ts: int  # wall time of the first kept entry (0 if unknown or no entry)
@@ -113,7 +113,7 @@ class _Window:
         return s
 
 
-def _window(j: Journal) -> _Window:
+def window(j: Journal) -> Window:
     def ts(seq: int) -> int:
         cur = j.cursor(seq)
         try:
@@ -123,11 +123,18 @@ def _window(j: Journal) -> _Window:
             cur.close()
 
     if j.head < j.first_seq:
-        return _Window(j.first_seq, j.head, 0, 0)
-    return _Window(j.first_seq, j.head, ts(j.first_seq), ts(j.head))
+        return Window(j.first_seq, j.head, 0, 0)
+    return Window(j.first_seq, j.head, ts(j.first_seq), ts(j.head))
 
 
-def _refuse_unanswerable(w: _Window, until_seq: int | None, until: UntilTime | None) -> None:
+def refuse_unanswerable(j: Journal, until_seq: int | None, until: UntilTime | None) -> Window:
+    """The journal's window; ConfigError (exit 2) naming it when a replay up to there cannot be answered."""
+    w = window(j)
+    _refuse_unanswerable(w, until_seq, until)
+    return w
+
+
+def _refuse_unanswerable(w: Window, until_seq: int | None, until: UntilTime | None) -> None:
     """One clear line for a replay whose tree cannot be rebuilt (ConfigError: exit 2)."""
     if until_seq is not None:
         if until_seq < 0:
@@ -186,7 +193,7 @@ def replay(
         raise JournalError(f"{folder}: no journal here")
     j = Journal.open(folder, fsync=False, readonly=True)
     try:
-        w = _window(j)
+        w = window(j)
         _refuse_unanswerable(w, until_seq, until)
     except BaseException:
         j.close()

@@ -199,3 +199,38 @@ def test_a_pruned_journal_refuses_to_rebuild_the_set_but_restores_a_file_changed
     r = restore_cli(pair, "--path", "databases/f0", "--pos", "4")  # its only put was pruned
     assert r.returncode == 2 and "older than the journal" in r.stderr and "Traceback" not in r.stderr
     assert not (source / "databases" / "f0").exists()
+
+
+def test_standby_replay_with_at_pos_and_a_dry_run(pair: Pair) -> None:
+    journal_of_five(pair)
+    out = pair.base / "set"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "engine",
+                "replay",
+                "--config",
+                str(pair.config),
+                "--into",
+                str(out),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+            env={**os.environ, **LOCAL_TZ},
+        )
+
+    r = run("--pos", "3", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "would replay entries 1..3" in r.stdout and "3 files, 6 bytes" in r.stdout, r.stdout
+    assert not out.exists()
+    r = run("--at", "2026-11-25T15:31:30")  # local time, UTC+05:30: entries of 10:00 and 10:01 UTC
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (out / "databases").iterdir()) == ["f0", "f1"]
+    r = run("--pos", "9", "--dry-run")
+    assert r.returncode == 2 and "past the journal's head 5" in r.stderr and "Traceback" not in r.stderr
