@@ -38,6 +38,7 @@ IO = {
     "history",
     "status",
     "replay",
+    "recovery",
     "guards",
     "aio",
     "logs",
