@@ -297,6 +297,12 @@ class Applier:
             for op, target in prepared:
                 if target is None:
                     continue
+                if op.change.op in (Op.RENAME, Op.DELETE, Op.RMDIR) and temps:
+                    # A later put's temporary file inside the tree this record moves or removes would be
+                    # carried along (and left behind); remove it now: that put writes its temp again.
+                    inside = [k for k, t in temps.items() if t.path.startswith(target + os.sep)]
+                    for k in inside:
+                        _unlink(temps.pop(k).path)
                 try:
                     removed = self._apply_one(op, target, temps.get(id(op)), moved, dirs, res)
                     temps.pop(id(op), None)

@@ -848,7 +848,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     if args.dry_run:
         plan = recovery.plan_replay(folder, until_ns=until.ns if until else None, until_seq=args.pos)
         print(
-            f"would replay entries {plan.first}..{plan.last} into {args.into}: {plan.files:,} files, "
+            f"would replay entries {plan.first}..{plan.last} into {args.into}"
+            + (f" (from the checkpoint at seq {plan.first - 1})" if plan.first > 1 else "")
+            + f": {plan.files:,} files, "
             f"{plan.bytes:,} bytes ({plan.window})"
         )
         return EXIT_OK

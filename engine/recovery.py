@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from engine import checkpoint
 from engine import journal as jn
 from engine.digest import digest_bytes
 from engine.errors import ConfigError, JournalError, PathRejected
 from engine.journal import Journal
 from engine.model import Change, Op, check_relpath
-from engine.replay import UntilTime, Window, refuse_unanswerable, window
+from engine.replay import UntilTime, Window, refuse_unanswerable, usable_checkpoints, window
 
 # ---- following paths (pure) -------------------------------------------------------------------------------
 
@@ -294,18 +295,30 @@ class ReplayPlan:
 
 
 def plan_replay(folder: Path, *, until_ns: int | None = None, until_seq: int | None = None) -> ReplayPlan:
-    """``standby replay --dry-run``: the entries a replay would apply and what the folder would hold; the
-    same refusals as the replay itself (engine.replay), naming the window."""
+    """``standby replay --dry-run``: the entries a replay would apply and what the folder would hold, from
+    the newest checkpoint at or before the moment if any; the same refusals as the replay itself."""
     j = _open(folder)
     try:
-        w = refuse_unanswerable(
-            j, until_seq, None if until_ns is None else UntilTime(until_ns, when(until_ns))
-        )
+        cps = usable_checkpoints(folder, j)
+        until = None if until_ns is None else UntilTime(until_ns, when(until_ns))
+        w = refuse_unanswerable(j, until_seq, until, cps)
+        base = checkpoint.base_for(cps, until_seq, until_ns)
         f = Follow(known=True)
-        last = j.first_seq - 1
-        for c in _upto(j, until_ns, until_seq):
+        if base is not None:
+            for dirpath, _dirs, files in os.walk(base.tree):
+                for name in files:
+                    full = os.path.join(dirpath, name)
+                    st = os.lstat(full)
+                    rel = Path(full).relative_to(base.tree).as_posix()
+                    f.files[rel] = Held(0, st.st_size, b"", st.st_mtime_ns)
+        start = base.seq + 1 if base is not None else j.first_seq
+        last = start - 1
+        end = j.head if until_seq is None else until_seq
+        for c in j.headers(start):
+            if c.seq > end or (until_ns is not None and c.ts_ns > until_ns):
+                break
             f.apply(c)
             last = c.seq
-        return ReplayPlan(j.first_seq, last, len(f.files), sum(h.size for h in f.files.values()), w)
+        return ReplayPlan(start, last, len(f.files), sum(h.size for h in f.files.values()), w)
     finally:
         j.close()

@@ -22,11 +22,11 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from engine import checkpoint
 from engine import journal as jn
-from engine.apply import Applier, PendingOp
+from engine.apply import Applier
 from engine.errors import ConfigError, JournalError
 from engine.journal import Journal
-from engine.model import Op
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ class Window:
     head: int
     first_ts: int  # wall time of the first kept entry (0 if unknown or no entry)
     head_ts: int
+    #: The oldest checkpoint a replay can start from (seq, time): one the journal goes on from.
+    checkpoint: tuple[int, int] | None = None
 
     @property
     def pruned(self) -> bool:
@@ -110,10 +112,21 @@ class Window:
             s += f", written {_when(self.first_ts)} .. {_when(self.head_ts)}"
         if self.pruned:
             s += f"; entries before {self.first} were pruned"
+            if self.checkpoint is not None:
+                s += f"; the oldest checkpoint is at seq {self.checkpoint[0]} ({_when(self.checkpoint[1])})"
         return s
 
 
-def window(j: Journal) -> Window:
+def usable_checkpoints(folder: Path, j: Journal) -> list[checkpoint.Checkpoint]:
+    """The checkpoints beside the journal in ``folder`` that the journal goes on from."""
+    return [
+        c
+        for c in checkpoint.list_checkpoints(folder.parent / checkpoint.CHECKPOINTS)
+        if c.seq >= j.first_seq - 1
+    ]
+
+
+def window(j: Journal, checkpoints: list[checkpoint.Checkpoint] | None = None) -> Window:
     def ts(seq: int) -> int:
         cur = j.cursor(seq)
         try:
@@ -122,134 +135,124 @@ def window(j: Journal) -> Window:
         finally:
             cur.close()
 
+    oldest = (checkpoints[0].seq, checkpoints[0].ts_ns) if checkpoints else None
     if j.head < j.first_seq:
-        return Window(j.first_seq, j.head, 0, 0)
-    return Window(j.first_seq, j.head, ts(j.first_seq), ts(j.head))
+        return Window(j.first_seq, j.head, 0, 0, oldest)
+    return Window(j.first_seq, j.head, ts(j.first_seq), ts(j.head), oldest)
 
 
-def refuse_unanswerable(j: Journal, until_seq: int | None, until: UntilTime | None) -> Window:
+def refuse_unanswerable(
+    j: Journal,
+    until_seq: int | None,
+    until: UntilTime | None,
+    checkpoints: list[checkpoint.Checkpoint] | None = None,
+) -> Window:
     """The journal's window; ConfigError (exit 2) naming it when a replay up to there cannot be answered."""
-    w = window(j)
+    w = window(j, checkpoints)
     _refuse_unanswerable(w, until_seq, until)
     return w
 
 
 def _refuse_unanswerable(w: Window, until_seq: int | None, until: UntilTime | None) -> None:
-    """One clear line for a replay whose tree cannot be rebuilt (ConfigError: exit 2)."""
+    """One clear line for a replay whose tree cannot be rebuilt (ConfigError: exit 2). Once entries were
+    pruned, a moment is answerable only from a checkpoint at or before it: files unchanged since the first
+    entry kept are in no entry, and a tree rebuilt without them would be partial."""
+    ck = w.checkpoint if w.pruned else None
     if until_seq is not None:
         if until_seq < 0:
             raise ConfigError(f"--until-seq {until_seq}: a seq is not negative ({w})")
         if until_seq > w.head:
             raise ConfigError(f"--until-seq {until_seq} is past the journal's head {w.head} ({w})")
-        if until_seq < w.first and w.pruned:
+        if w.pruned and (ck is None or until_seq < ck[0]):
             raise ConfigError(
-                f"--until-seq {until_seq} is before the first entry kept, {w.first}: older entries were "
-                f"pruned, so that tree cannot be rebuilt ({w})"
+                f"--until-seq {until_seq}: the set as it was then cannot be rebuilt: older entries were "
+                f"pruned and no checkpoint is at or before it ({w})"
             )
-        if until_seq < w.first:
+        if until_seq < w.first - (1 if ck is not None else 0):
             raise ConfigError(f"--until-seq {until_seq} is before the journal's first entry, {w.first} ({w})")
-    if w.pruned:
-        # Files unchanged since before the first entry kept are in no entry: any tree rebuilt from what is
-        # left would lack them. One file can still be put back (standby restore), when its change is kept.
+    if w.pruned and ck is None:
         raise ConfigError(
-            f"the whole set cannot be rebuilt: {w}, and files unchanged since then are in no entry kept "
-            "(standby journal show --path P and standby restore still work for a file changed since)"
+            f"the whole set cannot be rebuilt: {w}, no checkpoint covers what was pruned, and files "
+            "unchanged since then are in no entry kept (standby restore still puts back a file changed since)"
         )
     if until is not None:
-        if w.head < w.first:
+        if w.head < w.first and ck is None:
             raise ConfigError(f"--until-time {until.text}: {w}")
-        if w.first_ts and until.ns < w.first_ts:
-            kind = (
-                "the first entry kept (older entries were pruned)"
-                if w.pruned
-                else "the journal's first entry"
+        if ck is not None and until.ns < ck[1]:
+            raise ConfigError(
+                f"--until-time {until.text} is before the oldest checkpoint, at {_when(ck[1])} (older "
+                f"entries were pruned) ({w})"
             )
-            raise ConfigError(f"--until-time {until.text} is before {kind}, at {_when(w.first_ts)} ({w})")
+        if ck is None and w.first_ts and until.ns < w.first_ts:
+            raise ConfigError(
+                f"--until-time {until.text} is before the journal's first entry, at {_when(w.first_ts)} ({w})"
+            )
 
 
 @dataclass(frozen=True, slots=True)
 class ReplayResult:
-    first: int  # first seq applied (the first kept)
-    last: int  # last seq applied (first - 1: none)
-    pruned: bool  # entries before ``first`` were pruned: the tree holds only what changed since
+    first: int  # first entry applied
+    last: int  # last entry applied (first - 1: none)
+    checkpoint: int | None = None  # the checkpoint it started from (the set after that entry)
 
     def summary(self, out: Path, until: UntilTime | None = None) -> str:
-        s = f"replayed seqs {self.first}..{self.last} into {out}" if self.last >= self.first else ""
-        s = s or f"replayed no entry into {out}"
+        parts = []
+        if self.checkpoint is not None:
+            parts.append(f"from the checkpoint at seq {self.checkpoint}")
+        if self.last >= self.first:
+            parts.append(f"replayed seqs {self.first}..{self.last}")
+        s = (" then ".join(parts) or "replayed no entry") + f" into {out}"
         if until is not None:
             s += f" (entries up to {until.text})"
-        if self.pruned:
-            s += f"; entries before {self.first} were pruned: the tree holds only what changed since"
         return s
 
 
 def replay(
     folder: Path, out: Path, until_seq: int | None = None, until: UntilTime | None = None
 ) -> ReplayResult:
-    """Apply the journal's entries (up to a seq or a time) into a new folder ``out``."""
+    """The set as it was after an entry or at a moment, into a new folder ``out``: from the newest
+    checkpoint at or before it (if any), then the entries after it."""
     if out.exists():
         raise ConfigError(f"--out {out}: already exists; replay writes a new folder")
     if not folder.is_dir():
         raise JournalError(f"{folder}: no journal here")
     j = Journal.open(folder, fsync=False, readonly=True)
     try:
-        w = window(j)
+        cps = usable_checkpoints(folder, j)
+        w = window(j, cps)
         _refuse_unanswerable(w, until_seq, until)
     except BaseException:
         j.close()
         raise
-    tmp = out.with_name(f".{out.name}.replay-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    applier = Applier(tmp, fsync=True)
-    last = j.first_seq - 1
     until_ns = None if until is None else until.ns
+    base = checkpoint.base_for(cps, until_seq, until_ns)
+    if base is None and w.pruned:  # refused above; kept as the invariant it is
+        j.close()
+        raise ConfigError(f"no checkpoint to start from ({w})")
+    tmp = out.with_name(f".{out.name}.replay-{os.getpid()}")
+    applier: Applier | None = None
     try:
-        if w.pruned:
-            log.warning(
-                "replay.partial first_seq=%d (older entries were pruned: the result holds only what "
-                "changed since)",
-                j.first_seq,
-            )
+        if base is not None:
+            shutil.copytree(base.tree, tmp, symlinks=True)  # real copies: the output is the user's to change
+        else:
+            tmp.mkdir(parents=True)
+        applier = Applier(tmp, fsync=True)
+        start = base.seq + 1 if base is not None else j.first_seq
         end = j.head if until_seq is None else min(until_seq, j.head)
-        cur = j.cursor(j.first_seq)
-        batch: list[PendingOp] = []
         with Progress(transient=True) as progress:
-            task = progress.add_task("replaying", total=max(0, end - j.first_seq + 1))
-            while (c := cur.next_header()) is not None and c.seq <= end:
-                if until_ns is not None and c.ts_ns > until_ns:
-                    break
-                if c.op is Op.PUT and c.size > (4 << 20):
-                    applier.apply_batch(batch)
-                    batch = []
-                    large = applier.begin_large(c)
-                    for chunk in cur.chunks():
-                        large.write(chunk)
-                    reason = large.finish()
-                    if reason:
-                        raise JournalError(f"entry {c.seq}: {reason}")
-                    applier.apply_batch([PendingOp(c, temp=large.temp)])
-                else:
-                    data = b"".join(cur.chunks()) if c.op is Op.PUT else None
-                    batch.append(PendingOp(c, data=data))
-                    if len(batch) >= 1024:
-                        applier.apply_batch(batch)
-                        batch = []
-                last = c.seq
-                progress.advance(task)
-            res = applier.apply_batch(batch)
-            for p in res.problems:
-                log.warning(
-                    "replay.problem seq=%d path=%r code=%s reason=%s", p.seq, p.path, p.code, p.reason
-                )
-        cur.close()
+            task = progress.add_task("replaying", total=max(0, end - start + 1))
+            last, _ts = checkpoint.apply_entries(
+                j, applier, tmp, start, end, until_ns, lambda: progress.advance(task)
+            )
         os.replace(tmp, out)
-        log.info("replay.done out=%s last_seq=%d", out, last)
-        return ReplayResult(j.first_seq, last, w.pruned)
+        log.info("replay.done out=%s last_seq=%d checkpoint=%s", out, last, base.seq if base else "-")
+        return ReplayResult(start, last, base.seq if base is not None else None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        applier.close()
+        if applier is not None:
+            applier.close()
         j.close()
 
 

@@ -232,3 +232,19 @@ def test_a_touch_sets_the_time_of_the_content_it_names_and_nothing_else(applier:
     assert applier.cache.get("databases/a.json", stat_key(root / "databases" / "a.json", st)) == digest_bytes(
         data
     )
+
+
+def test_a_folder_renamed_or_removed_in_a_group_carries_no_later_puts_temp_file_along(
+    applier: Applier,
+) -> None:
+    """A group: a folder moved away (or removed), then a file put into a new folder of its old name. The
+    put's temporary file, written first into that folder, must not travel with the move and stay there."""
+    applier.apply_batch([put(1, "d/old", b"old")])
+    res = applier.apply_batch(
+        [op(2, Op.RENAME, "d", "f"), put(3, "d/x", b"new"), op(4, Op.RMDIR, "g"), put(5, "d/y", b"y")]
+    )
+    assert res.problems == [] and files(applier.root) == {"f/old": b"old", "d/x": b"new", "d/y": b"y"}
+    assert not temp_files(applier.root)
+    res = applier.apply_batch([put(6, "d/z", b"z"), op(7, Op.RMDIR, "d"), put(8, "d/w", b"w")])
+    assert files(applier.root) == {"f/old": b"old", "d/w": b"w"}
+    assert not temp_files(applier.root)

@@ -39,6 +39,7 @@ IO = {
     "status",
     "replay",
     "recovery",
+    "checkpoint",
     "guards",
     "aio",
     "logs",

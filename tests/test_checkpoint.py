@@ -1,0 +1,175 @@
+"""Checkpoints (engine.checkpoint) and the replays that start from them: on random histories of puts,
+touches, deletes, rmdirs and file and folder renames with recorded times, checkpoints at random
+positions and the journal pruned up to one of them, a replay at many moments of the window equals the
+tree the real applier left at that moment, byte for byte and mtime for mtime (hypothesis); moments
+before the window are refused. Plus: a checkpoint costs its changed files (unchanged ones are one
+shared inode) and a touch never changes an older checkpoint."""
+
+from __future__ import annotations
+
+import os
+from contextlib import closing
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine import checkpoint
+from engine.apply import Applier, PendingOp
+from engine.digest import digest_bytes
+from engine.errors import ConfigError
+from engine.journal import Journal
+from engine.model import Change, Op
+from engine.replay import UntilTime, replay
+from tests.test_journal import put
+
+NAMES = ["a", "b", "d/x", "d/y", "d/e/z", "f/x"]
+FOLDERS = ["d", "d/e", "f"]
+T0 = 1_764_064_800  # seconds: entry i of a history is journaled at T0 + 10 i
+#: The time of each journaled entry, by seq - 1 (filled by _journal_and_oracle).
+times: list[int] = []
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[tuple[Change, bytes | None]]:
+    out: list[tuple[Change, bytes | None]] = []
+    for i in range(draw(st.integers(1, 30))):
+        kind = draw(
+            st.sampled_from(["put", "put", "put", "touch", "delete", "rmdir", "rename", "rename_dir"])
+        )
+        if kind in ("put", "touch"):
+            path = draw(st.sampled_from(NAMES))
+            data = f"{path}-{i}".encode() * draw(st.integers(1, 3))
+            out.append((put(path, data, mtime_ns=1_700_000_000_000_000_000 + i), data))
+            if kind == "touch":
+                touched = Change(0, Op.TOUCH, path, size=len(data), mtime_ns=1_600_000_000_000_000_000 + i)
+                out.append((replace(touched, digest=digest_bytes(data)), None))
+        elif kind == "delete":
+            out.append((Change(0, Op.DELETE, draw(st.sampled_from(NAMES))), None))
+        elif kind == "rmdir":
+            out.append((Change(0, Op.RMDIR, draw(st.sampled_from(FOLDERS))), None))
+        else:
+            pool = NAMES if kind == "rename" else FOLDERS
+            src, dst = draw(st.sampled_from(pool)), draw(st.sampled_from(pool))
+            if dst == src or dst.startswith(src + "/") or src.startswith(dst + "/"):
+                continue  # no file system does it, nothing journals it
+            out.append((Change(0, Op.RENAME, src, dst=dst), None))
+    return out or [(put("a", b"a"), b"a")]
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            full = Path(dirpath) / f
+            out[full.relative_to(root).as_posix()] = (full.read_bytes(), full.stat().st_mtime_ns)
+    return out
+
+
+def _journal_and_oracle(
+    base: Path, history: list[tuple[Change, bytes | None]]
+) -> tuple[Path, list[dict[str, tuple[bytes, int]]]]:
+    """The journal (one entry per segment, so that it prunes entry by entry) and the tree after each entry
+    (index 0: before the first)."""
+    folder = base / "state" / "journal"
+    oracle_root = base / "oracle"
+    oracle_root.mkdir()
+    trees: list[dict[str, tuple[bytes, int]]] = [{}]
+    times.clear()
+    applier = Applier(oracle_root, fsync=False)
+    try:
+        with closing(Journal.open(folder, fsync=False, segment_bytes=1)) as j:
+            for i, (c, data) in enumerate(history):
+                if c.op is Op.RENAME and not (oracle_root / c.path).exists():
+                    continue  # renaming what is not there fails on the source: it is never journaled
+                entry = j.append(replace(c, ts_ns=(T0 + 10 * i) * 1_000_000_000), data)
+                applier.apply_batch([PendingOp(entry, data=data)])
+                trees.append(_snapshot(oracle_root))
+                times.append(entry.ts_ns)
+            j.commit()
+    finally:
+        applier.close()
+    return folder, trees
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(history=histories(), data=st.data())
+def test_a_replay_at_any_moment_of_the_window_is_the_tree_of_that_moment(
+    tmp_path_factory: pytest.TempPathFactory, history: list[tuple[Change, bytes | None]], data: st.DataObject
+) -> None:
+    base = tmp_path_factory.mktemp("pitr")
+    folder, trees = _journal_and_oracle(base, history)
+    head = len(trees) - 1
+    if head == 0:
+        return  # every entry drawn was a rename of nothing: an empty journal
+    cks = folder.parent / checkpoint.CHECKPOINTS
+    positions = sorted(data.draw(st.sets(st.integers(1, head), max_size=4), label="checkpoints"))
+    for p in positions:
+        assert checkpoint.build(folder, cks, upto=p) is not None
+    floor = data.draw(st.sampled_from([0, *positions]), label="prune up to")
+    if floor:
+        with closing(Journal.open(folder, fsync=False, segment_bytes=1)) as j:
+            j.prune(acked=floor, keep_after_mtime=float("inf"))
+            first = j.first_seq
+    else:
+        first = 1
+    oldest = min((p for p in positions if p >= first - 1), default=None) if first > 1 else 0
+    for n, m in enumerate(data.draw(st.lists(st.integers(0, head), min_size=1, max_size=5), label="moments")):
+        out = base / f"out-{n}"
+        answerable = oldest is not None and m >= oldest and (m >= 1 or first == 1)
+        by_time = data.draw(st.booleans(), label="by time")
+        moment = UntilTime(times[m - 1], f"entry {m}") if by_time and m >= 1 else None
+        if not answerable:
+            with pytest.raises(ConfigError):
+                replay(folder, out, until_seq=None if moment else m, until=moment)
+            assert not out.exists()
+            continue
+        if m == 0:
+            continue  # the empty tree before the first entry: nothing to compare
+        replay(folder, out, until_seq=None if moment else m, until=moment)
+        assert _snapshot(out) == trees[m], (m, positions, floor)
+
+
+def test_a_checkpoint_costs_its_changed_files_and_a_touch_never_changes_an_older_one(tmp_path: Path) -> None:
+    history: list[tuple[Change, bytes | None]] = [
+        (put(f"r/m{i}", b"x" * (100 + i)), b"x" * (100 + i)) for i in range(50)
+    ]
+    history.append((put("r/m0", b"new"), b"new"))
+    touched = Change(0, Op.TOUCH, "r/m1", size=101, digest=digest_bytes(b"x" * 101), mtime_ns=5)
+    history.append((touched, None))
+    folder, _trees = _journal_and_oracle(tmp_path, history)
+    cks = folder.parent / checkpoint.CHECKPOINTS
+    first = checkpoint.build(folder, cks, upto=50)
+    second = checkpoint.build(folder, cks, upto=52)
+    assert first is not None and second is not None and (first.files, second.files) == (50, 50)
+    same = (first.tree / "r" / "m7").stat(), (second.tree / "r" / "m7").stat()
+    assert same[0].st_ino == same[1].st_ino, "an unchanged file is shared"
+    assert (first.tree / "r" / "m0").read_bytes() == b"x" * 100 and (
+        second.tree / "r" / "m0"
+    ).read_bytes() == b"new"
+    assert (second.tree / "r" / "m1").stat().st_mtime_ns == 5
+    assert (first.tree / "r" / "m1").stat().st_mtime_ns != 5, "the touch did not reach the older checkpoint"
+    assert checkpoint.build(folder, cks, upto=52) == second  # already there
+    assert [c.seq for c in checkpoint.list_checkpoints(cks)] == [50, 52]
+
+
+def test_expiry_and_the_prune_floor_keep_what_the_window_needs(tmp_path: Path) -> None:
+    history: list[tuple[Change, bytes | None]] = [(put(f"f{i}", b"v"), b"v") for i in range(6)]
+    folder, trees = _journal_and_oracle(tmp_path, history)
+    cks = folder.parent / checkpoint.CHECKPOINTS
+    for p in (2, 4, 6):
+        checkpoint.build(folder, cks, upto=p)
+    cps = checkpoint.list_checkpoints(cks)
+    cutoff = (T0 + 10 * 4) * 1_000_000_000  # between entry 4 (T0 + 30) and entry 5
+    assert checkpoint.prune_floor(cps, cutoff) == 4
+    assert checkpoint.expire(cks, cutoff) == 1  # the one at 2: the window starts at or after 4
+    with closing(Journal.open(folder, fsync=False, segment_bytes=1)) as j:
+        j.prune(acked=4, keep_after_mtime=float("inf"))
+    replay(folder, tmp_path / "out", until_seq=5)
+    assert _snapshot(tmp_path / "out") == trees[5]
+    with pytest.raises(ConfigError, match="no checkpoint is at or before it"):
+        replay(folder, tmp_path / "out2", until_seq=3)
+    with pytest.raises(ConfigError, match="before the oldest checkpoint"):
+        replay(folder, tmp_path / "out3", until=UntilTime((T0 + 10) * 1_000_000_000, "entry 2"))
