@@ -801,6 +801,7 @@ def _cmd_journal(args: argparse.Namespace) -> int:
 
 def _journal_show(folder: Path, args: argparse.Namespace) -> int:
     from engine import recovery
+    from engine.replay import utc_and_local
 
     if not args.path:
         raise ConfigError("journal show: --path P is required (a path relative to the replicated root)")
@@ -832,7 +833,7 @@ def _journal_show(folder: Path, args: argparse.Namespace) -> int:
     for v in found:
         what = v.op + (f" ({v.other})" if v.other else "")
         size = f"{v.held.size:,}" if v.held else "—"
-        t.add_row(recovery.when(v.ts_ns), str(v.seq), what, size, v.held.digest.hex()[:16] if v.held else "—")
+        t.add_row(utc_and_local(v.ts_ns), str(v.seq), what, size, v.held.digest.hex()[:16] if v.held else "—")
     Console(soft_wrap=True).print(t)
     if not found:
         print(f"{args.path}: no change of it is kept in the journal ({window})")

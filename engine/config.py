@@ -40,6 +40,7 @@ class SenderConfig:
     batch_files: int = 1024
     segment_mb: int = 64
     journal_retain_hours: float = 24.0
+    checkpoint_minutes: float = 60.0  # a checkpoint this often (0: none; then replays end at the first prune)
     connect_timeout: float = 5.0
     retry_max: float = 5.0
     silence_timeout: float = 15.0
@@ -126,6 +127,7 @@ RANGES: dict[str, Range] = {
     "batch_files": Range(1, 100_000, "changes"),
     "segment_mb": Range(1, 1024, "MiB"),
     "journal_retain_hours": Range(0, 8760, "hours"),
+    "checkpoint_minutes": Range(0.05, 525_600, "minutes", off=True),
     "connect_timeout": Range(0.5, 300, "seconds"),
     "retry_max": Range(0.1, 600, "seconds"),  # the wait starts at 0.1 s and doubles up to this
     # both sections

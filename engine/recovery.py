@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from engine import checkpoint
@@ -30,6 +29,7 @@ from engine.errors import ConfigError, JournalError, PathRejected
 from engine.journal import Journal
 from engine.model import Change, Op, check_relpath
 from engine.replay import UntilTime, Window, refuse_unanswerable, usable_checkpoints, window
+from engine.replay import utc_and_local as when
 
 # ---- following paths (pure) -------------------------------------------------------------------------------
 
@@ -158,15 +158,6 @@ def follow_versions(changes: Iterable[Change], path: str, known: bool) -> list[V
 
 
 # ---- reading the journal ----------------------------------------------------------------------------------
-
-
-def when(ns: int) -> str:
-    """A moment as UTC and as this machine's local time, both labelled."""
-    if not ns:
-        return "(unknown time)"
-    utc = datetime.fromtimestamp(ns / 1e9, UTC)
-    local = utc.astimezone()
-    return f"{utc.strftime('%Y-%m-%d %H:%M:%S')} UTC ({local.strftime('%H:%M:%S %Z')} local)"
 
 
 def _rel(path: str) -> str:

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -32,12 +32,13 @@ log = logging.getLogger(__name__)
 
 
 def list_journal(folder: Path) -> None:
+    """The segments, the checkpoints and the window a replay can answer (times in UTC and local time)."""
     if not folder.is_dir():
         raise JournalError(f"{folder}: no journal here")
     j = Journal.open(folder, fsync=False, readonly=True)
     try:
         t = Table(title=f"journal {j.id}: entries {j.first_seq}..{j.head}")
-        for col in ("segment", "first seq", "bytes", "modified"):
+        for col in ("segment", "first seq", "bytes", "modified (local)"):
             t.add_column(col)
         for path, first in j.segments():
             st = path.stat()
@@ -47,9 +48,36 @@ def list_journal(folder: Path) -> None:
                 f"{st.st_size:,}",
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime)),
             )
-        Console().print(t)
+        con = Console()
+        con.print(t)
+        cps = usable_checkpoints(folder, j)
+        if cps:
+            ct = Table(title="checkpoints (the set after the entry)")
+            for col in ("entry", "journaled", "files", "bytes"):
+                ct.add_column(col)
+            for c in cps:
+                ct.add_row(str(c.seq), utc_and_local(c.ts_ns), f"{c.files:,}", f"{c.bytes:,}")
+            con.print(ct)
+        w = window(j, cps)
+        start = (cps[0].seq, cps[0].ts_ns) if cps and w.pruned else None if w.pruned else (0, w.first_ts)
+        if start is None:
+            con.print(f"recoverable: none (older entries were pruned and no checkpoint covers them: {w})")
+        else:
+            con.print(
+                f"recoverable: any moment from {utc_and_local(start[1]) if start[1] else 'the first entry'} "
+                f"to {utc_and_local(w.head_ts)} (entries {max(start[0], 1)}..{w.head})",
+                highlight=False,
+            )
     finally:
         j.close()
+
+
+def utc_and_local(ns: int) -> str:
+    """A moment in UTC and in this machine's local time, both labelled."""
+    if not ns:
+        return "(unknown)"
+    utc = datetime.fromtimestamp(ns / 1e9, tz=UTC)
+    return f"{utc.strftime('%Y-%m-%d %H:%M:%S')} UTC ({utc.astimezone().strftime('%H:%M:%S %Z')} local)"
 
 
 # -- replay -------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from engine.errors import ConfigError
 from engine.journal import Journal
 from engine.model import Change, Op
 from engine.replay import UntilTime, replay
+from tests.pair import Pair
 from tests.test_journal import put
 
 NAMES = ["a", "b", "d/x", "d/y", "d/e/z", "f/x"]
@@ -173,3 +174,68 @@ def test_expiry_and_the_prune_floor_keep_what_the_window_needs(tmp_path: Path) -
         replay(folder, tmp_path / "out2", until_seq=3)
     with pytest.raises(ConfigError, match="before the oldest checkpoint"):
         replay(folder, tmp_path / "out3", until=UntilTime((T0 + 10) * 1_000_000_000, "entry 2"))
+
+
+def test_a_running_sender_checkpoints_prunes_up_to_its_checkpoint_and_every_moment_stays_answerable(
+    pair: Pair,
+) -> None:
+    """`standby send` with a checkpoint every 3 s and no retention: the journal is pruned, but only up to a
+    checkpoint, and `standby replay` still rebuilds the whole set as it was at any later entry."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.pair import ROOT, wait_for
+
+    pair.sender_extra = "checkpoint_minutes = 0.05\njournal_retain_hours = 0\nsegment_mb = 1"
+    pair.write_config()
+    room = pair.source / "databases" / "r1"
+    room.mkdir(parents=True)
+    pair.start("receive")
+    pair.start("send")
+    versions: list[dict[str, bytes]] = []
+    for round_ in range(4):
+        for i in range(40):
+            (room / f"m{i:02d}.json").write_bytes(os.urandom(20_000 + round_))  # ~1 MB a round: segments
+        pair.wait_converged()
+        versions.append({p.name: p.read_bytes() for p in room.iterdir()})
+        time.sleep(3.5)  # a checkpoint, then a prune up to it
+    cks = pair.sender_state / checkpoint.CHECKPOINTS
+    wait_for(lambda: len(checkpoint.list_checkpoints(cks)) >= 1, 30, "a checkpoint")
+    with closing(Journal.open(pair.sender_state / "journal", fsync=False, readonly=True)) as j:
+        first, head = j.first_seq, j.head
+    assert first > 1, "acknowledged segments were pruned"
+    oldest = checkpoint.list_checkpoints(cks)[0]
+    assert oldest.seq >= first - 1, "never past the oldest checkpoint"
+    out = pair.base / "rebuilt"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "replay",
+            "-c",
+            str(pair.config),
+            "--into",
+            str(out),
+            "--pos",
+            str(head),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.read_bytes() for p in (out / "databases" / "r1").iterdir()} == versions[-1]
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "journal", "-c", str(pair.config), "list"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert r.returncode == 0 and "checkpoints" in r.stdout and "recoverable: any moment from" in r.stdout, (
+        r.stdout
+    )
+    pair.stop_all()

@@ -27,9 +27,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine import checkpoint
 from engine.aio import run_critical
 from engine.config import SenderConfig
-from engine.errors import JournalFull, PathRejected
+from engine.errors import JournalFull, PathRejected, ReplicationError
 from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.journal import Journal
 from engine.model import Change, Op, check_relpath, is_temp_name, is_under, to_posix_rel
@@ -168,6 +169,8 @@ class Intake:
         self._full_backoff = 1.0
         self._watch_retry = 1.0
         self._last_prune = clock()
+        self._ck_task: asyncio.Future[None] | None = None
+        self._ck_floor = 0  # the journal may be pruned up to here (checkpoint.prune_floor)
         self.stopping = False
         self._watcher: Watcher | None = None
         self._wake = asyncio.Event()
@@ -554,14 +557,36 @@ class Intake:
         if res.appended:
             self.counters["journaled"] += res.appended
             self._on_appended()
-        if now - self._last_prune > PRUNE_INTERVAL:
+        every = self.cfg.checkpoint_minutes * 60
+        if now - self._last_prune > (min(PRUNE_INTERVAL, every) if every else PRUNE_INTERVAL):
             self._last_prune = now
             cutoff = time.time() - self.cfg.journal_retain_hours * 3600
             acked = min(self._acked(), self.journal.head)
+            if every:
+                # The window's first moment must stay answerable: prune only up to the checkpoint that
+                # covers it (none yet: nothing). Building runs aside; journaling never waits for it.
+                if self._ck_task is None or self._ck_task.done():
+                    self._ck_task = asyncio.ensure_future(asyncio.to_thread(self._checkpoints, cutoff))
+                acked = min(acked, self._ck_floor)
             removed = await run_critical(functools.partial(self._prune, acked, cutoff))
             if removed:
-                log.info("journal.pruned segments=%d", removed)
+                log.info("journal.pruned segments=%d up_to=%d", removed, acked)
         return 0
+
+    def _checkpoints(self, cutoff: float) -> None:
+        """A checkpoint if the last is older than ``checkpoint_minutes``; those the window no longer needs
+        deleted; the floor the journal may be pruned to. Worker thread."""
+        folder = checkpoint.folder_of(self.cfg.state_dir)
+        try:
+            cps = checkpoint.list_checkpoints(folder)
+            due = not cps or time.time_ns() - cps[-1].ts_ns >= self.cfg.checkpoint_minutes * 60e9
+            if due:
+                checkpoint.build(self.cfg.state_dir / "journal", folder)
+            cutoff_ns = int(cutoff * 1e9)
+            checkpoint.expire(folder, cutoff_ns)
+            self._ck_floor = checkpoint.prune_floor(checkpoint.list_checkpoints(folder), cutoff_ns)
+        except (OSError, ReplicationError) as e:
+            log.warning("checkpoint.failed error=%s (the journal is not pruned past the last checkpoint)", e)
 
     async def _journal_full(self, batch: list[Pending], why: str) -> None:
         """The journal's disk is full: the whole batch goes back to the front of the queue (puts forced, so
