@@ -171,6 +171,7 @@ class Intake:
         self._last_prune = clock()
         self._ck_task: asyncio.Future[None] | None = None
         self._ck_floor = 0  # the journal may be pruned up to here (checkpoint.prune_floor)
+        self._ck_newest = 0  # the newest checkpoint's seq (0: none)
         self.stopping = False
         self._watcher: Watcher | None = None
         self._wake = asyncio.Event()
@@ -584,7 +585,9 @@ class Intake:
                 checkpoint.build(self.cfg.state_dir / "journal", folder)
             cutoff_ns = int(cutoff * 1e9)
             checkpoint.expire(folder, cutoff_ns)
-            self._ck_floor = checkpoint.prune_floor(checkpoint.list_checkpoints(folder), cutoff_ns)
+            cps = checkpoint.list_checkpoints(folder)
+            self._ck_floor = checkpoint.prune_floor(cps, cutoff_ns)
+            self._ck_newest = cps[-1].seq if cps else 0
         except (OSError, ReplicationError) as e:
             log.warning("checkpoint.failed error=%s (the journal is not pruned past the last checkpoint)", e)
 
@@ -604,7 +607,20 @@ class Intake:
         self.ops.extendleft(reversed(again))
         self._approved += len(batch)  # deletions among them were judged already
         acked = min(self._acked(), self.journal.head)
-        removed = await run_critical(functools.partial(self._prune, acked, 0.0, True))
+        # Keep what the newest checkpoint goes on from while that frees anything (the checkpoints go on);
+        # past it only when nothing else is left: then whole-set replays start again from a later point.
+        floor = min(acked, self._ck_newest) if self._ck_newest else acked
+        removed = await run_critical(functools.partial(self._prune, floor, 0.0, True))
+        if not removed and floor < acked:
+            removed = await run_critical(functools.partial(self._prune, acked, 0.0, True))
+            if removed:
+                log.error(
+                    "checkpoint.chain_broken up_to=%d (the disk is full: segments after the newest "
+                    "checkpoint were pruned, so no later checkpoint can be built from the journal and "
+                    "whole-set replays end there; single files can still be restored)",
+                    acked,
+                )
+                self._ck_newest = 0
         if removed:
             log.warning("journal.pruned_for_space segments=%d", removed)
         await asyncio.sleep(self._full_backoff)
