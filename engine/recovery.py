@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import checkpoint
-from engine import journal as jn
+from engine.apply import Applier, PendingOp
 from engine.digest import digest_bytes
 from engine.errors import ConfigError, JournalError, PathRejected
 from engine.journal import Journal
@@ -233,12 +233,15 @@ def restore(
             assert held is None
             raise ConfigError(f"{rel}: nothing was there at that moment (see `standby journal show --path`)")
         out: list[Restored] = []
+        puts: list[PendingOp] = []
         for p in targets:
             held = f.files[p]
             data = _content(j, held)
-            if not dry_run:
-                _put(root, p, data, held.mtime_ns)
+            change = Change(0, Op.PUT, p, size=held.size, mtime_ns=held.mtime_ns, digest=held.digest)
+            puts.append(PendingOp(change, data=data))
             out.append(Restored(p, held, not dry_run))
+        if not dry_run:
+            _write(root, puts)
         return out
     finally:
         j.close()
@@ -258,22 +261,17 @@ def _content(j: Journal, held: Held) -> bytes:
     return data
 
 
-def _put(root: Path, rel: str, data: bytes, mtime_ns: int) -> None:
-    """Write ``data`` at ``root/rel`` atomically and durably: temp, fsync, rename, folder fsync."""
-    final = root.joinpath(*rel.split("/"))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.restore-{os.getpid()}")
+def _write(root: Path, puts: list[PendingOp]) -> None:
+    """Write the files as the receiver writes them: the applier's checked paths (no symlink crossed, no
+    reserved name), temp files made durable, renamed into place, folders made durable."""
+    applier = Applier(root, fsync=True)
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.utime(tmp, ns=(mtime_ns, mtime_ns))
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    jn.fsync_dir(final.parent)
+        res = applier.apply_batch(puts)
+    finally:
+        applier.close()
+    if res.problems:
+        p = res.problems[0]
+        raise ConfigError(f"{p.path}: not restored: {p.reason}")
 
 
 @dataclass(frozen=True, slots=True)

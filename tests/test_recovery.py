@@ -209,3 +209,14 @@ def test_the_commands_show_and_restore_from_a_running_pair(pair: Pair) -> None:
     assert r.returncode == 2 and "Traceback" not in r.stderr
     r = _cli(pair, "journal", "show")
     assert r.returncode == 2 and "--path" in r.stderr
+
+
+def test_restore_never_writes_through_a_symlink_out_of_the_root(tmp_path: Path) -> None:
+    _config_history(tmp_path / "journal")
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "config").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ConfigError, match="not restored"):
+        restore(tmp_path / "journal", root, "config/config.json", until_seq=3)
+    assert list(outside.iterdir()) == []
