@@ -763,13 +763,39 @@ def _cmd_guard(args: argparse.Namespace) -> int:
 
 
 def _journal_of(path: Path) -> tuple[Path, Path, config.NodeSetup | None]:
-    """The journal folder and the replicated root of a sender config or a node config."""
+    """The journal folder and the replicated root of a config: a sender's journal; a receiver's kept
+    journal (``[receiver] keep_journal``); for a node, whichever of its two holds the latest entry (the
+    sender's while it was active, the receiver's while it was passive)."""
     cfg = config.load(path, allow_node=True)
     if cfg.node is not None:
-        part = cfg.node.sender()
-        return part.state_dir / "journal", part.source, cfg.node
-    sender = cfg.need_sender()
-    return sender.state_dir / "journal", sender.source, None
+        sides = [(cfg.node.sender().state_dir / "journal", cfg.node.node.root)]
+        sides.append((cfg.node.receiver().state_dir / "journal", cfg.node.node.root))
+        newest = max(sides, key=lambda side: _head_time(side[0]))
+        return newest[0], newest[1], cfg.node
+    if cfg.sender is not None:
+        return cfg.sender.state_dir / "journal", cfg.sender.source, None
+    receiver = cfg.need_receiver()
+    return receiver.state_dir / "journal", receiver.target, None
+
+
+def _head_time(folder: Path) -> int:
+    """When the newest entry of the journal in ``folder`` was journaled (0: none, or no journal)."""
+    from engine.journal import Journal
+
+    if not folder.is_dir():
+        return 0
+    try:
+        j = Journal.open(folder, fsync=False, readonly=True)
+    except ReplicationError:
+        return 0
+    try:
+        gen = j.headers(j.head) if j.head >= j.first_seq else None
+        c = next(gen, None) if gen is not None else None
+        if gen is not None:
+            gen.close()
+        return c.ts_ns if c is not None else 0
+    finally:
+        j.close()
 
 
 def _cmd_journal(args: argparse.Namespace) -> int:

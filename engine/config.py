@@ -64,6 +64,9 @@ class ReceiverConfig:
     max_path_chars: int = 1024
     max_path_depth: int = 64
     sync_mode: str = "auto"
+    keep_journal: bool = True  # journal what is applied, with checkpoints: the passive can recover too
+    journal_retain_hours: float = 24.0
+    checkpoint_minutes: float = 60.0
     peer_id: str = ""
     insecure: bool = False
 

@@ -17,15 +17,16 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from engine import wire
+from engine import checkpoint, wire
 from engine.aio import tune_socket
 from engine.apply import Applier, LargePut, PendingOp, PositionFile
 from engine.config import ReceiverConfig
-from engine.errors import ApplyError, PathRejected, PeerRefused, RemoteProtocolError
+from engine.errors import ApplyError, PathRejected, PeerRefused, RemoteProtocolError, ReplicationError
 from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.history import GuardHistory
+from engine.journal import Journal
 from engine.model import PROTOCOL_VERSION, Change, FileMeta, Op, check_relpath
-from engine.scan import SMALL_FILE, HashCache, Manifest, iter_manifest
+from engine.scan import SMALL_FILE, HashCache, Manifest, iter_file_chunks, iter_manifest
 from engine.status import write_status_quiet
 from engine.transport import TlsSettings, server_upgrade
 
@@ -80,6 +81,10 @@ class Receiver:
             self.applier.on_rename = history.rename  # the versions follow a renamed file or folder
         else:
             self.history = None
+        #: What this side applied, journaled again with checkpoints beside it (``[receiver] keep_journal``):
+        #: the passive can rebuild any moment of its window by itself. Its seqs are its own.
+        self.kept: Journal | None = None  # opened by serve()
+        self._housekeeping = time.monotonic()
         self.journal = self.position.current.journal
         self.seq = self.position.current.seq
         self.epoch = self.position.current.epoch
@@ -110,6 +115,10 @@ class Receiver:
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event) -> None:
+        if self.cfg.keep_journal and self.kept is None:
+            self.kept = await asyncio.to_thread(
+                Journal.open, self.cfg.state_dir / "journal", fsync=self.cfg.fsync
+            )
         removed = await asyncio.to_thread(self.applier.clean_temps)
         if removed:
             log.info("receiver.temps_removed count=%d", removed)
@@ -146,7 +155,52 @@ class Receiver:
                     self._save()
                     self.applier.close()
                     self.position.close()
+                    if self.kept is not None:
+                        self.kept.close()
                 log.info("receiver.stopped seq=%d", self.seq)
+
+    def keep(self, ops: list[PendingOp]) -> None:
+        """Journal a group just applied, in order, durably (one commit). Caller holds ``apply_lock``. A
+        large put's content is read back from the file it became."""
+        kept = self.kept
+        if kept is None or not ops:
+            return
+        for op in ops:
+            c = op.change
+            if c.op is Op.PUT and op.data is None and op.temp is not None:
+                final = self.cfg.target.joinpath(*c.path.split("/"))
+                appender = kept.begin_put(c)
+                try:
+                    for chunk in iter_file_chunks(final):
+                        appender.write(chunk)
+                except OSError:
+                    appender.abort()
+                    raise
+                appender.finish()
+            else:
+                kept.append(c, op.data if c.op is Op.PUT else None)
+        kept.commit()
+
+    def housekeeping(self) -> None:
+        """A checkpoint of the kept journal when due, those the window no longer needs deleted, and the
+        journal pruned up to the checkpoint covering the window's first moment. Worker thread."""
+        kept, cfg = self.kept, self.cfg
+        if kept is None or not cfg.checkpoint_minutes:
+            return
+        folder = checkpoint.folder_of(cfg.state_dir)
+        cutoff = time.time() - cfg.journal_retain_hours * 3600
+        try:
+            cps = checkpoint.list_checkpoints(folder)
+            if not cps or time.time_ns() - cps[-1].ts_ns >= cfg.checkpoint_minutes * 60e9:
+                checkpoint.build(cfg.state_dir / "journal", folder)
+            checkpoint.expire(folder, int(cutoff * 1e9))
+            floor = checkpoint.prune_floor(checkpoint.list_checkpoints(folder), int(cutoff * 1e9))
+            with self.apply_lock:
+                kept.prune(floor, cutoff)
+        except (OSError, ReplicationError) as e:
+            log.warning(
+                "checkpoint.failed error=%s (the kept journal is not pruned past the last checkpoint)", e
+            )
 
     def _save(self) -> None:
         try:
@@ -157,8 +211,14 @@ class Receiver:
 
     async def _status_loop(self) -> None:
         saved_at, saved_applied = time.monotonic(), self.counters["applied"]
+        every = min(60.0, self.cfg.checkpoint_minutes * 60)
+        chores: asyncio.Future[None] | None = None
         while True:
             await asyncio.to_thread(write_status_quiet, self.cfg.state_dir, self.status())
+            due = self.kept is not None and every and time.monotonic() - self._housekeeping >= every
+            if due and (chores is None or chores.done()):  # aside: applying never waits for a checkpoint
+                self._housekeeping = time.monotonic()
+                chores = asyncio.ensure_future(asyncio.to_thread(self.housekeeping))
             # The hash cache is also saved now and then, so that a restart after a crash does not re-hash
             # the whole replica for its first manifest (a stale entry is harmless: it is keyed on the stat).
             now = time.monotonic()
@@ -557,6 +617,7 @@ class _Conn:
                     # One call in a worker thread: apply, then persist the position. Never split.
                     with rx.apply_lock:
                         res = rx.applier.apply_batch(todo)
+                        rx.keep(todo)  # before the position: a crash in between journals them twice
                         rx.position.save(rx.journal, last, rx.epoch)
                     return res.problems
 

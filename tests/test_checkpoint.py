@@ -239,3 +239,54 @@ def test_a_running_sender_checkpoints_prunes_up_to_its_checkpoint_and_every_mome
         r.stdout
     )
     pair.stop_all()
+
+
+def test_the_passive_rebuilds_the_set_by_itself_after_the_actives_state_is_lost(pair: Pair) -> None:
+    """The receiver keeps a journal of what it applied, with checkpoints: with the active's state folder
+    deleted, the passive's own config replays the set as it was."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.pair import ROOT, wait_for
+
+    pair.receiver_extra = "checkpoint_minutes = 0.05"
+    pair.write_config()
+    room = pair.source / "databases" / "r1"
+    room.mkdir(parents=True)
+    pair.start("receive")
+    pair.start("send")
+    for i in range(30):
+        (room / f"m{i:02d}.json").write_bytes(os.urandom(3000 + i))
+    big = os.urandom(6 << 20)  # a large put: streamed, kept by reading back the file it became
+    (room / "big.bin").write_bytes(big)
+    pair.wait_converged()
+    want = {p.name: p.read_bytes() for p in room.iterdir()}
+    cks = pair.receiver_state / checkpoint.CHECKPOINTS
+    wait_for(lambda: len(checkpoint.list_checkpoints(cks)) >= 1, 30, "the passive's checkpoint")
+    pair.stop_all()
+    shutil.rmtree(pair.sender_state)  # the active server is gone, its state with it
+    passive_only = pair.base / "passive.toml"
+    text = pair.config.read_text("utf-8")
+    passive_only.write_text(text[text.index("[receiver]") :], "utf-8")
+    out = pair.base / "rebuilt"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "replay",
+            "-c",
+            str(passive_only),
+            "--into",
+            str(out),
+            "--at",
+            "2100-01-01T00:00:00Z",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.read_bytes() for p in (out / "databases" / "r1").iterdir()} == want
