@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ class Checkpoint:
     files: int
     bytes: int
     path: Path  # the checkpoint's folder; the set is ``path / "tree"``
+    journal: str = ""  # the id of the journal it was built from: only that journal's entries follow it
 
     @property
     def tree(self) -> Path:
@@ -71,12 +73,18 @@ def list_checkpoints(folder: Path) -> list[Checkpoint]:
             continue
         try:
             meta = json.loads((d / "meta.json").read_text("utf-8"))
-            out.append(
-                Checkpoint(int(meta["seq"]), int(meta["ts_ns"]), int(meta["files"]), int(meta["bytes"]), d)
-            )
+            seq, ts, files, size = (int(meta[k]) for k in ("seq", "ts_ns", "files", "bytes"))
+            out.append(Checkpoint(seq, ts, files, size, d, str(meta.get("journal", ""))))
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("checkpoint.unreadable folder=%s error=%s", d, e)
     return sorted(out, key=lambda c: c.seq)
+
+
+def usable(checkpoints: list[Checkpoint], j: Journal) -> list[Checkpoint]:
+    """The checkpoints ``j``'s entries go on from: built from this journal (a retired or rebuilt journal
+    starts its seqs again), at a seq it still has the entry after, and not past its committed head (a
+    repair may have cut entries a checkpoint was built from)."""
+    return [c for c in checkpoints if c.journal == j.id and j.first_seq - 1 <= c.seq <= j.head]
 
 
 def base_for(checkpoints: list[Checkpoint], until_seq: int | None, until_ns: int | None) -> Checkpoint | None:
@@ -98,17 +106,71 @@ def prune_floor(checkpoints: list[Checkpoint], cutoff_ns: int) -> int:
     return older[-1].seq if older else 0
 
 
-def expire(folder: Path, cutoff_ns: int) -> int:
+def expire(folder: Path, cutoff_ns: int, journal_id: str) -> int:
     """Delete the checkpoints no moment of the window needs: all older than the newest one at or before
-    the cut-off. The number deleted."""
+    the cut-off, and any of another journal. The number deleted. Each is first renamed out of the list
+    (``.expiring-*``), so that a crash half way never leaves a partial checkpoint that counts as whole."""
     cps = list_checkpoints(folder)
-    keep_from = prune_floor(cps, cutoff_ns)
+    mine = [c for c in cps if c.journal == journal_id]
+    keep_from = prune_floor(mine, cutoff_ns)
     gone = 0
     for c in cps:
-        if c.seq < keep_from:
-            shutil.rmtree(c.path, ignore_errors=True)
+        if c.journal != journal_id or c.seq < keep_from:
+            _remove(c.path)
             gone += 1
     return gone
+
+
+def _remove(path: Path) -> None:
+    doomed = path.with_name(f".expiring-{path.name}")
+    os.replace(path, doomed)
+    jn.fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+class Cadence:
+    """When this process last built a checkpoint (its own monotonic clock: a checkpoint's entry time may
+    be far off when the wall clock jumped)."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.unavailable_said = False
+
+    def due(self, every_s: float) -> bool:
+        return self.last is None or time.monotonic() - self.last >= every_s
+
+
+#: No floor: the journal is pruned as its retention says (checkpoints cannot be built).
+NO_FLOOR = 1 << 62
+
+
+def chores(
+    state_dir: Path, journal_id: str, head: int, cutoff: float, minutes: float, cadence: Cadence
+) -> tuple[int, int]:
+    """A side's housekeeping (the sender's, or a passive's kept journal): a checkpoint up to ``head`` when
+    one is due, expiry, and (the floor the journal may be pruned to, the newest checkpoint's seq). When no
+    checkpoint can be built from the journal (entries pruned before checkpoints existed, or the chain
+    broken under disk pressure), the floor is lifted: the journal is pruned as its retention says, and
+    whole-set replays are refused before the window the checkpoints can answer."""
+    folder = folder_of(state_dir)
+    cutoff_ns = int(cutoff * 1e9)
+    try:
+        if cadence.due(minutes * 60):
+            build(state_dir / "journal", folder, upto=head)
+            cadence.last = time.monotonic()
+        expire(folder, cutoff_ns, journal_id)
+        cps = [c for c in list_checkpoints(folder) if c.journal == journal_id]
+        return prune_floor(cps, cutoff_ns), (cps[-1].seq if cps else 0)
+    except JournalError as e:
+        if not cadence.unavailable_said:
+            cadence.unavailable_said = True
+            log.error("checkpoint.unavailable error=%s (the journal is pruned as its retention says)", e)
+        cadence.last = time.monotonic()
+        return NO_FLOOR, 0
+    except OSError as e:
+        log.warning("checkpoint.failed error=%s (the journal is not pruned past the last checkpoint)", e)
+        cps = [c for c in list_checkpoints(folder) if c.journal == journal_id]
+        return prune_floor(cps, cutoff_ns), (cps[-1].seq if cps else 0)
 
 
 def build(journal_folder: Path, folder: Path, upto: int | None = None) -> Checkpoint | None:
@@ -120,7 +182,7 @@ def build(journal_folder: Path, folder: Path, upto: int | None = None) -> Checkp
         head = j.head if upto is None else min(upto, j.head)
         if head < 1 or head < j.first_seq - 1:
             return None
-        cps = list_checkpoints(folder)
+        cps = [c for c in list_checkpoints(folder) if c.journal == j.id and c.seq <= head]
         base = base_for(cps, head, None)
         if base is not None and base.seq == head:
             return base
@@ -131,7 +193,7 @@ def build(journal_folder: Path, folder: Path, upto: int | None = None) -> Checkp
                 "covers them"
             )
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".building-*"):
+        for stale in [*folder.glob(".building-*"), *folder.glob(".expiring-*")]:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = folder / f".building-{head}"
         tree = tmp / "tree"
@@ -152,18 +214,23 @@ def build(journal_folder: Path, folder: Path, upto: int | None = None) -> Checkp
         log.info(
             "checkpoint.built seq=%d files=%d bytes=%d from=%s", head, files, size, base.seq if base else 0
         )
-        return Checkpoint(head, ts, files, size, final)
+        return Checkpoint(head, ts, files, size, final, j.id)
     finally:
         j.close()
 
 
 def _apply(j: Journal, tree: Path, start: int, end: int) -> int:
-    """Apply entries ``start..end`` to ``tree`` durably; the time of the last one."""
+    """Apply entries ``start..end`` to ``tree`` durably; the time of the last one. Any problem the applier
+    reports (an entry refused, stale, a missing source) fails the build: a checkpoint must be exact."""
     applier = Applier(tree, fsync=True)
+    problems: list[str] = []
     try:
-        return apply_entries(j, applier, tree, start, end)[1]
+        ts = apply_entries(j, applier, tree, start, end, problems=problems)[1]
     finally:
         applier.close()
+    if problems:
+        raise JournalError(f"checkpoint at {end}: {len(problems)} entries not applied, e.g. {problems[0]}")
+    return ts
 
 
 def apply_entries(
@@ -174,22 +241,31 @@ def apply_entries(
     end: int,
     until_ns: int | None = None,
     advance: Callable[[], object] | None = None,
+    problems: list[str] | None = None,
 ) -> tuple[int, int]:
     """Apply entries ``start..end`` (none journaled after ``until_ns``) to ``tree`` through ``applier``, in
     order, in batches; a large put streamed. The last entry applied (``start - 1``: none) and its time."""
     last, ts = start - 1, 0
     cur = j.cursor(start)
     batch: list[PendingOp] = []
+
+    def run(ops: list[PendingOp]) -> None:
+        res = applier.apply_batch(ops)
+        for p in res.problems:
+            log.warning("replay.problem seq=%d path=%r code=%s reason=%s", p.seq, p.path, p.code, p.reason)
+            if problems is not None:
+                problems.append(f"entry {p.seq} {p.path!r}: {p.code} ({p.reason})")
+
     try:
         while (c := cur.next_header()) is not None and c.seq <= end:
             if until_ns is not None and c.ts_ns > until_ns:
                 break
             if c.op is Op.TOUCH:  # its time changes in place: never through a link another tree shares
-                applier.apply_batch(batch)
+                run(batch)
                 batch = []
                 unshare(tree.joinpath(*c.path.split("/")))
             if c.op is Op.PUT and c.size > LARGE:
-                applier.apply_batch(batch)
+                run(batch)
                 batch = []
                 large = applier.begin_large(c)
                 for chunk in cur.chunks():
@@ -197,19 +273,17 @@ def apply_entries(
                 reason = large.finish()
                 if reason:
                     raise JournalError(f"entry {c.seq}: {reason}")
-                applier.apply_batch([PendingOp(c, temp=large.temp)])
+                run([PendingOp(c, temp=large.temp)])
             else:
                 data = b"".join(cur.chunks()) if c.op is Op.PUT else None
                 batch.append(PendingOp(c, data=data))
                 if len(batch) >= BATCH:
-                    applier.apply_batch(batch)
+                    run(batch)
                     batch = []
             last, ts = c.seq, c.ts_ns
             if advance is not None:
                 advance()
-        res = applier.apply_batch(batch)
-        for p in res.problems:
-            log.warning("replay.problem seq=%d path=%r code=%s reason=%s", p.seq, p.path, p.code, p.reason)
+        run(batch)
     finally:
         cur.close()
     return last, ts
@@ -235,7 +309,10 @@ def _link_tree(src: Path, dst: Path) -> None:
         for d in dirs:
             (dst / rel / d).mkdir()
         for f in files:
-            os.link(Path(dirpath) / f, dst / rel / f)
+            try:
+                os.link(Path(dirpath) / f, dst / rel / f)
+            except OSError:  # NTFS's limit of 1023 links to a file, a file system without links: a copy
+                shutil.copy2(Path(dirpath) / f, dst / rel / f)
 
 
 def _count(tree: Path) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from engine import checkpoint, wire
 from engine.aio import tune_socket
 from engine.apply import Applier, LargePut, PendingOp, PositionFile
 from engine.config import ReceiverConfig
-from engine.errors import ApplyError, PathRejected, PeerRefused, RemoteProtocolError, ReplicationError
+from engine.errors import ApplyError, PathRejected, PeerRefused, RemoteProtocolError
 from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.history import GuardHistory
 from engine.journal import Journal
@@ -85,6 +85,7 @@ class Receiver:
         #: the passive can rebuild any moment of its window by itself. Its seqs are its own.
         self.kept: Journal | None = None  # opened by serve()
         self._housekeeping = time.monotonic()
+        self._cadence = checkpoint.Cadence()
         self.journal = self.position.current.journal
         self.seq = self.position.current.seq
         self.epoch = self.position.current.epoch
@@ -187,20 +188,14 @@ class Receiver:
         kept, cfg = self.kept, self.cfg
         if kept is None or not cfg.checkpoint_minutes:
             return
-        folder = checkpoint.folder_of(cfg.state_dir)
+        with self.apply_lock:
+            head = kept.head  # committed
         cutoff = time.time() - cfg.journal_retain_hours * 3600
-        try:
-            cps = checkpoint.list_checkpoints(folder)
-            if not cps or time.time_ns() - cps[-1].ts_ns >= cfg.checkpoint_minutes * 60e9:
-                checkpoint.build(cfg.state_dir / "journal", folder)
-            checkpoint.expire(folder, int(cutoff * 1e9))
-            floor = checkpoint.prune_floor(checkpoint.list_checkpoints(folder), int(cutoff * 1e9))
-            with self.apply_lock:
-                kept.prune(floor, cutoff)
-        except (OSError, ReplicationError) as e:
-            log.warning(
-                "checkpoint.failed error=%s (the kept journal is not pruned past the last checkpoint)", e
-            )
+        floor, _newest = checkpoint.chores(
+            cfg.state_dir, kept.id, head, cutoff, cfg.checkpoint_minutes, self._cadence
+        )
+        with self.apply_lock:
+            kept.prune(min(floor, kept.head), cutoff)
 
     def _save(self) -> None:
         try:

@@ -71,11 +71,14 @@ class Follow:
         self.files: dict[str, Held] = {}
         self.dirs: set[str] = set()
         self.touched: set[str] = set()  # paths (and folders) whose state the kept entries decided
+        self.unknown: set[str] = set()  # paths (and folders) that received what was there before the window
 
     def state(self, path: str) -> Held | None:
         """What ``path`` holds now; LookupError if that depends on entries no longer kept."""
         if path in self.files:
             return self.files[path]
+        if any(path == u or _under(path, u) for u in self.unknown):
+            raise LookupError(path)
         if self.known or path in self.touched or any(_under(path, t) for t in self.touched if t):
             return None
         raise LookupError(path)
@@ -129,7 +132,11 @@ class Follow:
 
     def _rename(self, src: str, dst: str, changed: list[tuple[str, str, str]]) -> None:
         if src not in self.files and src not in self.dirs:
-            return  # nothing there: the applier reports a missing source and changes nothing
+            if not self.known and not (src in self.touched or any(_under(src, t) for t in self.touched)):
+                # What moved was there before the window: what ``dst`` holds now is not known.
+                self._drop(dst, "replaced-by-rename", src, changed)
+                self.unknown.add(dst)
+            return  # (known: nothing there; the applier reports a missing source and changes nothing)
         moving = {p: h for p, h in self.files.items() if p == src or _under(p, src)}
         folders = {d for d in self.dirs if d == src or _under(d, src)}
         self.dirs -= folders
@@ -223,6 +230,16 @@ def restore(
         for c in _upto(j, until_ns, until_seq):
             f.apply(c)
         targets = sorted(p for p in f.files if p == rel or _under(p, rel))
+        if not f.known and targets and targets != [rel]:
+            # A folder's files that did not change within the window are in no entry kept.
+            raise ConfigError(
+                f"{rel}: a folder can be restored only while the journal holds its whole history ({w}); "
+                "rebuild the set with standby replay --into DIR (from a checkpoint) and copy the folder"
+            )
+        if targets == [rel] and rel in f.unknown:
+            raise ConfigError(
+                f"{rel}: what it held then is older than the journal ({w}); it cannot be restored"
+            )
         if not targets:
             try:
                 held = f.state(rel)
@@ -263,7 +280,20 @@ def _content(j: Journal, held: Held) -> bytes:
 
 def _write(root: Path, puts: list[PendingOp]) -> None:
     """Write the files as the receiver writes them: the applier's checked paths (no symlink crossed, no
-    reserved name), temp files made durable, renamed into place, folders made durable."""
+    reserved name), temp files made durable, renamed into place, folders made durable. Refused, before
+    anything is written, when a folder stands where a file goes or a file where a folder goes (the
+    applier would remove it: restore never deletes live data)."""
+    for op in puts:
+        parts = op.change.path.split("/")
+        for i in range(1, len(parts)):
+            above = root.joinpath(*parts[:i])
+            if above.is_symlink() or (above.exists() and not above.is_dir()):
+                raise ConfigError(
+                    f"{op.change.path}: not restored: {'/'.join(parts[:i])} is not a folder now"
+                )
+        final = root.joinpath(*parts)
+        if final.is_dir() and not final.is_symlink():
+            raise ConfigError(f"{op.change.path}: not restored: a folder stands there now")
     applier = Applier(root, fsync=True)
     try:
         res = applier.apply_batch(puts)

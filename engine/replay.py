@@ -76,7 +76,11 @@ def utc_and_local(ns: int) -> str:
     """A moment in UTC and in this machine's local time, both labelled."""
     if not ns:
         return "(unknown)"
-    utc = datetime.fromtimestamp(ns / 1e9, tz=UTC)
+    try:
+        utc = datetime.fromtimestamp(ns / 1e9, tz=UTC)
+        utc.astimezone()
+    except (OverflowError, OSError, ValueError):
+        return f"(out of range: {ns} ns)"
     return f"{utc.strftime('%Y-%m-%d %H:%M:%S')} UTC ({utc.astimezone().strftime('%H:%M:%S %Z')} local)"
 
 
@@ -93,6 +97,13 @@ class UntilTime:
 
 def parse_until_time(text: str) -> UntilTime:
     """ISO 8601 with or without a UTC offset; without one it is this machine's local time."""
+    try:
+        return _parse_until_time(text)
+    except (OverflowError, OSError, ValueError) as e:
+        raise ConfigError(f"--at/--until-time {text!r}: out of range ({e})") from None
+
+
+def _parse_until_time(text: str) -> UntilTime:
     try:
         dt = datetime.fromisoformat(text)
     except ValueError:
@@ -116,7 +127,10 @@ def _offset(dt: datetime) -> str:
 
 
 def _when(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="seconds")
+    try:
+        return datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return f"(out of range: {ns} ns)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,11 +161,7 @@ class Window:
 
 def usable_checkpoints(folder: Path, j: Journal) -> list[checkpoint.Checkpoint]:
     """The checkpoints beside the journal in ``folder`` that the journal goes on from."""
-    return [
-        c
-        for c in checkpoint.list_checkpoints(folder.parent / checkpoint.CHECKPOINTS)
-        if c.seq >= j.first_seq - 1
-    ]
+    return checkpoint.usable(checkpoint.list_checkpoints(folder.parent / checkpoint.CHECKPOINTS), j)
 
 
 def window(j: Journal, checkpoints: list[checkpoint.Checkpoint] | None = None) -> Window:
@@ -332,6 +342,11 @@ def repair_journal(folder: Path) -> None:
     print(f"journal {chk.id} repaired: kept {_span(chk.first_seq, chk.last_seq)}; set aside in {res.aside}:")
     for line in res.moved:
         print(f"  {line}")
+    # A checkpoint built from entries set aside would be taken for one of the entries written next.
+    for c in checkpoint.list_checkpoints(folder.parent / checkpoint.CHECKPOINTS):
+        if c.seq > chk.last_seq:
+            os.replace(c.path, Path(res.aside) / f"checkpoint-{c.path.name}")
+            print(f"  checkpoint at seq {c.seq} (built from entries set aside)")
     print(
         f"the sender goes on from seq {chk.last_seq + 1}; a receiver that applied later entries starts a new "
         "stream there and is reconciled"

@@ -8,6 +8,7 @@ shared inode) and a touch never changes an older checkpoint."""
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
@@ -165,7 +166,8 @@ def test_expiry_and_the_prune_floor_keep_what_the_window_needs(tmp_path: Path) -
     cps = checkpoint.list_checkpoints(cks)
     cutoff = (T0 + 10 * 4) * 1_000_000_000  # between entry 4 (T0 + 30) and entry 5
     assert checkpoint.prune_floor(cps, cutoff) == 4
-    assert checkpoint.expire(cks, cutoff) == 1  # the one at 2: the window starts at or after 4
+    journal_id = cps[0].journal
+    assert checkpoint.expire(cks, cutoff, journal_id) == 1  # the one at 2: the window starts at or after 4
     with closing(Journal.open(folder, fsync=False, segment_bytes=1)) as j:
         j.prune(acked=4, keep_after_mtime=float("inf"))
     replay(folder, tmp_path / "out", until_seq=5)
@@ -290,3 +292,34 @@ def test_the_passive_rebuilds_the_set_by_itself_after_the_actives_state_is_lost(
     )
     assert r.returncode == 0, r.stderr
     assert {p.name: p.read_bytes() for p in (out / "databases" / "r1").iterdir()} == want
+
+
+def test_checkpoints_of_another_journal_are_never_used_and_are_expired(tmp_path: Path) -> None:
+    """A journal retired by a rejoin (or rebuilt) starts its seqs again: the old journal's checkpoints must
+    not be taken for the new one's."""
+    folder, _trees = _journal_and_oracle(tmp_path, [(put(f"old{i}", b"o"), b"o") for i in range(5)])
+    cks = folder.parent / checkpoint.CHECKPOINTS
+    assert checkpoint.build(folder, cks, upto=5) is not None
+    shutil.move(str(folder), str(tmp_path / "retired-journal"))
+    new = [(put(f"n{i}", b"n"), b"n") for i in range(6)]
+    with closing(Journal.open(folder, fsync=False)) as j:
+        for c, data in new:
+            j.append(c, data)
+        j.commit()
+        new_id = j.id
+    replay(folder, tmp_path / "out", until_seq=6)
+    assert sorted(_snapshot(tmp_path / "out")) == [f"n{i}" for i in range(6)]
+    assert checkpoint.build(folder, cks, upto=6) is not None  # a new chain, from the new journal's start
+    assert checkpoint.expire(cks, 0, new_id) == 1  # the old journal's
+    assert [c.journal for c in checkpoint.list_checkpoints(cks)] == [new_id]
+
+
+def test_a_half_expired_checkpoint_is_never_listed_and_is_cleaned_at_the_next_build(tmp_path: Path) -> None:
+    folder, _trees = _journal_and_oracle(tmp_path, [(put(f"f{i}", b"v"), b"v") for i in range(4)])
+    cks = folder.parent / checkpoint.CHECKPOINTS
+    first = checkpoint.build(folder, cks, upto=2)
+    assert first is not None
+    os.replace(first.path, first.path.with_name(f".expiring-{first.path.name}"))  # a crash mid-expiry
+    assert checkpoint.list_checkpoints(cks) == []
+    checkpoint.build(folder, cks, upto=4)
+    assert not list(cks.glob(".expiring-*"))

@@ -220,3 +220,38 @@ def test_restore_never_writes_through_a_symlink_out_of_the_root(tmp_path: Path) 
     with pytest.raises(ConfigError, match="not restored"):
         restore(tmp_path / "journal", root, "config/config.json", until_seq=3)
     assert list(outside.iterdir()) == []
+
+
+def test_restore_refuses_what_a_pruned_journal_cannot_say_and_never_removes_a_folder(tmp_path: Path) -> None:
+    old = b"older than the window"
+    folder = tmp_path / "pruned"
+    with closing(Journal.open(folder, fsync=False, segment_bytes=1)) as j:
+        j.append(put("cfg/old.json", old), old)
+        j.append(put("cfg/x", b"x"), b"x")
+        j.append(Change(0, Op.RENAME, "cfg/old.json", dst="cfg/current.json"), None)
+        j.append(put("other", b"o"), b"o")
+        j.commit()
+        j.prune(acked=2, keep_after_mtime=float("inf"))
+    root = tmp_path / "root"
+    with pytest.raises(ConfigError, match="older than the journal"):
+        restore(folder, root, "cfg/current.json", until_seq=4)  # it came by a rename of a pruned put
+    with pytest.raises(ConfigError, match="older than the journal"):
+        restore(folder, root, "cfg/x", until_seq=4)
+    # A folder stands where the file goes: refused, the folder and its files untouched.
+    _config_history(tmp_path / "journal2")
+    (root / "config" / "config.json").mkdir(parents=True)
+    (root / "config" / "config.json" / "keep.txt").write_bytes(b"live data")
+    with pytest.raises(ConfigError, match="a folder stands there now"):
+        restore(tmp_path / "journal2", root, "config/config.json", until_seq=3)
+    assert (root / "config" / "config.json" / "keep.txt").read_bytes() == b"live data"
+
+
+def test_times_out_of_range_are_one_clear_error(pair: Pair) -> None:
+    _journal(pair.sender_state / "journal", [(put("config/config.json", b"{}"), b"{}")])
+    for when in ("0001-01-01T00:00:00", "noon"):
+        r = _cli(pair, "restore", "--path", "config/config.json", "--at", when)
+        one_line = len(r.stderr.strip().splitlines()) == 1
+        assert r.returncode == 2 and "Traceback" not in r.stderr and one_line, (when, r.stderr)
+    far = "9999-12-31T23:59:59-05:00"  # far ahead is a moment like any other: the latest state
+    r = _cli(pair, "replay", "--into", str(pair.base / "far"), "--at", far, "--dry-run")
+    assert r.returncode == 0 and "1 files" in r.stdout, r.stderr

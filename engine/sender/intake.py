@@ -30,7 +30,7 @@ from typing import Any
 from engine import checkpoint
 from engine.aio import run_critical
 from engine.config import SenderConfig
-from engine.errors import JournalFull, PathRejected, ReplicationError
+from engine.errors import JournalFull, PathRejected
 from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.journal import Journal
 from engine.model import Change, Op, check_relpath, is_temp_name, is_under, to_posix_rel
@@ -172,6 +172,7 @@ class Intake:
         self._ck_task: asyncio.Future[None] | None = None
         self._ck_floor = 0  # the journal may be pruned up to here (checkpoint.prune_floor)
         self._ck_newest = 0  # the newest checkpoint's seq (0: none)
+        self._ck_clock = checkpoint.Cadence()
         self.stopping = False
         self._watcher: Watcher | None = None
         self._wake = asyncio.Event()
@@ -567,29 +568,21 @@ class Intake:
                 # The window's first moment must stay answerable: prune only up to the checkpoint that
                 # covers it (none yet: nothing). Building runs aside; journaling never waits for it.
                 if self._ck_task is None or self._ck_task.done():
-                    self._ck_task = asyncio.ensure_future(asyncio.to_thread(self._checkpoints, cutoff))
+                    head = self.journal.head  # committed: an entry not yet durable may still be undone
+                    self._ck_task = asyncio.ensure_future(asyncio.to_thread(self._checkpoints, cutoff, head))
                 acked = min(acked, self._ck_floor)
             removed = await run_critical(functools.partial(self._prune, acked, cutoff))
             if removed:
                 log.info("journal.pruned segments=%d up_to=%d", removed, acked)
         return 0
 
-    def _checkpoints(self, cutoff: float) -> None:
-        """A checkpoint if the last is older than ``checkpoint_minutes``; those the window no longer needs
-        deleted; the floor the journal may be pruned to. Worker thread."""
-        folder = checkpoint.folder_of(self.cfg.state_dir)
-        try:
-            cps = checkpoint.list_checkpoints(folder)
-            due = not cps or time.time_ns() - cps[-1].ts_ns >= self.cfg.checkpoint_minutes * 60e9
-            if due:
-                checkpoint.build(self.cfg.state_dir / "journal", folder)
-            cutoff_ns = int(cutoff * 1e9)
-            checkpoint.expire(folder, cutoff_ns)
-            cps = checkpoint.list_checkpoints(folder)
-            self._ck_floor = checkpoint.prune_floor(cps, cutoff_ns)
-            self._ck_newest = cps[-1].seq if cps else 0
-        except (OSError, ReplicationError) as e:
-            log.warning("checkpoint.failed error=%s (the journal is not pruned past the last checkpoint)", e)
+    def _checkpoints(self, cutoff: float, head: int) -> None:
+        """A checkpoint (up to the committed ``head``) when ``checkpoint_minutes`` have passed since the last
+        one built here; those the window no longer needs deleted; the floor the journal may be pruned to.
+        Worker thread."""
+        self._ck_floor, self._ck_newest = checkpoint.chores(
+            self.cfg.state_dir, self.journal.id, head, cutoff, self.cfg.checkpoint_minutes, self._ck_clock
+        )
 
     async def _journal_full(self, batch: list[Pending], why: str) -> None:
         """The journal's disk is full: the whole batch goes back to the front of the queue (puts forced, so
