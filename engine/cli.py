@@ -105,6 +105,18 @@ def _parser() -> argparse.ArgumentParser:
             help=f"how long to follow (default: {default:g}); the agents go on after it",
         )
 
+    def moment(sp: argparse.ArgumentParser, pos: str, dry: str) -> None:
+        """``--at TIME | --pos N`` (one of them) and ``--dry-run``."""
+        when = sp.add_mutually_exclusive_group(required=True)
+        when.add_argument(
+            "--at",
+            metavar="TIME",
+            help="ISO 8601: 2026-11-25T10:01:00 is this machine's local time; 2026-11-25T10:01:00+01:00\n"
+            "or 2026-11-25T09:01:00Z carry their own offset",
+        )
+        when.add_argument("--pos", type=int, metavar="N", help=pos)
+        sp.add_argument("--dry-run", action="store_true", help=dry)
+
     def conf(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--config",
@@ -339,35 +351,20 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--into", type=Path, required=True, metavar="DIR", help="the folder to create (must not exist)"
     )
-    when = sp.add_mutually_exclusive_group(required=True)
-    when.add_argument(
-        "--at",
-        metavar="TIME",
-        help="ISO 8601: 2026-11-25T09:30:00 is this machine's local time; +01:00 or Z carry their own offset",
-    )
-    when.add_argument("--pos", type=int, metavar="N", help="the last journal entry to apply")
-    sp.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    moment(sp, "the last journal entry to apply", "print the plan, write nothing")
     sp = cmd(
         "restore",
         "put one file (or a folder's files) back as it was at a moment, from the journal",
-        "Reads the journal (the sender's, or this node's while it is active) and writes the file as it\n"
+        "Reads the journal (a sender's, a passive's kept one, or a node's latest) and writes the file as it\n"
         "was after the last change at or before the moment, in place, atomically and durably (temp file,\n"
         "fsync, rename); on the active it then replicates as any other change. A folder: every file\n"
-        "below it that existed then (files added since are left alone and listed). Refused on a node\n"
+        "below it that existed then (files added since are left alone). Refused on a node\n"
         "that is passive while its agent runs, and for a moment whose answer the journal no longer\n"
         "holds (older entries pruned): the message names the window. Exit 0 restored, 2 refused.",
     )
     conf(sp)
     sp.add_argument("--path", required=True, help="relative to the replicated root, e.g. config/config.json")
-    when = sp.add_mutually_exclusive_group(required=True)
-    when.add_argument(
-        "--at",
-        metavar="TIME",
-        help="ISO 8601: 2026-11-25T10:01:00 is this machine's local time; 2026-11-25T10:01:00+01:00\n"
-        "or 2026-11-25T09:01:00Z carry their own offset",
-    )
-    when.add_argument("--pos", type=int, metavar="N", help="the journal entry to restore after")
-    sp.add_argument("--dry-run", action="store_true", help="say what would be written, write nothing")
+    moment(sp, "the journal entry to restore after", "say what would be written, write nothing")
     return p
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +26,7 @@ from engine.errors import ConfigError
 from engine.journal import Journal
 from engine.model import Change, Op
 from engine.replay import UntilTime, replay
-from tests.pair import Pair
+from tests.pair import ROOT, Pair, wait_for
 from tests.test_journal import put
 
 NAMES = ["a", "b", "d/x", "d/y", "d/e/z", "f/x"]
@@ -183,11 +185,7 @@ def test_a_running_sender_checkpoints_prunes_up_to_its_checkpoint_and_every_mome
 ) -> None:
     """`standby send` with a checkpoint every 3 s and no retention: the journal is pruned, but only up to a
     checkpoint, and `standby replay` still rebuilds the whole set as it was at any later entry."""
-    import subprocess
-    import sys
     import time
-
-    from tests.pair import ROOT, wait_for
 
     pair.sender_extra = "checkpoint_minutes = 0.05\njournal_retain_hours = 0\nsegment_mb = 1"
     pair.write_config()
@@ -210,24 +208,7 @@ def test_a_running_sender_checkpoints_prunes_up_to_its_checkpoint_and_every_mome
     oldest = checkpoint.list_checkpoints(cks)[0]
     assert oldest.seq >= first - 1, "never past the oldest checkpoint"
     out = pair.base / "rebuilt"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "replay",
-            "-c",
-            str(pair.config),
-            "--into",
-            str(out),
-            "--pos",
-            str(head),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    r = _replay_cli(pair.config, out, "--pos", str(head))
     assert r.returncode == 0, r.stderr
     assert {p.name: p.read_bytes() for p in (out / "databases" / "r1").iterdir()} == versions[-1]
     r = subprocess.run(
@@ -246,11 +227,6 @@ def test_a_running_sender_checkpoints_prunes_up_to_its_checkpoint_and_every_mome
 def test_the_passive_rebuilds_the_set_by_itself_after_the_actives_state_is_lost(pair: Pair) -> None:
     """The receiver keeps a journal of what it applied, with checkpoints: with the active's state folder
     deleted, the passive's own config replays the set as it was."""
-    import shutil
-    import subprocess
-    import sys
-
-    from tests.pair import ROOT, wait_for
 
     pair.receiver_extra = "checkpoint_minutes = 0.05"
     pair.write_config()
@@ -272,24 +248,7 @@ def test_the_passive_rebuilds_the_set_by_itself_after_the_actives_state_is_lost(
     text = pair.config.read_text("utf-8")
     passive_only.write_text(text[text.index("[receiver]") :], "utf-8")
     out = pair.base / "rebuilt"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "replay",
-            "-c",
-            str(passive_only),
-            "--into",
-            str(out),
-            "--at",
-            "2100-01-01T00:00:00Z",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    r = _replay_cli(passive_only, out, "--at", "2100-01-01T00:00:00Z")
     assert r.returncode == 0, r.stderr
     assert {p.name: p.read_bytes() for p in (out / "databases" / "r1").iterdir()} == want
 
@@ -323,3 +282,13 @@ def test_a_half_expired_checkpoint_is_never_listed_and_is_cleaned_at_the_next_bu
     assert checkpoint.list_checkpoints(cks) == []
     checkpoint.build(folder, cks, upto=4)
     assert not list(cks.glob(".expiring-*"))
+
+
+def _replay_cli(config: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine", "replay", "-c", str(config), "--into", str(out), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
