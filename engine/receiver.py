@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -160,14 +161,17 @@ class Receiver:
                         self.kept.close()
                 log.info("receiver.stopped seq=%d", self.seq)
 
-    def keep(self, ops: list[PendingOp]) -> None:
-        """Journal a group just applied, in order, durably (one commit). Caller holds ``apply_lock``. A
-        large put's content is read back from the file it became."""
+    def keep(self, ops: list[PendingOp], not_applied: AbstractSet[int] = frozenset()) -> None:
+        """Journal a group just applied, in order, durably (one commit), leaving out the records the applier
+        reported a problem with (nothing of them is in the tree). Caller holds ``apply_lock``. A large
+        put's content is read back from the file it became."""
         kept = self.kept
         if kept is None or not ops:
             return
         for op in ops:
             c = op.change
+            if c.seq in not_applied:
+                continue
             if c.op is Op.PUT and op.data is None and op.temp is not None:
                 final = self.cfg.target.joinpath(*c.path.split("/"))
                 appender = kept.begin_put(c)
@@ -612,7 +616,8 @@ class _Conn:
                     # One call in a worker thread: apply, then persist the position. Never split.
                     with rx.apply_lock:
                         res = rx.applier.apply_batch(todo)
-                        rx.keep(todo)  # before the position: a crash in between journals them twice
+                        # Before the position: a crash in between journals the group twice (harmless).
+                        rx.keep(todo, {p.seq for p in res.problems})
                         rx.position.save(rx.journal, last, rx.epoch)
                     return res.problems
 
