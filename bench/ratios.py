@@ -94,7 +94,7 @@ METRICS: tuple[Metric, ...] = (
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b <= 0 or a != a or b != b or a == float("inf"):
         return None
-    return round(a / b, 3)
+    return float(f"{a / b:.4g}")  # four significant digits: 0.0004 stays 0.0004
 
 
 def ratios(
