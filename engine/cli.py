@@ -778,6 +778,7 @@ def _journal_of(path: Path) -> tuple[Path, Path, config.NodeSetup | None]:
 def _head_time(folder: Path) -> int:
     """When the newest entry of the journal in ``folder`` was journaled (0: none, or no journal)."""
     from engine.journal import Journal
+    from engine.replay import window
 
     if not folder.is_dir():
         return 0
@@ -786,11 +787,7 @@ def _head_time(folder: Path) -> int:
     except ReplicationError:
         return 0
     try:
-        gen = j.headers(j.head) if j.head >= j.first_seq else None
-        c = next(gen, None) if gen is not None else None
-        if gen is not None:
-            gen.close()
-        return c.ts_ns if c is not None else 0
+        return window(j).head_ts
     finally:
         j.close()
 

@@ -59,7 +59,7 @@ def list_journal(folder: Path) -> None:
                 ct.add_row(str(c.seq), utc_and_local(c.ts_ns), f"{c.files:,}", f"{c.bytes:,}")
             con.print(ct)
         w = window(j, cps)
-        start = (cps[0].seq, cps[0].ts_ns) if cps and w.pruned else None if w.pruned else (0, w.first_ts)
+        start = w.checkpoint if w.pruned else (0, w.first_ts)  # the first moment a replay answers
         if start is None:
             con.print(f"recoverable: none (older entries were pruned and no checkpoint covers them: {w})")
         else:
