@@ -418,7 +418,12 @@ class Tracker:
 
     def killed(self, proc: subprocess.Popen[str], first: str = "") -> int:
         """Wait for the killed child, take what it reported and check the file; returns the steps it did."""
-        out, err = proc.communicate(timeout=30)
+        # Read through the pipes' own buffers: communicate() reads the raw descriptors and would miss
+        # what the readline of the first line already buffered (a line cut in two, seen in CI).
+        assert proc.stdout is not None and proc.stderr is not None
+        with proc.stdout, proc.stderr:
+            out, err = proc.stdout.read(), proc.stderr.read()
+        proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}: {err[-2000:]}"
         steps = 0
         for line in (first + out).split("\n")[:-1]:  # a line cut by the kill has no newline: dropped
