@@ -1,8 +1,9 @@
 """Checkpoints: the replicated set as it was at a journal position, kept so that the journal before it can
 be pruned and every moment after it still rebuilt.
 
-A checkpoint is ``<state_dir>/checkpoints/<seq>/`` holding ``tree/`` (the set after entry ``seq``) and
-``meta.json`` (seq, the time entry ``seq`` was journaled, files, bytes, the journal's id). It is built from
+A checkpoint is ``<state_dir>/checkpoints/<seq>/`` holding ``tree/`` (the set after entry ``seq``),
+``manifest.jsonl`` (every file's path, size, mtime and xxh3) and ``meta.json`` (seq, the time entry
+``seq`` was journaled, files, bytes, the journal's id). It is built from
 the previous checkpoint and the entries since, never from the live tree (which moves meanwhile): the
 previous tree is copied as hard links, then the entries are applied by ``engine.apply``, which writes a
 changed file as a new file renamed into place. So an unchanged file is one inode shared by every
@@ -15,6 +16,10 @@ Owns: building, listing and expiring checkpoints; the floor below which the jour
 Must not: write into the replicated set, or delete a journal segment (``Journal.prune`` does, up to
 :func:`prune_floor`).
 
+Damage: a checkpoint's files are checked against its manifest: by size and time before a build links
+from it (a damaged one is moved aside as ``.damaged-<seq>-<time>`` and the build starts from an older
+one), and by content before a replay starts from it (a damaged one is passed over for an older one).
+
 NTFS allows 1023 links to one file: with the default of one checkpoint an hour and a day's retention a
 file has at most about 26.
 """
@@ -26,12 +31,13 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine import journal as jn
 from engine.apply import Applier, PendingOp
+from engine.digest import digest_file
 from engine.errors import JournalError
 from engine.journal import Journal
 from engine.model import Op
@@ -39,6 +45,8 @@ from engine.model import Op
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.jsonl"
+DAMAGED_PREFIX = ".damaged-"
 #: Puts larger than this are streamed to a temporary file rather than held in memory.
 LARGE = 4 << 20
 #: Entries applied per batch.
@@ -57,6 +65,18 @@ class Checkpoint:
     @property
     def tree(self) -> Path:
         return self.path / "tree"
+
+
+class CheckpointDamaged(JournalError):
+    """A checkpoint's files differ from its manifest (changed, missing or added behind our back)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    size: int
+    mtime_ns: int
+    digest: str  # xxh3_128, hex
+    ino: int  # the inode it had when the manifest was written (unchanged files share it with the next)
 
 
 def folder_of(state_dir: Path) -> Path:
@@ -186,6 +206,10 @@ def build(journal_folder: Path, folder: Path, upto: int | None = None) -> Checkp
         base = base_for(cps, head, None)
         if base is not None and base.seq == head:
             return base
+        while base is not None and (damage := verify(base, content=False)):
+            _set_aside(base, damage)
+            cps.remove(base)
+            base = base_for(cps, head, None)
         start = base.seq + 1 if base is not None else 1
         if start < j.first_seq:
             raise JournalError(
@@ -202,7 +226,7 @@ def build(journal_folder: Path, folder: Path, upto: int | None = None) -> Checkp
             if base is not None:
                 _link_tree(base.tree, tree)
             ts = _apply(j, tree, start, head)
-            files, size = _count(tree)
+            files, size = _write_manifest(tree, tmp / MANIFEST, read_manifest(base) if base else None)
             meta = {"seq": head, "ts_ns": ts, "files": files, "bytes": size, "journal": j.id}
             _write_durable(tmp / "meta.json", json.dumps(meta).encode("utf-8"))
             final = folder / f"{head:012d}"
@@ -315,13 +339,104 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(Path(dirpath) / f, dst / rel / f)
 
 
-def _count(tree: Path) -> tuple[int, int]:
-    files = size = 0
+def _files(tree: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """Every file below ``tree``: its path relative to it (with ``/``) and its lstat."""
     for dirpath, _dirs, names in os.walk(tree):
+        rel = Path(dirpath).relative_to(tree).as_posix()
         for f in names:
-            files += 1
-            size += os.lstat(os.path.join(dirpath, f)).st_size
+            yield (f if rel == "." else f"{rel}/{f}"), os.lstat(os.path.join(dirpath, f))
+
+
+def _write_manifest(tree: Path, out: Path, base: dict[str, FileRecord] | None) -> tuple[int, int]:
+    """Write ``tree``'s manifest durably; (files, bytes). A file still linked to the previous checkpoint
+    (same inode, size and time) takes its digest from that checkpoint's manifest; the others are read."""
+    by_ino = {r.ino: r for r in base.values()} if base else {}
+    lines: list[str] = []
+    files = size = 0
+    for rel, st in _files(tree):
+        old = by_ino.get(st.st_ino)
+        if old is not None and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns):
+            digest = old.digest
+        else:
+            digest = digest_file(tree / rel)[1].hex()
+        rec = {"p": rel, "s": st.st_size, "m": st.st_mtime_ns, "h": digest, "i": st.st_ino}
+        lines.append(json.dumps(rec, ensure_ascii=False))
+        files += 1
+        size += st.st_size
+    _write_durable(out, ("\n".join(lines) + "\n").encode("utf-8") if lines else b"")
     return files, size
+
+
+def read_manifest(c: Checkpoint) -> dict[str, FileRecord] | None:
+    """The checkpoint's manifest by path; None when it has none (built before manifests existed)."""
+    try:
+        text = (c.path / MANIFEST).read_text("utf-8")
+    except FileNotFoundError:
+        return None
+    out: dict[str, FileRecord] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            v = json.loads(line)
+            out[str(v["p"])] = FileRecord(int(v["s"]), int(v["m"]), str(v["h"]), int(v["i"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointDamaged(
+                f"checkpoint at seq {c.seq}: {MANIFEST} line {n} is damaged ({e})"
+            ) from None
+    return out
+
+
+def verify(c: Checkpoint, content: bool = True) -> list[tuple[str, str]]:
+    """What differs between the checkpoint's tree and its manifest, as (path, what) ("" for the whole
+    checkpoint); empty when whole, or when it has no manifest to check against. Files changed (size or
+    time; with ``content``, their bytes too), missing or added."""
+    try:
+        manifest = read_manifest(c)
+    except CheckpointDamaged as e:
+        return [("", str(e))]
+    if manifest is None:
+        return []
+    problems: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    try:
+        found = list(_files(c.tree))
+    except OSError as e:
+        return [("", f"its tree cannot be read: {e}")]
+    for rel, st in found:
+        seen.add(rel)
+        want = manifest.get(rel)
+        if want is None:
+            problems.append((rel, "not in its manifest"))
+        elif (st.st_size, st.st_mtime_ns) != (want.size, want.mtime_ns):
+            problems.append(
+                (rel, f"size or time changed ({st.st_size} bytes, the manifest says {want.size})")
+            )
+        elif content:
+            try:
+                got = digest_file(c.tree / rel)[1].hex()
+            except OSError as e:
+                problems.append((rel, f"unreadable ({e})"))
+                continue
+            if got != want.digest:
+                problems.append((rel, f"content differs from its manifest (xxh3 {got}, not {want.digest})"))
+    problems += [(rel, "missing") for rel in manifest if rel not in seen]
+    return problems
+
+
+def describe_damage(c: Checkpoint, problems: list[tuple[str, str]]) -> str:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    path, what = problems[0]
+    return f"checkpoint at seq {c.seq} ({c.path}) is damaged: {f'{path}: ' if path else ''}{what}{more}"
+
+
+def _set_aside(c: Checkpoint, problems: list[tuple[str, str]]) -> None:
+    """Move a damaged checkpoint out of the list (kept for inspection, never used again)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    os.replace(c.path, c.path.with_name(f"{DAMAGED_PREFIX}{c.path.name}-{stamp}"))
+    jn.fsync_dir(c.path.parent)
+    log.error(
+        "checkpoint.damaged %s; set aside, the next checkpoint is built from an older one",
+        describe_damage(c, problems),
+    )
 
 
 def _write_durable(path: Path, data: bytes) -> None:

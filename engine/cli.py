@@ -1,8 +1,8 @@
 """The ``standby`` command: subcommands, logging set-up, signals and exit codes. Imported by nothing.
 
-Exit codes: 0 success; 1 ``verify`` found differences; 2 bad config or usage; 3 safety halt (an operator
-must confirm); 4 refused by the peer (epoch fence, busy, version); 5 any other replication error;
-130 interrupted.
+Exit codes: 0 success; 1 ``verify`` found differences (``replay``: stopped short by damage); 2 bad
+config or usage; 3 safety halt (an operator must confirm); 4 refused by the peer (epoch fence, busy,
+version); 5 any other replication error; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ examples:
   standby demo --ha                      an HA pair on loopback: failover, rejoin, failback
   standby switchover --config node.toml  move the service to the other server, losing nothing
 
-exit codes: 0 ok, 1 differences found, 2 bad config or usage, 3 safety halt, 4 refused by peer,
-            5 other error, 130 interrupted
+exit codes: 0 ok, 1 differences found (replay: stopped short by damage), 2 bad config or usage,
+            3 safety halt, 4 refused by peer, 5 other error, 130 interrupted
 """
 
 
@@ -345,13 +345,23 @@ def _parser() -> argparse.ArgumentParser:
         "entries it would apply and the files and bytes the folder would hold. A moment the journal\n"
         "cannot answer is refused with its window (exit 2), never answered with a partial tree: once\n"
         "segments were pruned, files unchanged since are in no entry kept (standby restore still puts\n"
-        "back one file whose change is kept).",
+        "back one file whose change is kept).\n"
+        "Damage: a checkpoint whose files differ from its manifest is passed over for an older one. A\n"
+        "damaged journal entry stops the replay at the last whole entry before it: the folder holds\n"
+        "the set as it was then, the output names the damage, exit 1. --skip-corrupt goes past it and\n"
+        "lists what it skipped. A missing segment is never jumped: the replay stops before it, exit 1.",
     )
     conf(sp)
     sp.add_argument(
         "--into", type=Path, required=True, metavar="DIR", help="the folder to create (must not exist)"
     )
     moment(sp, "the last journal entry to apply", "print the plan, write nothing")
+    sp.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="go past damaged journal entries (and a damaged checkpoint's files) and list them;\n"
+        "without it a replay stops at the last whole entry before the damage (exit 1)",
+    )
     sp = cmd(
         "restore",
         "put one file (or a folder's files) back as it was at a moment, from the journal",
@@ -816,7 +826,7 @@ def _cmd_journal(args: argparse.Namespace) -> int:
     until = parse_until_time(args.until_time) if args.until_time else None
     res = replay(folder, args.out, until_seq=args.until_seq, until=until)
     print(res.summary(args.out, until))
-    return EXIT_OK
+    return EXIT_DIFF if res.stopped else EXIT_OK
 
 
 def _journal_show(folder: Path, args: argparse.Namespace) -> int:
@@ -867,17 +877,30 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     folder, _root, _node = _journal_of(args.config)
     until = parse_until_time(args.at) if args.at else None
     if args.dry_run:
-        plan = recovery.plan_replay(folder, until_ns=until.ns if until else None, until_seq=args.pos)
+        plan = recovery.plan_replay(
+            folder, until_ns=until.ns if until else None, until_seq=args.pos, skip_corrupt=args.skip_corrupt
+        )
+        b = plan.basis
         print(
             f"would replay entries {plan.first}..{plan.last} into {args.into}"
-            + (f" (from the checkpoint at seq {plan.first - 1})" if plan.first > 1 else "")
+            + (f" (from the checkpoint at seq {b.base.seq})" if b.base is not None else "")
             + f": {plan.files:,} files, "
             f"{plan.bytes:,} bytes ({plan.window})"
         )
+        for n in b.passed_over:
+            print(f"passes over: {n}")
+        for path, why in b.omit:
+            print(f"would skip the checkpoint's file {path}: {why}")
+        for k in b.skips:
+            print(f"would skip: {k}")
+        if b.damage is not None:
+            print(f"would stop at entry {b.end}: the journal is damaged after it: {b.damage}")
+        if b.missing:
+            print(f"would stop at entry {b.end}: {b.missing}")
         return EXIT_OK
-    res = replay(folder, args.into, until_seq=args.pos, until=until)
+    res = replay(folder, args.into, until_seq=args.pos, until=until, skip_corrupt=args.skip_corrupt)
     print(res.summary(args.into, until))
-    return EXIT_OK
+    return EXIT_DIFF if res.stopped else EXIT_OK
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:

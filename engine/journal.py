@@ -147,9 +147,14 @@ class Journal:
         fsync: bool = True,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         readonly: bool = False,
+        salvaging: bool = False,
     ):
         self.folder = folder
-        self.readonly = readonly
+        self.readonly = readonly or salvaging
+        #: Recovery's reader: every segment is scanned at open and read past its damage (see Salvage).
+        self.salvaging = salvaging
+        self.salvage: Salvage | None = None
+        self._skips: dict[tuple[int, int], Skip] = {}  # by (segment's first seq, offset)
         self.fsync = fsync
         self.segment_bytes = segment_bytes
         self.id = ""
@@ -221,6 +226,9 @@ class Journal:
             self._next = 1
             self.head = 0
             return
+        if self.salvaging:
+            self._open_salvaging()
+            return
         for s in self._segments[:-1]:
             s.end = s.path.stat().st_size
         last = self._segments[-1]
@@ -254,6 +262,18 @@ class Journal:
         self._out = open(last.path, "ab", buffering=0)  # noqa: SIM115 - held open for appends
         self._out_size = self._durable = end
         self._committed = (self.head, last.first, end)
+
+    def _open_salvaging(self) -> None:
+        sv = salvage(self.folder, self.id, [(s.path, s.first) for s in self._segments])
+        self.salvage = sv
+        self._segments = self._segments[: sv.segments]
+        for seg in self._segments:
+            seg.end = seg.path.stat().st_size
+        self._skips = {(int(k.path.stem), k.start): k for k in sv.skips}
+        self.head = sv.head
+        self._next = sv.head + 1
+        last = self._segments[-1]
+        self._committed = (self.head, last.first, last.end or 0)
 
     def _seg_header(self, first: int) -> bytes:
         return _seg_header(self.id, first)
@@ -669,62 +689,196 @@ def scan_segment(path: Path, journal_id: str, first: int) -> SegmentScan:
 
     Decides torn tail against damage: a bad frame is a torn tail only if no whole frame follows it."""
     with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        rd = _FrameReader(f, size)
-        base = SegmentScan(path, first, size, 0, first - 1)
-        hdr = rd.frame_at(0)
-        if isinstance(hdr, codec.Torn) or not _is_seg_header(hdr[0], journal_id, first):
-            expected = _seg_header(journal_id, first)
-            if size < len(expected) and expected.startswith(_pread(f, 0, size)):
-                return replace(base, problem="torn segment header (a crash while it was created)", torn=True)
-            why = hdr.reason if isinstance(hdr, codec.Torn) else "not this journal's header for this name"
-            return replace(base, problem=f"bad segment header: {why}")
-        off = hdr[1]
-        seq = first - 1
-        count = 0
+        rd, base, off = _open_scan(f, path, journal_id, first)
+        if off is None:
+            return base
+        return _scan_entries(f, rd, base, off, first - 1)
 
-        def bad(at: int, reason: str) -> SegmentScan:
-            nxt = _whole_frame_after(f, rd, at)
-            if nxt is None:
-                return replace(base, end=off, last=seq, entries=count, problem=reason, at=at, torn=True)
-            why = f"{reason}, with a whole frame after it at byte {nxt}"
-            return replace(base, end=off, last=seq, entries=count, problem=why, at=at)
 
-        def damaged(at: int, reason: str) -> SegmentScan:
-            return replace(base, end=off, last=seq, entries=count, problem=reason, at=at)
+def _open_scan(
+    f: io.FileIO, path: Path, journal_id: str, first: int
+) -> tuple[_FrameReader, SegmentScan, int | None]:
+    """A frame reader over the segment, the scan so far, and the offset after its header (None: the header
+    is bad, and the scan says why)."""
+    size = os.fstat(f.fileno()).st_size
+    rd = _FrameReader(f, size)
+    base = SegmentScan(path, first, size, 0, first - 1)
+    hdr = rd.frame_at(0)
+    if isinstance(hdr, codec.Torn) or not _is_seg_header(hdr[0], journal_id, first):
+        expected = _seg_header(journal_id, first)
+        if size < len(expected) and expected.startswith(_pread(f, 0, size)):
+            return (
+                rd,
+                replace(base, problem="torn segment header (a crash while it was created)", torn=True),
+                None,
+            )
+        why = hdr.reason if isinstance(hdr, codec.Torn) else "not this journal's header for this name"
+        return rd, replace(base, problem=f"bad segment header: {why}"), None
+    return rd, base, hdr[1]
 
-        while off < size:
-            r = rd.frame_at(off)
-            if isinstance(r, codec.Torn):
-                return bad(off, f"bad frame: {r.reason}")
-            value, nxt = r
+
+def _scan_entries(f: io.FileIO, rd: _FrameReader, base: SegmentScan, off: int, seq: int) -> SegmentScan:
+    """Walk whole entries from ``off`` (the next one must be ``seq + 1``) to the end or the first problem."""
+    size = rd.size
+    count = 0
+
+    def bad(at: int, reason: str) -> SegmentScan:
+        nxt = _whole_frame_after(f, rd, at)
+        if nxt is None:
+            return replace(base, end=off, last=seq, entries=count, problem=reason, at=at, torn=True)
+        why = f"{reason}, with a whole frame after it at byte {nxt}"
+        return replace(base, end=off, last=seq, entries=count, problem=why, at=at)
+
+    def damaged(at: int, reason: str) -> SegmentScan:
+        return replace(base, end=off, last=seq, entries=count, problem=reason, at=at)
+
+    while off < size:
+        r = rd.frame_at(off)
+        if isinstance(r, codec.Torn):
+            return bad(off, f"bad frame: {r.reason}")
+        value, nxt = r
+        try:
+            if not isinstance(value, dict) or value.get("k") != "e":
+                raise ValueError("not an entry header")
+            change = Change.from_wire(value)
+        except ValueError as e:
+            return damaged(off, f"a whole frame that is not a valid entry after seq {seq}: {e}")
+        if change.seq != seq + 1:
+            return damaged(off, f"seq {change.seq} follows {seq}")
+        total = 0
+        for i in range(change.chunks):
+            c = rd.frame_at(nxt)
+            if isinstance(c, codec.Torn):
+                return bad(nxt, f"content frame {i + 1} of {change.chunks} of entry {change.seq}: {c.reason}")
+            if not isinstance(c[0], bytes):
+                return damaged(nxt, f"content frame {i + 1} of entry {change.seq} is not bytes")
+            total += len(c[0])
+            nxt = c[1]
+        if change.op is Op.PUT and total != change.size:  # a touch names a size but carries nothing
+            return damaged(
+                off, f"entry {change.seq} holds {total} content bytes, its header says {change.size}"
+            )
+        seq = change.seq
+        off = nxt
+        count += 1
+    return replace(base, end=off, last=seq, entries=count)
+
+
+# -- salvage: reading past damage, for recovery -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """Damaged bytes of a segment a salvaging reader passes over."""
+
+    path: Path
+    start: int  # where the damage starts: the end of the whole entries before it
+    resume: int | None  # offset of the next whole entry in the segment (None: nothing whole after it)
+    after: int  # seq of the last whole entry before it
+    next_seq: int | None  # seq of the entry it resumes at (None: in a later segment, or none)
+    problem: str
+
+    @property
+    def lost(self) -> str:
+        """The entries in the damaged bytes."""
+        if self.next_seq is None:
+            return f"entries from {self.after + 1} on"
+        if self.next_seq <= self.after + 1:
+            return "no whole entry (bytes between two entries)"
+        if self.next_seq == self.after + 2:
+            return f"entry {self.after + 1}"
+        return f"entries {self.after + 1}..{self.next_seq - 1}"
+
+    def __str__(self) -> str:
+        end = f"..{self.resume}" if self.resume is not None else " to its end"
+        return f"segment {self.path.name} bytes {self.start}{end}: {self.lost} ({self.problem})"
+
+    def touches(self, start: int, end: int) -> bool:
+        """Whether a reader of entries ``start..end`` meets this damage."""
+        return self.after < end and (self.next_seq is None or self.next_seq > start)
+
+
+@dataclass(frozen=True, slots=True)
+class Salvage:
+    """What a reader can get out of a damaged journal: every whole entry up to ``head``, past ``skips``;
+    nothing after a ``missing`` segment (never jumped)."""
+
+    head: int
+    skips: tuple[Skip, ...] = ()
+    missing: str = ""
+    segments: int = 0  # how many segments are read (those after a missing one are not)
+
+
+def _next_entry_after(f: io.FileIO, rd: _FrameReader, at: int, after: int) -> tuple[int, int] | None:
+    """Offset and seq of the first whole entry header after byte ``at`` with a seq past ``after``."""
+    step = 4 << 20
+    overlap = codec.DEFAULT_MAX_FRAME + codec.HEADER_SIZE
+    pos = at + 1
+    while pos < rd.size - codec.HEADER_SIZE:
+        buf = _pread(f, pos, step + overlap)
+        for m in _FRAME_START.finditer(buf):
+            i = m.start()
+            if i >= step:
+                break
+            res = codec.decode_at(buf, i)
+            if isinstance(res, codec.Torn) or not isinstance(res[0], dict) or res[0].get("k") != "e":
+                continue
             try:
-                if not isinstance(value, dict) or value.get("k") != "e":
-                    raise ValueError("not an entry header")
-                change = Change.from_wire(value)
-            except ValueError as e:
-                return damaged(off, f"a whole frame that is not a valid entry after seq {seq}: {e}")
-            if change.seq != seq + 1:
-                return damaged(off, f"seq {change.seq} follows {seq}")
-            total = 0
-            for i in range(change.chunks):
-                c = rd.frame_at(nxt)
-                if isinstance(c, codec.Torn):
-                    return bad(
-                        nxt, f"content frame {i + 1} of {change.chunks} of entry {change.seq}: {c.reason}"
-                    )
-                if not isinstance(c[0], bytes):
-                    return damaged(nxt, f"content frame {i + 1} of entry {change.seq} is not bytes")
-                total += len(c[0])
-                nxt = c[1]
-            if change.op is Op.PUT and total != change.size:  # a touch names a size but carries nothing
-                return damaged(
-                    off, f"entry {change.seq} holds {total} content bytes, its header says {change.size}"
+                seq = Change.from_wire(res[0]).seq
+            except ValueError:
+                continue
+            if seq > after:
+                return pos + i, seq
+        pos += step
+    return None
+
+
+def _salvage_segment(path: Path, journal_id: str, first: int, last: bool) -> tuple[int, list[Skip]]:
+    """The last whole entry of one segment read past its damage, and the damage passed over. A torn tail of
+    the last segment is where the journal ends (not damage); a bad header skips the whole segment."""
+    with open(path, "rb", buffering=0) as f:
+        rd, base, off = _open_scan(f, path, journal_id, first)
+        sc = base
+        if off is None:
+            if sc.torn and last:
+                return first - 1, []
+            return first - 1, [Skip(path, 0, None, first - 1, None, sc.problem)]
+        skips: list[Skip] = []
+        seq = first - 1
+        while True:
+            sc = _scan_entries(f, rd, base, off, seq)
+            if not sc.problem or (sc.torn and last):
+                return sc.last, skips
+            nxt = _next_entry_after(f, rd, sc.at, sc.last)
+            if nxt is None:
+                skips.append(Skip(path, sc.end, None, sc.last, None, sc.problem))
+                return sc.last, skips
+            skips.append(Skip(path, sc.end, nxt[0], sc.last, nxt[1], sc.problem))
+            off, seq = nxt[0], nxt[1] - 1
+
+
+def salvage(folder: Path, journal_id: str, segments: list[tuple[Path, int]]) -> Salvage:
+    """Read every segment past its damage (see :class:`Salvage`). A gap between segments that no damage
+    explains is a missing segment: reading stops before it."""
+    skips: list[Skip] = []
+    last: int | None = None
+    for i, (path, first) in enumerate(segments):
+        if last is not None and first != last + 1:
+            open_end = skips and skips[-1].next_seq is None and skips[-1].after == last
+            if open_end and first > last + 1:
+                skips[-1] = replace(skips[-1], next_seq=first)
+            else:
+                missing = (
+                    f"a segment is missing before {path.name}: the one before ends at entry {last}, this one "
+                    f"starts at {first}"
+                    if first > last + 1
+                    else f"{path.name} starts at entry {first}, inside the segment before (it ends at {last})"
                 )
-            seq = change.seq
-            off = nxt
-            count += 1
-        return replace(base, end=off, last=seq, entries=count)
+                return Salvage(last, tuple(skips), missing, i)
+        end, found = _salvage_segment(path, journal_id, first, i == len(segments) - 1)
+        skips += found
+        last = end
+    return Salvage(last if last is not None else 0, tuple(skips), "", len(segments))
 
 
 # -- check and repair: the documented recovery from damage ---------------------------------------------------
@@ -911,6 +1065,11 @@ class Cursor:
         if self._f is not None:
             self._f.close()
             self._f = None
+        if (seg.first, 0) in self.journal._skips:  # salvaging: a segment whose header is damaged
+            self._seg = seg
+            self._off = 0
+            self.seq = seg.first
+            return
         self._f = open(seg.path, "rb", buffering=0)  # noqa: SIM115
         self._seg = seg
         self._off = 0
@@ -968,6 +1127,17 @@ class Cursor:
         head = self.journal.head
         if self.seq > head:
             return None
+        assert self._seg is not None
+        skip = self.journal._skips.get((self._seg.first, self._off))
+        if skip is not None:  # salvaging: pass over damaged bytes (see Salvage)
+            if skip.resume is None:
+                nxt = self._next_segment()
+                if nxt is None:
+                    return None
+                self._open_segment(nxt)
+                return self._header_frame()
+            self._off = skip.resume
+            self.seq = skip.next_seq or self.seq
         off = self._off
         frame = self._read_frame(skip=False)
         if frame is None:

@@ -22,13 +22,21 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine import checkpoint
 from engine.apply import Applier, PendingOp
 from engine.digest import digest_bytes
 from engine.errors import ConfigError, JournalError, PathRejected
 from engine.journal import Journal
 from engine.model import Change, Op, check_relpath
-from engine.replay import UntilTime, Window, refuse_unanswerable, usable_checkpoints, window
+from engine.replay import (
+    Basis,
+    UntilTime,
+    Window,
+    basis,
+    refuse_unanswerable,
+    short_of_missing,
+    usable_checkpoints,
+    window,
+)
 from engine.replay import utc_and_local as when
 
 # ---- following paths (pure) -------------------------------------------------------------------------------
@@ -311,33 +319,40 @@ class ReplayPlan:
     files: int
     bytes: int
     window: Window
+    basis: Basis
 
 
-def plan_replay(folder: Path, *, until_ns: int | None = None, until_seq: int | None = None) -> ReplayPlan:
+def plan_replay(
+    folder: Path, *, until_ns: int | None = None, until_seq: int | None = None, skip_corrupt: bool = False
+) -> ReplayPlan:
     """``standby replay --dry-run``: the entries a replay would apply and what the folder would hold, from
-    the newest checkpoint at or before the moment if any; the same refusals as the replay itself."""
-    j = _open(folder)
+    the newest whole checkpoint at or before the moment if any; the same refusals, and the same damage, as
+    the replay itself."""
+    if not folder.is_dir():
+        raise JournalError(f"{folder}: no journal here")
+    j = Journal.open(folder, fsync=False, salvaging=True)
     try:
         cps = usable_checkpoints(folder, j)
         until = None if until_ns is None else UntilTime(until_ns, when(until_ns))
+        until_seq = short_of_missing(j, until_seq)
         w = refuse_unanswerable(j, until_seq, until, cps)
-        base = checkpoint.base_for(cps, until_seq, until_ns)
+        b = basis(j, cps, w, until_seq, until_ns, skip_corrupt)
         f = Follow(known=True)
-        if base is not None:
-            for dirpath, _dirs, files in os.walk(base.tree):
+        if b.base is not None:
+            omit = {p for p, _ in b.omit}
+            for dirpath, _dirs, files in os.walk(b.base.tree):
                 for name in files:
                     full = os.path.join(dirpath, name)
-                    st = os.lstat(full)
-                    rel = Path(full).relative_to(base.tree).as_posix()
-                    f.files[rel] = Held(0, st.st_size, b"", st.st_mtime_ns)
-        start = base.seq + 1 if base is not None else j.first_seq
-        last = start - 1
-        end = j.head if until_seq is None else until_seq
-        for c in j.headers(start):
-            if c.seq > end or (until_ns is not None and c.ts_ns > until_ns):
+                    rel = Path(full).relative_to(b.base.tree).as_posix()
+                    if rel not in omit:
+                        st = os.lstat(full)
+                        f.files[rel] = Held(0, st.st_size, b"", st.st_mtime_ns)
+        last = b.start - 1
+        for c in j.headers(b.start):
+            if c.seq > b.end or (until_ns is not None and c.ts_ns > until_ns):
                 break
             f.apply(c)
             last = c.seq
-        return ReplayPlan(start, last, len(f.files), sum(h.size for h in f.files.values()), w)
+        return ReplayPlan(b.start, last, len(f.files), sum(h.size for h in f.files.values()), w, b)
     finally:
         j.close()

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -228,10 +229,90 @@ def _refuse_unanswerable(w: Window, until_seq: int | None, until: UntilTime | No
 
 
 @dataclass(frozen=True, slots=True)
+class Basis:
+    """Where a replay starts and ends, and what damage it meets on the way."""
+
+    base: checkpoint.Checkpoint | None  # the checkpoint it starts from (None: the journal's first entry)
+    start: int  # the first entry to apply
+    end: int  # the last entry it may apply (the loop also stops at the moment's time)
+    passed_over: tuple[str, ...] = ()  # damaged checkpoints passed over for an older one
+    omit: tuple[tuple[str, str], ...] = ()  # --skip-corrupt: damaged files of the base left out, and why
+    damage: jn.Skip | None = None  # without --skip-corrupt: the damage the replay stops before
+    skips: tuple[jn.Skip, ...] = ()  # with --skip-corrupt: the damage it passes over
+    missing: str = ""  # a missing segment the replay stops before (never jumped)
+
+
+def short_of_missing(j: Journal, until_seq: int | None) -> int | None:
+    """A seq past a missing segment is answered up to the entry before it (and says so), never jumped."""
+    sv = j.salvage
+    if sv is not None and sv.missing and until_seq is not None and until_seq > j.head:
+        return j.head
+    return until_seq
+
+
+def basis(
+    j: Journal,
+    cps: list[checkpoint.Checkpoint],
+    w: Window,
+    until_seq: int | None,
+    until_ns: int | None,
+    skip_corrupt: bool = False,
+) -> Basis:
+    """The replay's plan: the newest whole checkpoint at or before the moment (each candidate's files
+    checked against its manifest), and the journal damage between it and the moment."""
+    candidates = [
+        c
+        for c in cps
+        if (until_seq is None or c.seq <= until_seq) and (until_ns is None or c.ts_ns <= until_ns)
+    ]
+    passed: list[str] = []
+    base = None
+    omit: tuple[tuple[str, str], ...] = ()
+    first_bad: tuple[checkpoint.Checkpoint, list[tuple[str, str]]] | None = None
+    for c in reversed(candidates):
+        problems = checkpoint.verify(c)
+        if not problems:
+            base = c
+            break
+        passed.append(checkpoint.describe_damage(c, problems))
+        first_bad = first_bad or (c, problems)
+    if base is None and w.pruned and first_bad is not None:
+        c, problems = first_bad
+        if not skip_corrupt or any(not path for path, _ in problems):
+            raise checkpoint.CheckpointDamaged(
+                f"{checkpoint.describe_damage(c, problems)}; no older checkpoint is whole and the entries "
+                "before it were pruned"
+                + (
+                    ""
+                    if skip_corrupt
+                    else ": --skip-corrupt rebuilds from it without its damaged files, listed"
+                )
+            )
+        base, omit, passed = c, tuple(problems), passed[1:]
+    start = base.seq + 1 if base is not None else j.first_seq
+    end = j.head if until_seq is None else min(until_seq, j.head)
+    sv = j.salvage
+    if sv is None:
+        return Basis(base, start, end, tuple(passed), omit)
+    missing = sv.missing if sv.missing and end == j.head else ""
+    touching = [k for k in sv.skips if k.touches(start, end)]
+    if skip_corrupt:
+        return Basis(base, start, end, tuple(passed), omit, None, tuple(touching), missing)
+    damage = touching[0] if touching else None
+    if damage is not None:
+        end = min(end, damage.after)
+    return Basis(base, start, end, tuple(passed), omit, damage, (), missing)
+
+
+@dataclass(frozen=True, slots=True)
 class ReplayResult:
     first: int  # first entry applied
     last: int  # last entry applied (first - 1: none)
     checkpoint: int | None = None  # the checkpoint it started from (the set after that entry)
+    #: Why the tree is the set at an earlier moment than asked: damage or a missing segment after ``last``.
+    stopped: str = ""
+    skipped: tuple[str, ...] = ()  # --skip-corrupt: what was passed over (entries, a checkpoint's files)
+    notes: tuple[str, ...] = ()  # damaged checkpoints passed over for an older one; entries not applied
 
     def summary(self, out: Path, until: UntilTime | None = None) -> str:
         parts = []
@@ -240,51 +321,71 @@ class ReplayResult:
         if self.last >= self.first:
             parts.append(f"replayed seqs {self.first}..{self.last}")
         s = (" then ".join(parts) or "replayed no entry") + f" into {out}"
-        if until is not None:
+        if until is not None and not self.stopped:
             s += f" (entries up to {until.text})"
-        return s
+        lines = [s]
+        lines += [f"note: {n}" for n in self.notes]
+        if self.skipped:
+            lines.append(
+                f"skipped ({len(self.skipped)}), so the tree may differ from the set at that moment there:"
+            )
+            lines += [f"  {k}" for k in self.skipped]
+        if self.stopped:
+            lines.append(
+                f"STOPPED at entry {self.last}: {self.stopped}. {out} holds the set as it was after entry "
+                f"{self.last}, not at the moment asked. --skip-corrupt goes past damaged entries and lists "
+                "them; a missing segment is never jumped"
+            )
+        return "\n".join(lines)
 
 
 def replay(
-    folder: Path, out: Path, until_seq: int | None = None, until: UntilTime | None = None
+    folder: Path,
+    out: Path,
+    until_seq: int | None = None,
+    until: UntilTime | None = None,
+    skip_corrupt: bool = False,
 ) -> ReplayResult:
-    """The set as it was after an entry or at a moment, into a new folder ``out``: from the newest
-    checkpoint at or before it (if any), then the entries after it."""
+    """The set as it was after an entry or at a moment, into a new folder ``out``: from the newest whole
+    checkpoint at or before it (if any), then the entries after it. The journal is read past its damage:
+    the replay stops at the last whole entry before the first damage it meets (or, with
+    ``skip_corrupt``, passes over it) and at a missing segment, and says so."""
     if out.exists():
         raise ConfigError(f"--out {out}: already exists; replay writes a new folder")
     if not folder.is_dir():
         raise JournalError(f"{folder}: no journal here")
-    j = Journal.open(folder, fsync=False, readonly=True)
+    j = Journal.open(folder, fsync=False, salvaging=True)
     try:
         cps = usable_checkpoints(folder, j)
         w = window(j, cps)
+        asked_seq, until_seq = until_seq, short_of_missing(j, until_seq)
         _refuse_unanswerable(w, until_seq, until)
+        until_ns = None if until is None else until.ns
+        b = basis(j, cps, w, until_seq, until_ns, skip_corrupt)
     except BaseException:
         j.close()
         raise
-    until_ns = None if until is None else until.ns
-    base = checkpoint.base_for(cps, until_seq, until_ns)
-    if base is None and w.pruned:  # refused above; kept as the invariant it is
+    if b.base is None and w.pruned:  # refused above; kept as the invariant it is
         j.close()
         raise ConfigError(f"no checkpoint to start from ({w})")
     tmp = out.with_name(f".{out.name}.replay-{os.getpid()}")
     applier: Applier | None = None
+    problems: list[str] = []
     try:
-        if base is not None:
-            shutil.copytree(base.tree, tmp, symlinks=True)  # real copies: the output is the user's to change
+        if b.base is not None:
+            omit = {p for p, _ in b.omit}
+            shutil.copytree(  # real copies: the output is the user's to change
+                b.base.tree, tmp, symlinks=True, ignore=_leave_out(b.base.tree, omit) if omit else None
+            )
         else:
             tmp.mkdir(parents=True)
         applier = Applier(tmp, fsync=True)
-        start = base.seq + 1 if base is not None else j.first_seq
-        end = j.head if until_seq is None else min(until_seq, j.head)
         with Progress(transient=True) as progress:
-            task = progress.add_task("replaying", total=max(0, end - start + 1))
+            task = progress.add_task("replaying", total=max(0, b.end - b.start + 1))
             last, _ts = checkpoint.apply_entries(
-                j, applier, tmp, start, end, until_ns, lambda: progress.advance(task)
+                j, applier, tmp, b.start, b.end, until_ns, lambda: progress.advance(task), problems
             )
         os.replace(tmp, out)
-        log.info("replay.done out=%s last_seq=%d checkpoint=%s", out, last, base.seq if base else "-")
-        return ReplayResult(start, last, base.seq if base is not None else None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -292,6 +393,33 @@ def replay(
         if applier is not None:
             applier.close()
         j.close()
+    stopped = ""
+    if b.damage is not None and (last >= b.damage.after or b.damage.after < b.start):
+        stopped = f"the journal is damaged after it: {b.damage}"
+    elif b.missing and last == j.head and (asked_seq is None or asked_seq > last):
+        stopped = b.missing
+    skipped = [f"checkpoint {b.base.seq if b.base else '?'} file {p}: {why}" for p, why in b.omit]
+    skipped += [str(k) for k in b.skips if k.after < last or (k.next_seq is None and k.after == last)]
+    notes = [f"passed over: {n}" for n in b.passed_over] + [f"not applied: {p}" for p in problems]
+    log.info(
+        "replay.done out=%s last_seq=%d checkpoint=%s stopped=%r skipped=%d",
+        out,
+        last,
+        b.base.seq if b.base else "-",
+        stopped,
+        len(skipped),
+    )
+    return ReplayResult(
+        b.start, last, b.base.seq if b.base is not None else None, stopped, tuple(skipped), tuple(notes)
+    )
+
+
+def _leave_out(root: Path, omit: set[str]) -> Callable[[str, list[str]], set[str]]:
+    def ignore(dirpath: str, names: list[str]) -> set[str]:
+        rel = Path(dirpath).relative_to(root).as_posix()
+        return {n for n in names if (n if rel == "." else f"{rel}/{n}") in omit}
+
+    return ignore
 
 
 # -- check and repair ---------------------------------------------------------------------------------------

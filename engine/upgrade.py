@@ -47,7 +47,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from engine.digest import Hasher, hexdigest
+from engine.digest import Hasher, digest_file, hexdigest
 from engine.errors import PathRejected, ReplicationError
 from engine.journal import fsync_dir
 from engine.model import MAX_NAME_CHARS, TEMP_MARKER, check_name
@@ -602,13 +602,8 @@ def installer_path(state_dir: Path, staged: Staged) -> Path:
 
 def _hash_file(path: Path, chunk: int = CHUNK) -> tuple[int, str]:
     """Bytes read and their digest (hex)."""
-    h = Hasher()
-    n = 0
-    with open(path, "rb") as f:
-        while data := f.read(chunk):
-            h.update(data)
-            n += len(data)
-    return n, hexdigest(h.digest())
+    n, d = digest_file(path, chunk)
+    return n, hexdigest(d)
 
 
 def describe(path: Path) -> Staged:
