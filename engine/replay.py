@@ -324,7 +324,9 @@ class ReplayResult:
         if until is not None and not self.stopped:
             s += f" (entries up to {until.text})"
         lines = [s]
-        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"note: {n}" for n in self.notes[:10]]
+        if len(self.notes) > 10:
+            lines.append(f"note: and {len(self.notes) - 10} more (in the log)")
         if self.skipped:
             lines.append(
                 f"skipped ({len(self.skipped)}), so the tree may differ from the set at that moment there:"
