@@ -126,16 +126,17 @@ def prune_floor(checkpoints: list[Checkpoint], cutoff_ns: int) -> int:
     return older[-1].seq if older else 0
 
 
-def expire(folder: Path, cutoff_ns: int, journal_id: str) -> int:
+def expire(folder: Path, cutoff_ns: int, journal_id: str, first_seq: int = 1) -> int:
     """Delete the checkpoints no moment of the window needs: all older than the newest one at or before
-    the cut-off, and any of another journal. The number deleted. Each is first renamed out of the list
-    (``.expiring-*``), so that a crash half way never leaves a partial checkpoint that counts as whole."""
+    the cut-off, any of another journal, and any the journal (its first entry ``first_seq``) no longer goes
+    on from. The number deleted. Each is first renamed out of the list (``.expiring-*``), so that a crash
+    half way never leaves a partial checkpoint that counts as whole."""
     cps = list_checkpoints(folder)
-    mine = [c for c in cps if c.journal == journal_id]
+    mine = [c for c in cps if c.journal == journal_id and c.seq >= first_seq - 1]
     keep_from = prune_floor(mine, cutoff_ns)
     gone = 0
     for c in cps:
-        if c.journal != journal_id or c.seq < keep_from:
+        if c.journal != journal_id or c.seq < keep_from or c.seq < first_seq - 1:
             _remove(c.path)
             gone += 1
     return gone
@@ -146,6 +147,42 @@ def _remove(path: Path) -> None:
     os.replace(path, doomed)
     jn.fsync_dir(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def cap_cutoff(segments: list[tuple[int, int]], checkpoints: list[Checkpoint], cap_bytes: int) -> int:
+    """The retention cut-off (ns) a size cap asks for: the time of the oldest checkpoint after which the
+    journal's segments (``(first seq, bytes)``, in order) fit in ``cap_bytes``; the newest checkpoint when
+    none does (entries after it are never pruned for the cap); 0 (no cut-off) without a checkpoint. Pure."""
+    best = 0
+    for c in reversed(checkpoints):
+        # A segment is kept when it holds an entry after the checkpoint (its next one starts past c + 1).
+        firsts = [f for f, _ in segments]
+        kept = sum(
+            size for i, (_f, size) in enumerate(segments) if i + 1 >= len(firsts) or firsts[i + 1] > c.seq + 1
+        )
+        if best and kept > cap_bytes:
+            break
+        best = c.ts_ns
+    return best
+
+
+def retention_cutoff(j: Journal, state_dir: Path, hours: float, cap_gb: float, now: float) -> float:
+    """The retention cut-off (seconds since 1970) of a side's journal: ``hours`` back, or later when the
+    journal is over its size cap (``cap_gb`` GiB, 0: none). Reads the journal's segment sizes."""
+    cutoff = now - hours * 3600
+    if not cap_gb:
+        return cutoff
+    sizes: list[tuple[int, int]] = []
+    for path, first in j.segments():
+        try:
+            sizes.append((first, path.stat().st_size))
+        except FileNotFoundError:
+            continue
+    if sum(size for _f, size in sizes) <= cap_gb * (1 << 30):
+        return cutoff
+    cps = [c for c in list_checkpoints(folder_of(state_dir)) if c.journal == j.id]
+    capped = cap_cutoff(sizes, cps, int(cap_gb * (1 << 30)))
+    return max(cutoff, capped / 1e9 + 1.0) if capped else cutoff
 
 
 class Cadence:
@@ -165,7 +202,13 @@ NO_FLOOR = 1 << 62
 
 
 def chores(
-    state_dir: Path, journal_id: str, head: int, cutoff: float, minutes: float, cadence: Cadence
+    state_dir: Path,
+    journal_id: str,
+    first_seq: int,
+    head: int,
+    cutoff: float,
+    minutes: float,
+    cadence: Cadence,
 ) -> tuple[int, int]:
     """A side's housekeeping (the sender's, or a passive's kept journal): a checkpoint up to ``head`` when
     one is due, expiry, and (the floor the journal may be pruned to, the newest checkpoint's seq). When no
@@ -178,8 +221,8 @@ def chores(
         if cadence.due(minutes * 60):
             build(state_dir / "journal", folder, upto=head)
             cadence.last = time.monotonic()
-        expire(folder, cutoff_ns, journal_id)
-        cps = [c for c in list_checkpoints(folder) if c.journal == journal_id]
+        expire(folder, cutoff_ns, journal_id, first_seq)
+        cps = _going_on(folder, journal_id, first_seq)
         return prune_floor(cps, cutoff_ns), (cps[-1].seq if cps else 0)
     except JournalError as e:
         if not cadence.unavailable_said:
@@ -189,8 +232,13 @@ def chores(
         return NO_FLOOR, 0
     except OSError as e:
         log.warning("checkpoint.failed error=%s (the journal is not pruned past the last checkpoint)", e)
-        cps = [c for c in list_checkpoints(folder) if c.journal == journal_id]
+        cps = _going_on(folder, journal_id, first_seq)
         return prune_floor(cps, cutoff_ns), (cps[-1].seq if cps else 0)
+
+
+def _going_on(folder: Path, journal_id: str, first_seq: int) -> list[Checkpoint]:
+    """The checkpoints the journal (``journal_id``, its first entry ``first_seq``) still goes on from."""
+    return [c for c in list_checkpoints(folder) if c.journal == journal_id and c.seq >= first_seq - 1]
 
 
 def build(journal_folder: Path, folder: Path, upto: int | None = None) -> Checkpoint | None:

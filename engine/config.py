@@ -40,6 +40,7 @@ class SenderConfig:
     batch_files: int = 1024
     segment_mb: int = 64
     journal_retain_hours: float = 24.0
+    journal_retain_gb: float = 0.0  # a size cap on the journal kept for recovery (0: none, time only)
     checkpoint_minutes: float = 60.0  # a checkpoint this often (0: none; then replays end at the first prune)
     connect_timeout: float = 5.0
     retry_max: float = 5.0
@@ -66,6 +67,7 @@ class ReceiverConfig:
     sync_mode: str = "auto"
     keep_journal: bool = True  # journal what is applied, with checkpoints: the passive can recover too
     journal_retain_hours: float = 24.0
+    journal_retain_gb: float = 0.0
     checkpoint_minutes: float = 60.0
     peer_id: str = ""
     insecure: bool = False
@@ -130,6 +132,7 @@ RANGES: dict[str, Range] = {
     "batch_files": Range(1, 100_000, "changes"),
     "segment_mb": Range(1, 1024, "MiB"),
     "journal_retain_hours": Range(0, 8760, "hours"),
+    "journal_retain_gb": Range(0.001, 100_000, "GiB", off=True),
     "checkpoint_minutes": Range(0.05, 525_600, "minutes", off=True),
     "connect_timeout": Range(0.5, 300, "seconds"),
     "retry_max": Range(0.1, 600, "seconds"),  # the wait starts at 0.1 s and doubles up to this

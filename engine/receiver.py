@@ -194,9 +194,11 @@ class Receiver:
             return
         with self.apply_lock:
             head = kept.head  # committed
-        cutoff = time.time() - cfg.journal_retain_hours * 3600
+        cutoff = checkpoint.retention_cutoff(
+            kept, cfg.state_dir, cfg.journal_retain_hours, cfg.journal_retain_gb, time.time()
+        )
         floor, _newest = checkpoint.chores(
-            cfg.state_dir, kept.id, head, cutoff, cfg.checkpoint_minutes, self._cadence
+            cfg.state_dir, kept.id, kept.first_seq, head, cutoff, cfg.checkpoint_minutes, self._cadence
         )
         with self.apply_lock:
             kept.prune(min(floor, kept.head), cutoff)

@@ -292,3 +292,111 @@ def _replay_cli(config: Path, out: Path, *args: str) -> subprocess.CompletedProc
         cwd=ROOT,
         timeout=120,
     )
+
+
+def test_a_size_cap_moves_the_window_to_the_oldest_checkpoint_the_journal_fits_after(tmp_path: Path) -> None:
+    """journal_retain_gb: segments past the cap go even inside the hours kept, but only down to a checkpoint
+    (the newest one when even the entries after it are over the cap), so every moment left is answerable."""
+    history: list[tuple[Change, bytes | None]] = [(put(f"f{i}", b"x" * 1000), b"x" * 1000) for i in range(8)]
+    folder, trees = _journal_and_oracle(tmp_path, history)  # one entry per segment, at T0 + 10 (i - 1)
+    cks = folder.parent / checkpoint.CHECKPOINTS
+    for p in (2, 4, 6):
+        checkpoint.build(folder, cks, upto=p)
+    cps = checkpoint.list_checkpoints(cks)
+    with closing(Journal.open(folder, fsync=False, segment_bytes=1)) as j:
+        sizes = [(first, path.stat().st_size) for path, first in j.segments()]
+        seg = sizes[0][1]
+        assert [f for f, _ in sizes] == list(range(1, 9)) and all(s == seg for _f, s in sizes)
+        # Entries 5..8 after the checkpoint at 4 fit in 4 segments; 3..8 after the one at 2 do not.
+        assert checkpoint.cap_cutoff(sizes, cps, 4 * seg) == cps[1].ts_ns
+        assert checkpoint.cap_cutoff(sizes, cps, 100 * seg) == cps[0].ts_ns  # all fit: the oldest
+        assert checkpoint.cap_cutoff(sizes, cps, 1) == cps[2].ts_ns  # never past the newest
+        assert checkpoint.cap_cutoff(sizes, [], 1) == 0  # no checkpoint: the cap cannot cut
+        now = (T0 + 1000) / 1.0
+        # No cap, or under it: the hours decide (a year back here); over it: just after the checkpoint at 4.
+        assert checkpoint.retention_cutoff(j, folder.parent, 8760, 0, now) == now - 8760 * 3600
+        assert checkpoint.retention_cutoff(j, folder.parent, 8760, 1.0, now) == now - 8760 * 3600
+        cap_gb = 4 * seg / (1 << 30)
+        cutoff = checkpoint.retention_cutoff(j, folder.parent, 8760, cap_gb, now)
+        assert cutoff == cps[1].ts_ns / 1e9 + 1.0
+        # What the sender and the receiver then do with it: the floor is the checkpoint at 4.
+        floor, newest = checkpoint.chores(folder.parent, j.id, j.first_seq, j.head, cutoff, 60, _not_due())
+        assert (floor, newest) == (4, 6)
+        for path, _first in j.segments():  # the prune's mtime test: segments are as old as their entries
+            os.utime(path, (T0, T0))
+        j.prune(floor, cutoff)
+        assert j.first_seq == 5
+    assert [c.seq for c in checkpoint.list_checkpoints(cks)] == [4, 6]
+    replay(folder, tmp_path / "out", until_seq=5)
+    assert _snapshot(tmp_path / "out") == trees[5]
+    with pytest.raises(ConfigError, match="no checkpoint is at or before it"):
+        replay(folder, tmp_path / "out2", until_seq=3)
+
+
+def _not_due() -> checkpoint.Cadence:
+    c = checkpoint.Cadence()
+    c.last = float("inf")  # built just now: no checkpoint is due
+    return c
+
+
+def test_a_checkpoint_the_journal_no_longer_goes_on_from_is_expired_and_never_the_newest(
+    tmp_path: Path,
+) -> None:
+    """After the disk-pressure path pruned past the newest checkpoint (the chain broken), that checkpoint
+    can never be replayed from: housekeeping deletes it and never reports it as the newest again."""
+    history: list[tuple[Change, bytes | None]] = [(put(f"f{i}", b"v"), b"v") for i in range(6)]
+    folder, _trees = _journal_and_oracle(tmp_path, history)
+    cks = folder.parent / checkpoint.CHECKPOINTS
+    checkpoint.build(folder, cks, upto=2)
+    with closing(Journal.open(folder, fsync=False, segment_bytes=1)) as j:
+        j.prune(acked=4, keep_after_mtime=0.0, pressure=True)
+        assert j.first_seq == 5
+        _floor, newest = checkpoint.chores(folder.parent, j.id, j.first_seq, j.head, 0.0, 60, _not_due())
+    assert newest == 0 and checkpoint.list_checkpoints(cks) == []
+
+
+def test_a_damaged_checkpoint_is_passed_over_by_a_replay_and_set_aside_by_the_next_build(
+    tmp_path: Path,
+) -> None:
+    """Each checkpoint's manifest names its files' sizes, times and xxh3: a replay checks the checkpoint it
+    starts from and passes over a damaged one for an older one (saying so); the next build moves a
+    damaged one aside rather than carry its damage on; with nothing older and the journal pruned, the
+    replay is refused, or rebuilt without the damaged files with --skip-corrupt (listed)."""
+    history: list[tuple[Change, bytes | None]] = [
+        (put(f"f{i}", f"v{i}".encode()), f"v{i}".encode()) for i in range(6)
+    ]
+    folder, trees = _journal_and_oracle(tmp_path, history)
+    cks = folder.parent / checkpoint.CHECKPOINTS
+    for p in (2, 4):
+        checkpoint.build(folder, cks, upto=p)
+    older, newer = checkpoint.list_checkpoints(cks)
+    assert checkpoint.verify(newer) == []
+    damaged = newer.tree / "f3"  # its own file (f0, f1 are shared with the older one)
+    damaged.write_bytes(b"V3")  # same size: only the content check sees it
+    os.utime(damaged, ns=(trees[4]["f3"][1], trees[4]["f3"][1]))
+    assert [p for p, _ in checkpoint.verify(newer)] == ["f3"]
+    assert checkpoint.verify(newer, content=False) == []
+    res = replay(folder, tmp_path / "out", until_seq=5)
+    assert res.checkpoint == 2 and not res.stopped
+    assert any("checkpoint at seq 4" in n and "f3" in n for n in res.notes), res.notes
+    assert _snapshot(tmp_path / "out") == trees[5]
+    # A missing file is seen by size and time too: the next build sets the checkpoint aside.
+    (newer.tree / "f2").unlink()
+    assert ("f2", "missing") in checkpoint.verify(newer, content=False)
+    built = checkpoint.build(folder, cks, upto=6)
+    assert built is not None and checkpoint.verify(built) == []
+    assert [c.seq for c in checkpoint.list_checkpoints(cks)] == [2, 6]
+    assert [p.name.startswith(checkpoint.DAMAGED_PREFIX) for p in cks.iterdir() if not p.name.isdigit()] == [
+        True
+    ]
+    # Only a damaged checkpoint left, the journal pruned before it: refused, or --skip-corrupt.
+    shutil.rmtree(built.path)
+    (older.tree / "f1").write_bytes(b"xx")
+    with closing(Journal.open(folder, fsync=False, segment_bytes=1)) as j:
+        j.prune(acked=2, keep_after_mtime=float("inf"))
+    with pytest.raises(checkpoint.CheckpointDamaged, match=r"checkpoint at seq 2.*f1.*--skip-corrupt"):
+        replay(folder, tmp_path / "out2", until_seq=5)
+    res = replay(folder, tmp_path / "out3", until_seq=5, skip_corrupt=True)
+    assert any("f1" in k for k in res.skipped), res.skipped
+    want = {k: v for k, v in trees[5].items() if k != "f1"}
+    assert _snapshot(tmp_path / "out3") == want

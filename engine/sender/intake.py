@@ -562,7 +562,10 @@ class Intake:
         every = self.cfg.checkpoint_minutes * 60
         if now - self._last_prune > (min(PRUNE_INTERVAL, every) if every else PRUNE_INTERVAL):
             self._last_prune = now
-            cutoff = time.time() - self.cfg.journal_retain_hours * 3600
+            cfg = self.cfg
+            cutoff = checkpoint.retention_cutoff(
+                self.journal, cfg.state_dir, cfg.journal_retain_hours, cfg.journal_retain_gb, time.time()
+            )
             acked = min(self._acked(), self.journal.head)
             if every:
                 # The window's first moment must stay answerable: prune only up to the checkpoint that
@@ -580,8 +583,9 @@ class Intake:
         """A checkpoint (up to the committed ``head``) when ``checkpoint_minutes`` have passed since the last
         one built here; those the window no longer needs deleted; the floor the journal may be pruned to.
         Worker thread."""
+        j = self.journal
         self._ck_floor, self._ck_newest = checkpoint.chores(
-            self.cfg.state_dir, self.journal.id, head, cutoff, self.cfg.checkpoint_minutes, self._ck_clock
+            self.cfg.state_dir, j.id, j.first_seq, head, cutoff, self.cfg.checkpoint_minutes, self._ck_clock
         )
 
     async def _journal_full(self, batch: list[Pending], why: str) -> None:
@@ -609,8 +613,9 @@ class Intake:
             if removed:
                 log.error(
                     "checkpoint.chain_broken up_to=%d (the disk is full: segments after the newest "
-                    "checkpoint were pruned, so no later checkpoint can be built from the journal and "
-                    "whole-set replays end there; single files can still be restored)",
+                    "checkpoint were pruned, so no later checkpoint can be built from this journal and "
+                    "whole-set replays are refused until it is retired; single files changed since can "
+                    "still be restored)",
                     acked,
                 )
                 self._ck_newest = 0
