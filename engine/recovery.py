@@ -31,6 +31,7 @@ from engine.replay import (
     Basis,
     UntilTime,
     Window,
+    bar,
     basis,
     refuse_unanswerable,
     short_of_missing,
@@ -259,12 +260,14 @@ def restore(
             raise ConfigError(f"{rel}: nothing was there at that moment (see `standby journal show --path`)")
         out: list[Restored] = []
         puts: list[PendingOp] = []
-        for p in targets:
-            held = f.files[p]
-            data = _content(j, held)
-            change = Change(0, Op.PUT, p, size=held.size, mtime_ns=held.mtime_ns, digest=held.digest)
-            puts.append(PendingOp(change, data=data))
-            out.append(Restored(p, held, not dry_run))
+        with bar("reading the versions", len(targets)) as advance:
+            for p in targets:
+                held = f.files[p]
+                data = _content(j, held)
+                change = Change(0, Op.PUT, p, size=held.size, mtime_ns=held.mtime_ns, digest=held.digest)
+                puts.append(PendingOp(change, data=data))
+                out.append(Restored(p, held, not dry_run))
+                advance()
         if not dry_run:
             _write(root, puts)
         return out
@@ -286,6 +289,10 @@ def _content(j: Journal, held: Held) -> bytes:
     return data
 
 
+#: Files written per durable group by a restore.
+_BATCH = 256
+
+
 def _write(root: Path, puts: list[PendingOp]) -> None:
     """Write the files as the receiver writes them: the applier's checked paths (no symlink crossed, no
     reserved name), temp files made durable, renamed into place, folders made durable. Refused, before
@@ -304,12 +311,16 @@ def _write(root: Path, puts: list[PendingOp]) -> None:
             raise ConfigError(f"{op.change.path}: not restored: a folder stands there now")
     applier = Applier(root, fsync=True)
     try:
-        res = applier.apply_batch(puts)
+        with bar("restoring", len(puts)) as advance:
+            for i in range(0, len(puts), _BATCH):
+                res = applier.apply_batch(puts[i : i + _BATCH])
+                if res.problems:
+                    p = res.problems[0]
+                    raise ConfigError(f"{p.path}: not restored: {p.reason}")
+                for _ in puts[i : i + _BATCH]:
+                    advance()
     finally:
         applier.close()
-    if res.problems:
-        p = res.problems[0]
-        raise ConfigError(f"{p.path}: not restored: {p.reason}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -382,11 +383,8 @@ def replay(
         else:
             tmp.mkdir(parents=True)
         applier = Applier(tmp, fsync=True)
-        with Progress(transient=True) as progress:
-            task = progress.add_task("replaying", total=max(0, b.end - b.start + 1))
-            last, _ts = checkpoint.apply_entries(
-                j, applier, tmp, b.start, b.end, until_ns, lambda: progress.advance(task), problems
-            )
+        with bar("replaying", max(0, b.end - b.start + 1)) as advance:
+            last, _ts = checkpoint.apply_entries(j, applier, tmp, b.start, b.end, until_ns, advance, problems)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -414,6 +412,14 @@ def replay(
     return ReplayResult(
         b.start, last, b.base.seq if b.base is not None else None, stopped, tuple(skipped), tuple(notes)
     )
+
+
+@contextmanager
+def bar(label: str, total: int) -> Iterator[Callable[[], None]]:
+    """A progress bar on the terminal while the work runs (gone when it ends); yields its step."""
+    with Progress(transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda: progress.advance(task)
 
 
 def _leave_out(root: Path, omit: set[str]) -> Callable[[str, list[str]], set[str]]:
