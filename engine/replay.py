@@ -37,7 +37,7 @@ def list_journal(folder: Path) -> None:
     """The segments, the checkpoints and the window a replay can answer (times in UTC and local time)."""
     if not folder.is_dir():
         raise JournalError(f"{folder}: no journal here")
-    j = Journal.open(folder, fsync=False, readonly=True)
+    j = Journal.open(folder, fsync=False, salvaging=True)
     try:
         t = Table(title=f"journal {j.id}: entries {j.first_seq}..{j.head}")
         for col in ("segment", "first seq", "bytes", "modified (local)"):
@@ -60,6 +60,13 @@ def list_journal(folder: Path) -> None:
             for c in cps:
                 ct.add_row(str(c.seq), utc_and_local(c.ts_ns), f"{c.files:,}", f"{c.bytes:,}")
             con.print(ct)
+        sv = j.salvage
+        for k in sv.skips if sv is not None else ():
+            con.print(
+                f"damaged: {k} (a replay stops before it; --skip-corrupt passes over it)", highlight=False
+            )
+        if sv is not None and sv.missing:
+            con.print(f"missing: {sv.missing} (nothing after it is read)", highlight=False)
         w = window(j, cps)
         start = w.checkpoint if w.pruned else (0, w.first_ts)  # the first moment a replay answers
         if start is None:
