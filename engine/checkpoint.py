@@ -37,10 +37,10 @@ from pathlib import Path
 
 from engine import journal as jn
 from engine.apply import Applier, PendingOp
-from engine.digest import digest_file
 from engine.errors import JournalError
 from engine.journal import Journal
 from engine.model import Op
+from engine.scan import digest_file
 
 log = logging.getLogger(__name__)
 

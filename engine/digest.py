@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import xxhash
 
@@ -34,17 +33,6 @@ def digest_chunks(chunks: Iterable[bytes]) -> bytes:
     for c in chunks:
         h.update(c)
     return h.digest()
-
-
-def digest_file(path: Path, chunk: int = 1 << 20) -> tuple[int, bytes]:
-    """Bytes read from the file at ``path`` and their digest."""
-    h = Hasher()
-    n = 0
-    with open(path, "rb") as f:
-        while data := f.read(chunk):
-            h.update(data)
-            n += len(data)
-    return n, h.digest()
 
 
 def checksum(data: bytes | memoryview) -> int:

@@ -406,7 +406,7 @@ def replay(
     elif b.missing and last == j.head and (asked_seq is None or asked_seq > last):
         stopped = b.missing
     skipped = [f"checkpoint {b.base.seq if b.base else '?'} file {p}: {why}" for p, why in b.omit]
-    skipped += [str(k) for k in b.skips if k.after < last or (k.next_seq is None and k.after == last)]
+    skipped += [str(k) for k in b.skips if k.after <= last]  # met: the loop went past it, or ended in it
     notes = [f"passed over: {n}" for n in b.passed_over] + [f"not applied: {p}" for p in problems]
     log.info(
         "replay.done out=%s last_seq=%d checkpoint=%s stopped=%r skipped=%d",

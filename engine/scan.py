@@ -680,3 +680,14 @@ def tree_digest(root: Path, include: Sequence[str], cache: HashCache, skip: Path
             size += e.size
             h.update(b"f\0" + e.path.encode("utf-8") + b"\0" + str(e.size).encode() + b"\0" + e.digest)
     return TreeDigest(h.digest().hex(), files, folders, size, len(m.unstable) + len(m.unreadable))
+
+
+def digest_file(path: Path, chunk: int = 1 << 20) -> tuple[int, bytes]:
+    """Bytes read from the file at ``path`` and their digest."""
+    h = Hasher()
+    n = 0
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            h.update(data)
+            n += len(data)
+    return n, h.digest()

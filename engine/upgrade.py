@@ -47,10 +47,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from engine.digest import Hasher, digest_file, hexdigest
+from engine.digest import Hasher, hexdigest
 from engine.errors import PathRejected, ReplicationError
 from engine.journal import fsync_dir
 from engine.model import MAX_NAME_CHARS, TEMP_MARKER, check_name
+from engine.scan import digest_file
 from engine.service import ServiceControl, ServiceError, ServiceState, ServiceStatus
 from engine.service.command import kill_group
 
