@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.jsonl"
+#: What verify says of a file in a checkpoint's tree that its manifest does not name.
+EXTRA = "not in its manifest"
 DAMAGED_PREFIX = ".damaged-"
 #: Puts larger than this are streamed to a temporary file rather than held in memory.
 LARGE = 4 << 20
@@ -224,6 +226,11 @@ def chores(
         expire(folder, cutoff_ns, journal_id, first_seq)
         cps = _going_on(folder, journal_id, first_seq)
         return prune_floor(cps, cutoff_ns), (cps[-1].seq if cps else 0)
+    except CheckpointDamaged as e:
+        log.error("checkpoint.damaged %s", e)
+        cadence.last = time.monotonic()
+        cps = _going_on(folder, journal_id, first_seq)
+        return prune_floor(cps, cutoff_ns), (cps[-1].seq if cps else 0)
     except JournalError as e:
         if not cadence.unavailable_said:
             cadence.unavailable_said = True
@@ -254,10 +261,17 @@ def build(journal_folder: Path, folder: Path, upto: int | None = None) -> Checkp
         base = base_for(cps, head, None)
         if base is not None and base.seq == head:
             return base
-        while base is not None and (damage := verify(base, content=False)):
+        while base is not None and (damage := [d for d in verify(base, content=False) if d[1] != EXTRA]):
+            older = base_for([c for c in cps if c.seq < base.seq], head, None)
+            if (older.seq + 1 if older is not None else 1) < j.first_seq:
+                raise CheckpointDamaged(
+                    f"{describe_damage(base, damage)}; it is kept, being the only checkpoint the journal "
+                    "goes on from: no checkpoint is built and the journal is not pruned past it until the "
+                    "file is put back or the checkpoint removed (replay --skip-corrupt rebuilds from it)"
+                )
             _set_aside(base, damage)
             cps.remove(base)
-            base = base_for(cps, head, None)
+            base = older
         start = base.seq + 1 if base is not None else 1
         if start < j.first_seq:
             raise JournalError(
@@ -271,10 +285,11 @@ def build(journal_folder: Path, folder: Path, upto: int | None = None) -> Checkp
         tree = tmp / "tree"
         tree.mkdir(parents=True)
         try:
-            if base is not None:
-                _link_tree(base.tree, tree)
+            base_manifest = read_manifest(base) if base is not None else None
+            if base is not None:  # a file added behind our back (not in its manifest) is left out
+                _link_tree(base.tree, tree, None if base_manifest is None else set(base_manifest))
             ts = _apply(j, tree, start, head)
-            files, size = _write_manifest(tree, tmp / MANIFEST, read_manifest(base) if base else None)
+            files, size = _write_manifest(tree, tmp / MANIFEST, base, base_manifest)
             meta = {"seq": head, "ts_ns": ts, "files": files, "bytes": size, "journal": j.id}
             _write_durable(tmp / "meta.json", json.dumps(meta).encode("utf-8"))
             final = folder / f"{head:012d}"
@@ -375,12 +390,15 @@ def unshare(path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _link_tree(src: Path, dst: Path) -> None:
+def _link_tree(src: Path, dst: Path, only: set[str] | None = None) -> None:
+    """Link every file of ``src`` (only those named in ``only``, if given) into ``dst``."""
     for dirpath, dirs, files in os.walk(src):
         rel = Path(dirpath).relative_to(src)
         for d in dirs:
             (dst / rel / d).mkdir()
         for f in files:
+            if only is not None and (rel / f).as_posix() not in only:
+                continue
             try:
                 os.link(Path(dirpath) / f, dst / rel / f)
             except OSError:  # NTFS's limit of 1023 links to a file, a file system without links: a copy
@@ -395,20 +413,30 @@ def _files(tree: Path) -> Iterator[tuple[str, os.stat_result]]:
             yield (f if rel == "." else f"{rel}/{f}"), os.lstat(os.path.join(dirpath, f))
 
 
-def _write_manifest(tree: Path, out: Path, base: dict[str, FileRecord] | None) -> tuple[int, int]:
-    """Write ``tree``'s manifest durably; (files, bytes). A file still linked to the previous checkpoint
-    (same inode, size and time) takes its digest from that checkpoint's manifest; the others are read."""
-    by_ino = {r.ino: r for r in base.values()} if base else {}
+def _write_manifest(
+    tree: Path, out: Path, base: Checkpoint | None, base_manifest: dict[str, FileRecord] | None
+) -> tuple[int, int]:
+    """Write ``tree``'s manifest durably; (files, bytes). A file that is, right now, the very file (same
+    inode, same device) at the same path in the previous checkpoint, unchanged since that checkpoint's
+    manifest, takes its digest from it; every other file is read. Inode numbers recorded in a manifest
+    are never trusted: a state folder copied or restored from a backup gives its files new ones."""
     lines: list[str] = []
     files = size = 0
     for rel, st in _files(tree):
-        old = by_ino.get(st.st_ino)
-        if old is not None and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns):
-            digest = old.digest
-        else:
+        digest = ""
+        old = base_manifest.get(rel) if base_manifest is not None else None
+        if base is not None and old is not None and st.st_ino:
+            try:
+                was = os.lstat(base.tree / rel)
+            except OSError:
+                was = None
+            same = was is not None and (was.st_ino, was.st_dev) == (st.st_ino, st.st_dev)
+            if same and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns):
+                digest = old.digest
+        if not digest:
             digest = digest_file(tree / rel)[1].hex()
         rec = {"p": rel, "s": st.st_size, "m": st.st_mtime_ns, "h": digest, "i": st.st_ino}
-        lines.append(json.dumps(rec, ensure_ascii=False))
+        lines.append(json.dumps(rec))  # ASCII: a name holding U+2028 and the like stays on one line
         files += 1
         size += st.st_size
     _write_durable(out, ("\n".join(lines) + "\n").encode("utf-8") if lines else b"")
@@ -422,11 +450,13 @@ def read_manifest(c: Checkpoint) -> dict[str, FileRecord] | None:
     except FileNotFoundError:
         return None
     out: dict[str, FileRecord] = {}
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # never splitlines(): it splits at U+2028 too
+        if not line:
+            continue
         try:
             v = json.loads(line)
-            out[str(v["p"])] = FileRecord(int(v["s"]), int(v["m"]), str(v["h"]), int(v["i"]))
-        except (ValueError, KeyError, TypeError) as e:
+            out[str(v["p"])] = FileRecord(int(v["s"]), int(v["m"]), str(v["h"]), int(v.get("i", 0)))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointDamaged(
                 f"checkpoint at seq {c.seq}: {MANIFEST} line {n} is damaged ({e})"
             ) from None
@@ -453,7 +483,7 @@ def verify(c: Checkpoint, content: bool = True) -> list[tuple[str, str]]:
         seen.add(rel)
         want = manifest.get(rel)
         if want is None:
-            problems.append((rel, "not in its manifest"))
+            problems.append((rel, EXTRA))
         elif (st.st_size, st.st_mtime_ns) != (want.size, want.mtime_ns):
             problems.append(
                 (rel, f"size or time changed ({st.st_size} bytes, the manifest says {want.size})")

@@ -893,10 +893,10 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             print(f"would skip the checkpoint's file {path}: {why}")
         for k in b.skips:
             print(f"would skip: {k}")
-        if b.damage is not None:
-            print(f"would stop at entry {b.end}: the journal is damaged after it: {b.damage}")
-        if b.missing:
-            print(f"would stop at entry {b.end}: {b.missing}")
+        if b.damage is not None and (plan.last >= b.damage.after or b.damage.after < b.start):
+            print(f"would stop at entry {plan.last}: the journal is damaged after it: {b.damage}")
+        elif b.missing and plan.last == b.end:
+            print(f"would stop at entry {plan.last}: {b.missing}")
         return EXIT_OK
     res = replay(folder, args.into, until_seq=args.pos, until=until, skip_corrupt=args.skip_corrupt)
     print(res.summary(args.into, until))

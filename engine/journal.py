@@ -266,7 +266,12 @@ class Journal:
     def _open_salvaging(self) -> None:
         sv = salvage(self.folder, self.id, [(s.path, s.first) for s in self._segments])
         self.salvage = sv
-        self._segments = self._segments[: sv.segments]
+        # Segments after a missing one are never read; nor trailing ones holding no whole entry (one being
+        # created when the writer crashed): a cursor past the head must not open them.
+        kept = self._segments[: sv.segments]
+        while len(kept) > 1 and kept[-1].first > sv.head:
+            kept.pop()
+        self._segments = kept
         for seg in self._segments:
             seg.end = seg.path.stat().st_size
         self._skips = {(int(k.path.stem), k.start): k for k in sv.skips}
@@ -794,7 +799,10 @@ class Skip:
         return f"segment {self.path.name} bytes {self.start}{end}: {self.lost} ({self.problem})"
 
     def touches(self, start: int, end: int) -> bool:
-        """Whether a reader of entries ``start..end`` meets this damage."""
+        """Whether a reader of entries ``start..end`` loses an entry to this damage (bytes between two
+        whole entries lose none)."""
+        if self.next_seq is not None and self.next_seq <= self.after + 1:
+            return False
         return self.after < end and (self.next_seq is None or self.next_seq > start)
 
 
@@ -809,8 +817,33 @@ class Salvage:
     segments: int = 0  # how many segments are read (those after a missing one are not)
 
 
-def _next_entry_after(f: io.FileIO, rd: _FrameReader, at: int, after: int) -> tuple[int, int] | None:
-    """Offset and seq of the first whole entry header after byte ``at`` with a seq past ``after``."""
+def _next_entry_after(
+    f: io.FileIO, rd: _FrameReader, at: int, after: int, bound: int | None = None
+) -> tuple[int, int] | None:
+    """Offset and seq of the first whole entry header after the bad frame at ``at``, with a seq past
+    ``after`` (and at most ``bound``). First along the chain of whole frames from where the bad frame says
+    it ends (content chunks passed over as content: a file that holds journal frames is never read as
+    entries); only when that chain breaks, by scanning the bytes for a frame start."""
+
+    def entry_seq(v: Any) -> int | None:
+        if not isinstance(v, dict) or v.get("k") != "e":
+            return None
+        try:
+            seq = Change.from_wire(v).seq
+        except ValueError:
+            return None
+        return seq if seq > after and (bound is None or seq <= bound) else None
+
+    pos = rd.declared_end(at)
+    while pos is not None and pos < rd.size:
+        r = rd.frame_at(pos)
+        if isinstance(r, codec.Torn):
+            break
+        if (seq := entry_seq(r[0])) is not None:
+            return pos, seq
+        if isinstance(r[0], dict) and r[0].get("k") == "e":  # a whole header out of bounds: no chain
+            break
+        pos = r[1]
     step = 4 << 20
     overlap = codec.DEFAULT_MAX_FRAME + codec.HEADER_SIZE
     pos = at + 1
@@ -821,21 +854,19 @@ def _next_entry_after(f: io.FileIO, rd: _FrameReader, at: int, after: int) -> tu
             if i >= step:
                 break
             res = codec.decode_at(buf, i)
-            if isinstance(res, codec.Torn) or not isinstance(res[0], dict) or res[0].get("k") != "e":
+            if isinstance(res, codec.Torn):
                 continue
-            try:
-                seq = Change.from_wire(res[0]).seq
-            except ValueError:
-                continue
-            if seq > after:
+            if (seq := entry_seq(res[0])) is not None:
                 return pos + i, seq
         pos += step
     return None
 
 
-def _salvage_segment(path: Path, journal_id: str, first: int, last: bool) -> tuple[int, list[Skip]]:
+def _salvage_segment(path: Path, journal_id: str, first: int, bound: int | None) -> tuple[int, list[Skip]]:
     """The last whole entry of one segment read past its damage, and the damage passed over. A torn tail of
-    the last segment is where the journal ends (not damage); a bad header skips the whole segment."""
+    the last segment (``bound`` None; else the last seq the segment can hold, by the next one's name) is
+    where the journal ends (not damage); a bad header skips the whole segment."""
+    last = bound is None
     with open(path, "rb", buffering=0) as f:
         rd, base, off = _open_scan(f, path, journal_id, first)
         sc = base
@@ -849,7 +880,7 @@ def _salvage_segment(path: Path, journal_id: str, first: int, last: bool) -> tup
             sc = _scan_entries(f, rd, base, off, seq)
             if not sc.problem or (sc.torn and last):
                 return sc.last, skips
-            nxt = _next_entry_after(f, rd, sc.at, sc.last)
+            nxt = _next_entry_after(f, rd, sc.at, sc.last, bound)
             if nxt is None:
                 skips.append(Skip(path, sc.end, None, sc.last, None, sc.problem))
                 return sc.last, skips
@@ -863,10 +894,17 @@ def salvage(folder: Path, journal_id: str, segments: list[tuple[Path, int]]) -> 
     skips: list[Skip] = []
     last: int | None = None
     for i, (path, first) in enumerate(segments):
+        open_end = bool(skips) and skips[-1].next_seq is None and skips[-1].after == last
+        if open_end and last is not None and first == last + 1:
+            skips[-1] = replace(skips[-1], next_seq=first)  # bytes after the last entry: no entry lost
         if last is not None and first != last + 1:
-            open_end = skips and skips[-1].next_seq is None and skips[-1].after == last
             if open_end and first > last + 1:
-                skips[-1] = replace(skips[-1], next_seq=first)
+                # Entries last+1..first-1 are in the damaged tail of the segment before (its name says it
+                # holds them), or in a segment missing between: the skip says both (a segment unread from
+                # its header on is taken at its name).
+                tail = skips[-1]
+                why = tail.problem + ("; or in a missing segment" if tail.start else "")
+                skips[-1] = replace(tail, next_seq=first, problem=why)
             else:
                 missing = (
                     f"a segment is missing before {path.name}: the one before ends at entry {last}, this one "
@@ -875,7 +913,8 @@ def salvage(folder: Path, journal_id: str, segments: list[tuple[Path, int]]) -> 
                     else f"{path.name} starts at entry {first}, inside the segment before (it ends at {last})"
                 )
                 return Salvage(last, tuple(skips), missing, i)
-        end, found = _salvage_segment(path, journal_id, first, i == len(segments) - 1)
+        bound = segments[i + 1][1] - 1 if i + 1 < len(segments) else None
+        end, found = _salvage_segment(path, journal_id, first, bound)
         skips += found
         last = end
     return Salvage(last if last is not None else 0, tuple(skips), "", len(segments))
@@ -1047,10 +1086,33 @@ class Cursor:
         segs = list(self.journal._segments)
         seg = max((s for s in segs if s.first <= seq), key=lambda s: s.first)
         self._open_segment(seg)
-        while self.seq < seq:
+        while True:
+            # Salvaging: damage passed over before the entry wanted may land past it (the first whole entry
+            # after the damage); that entry is then the next one read, never read and dropped here.
+            if not self._pass_damage() or self.seq >= seq:
+                break
             if self.next_header() is None:
                 raise JournalError(f"seq {seq} not found in {seg.path}")
             self.skip_chunks()
+
+    def _pass_damage(self) -> bool:
+        """Salvaging: move past every damaged stretch at the cursor (several may follow each other). False
+        when the journal ends in damage (nothing whole after it)."""
+        skips = self.journal._skips
+        while skips and self._seg is not None:
+            skip = skips.get((self._seg.first, self._off))
+            if skip is None:
+                return True
+            if skip.resume is None:
+                nxt = self._next_segment()
+                if nxt is None:
+                    self.seq = self.journal.head + 1
+                    return False
+                self._open_segment(nxt)
+            else:
+                self._off = skip.resume
+                self.seq = skip.next_seq or self.seq
+        return True
 
     def _next_segment(self) -> _Segment | None:
         assert self._seg is not None
@@ -1127,17 +1189,8 @@ class Cursor:
         head = self.journal.head
         if self.seq > head:
             return None
-        assert self._seg is not None
-        skip = self.journal._skips.get((self._seg.first, self._off))
-        if skip is not None:  # salvaging: pass over damaged bytes (see Salvage)
-            if skip.resume is None:
-                nxt = self._next_segment()
-                if nxt is None:
-                    return None
-                self._open_segment(nxt)
-                return self._header_frame()
-            self._off = skip.resume
-            self.seq = skip.next_seq or self.seq
+        if not self._pass_damage():  # salvaging: see Salvage
+            return None
         off = self._off
         frame = self._read_frame(skip=False)
         if frame is None:

@@ -251,11 +251,18 @@ class Basis:
 
 
 def short_of_missing(j: Journal, until_seq: int | None) -> int | None:
-    """A seq past a missing segment is answered up to the entry before it (and says so), never jumped."""
+    """A seq past a missing segment, or past damage the journal ends in, is asked as the head (None): the
+    replay answers up to the entry before it and says so; a missing segment is never jumped."""
     sv = j.salvage
-    if sv is not None and sv.missing and until_seq is not None and until_seq > j.head:
-        return j.head
+    if sv is not None and (sv.missing or _ends_in_damage(j)) and until_seq is not None and until_seq > j.head:
+        return None
     return until_seq
+
+
+def _ends_in_damage(j: Journal) -> list[jn.Skip]:
+    """The damage the journal ends in: nothing whole after it (not a torn tail: a whole frame follows)."""
+    sv = j.salvage
+    return [k for k in sv.skips if k.next_seq is None and k.after == j.head] if sv is not None else []
 
 
 def basis(
@@ -302,8 +309,11 @@ def basis(
     sv = j.salvage
     if sv is None:
         return Basis(base, start, end, tuple(passed), omit)
-    missing = sv.missing if sv.missing and end == j.head else ""
+    # Asked up to the head (or any time): a missing segment or damage after the head is met too.
+    missing = sv.missing if sv.missing and until_seq is None else ""
     touching = [k for k in sv.skips if k.touches(start, end)]
+    if until_seq is None:
+        touching += [k for k in _ends_in_damage(j) if k not in touching]
     if skip_corrupt:
         return Basis(base, start, end, tuple(passed), omit, None, tuple(touching), missing)
     damage = touching[0] if touching else None
@@ -368,7 +378,7 @@ def replay(
     try:
         cps = usable_checkpoints(folder, j)
         w = window(j, cps)
-        asked_seq, until_seq = until_seq, short_of_missing(j, until_seq)
+        until_seq = short_of_missing(j, until_seq)
         _refuse_unanswerable(w, until_seq, until)
         until_ns = None if until is None else until.ns
         b = basis(j, cps, w, until_seq, until_ns, skip_corrupt)
@@ -403,7 +413,7 @@ def replay(
     stopped = ""
     if b.damage is not None and (last >= b.damage.after or b.damage.after < b.start):
         stopped = f"the journal is damaged after it: {b.damage}"
-    elif b.missing and last == j.head and (asked_seq is None or asked_seq > last):
+    elif b.missing and last == j.head:
         stopped = b.missing
     skipped = [f"checkpoint {b.base.seq if b.base else '?'} file {p}: {why}" for p, why in b.omit]
     skipped += [str(k) for k in b.skips if k.after <= last]  # met: the loop went past it, or ended in it
