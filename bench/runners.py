@@ -86,7 +86,14 @@ class Standby:
     label = "standby"
     delay = 0.0
 
-    def __init__(self, registry: Registry, base: Path, source: Path, replica: Path) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        base: Path,
+        source: Path,
+        replica: Path,
+        keep_journal: bool | None = None,
+    ) -> None:
         self.registry = registry
         self.base = base
         self.source = source
@@ -103,11 +110,18 @@ class Standby:
         self.notes: list[str] = []
         #: ``--profile``: send and receive run under ``bench.profiled``, writing ``<role>.<n>.prof`` here.
         self.profile_dir: Path | None = None
+        #: ``[receiver] keep_journal`` set explicitly (``bench.keep_journal_ab``); None: the default.
+        self.keep_journal = keep_journal
+        #: The folder ``python -m engine`` runs in, so the ``engine`` package found there is the one run:
+        #: the repository's, or a frozen copy of it (``bench.keep_journal_ab``).
+        self.code = REPO
         base.mkdir(parents=True, exist_ok=True)
 
     def write_config(self) -> None:
         def pin(role: str) -> str:
             return f'peer_id = "{self.ids[role]}"\n' if role in self.ids else ""
+
+        keep = "" if self.keep_journal is None else f"keep_journal = {str(self.keep_journal).lower()}\n"
 
         self.config.write_text(
             f"""\
@@ -121,7 +135,7 @@ state_dir = {_q(self.sender_state)}
 listen = "127.0.0.1:{self.port}"
 target = {_q(self.replica)}
 state_dir = {_q(self.receiver_state)}
-{pin("sender")}
+{keep}{pin("sender")}
 
 [[guard]]
 pattern = "config/config.json"
@@ -158,7 +172,7 @@ rule = "base64"
         self.port = free_port()
         self.ids = {}
         self.write_config()
-        out = subprocess.run(self.argv("init"), capture_output=True, text=True, timeout=60, cwd=REPO)
+        out = subprocess.run(self.argv("init"), capture_output=True, text=True, timeout=60, cwd=self.code)
         if out.returncode != 0:
             raise RuntimeError(f"standby init exited with {out.returncode}: {out.stderr.strip()[-500:]}")
         for line in out.stdout.splitlines():
@@ -175,12 +189,12 @@ rule = "base64"
 
     def start_passive(self) -> None:
         self.receiver = self.registry.spawn(
-            "standby receive", self.argv("receive"), self._log("receive"), REPO
+            "standby receive", self.argv("receive"), self._log("receive"), self.code
         )
         wait_log(self.receiver, "receiver.listening", 30)
 
     def start_active(self) -> None:
-        self.sender = self.registry.spawn("standby send", self.argv("send"), self._log("send"), REPO)
+        self.sender = self.registry.spawn("standby send", self.argv("send"), self._log("send"), self.code)
 
     def wait_connected(self, timeout: float = 30) -> None:
         assert self.sender is not None
@@ -218,7 +232,7 @@ rule = "base64"
         log = self.base / "verify.log"
         log.unlink(missing_ok=True)
         wall, _cpu, rc = run_timed(
-            [sys.executable, "-m", "engine", "verify", "--config", str(self.config)], log, REPO
+            [sys.executable, "-m", "engine", "verify", "--config", str(self.config)], log, self.code
         )
         return wall, rc, log.read_text("utf-8", errors="replace")
 
