@@ -78,7 +78,6 @@ class FileRecord:
     size: int
     mtime_ns: int
     digest: str  # xxh3_128, hex
-    ino: int  # the inode it had when the manifest was written (unchanged files share it with the next)
 
 
 def folder_of(state_dir: Path) -> Path:
@@ -435,7 +434,7 @@ def _write_manifest(
                 digest = old.digest
         if not digest:
             digest = digest_file(tree / rel)[1].hex()
-        rec = {"p": rel, "s": st.st_size, "m": st.st_mtime_ns, "h": digest, "i": st.st_ino}
+        rec = {"p": rel, "s": st.st_size, "m": st.st_mtime_ns, "h": digest}
         lines.append(json.dumps(rec))  # ASCII: a name holding U+2028 and the like stays on one line
         files += 1
         size += st.st_size
@@ -455,7 +454,7 @@ def read_manifest(c: Checkpoint) -> dict[str, FileRecord] | None:
             continue
         try:
             v = json.loads(line)
-            out[str(v["p"])] = FileRecord(int(v["s"]), int(v["m"]), str(v["h"]), int(v.get("i", 0)))
+            out[str(v["p"])] = FileRecord(int(v["s"]), int(v["m"]), str(v["h"]))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointDamaged(
                 f"checkpoint at seq {c.seq}: {MANIFEST} line {n} is damaged ({e})"

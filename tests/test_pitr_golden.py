@@ -165,8 +165,8 @@ def test_the_golden_data_is_small_and_as_the_generator_says() -> None:
 
 
 def test_the_generator_reproduces_the_committed_files_byte_for_byte(tmp_path: Path) -> None:
-    """Manifests are written with "i": 0 (inode numbers change on every run and copy: see the generator's
-    docstring), so every byte is reproducible, times and ids included."""
+    """Manifests are rewritten sorted by path (see the generator's docstring), so every byte is
+    reproducible, times and ids included."""
     out = tmp_path / "pitr"
     generate(out, check=False)  # the model is checked against real replays by the sweep below
 

@@ -9,11 +9,8 @@ Regenerate from the repository root (it rewrites ``tests/data/pitr/`` from scrat
 The output is byte-identical on every run (tests/test_pitr_golden.py checks it): the history's contents,
 file times (``mtime_ns``) and journal times (``ts_ns``) are fixed, the journal's id is written into
 ``journal.id`` before the journal is first opened (``Journal.open`` only draws a random id when there is
-none), and each checkpoint's ``manifest.jsonl`` is rewritten sorted by path with ``"i": 0``. The ``i``
-(inode) field is only a cache hint for the *next* build (a file still hard-linked to the previous checkpoint
-takes its digest from the manifest instead of being read again); inode numbers change on every run and on
-every copy, and no real file has inode 0, so with 0 the hint never matches and a build reads every file:
-slower, never wrong.
+none), and each checkpoint's ``manifest.jsonl`` is rewritten sorted by path (a build writes it in the
+order the file system lists the tree).
 
 What is built, with the real engine (``engine.journal.Journal`` with a small ``segment_bytes``, and
 ``engine.checkpoint.build``): the history below (puts, a touch, deletes, file and folder renames, mkdirs,
@@ -333,7 +330,7 @@ def build_clean(state: Path, steps: list[Step]) -> None:
     for c in checkpoint.list_checkpoints(cks):
         manifest = c.path / checkpoint.MANIFEST
         recs = [json.loads(line) for line in manifest.read_text("utf-8").splitlines()]
-        lines = [json.dumps({**r, "i": 0}, ensure_ascii=False) for r in sorted(recs, key=lambda r: r["p"])]
+        lines = [json.dumps(r) for r in sorted(recs, key=lambda r: r["p"])]
         manifest.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
         for dirpath, dirs, names in os.walk(c.tree):
             assert dirs or names, f"{dirpath}: an empty folder (git would not keep it)"
