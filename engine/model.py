@@ -221,6 +221,11 @@ class FileMeta:
 
 _WIN_RESERVED = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³]|CONIN\$|CONOUT\$)$", re.I)
 _WIN_BAD_CHARS = frozenset('<>:"|?*\\/') | frozenset(chr(c) for c in range(32))
+#: The shape of an 8.3 alias (NTFS ``PROGRA~1``, ``AB12CD~1``; Samba's mangled ``MVNQD~Z1``): up to eight
+#: characters with a tilde after the first, then up to three after a dot. Where 8.3 names are on (the
+#: NTFS default on many servers, Samba's ``mangled names``), such a name may *be* another file's alias:
+#: a put to it would overwrite that file.
+_SHORT_ALIAS = re.compile(r"^(?=[^.]{1,8}(\.|$))[^.~]{1,7}~[0-9A-Za-z_]{1,7}(\.[^.]{1,3})?$")
 
 
 #: Everything check_name refuses character by character, as one search (the common case finds nothing).
@@ -257,6 +262,8 @@ def _name_problem(name: str) -> str | None:
         return f"name {name!r} is a reserved device name on Windows"
     if TEMP_MARKER in name:
         return "name uses the temporary-file marker"
+    if "~" in name and _SHORT_ALIAS.match(name):
+        return f"name {name!r} has the shape of an 8.3 alias: on Windows or SMB it may name another file"
     return None
 
 

@@ -64,6 +64,12 @@ ACCEPTED = [
     "standby-tmp-",  # the marker without its leading dot
     "a-b_c~d$e#f%g&h(i)j[k]l{m}n+o=p,q;r'@!",
     "a\x7fb",  # DEL is not a control character Windows refuses
+    # tildes that cannot be an 8.3 alias: a base over 8 characters, a tilde first, an extension over 3
+    "report~final.docx",
+    "~$meeting.docx",
+    "ABCDEFGH~1",
+    "file~1.json5",
+    "a~b~c",
     _NAME_AT_LIMIT,
     _PATH_AT_LIMIT,
     _DEEPEST,
@@ -150,6 +156,12 @@ REFUSED: list[tuple[str, str]] = [
     ("conout$.txt", "reserved device name"),
     ("dir/CON/file", "reserved device name"),
     ("dir/sub/nul", "reserved device name"),
+    # the shape of an 8.3 alias (NTFS, Samba's mangled names), any case, at any depth
+    ("PROGRA~1", "8.3 alias"),
+    ("progra~1", "8.3 alias"),
+    ("MVNQDZ~Z", "8.3 alias"),
+    ("rooms/AB12CD~1.JSO", "8.3 alias"),
+    ("a~1/x", "8.3 alias"),
     # the receiver's temporary-file marker
     (TEMP_MARKER, "temporary-file marker"),
     ("a/" + TEMP_MARKER + "123", "temporary-file marker"),
