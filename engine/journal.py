@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import logging
 import os
 import re
@@ -54,6 +55,9 @@ FORMAT_VERSION = 1
 SUFFIX = ".sbj"
 DEFAULT_SEGMENT_BYTES = 64 << 20
 DAMAGED_PREFIX = "damaged-"
+#: Written at a clean close: where the committed entries of the last segment end, so that the next open
+#: scans only what may follow them (a 64 MiB segment of small entries takes a second to scan whole).
+END_HINT = "journal.end"
 #: Ends every message about a journal that open or a cursor found inconsistent.
 RECOVERY_HINT = (
     "run: standby journal check --config FILE; "
@@ -232,7 +236,12 @@ class Journal:
         for s in self._segments[:-1]:
             s.end = s.path.stat().st_size
         last = self._segments[-1]
-        scan = scan_segment(last.path, self.id, last.first)
+        hint = None if self.readonly else self._take_end_hint(last)
+        scan = scan_segment(last.path, self.id, last.first, hint)
+        if hint is not None and scan.problem:
+            # Anything but whole entries after the hint (a crash's torn tail, damage): judged from the
+            # segment's start, as without a hint, before anything is cut.
+            scan = scan_segment(last.path, self.id, last.first)
         end = scan.end
         if scan.problem and scan.torn and scan.end == 0 and not self.readonly:
             # A crash while the segment was being created: it holds a prefix of its own header and no
@@ -259,9 +268,48 @@ class Journal:
             with open(last.path, "rb+") as f:
                 f.truncate(end)
                 os.fsync(f.fileno())
+        (self.folder / END_HINT).unlink(missing_ok=True)  # see _take_end_hint
         self._out = open(last.path, "ab", buffering=0)  # noqa: SIM115 - held open for appends
         self._out_size = self._durable = end
         self._committed = (self.head, last.first, end)
+
+    def _take_end_hint(self, last: _Segment) -> tuple[int, int] | None:
+        """(offset, seq) where the last segment's committed entries ended at the last clean close, if the
+        hint is there and fits. It is removed once the journal is open for appending, so that it describes
+        no state but the one it was written for.
+
+        INVARIANT: committed bytes never change (appends add, a failed append cuts only what was not
+        committed), so even a hint that comes back after a crash (its removal lost) is still true; only
+        ``repair`` cuts committed bytes, and it removes the hint first."""
+        path = self.folder / END_HINT
+        try:
+            doc = json.loads(path.read_text("utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            doc = None
+        if not isinstance(doc, dict) or doc.get("journal") != self.id or doc.get("segment") != last.first:
+            return None
+        end, head = doc.get("end"), doc.get("head")
+        if not isinstance(end, int) or not isinstance(head, int) or head < last.first - 1:
+            return None
+        try:
+            size = last.path.stat().st_size
+        except OSError:
+            return None
+        return (end, head) if 0 < end <= size else None
+
+    def _write_end_hint(self) -> None:
+        """At a clean close: where the committed entries end (see _take_end_hint). Best effort: without
+        it the next open scans the whole last segment."""
+        seg = self._segments[-1]
+        doc = {"journal": self.id, "segment": seg.first, "end": self._durable, "head": self.head}
+        tmp = self.folder / (END_HINT + ".tmp")
+        try:
+            tmp.write_text(json.dumps(doc), "utf-8")
+            os.replace(tmp, self.folder / END_HINT)
+        except OSError as e:
+            log.debug("journal.end_hint_not_written error=%s", e)
 
     def _open_salvaging(self) -> None:
         sv = salvage(self.folder, self.id, [(s.path, s.first) for s in self._segments])
@@ -451,6 +499,8 @@ class Journal:
                 if self._appender is not None:
                     self._appender.abort()
                 self.commit()
+                if not self._broken:
+                    self._write_end_hint()
             finally:
                 self._out.close()
                 self._out = None
@@ -689,14 +739,20 @@ def _whole_frame_after(f: io.FileIO, rd: _FrameReader, at: int) -> int | None:
     return None
 
 
-def scan_segment(path: Path, journal_id: str, first: int) -> SegmentScan:
+def scan_segment(
+    path: Path, journal_id: str, first: int, start: tuple[int, int] | None = None
+) -> SegmentScan:
     """Walk a segment frame by frame and say how far it holds whole, valid entries, and why not further.
+    ``start`` (offset, seq): the whole entries up to ``seq`` are known to end at that offset (a clean
+    close's hint): the walk starts there.
 
     Decides torn tail against damage: a bad frame is a torn tail only if no whole frame follows it."""
     with open(path, "rb", buffering=0) as f:
         rd, base, off = _open_scan(f, path, journal_id, first)
         if off is None:
             return base
+        if start is not None and start[0] >= off:
+            return _scan_entries(f, rd, base, start[0], start[1])
         return _scan_entries(f, rd, base, off, first - 1)
 
 
@@ -1006,6 +1062,7 @@ def repair(folder: Path, now: datetime | None = None) -> RepairResult:
     The caller holds the state lock (no sender runs). Safe to run again after a crash part way: later
     segments move first (the journal is a prefix at every step), then the bad segment's tail is copied
     aside (and made durable) before the segment is cut."""
+    (folder / END_HINT).unlink(missing_ok=True)  # it may describe bytes this repair cuts
     result = check(folder)
     bad = result.bad
     if result.problem:
