@@ -29,6 +29,7 @@ up to :attr:`Journal.pending`.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import io
 import json
@@ -55,6 +56,8 @@ FORMAT_VERSION = 1
 SUFFIX = ".sbj"
 DEFAULT_SEGMENT_BYTES = 64 << 20
 DAMAGED_PREFIX = "damaged-"
+#: Entries between two of the journal's marks of where committed entries end (see Journal._marks).
+MARK_EVERY = 256
 #: Written at a clean close: where the committed entries of the last segment end, so that the next open
 #: scans only what may follow them (a 64 MiB segment of small entries takes a second to scan whole).
 END_HINT = "journal.end"
@@ -174,6 +177,9 @@ class Journal:
         # (head, first seq of the segment holding the committed end, byte offset of that end), replaced as
         # one tuple so that a reader in another thread never sees half of an update.
         self._committed: tuple[int, int, int] = (0, 0, 0)
+        #: Where committed entries ended, now and then (every MARK_EVERY entries), by segment: (seq, offset)
+        #: in seq order. A cursor starts at the nearest one before its seq instead of the segment's start.
+        self._marks: dict[int, list[tuple[int, int]]] = {}
 
     # -- opening ------------------------------------------------------------------------------------------
     @classmethod
@@ -490,6 +496,9 @@ class Journal:
         end = self._appender.start if self._appender is not None else self._out_size
         self._durable = end
         self._committed = (self._next - 1, seg.first, end)  # INVARIANT: before head, for readers
+        marks = self._marks.setdefault(seg.first, [])
+        if self._next - 1 - (marks[-1][0] if marks else seg.first - 1) >= MARK_EVERY:
+            marks.append((self._next - 1, end))
         self.head = self._next - 1
         return self.head
 
@@ -506,6 +515,17 @@ class Journal:
                 self._out = None
 
     # -- reading ------------------------------------------------------------------------------------------
+    def _mark_before(self, first: int, seq: int) -> tuple[int, int] | None:
+        """(s, offset): in the segment starting at ``first``, the committed entries up to ``s < seq`` end at
+        ``offset``; the nearest such point known (the committed end, or a mark), None if none."""
+        head, cfirst, end = self._committed
+        best = (head, end) if cfirst == first and first - 1 <= head < seq else None
+        marks = self._marks.get(first, [])
+        i = bisect.bisect_left(marks, (seq, -1)) - 1
+        if i >= 0 and (best is None or marks[i][0] > best[0]):
+            best = marks[i]
+        return best
+
     def cursor(self, seq: int) -> Cursor:
         """A reader positioned at ``seq`` (the next entry it yields). ``seq`` must still be kept."""
         if seq < self.first_seq or seq > self.head + 1:
@@ -554,7 +574,7 @@ class Journal:
             except OSError as e:  # Windows: a reader still has it open; try again next time
                 log.info("journal.prune_deferred segment=%s reason=%s", seg.path.name, e)
                 break
-            self._segments.pop(0)
+            self._marks.pop(self._segments.pop(0).first, None)
             removed += 1
         if removed and pressure:
             log.warning("journal.pruned_under_pressure segments=%d first_seq=%d", removed, self.first_seq)
@@ -1143,6 +1163,8 @@ class Cursor:
         segs = list(self.journal._segments)
         seg = max((s for s in segs if s.first <= seq), key=lambda s: s.first)
         self._open_segment(seg)
+        if not self.journal._skips and (at := self.journal._mark_before(seg.first, seq)) is not None:
+            self.seq, self._off = at[0] + 1, at[1]  # whole entries end there: the next one starts there
         while True:
             # Salvaging: damage passed over before the entry wanted may land past it (the first whole entry
             # after the damage); that entry is then the next one read, never read and dropped here.

@@ -1081,3 +1081,34 @@ def test_a_clean_close_lets_the_next_open_start_after_the_committed_entries(
     hint.write_text(json.dumps(doc), "utf-8")
     with closing(jopen(folder)) as j:
         assert j.head == 21 and [e.change.path for e in entries(j)][-2:] == ["f19", "g"]
+
+
+def test_a_cursor_starts_at_the_nearest_mark_and_reads_every_entry_from_any_seq(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cursor starts at the committed end, or the nearest mark of where committed entries ended, before
+    its seq (not at the segment's start): from every seq it still reads exactly the entries from there."""
+    monkeypatch.setattr(journal_mod, "MARK_EVERY", 3)
+    folder = tmp_path / "j"
+    contents = {i: f"v{i}".encode() * (1 + i % 5) for i in range(1, 41)}
+    with closing(jopen(folder, segment_bytes=1500)) as j:
+        for i in range(1, 41):
+            j.append(put(f"f{i}", contents[i]), contents[i])
+            if i % 2 == 0:
+                j.commit()
+        j.commit()
+        assert len(j.segments()) > 2 and any(len(m) > 1 for m in j._marks.values())
+        for seq in range(j.first_seq, j.head + 2):
+            got = [(e.change.seq, e.change.path, b"".join(e.chunks)) for e in entries(j, seq)]
+            assert got == [(i, f"f{i}", contents[i]) for i in range(seq, 41)], seq
+        frames: list[int] = []
+        real = Cursor._read_frame
+
+        def counted(self: Cursor, skip: bool, limit: int | None = -1) -> Any:
+            frames.append(self._off)
+            return real(self, skip, limit)
+
+        monkeypatch.setattr(Cursor, "_read_frame", counted)
+        with closing(j.cursor(j.head + 1)) as cur:  # a stream from the head reads nothing before it
+            assert frames == [0]  # the segment's header only, then straight to the committed end
+            assert cur.seq == j.head + 1
