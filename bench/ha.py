@@ -94,6 +94,10 @@ def failover_and_switchover(work: Path, files: int, say: Callable[[str], None]) 
         up = _first(sampler, lambda s: s[1], t0, FAILOVER_AFTER + 60)
         fig.rto_s = round(up - t0, 2)
         wait_for(lambda: _passive_hearing(a), 90, "the old active to rejoin")
+        # A switchover asks of the peer what this node last heard of it: wait until that is "passive" too.
+        wait_for(
+            lambda: (b.status().get("peer") or {}).get("role") == "passive", 30, "the new active to hear it"
+        )
         wait_for(lambda: same_trees(a, b), 60, "the trees to be equal again")
         fig.rejoined_s = round(time.monotonic() - t0, 2)
         say("HA: switchover back (standby switchover on the new active)")
