@@ -740,6 +740,15 @@ def _whole_frame_after(f: io.FileIO, rd: _FrameReader, at: int) -> int | None:
     end = rd.declared_end(at)
     if end is not None and not isinstance(rd.frame_at(end), codec.Torn):
         return end
+    for off, v in _frames_after(f, rd, at):
+        if (isinstance(v, dict) and v.get("k") == "e") or isinstance(v, bytes):
+            return off
+    return None
+
+
+def _frames_after(f: io.FileIO, rd: _FrameReader, at: int) -> Iterator[tuple[int, Any]]:
+    """Every whole, valid frame that starts after byte ``at``, by scanning the bytes for frame starts:
+    (offset, value), in order."""
     step = 4 << 20
     overlap = codec.DEFAULT_MAX_FRAME + codec.HEADER_SIZE
     pos = at + 1
@@ -750,13 +759,9 @@ def _whole_frame_after(f: io.FileIO, rd: _FrameReader, at: int) -> int | None:
             if i >= step:
                 break
             res = codec.decode_at(buf, i)
-            if isinstance(res, codec.Torn):
-                continue
-            v = res[0]
-            if (isinstance(v, dict) and v.get("k") == "e") or isinstance(v, bytes):
-                return pos + i
+            if not isinstance(res, codec.Torn):
+                yield pos + i, res[0]
         pos += step
-    return None
 
 
 def scan_segment(
@@ -920,21 +925,9 @@ def _next_entry_after(
         if isinstance(r[0], dict) and r[0].get("k") == "e":  # a whole header out of bounds: no chain
             break
         pos = r[1]
-    step = 4 << 20
-    overlap = codec.DEFAULT_MAX_FRAME + codec.HEADER_SIZE
-    pos = at + 1
-    while pos < rd.size - codec.HEADER_SIZE:
-        buf = _pread(f, pos, step + overlap)
-        for m in _FRAME_START.finditer(buf):
-            i = m.start()
-            if i >= step:
-                break
-            res = codec.decode_at(buf, i)
-            if isinstance(res, codec.Torn):
-                continue
-            if (seq := entry_seq(res[0])) is not None:
-                return pos + i, seq
-        pos += step
+    for off, v in _frames_after(f, rd, at):
+        if (seq := entry_seq(v)) is not None:
+            return off, seq
     return None
 
 
