@@ -232,6 +232,7 @@ class Journal:
         if not self._segments:
             if self.readonly:
                 raise JournalError(f"{self.folder}: the journal holds no segment")
+            self._remove_end_hint()
             self._start_segment(1)
             self._next = 1
             self.head = 0
@@ -274,10 +275,25 @@ class Journal:
             with open(last.path, "rb+") as f:
                 f.truncate(end)
                 os.fsync(f.fileno())
-        (self.folder / END_HINT).unlink(missing_ok=True)  # see _take_end_hint
+        self._remove_end_hint()
         self._out = open(last.path, "ab", buffering=0)  # noqa: SIM115 - held open for appends
         self._out_size = self._durable = end
         self._committed = (self.head, last.first, end)
+
+    def _remove_end_hint(self) -> None:
+        """Remove the hint before appending, durably: a removal lost in a crash would bring back a hint
+        that a later repair could make untrue. Held open elsewhere (Windows): it is still true, and the
+        open goes on."""
+        path = self.folder / END_HINT
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            log.warning("journal.end_hint_not_removed error=%s", e)
+            return
+        if self.fsync:
+            fsync_dir(self.folder)
 
     def _take_end_hint(self, last: _Segment) -> tuple[int, int] | None:
         """(offset, seq) where the last segment's committed entries ended at the last clean close, if the
@@ -285,14 +301,16 @@ class Journal:
         no state but the one it was written for.
 
         INVARIANT: committed bytes never change (appends add, a failed append cuts only what was not
-        committed), so even a hint that comes back after a crash (its removal lost) is still true; only
-        ``repair`` cuts committed bytes, and it removes the hint first."""
+        committed), so a hint stays true while the journal is appended to; only ``repair`` cuts committed
+        bytes, and it removes the hint first. Both removals are made durable. The trade-off: bit rot in
+        the committed bytes of the last segment is found by the cursor that reads them, not at open (as
+        in every older segment)."""
         path = self.folder / END_HINT
         try:
             doc = json.loads(path.read_text("utf-8"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             doc = None
         if not isinstance(doc, dict) or doc.get("journal") != self.id or doc.get("segment") != last.first:
             return None
@@ -312,6 +330,8 @@ class Journal:
         doc = {"journal": self.id, "segment": seg.first, "end": self._durable, "head": self.head}
         tmp = self.folder / (END_HINT + ".tmp")
         try:
+            if not self.fsync and self._out is not None:  # the hint vouches for these bytes: durable first
+                os.fsync(self._out.fileno())
             tmp.write_text(json.dumps(doc), "utf-8")
             os.replace(tmp, self.folder / END_HINT)
         except OSError as e:
@@ -1075,7 +1095,11 @@ def repair(folder: Path, now: datetime | None = None) -> RepairResult:
     The caller holds the state lock (no sender runs). Safe to run again after a crash part way: later
     segments move first (the journal is a prefix at every step), then the bad segment's tail is copied
     aside (and made durable) before the segment is cut."""
-    (folder / END_HINT).unlink(missing_ok=True)  # it may describe bytes this repair cuts
+    try:  # it may describe bytes this repair cuts: gone, durably, before they are
+        (folder / END_HINT).unlink()
+        fsync_dir(folder)
+    except FileNotFoundError:
+        pass
     result = check(folder)
     bad = result.bad
     if result.problem:

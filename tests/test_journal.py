@@ -1112,3 +1112,52 @@ def test_a_cursor_starts_at_the_nearest_mark_and_reads_every_entry_from_any_seq(
         with closing(j.cursor(j.head + 1)) as cur:  # a stream from the head reads nothing before it
             assert frames == [0]  # the segment's header only, then straight to the committed end
             assert cur.seq == j.head + 1
+
+
+def test_the_end_hint_is_removed_durably_before_appends_and_by_repair_and_vouches_only_for_durable_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hint's removal is made durable (a removal lost in a crash could bring back a hint a repair made
+    untrue); a repair removes it before it cuts; with fsync off, the bytes it vouches for are fsynced
+    before it is written; a hint that cannot be removed (held open on Windows) does not stop the open."""
+    synced: list[str] = []
+    real_fsync_dir = journal_mod.fsync_dir
+    real_fsync = os.fsync
+
+    def dir_spy(path: Path) -> None:
+        synced.append(f"dir {Path(path).name} hint={(Path(path) / END_HINT).exists()}")
+        real_fsync_dir(path)
+
+    def file_spy(fd: int) -> None:
+        synced.append("file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(journal_mod, "fsync_dir", dir_spy)
+    folder = tmp_path / "j"
+    with closing(Journal.open(folder)) as j:  # fsync on
+        j.append(put("a", b"1"), b"1")
+        j.commit()
+    synced.clear()
+    with closing(Journal.open(folder)) as j:
+        assert synced == ["dir j hint=False"]  # the hint's removal, made durable before any append
+    synced.clear()
+    journal_mod.repair(folder)
+    assert synced[:1] == ["dir j hint=False"]  # whole journal: nothing cut, the hint gone durably first
+    # fsync off: the segment is fsynced once, at close, before the hint exists.
+    monkeypatch.setattr(os, "fsync", file_spy)
+    with closing(jopen(folder)) as j:
+        j.append(put("b", b"2"), b"2")
+        j.commit()
+        synced.clear()
+    assert synced == ["file"] and (folder / END_HINT).exists()
+    # Held open elsewhere (Windows): the open goes on, and the hint, still true, is used next time.
+    real_unlink = Path.unlink
+
+    def held(self: Path, missing_ok: bool = False) -> None:
+        if self.name == END_HINT:
+            raise PermissionError(13, "The process cannot access the file", str(self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", held)
+    with closing(jopen(folder)) as j:
+        assert j.head == 2
