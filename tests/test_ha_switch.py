@@ -26,12 +26,17 @@ FAILOVER_AFTER = 10.0
 
 def _settled(a: HaNode, b: HaNode) -> bool:
     """One active and one passive, as told by the agents running now (not a status left by an earlier
-    run), with exactly one service running."""
+    run), each having heard the other's role (a command asks a node what it last heard of its peer), with
+    exactly one service running."""
     if not (_meets(a) and _meets(b)):
         return False
-    roles = {a.status().get("role"), b.status().get("role")}
+    sa, sb = a.status(), b.status()
+    roles = {sa.get("role"), sb.get("role")}
+    heard = (sa.get("peer") or {}).get("role") == sb.get("role") and (sb.get("peer") or {}).get(
+        "role"
+    ) == sa.get("role")
     running = [n.service_pid() is not None for n in (a, b)]
-    return roles == {"active", "passive"} and running.count(True) == 1
+    return roles == {"active", "passive"} and heard and running.count(True) == 1
 
 
 def _meets_nobody(n: HaNode) -> bool:
