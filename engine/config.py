@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import platform
+import re
 import stat
 import tomllib
 from collections.abc import Sequence
@@ -21,6 +22,10 @@ from engine.errors import ConfigError, PathRejected
 from engine.failover import Policy, Role
 from engine.guard import GuardRule
 from engine.model import check_relpath, parse_id
+
+WINDOWS = platform.system() == "Windows"
+#: A URL's scheme and "://" (not a drive letter: "C:\\x" has no "//").
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
 DEFAULT_PORT = 7420
 
@@ -209,8 +214,25 @@ def _path(section: dict[str, Any], key: str, name: str, base: Path) -> Path:
     v = section[key]
     if not isinstance(v, str) or not v:
         raise ConfigError(f"{name} -> {key}: expected a path string, got {v!r}")
+    check_local_path(v, f"{name} -> {key}")
     p = Path(v).expanduser()
     return p if p.is_absolute() else (base / p)
+
+
+def check_local_path(text: str, where: str, windows: bool = WINDOWS) -> None:
+    """Refuse what is not a path this machine opens itself: a URL (``smb://server/share``: it would be
+    taken for a folder named ``smb:``), or a UNC path (``\\\\server\\share``) anywhere but on Windows."""
+    if _URL.match(text):
+        raise ConfigError(
+            f"{where}: {text!r} is a URL; standby reads and writes paths this machine opens itself (an SMB "
+            "share: mount it and give the mount's path, or on Windows its UNC path \\\\server\\share\\"
+            "folder; neither is tested yet: see the README)"
+        )
+    if text.startswith("\\\\") and not windows:
+        raise ConfigError(
+            f"{where}: {text!r} is a UNC path, which only Windows opens itself; mount the share and give "
+            "the mount's path"
+        )
 
 
 def parse(data: dict[str, Any], path: Path, default_node: str = "standby") -> Config:

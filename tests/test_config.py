@@ -263,3 +263,42 @@ def test_an_undecodable_config_is_one_line_exit_2(tmp_path: Path) -> None:
     assert r.returncode == 2, r
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "UTF-8" in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+# ---- paths that are not local ------------------------------------------------------------------------------
+
+
+def test_an_smb_url_as_the_target_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    """`target = "smb://..."` (what an admin may try for a share) would have been taken for a relative folder
+    named "smb:" beside the config: refused, naming the key, and nothing is created."""
+    port = free_port()
+    path = tmp_path / "standby.toml"
+    path.write_text(
+        f'[receiver]\nlisten = "127.0.0.1:{port}"\ntarget = "smb://10.0.0.12:445/share/SynergySKY"\n'
+        "state_dir = 'state'\ninsecure = true\n",
+        "utf-8",
+    )
+    line = one_config_error(cli("receive", "--config", str(path)), "receiver -> target", "is a URL")
+    assert "mount" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["standby.toml"]
+
+
+@pytest.mark.parametrize(
+    ("text", "windows", "refused"),
+    [
+        ("smb://server/share/x", True, "is a URL"),
+        ("file:///srv/x", False, "is a URL"),
+        ("\\\\server\\share\\x", False, "is a UNC path"),
+        ("\\\\server\\share\\x", True, ""),  # Windows opens it itself
+        ("C:\\ProgramData\\Synergy SKY", True, ""),
+        ("C:/ProgramData", True, ""),
+        ("/srv/replica", False, ""),
+        ("replica", False, ""),
+    ],
+)
+def test_local_path_rules(text: str, windows: bool, refused: str) -> None:
+    if refused:
+        with pytest.raises(ConfigError, match=refused):
+            config.check_local_path(text, "receiver -> target", windows)
+    else:
+        config.check_local_path(text, "receiver -> target", windows)
