@@ -5,3 +5,15 @@ Modules, imports pointing downward: ``workload`` (the tree and the writes), ``tr
 ``machine`` (the machine and its limits), ``measure`` (the procedures), ``report`` (tables, goals, JSON,
 chart) and ``__main__`` (the command).
 """
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """An option's whole number of at least 1 (the commands' shared argparse type)."""
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
+    return v

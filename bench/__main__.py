@@ -25,7 +25,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import measure
+from bench import measure, positive_int
 from bench.ha import HaFigures, measure_ha
 from bench.machine import Limits, describe, measure_limits
 from bench.measure import Context, Settings, ToolResult
@@ -112,13 +112,6 @@ measurement could not be made.
 """
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
-    return v
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -141,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--files",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="meeting files to generate, spread over 50 room folders (default: 10,000; 300 with --smoke); "
         "100000 is the size the memory goal is about",
@@ -149,14 +142,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, metavar="S", help="seed for the workload and every write (default: 1)")
     p.add_argument(
         "--reps",
-        type=_positive_int,
+        type=positive_int,
         metavar="R",
         help="repetitions of initial sync, reconciliation and churn "
         "(default: 5; 2 with --quick; 1 with --smoke)",
     )
     p.add_argument(
         "--samples",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="latency samples per kind, new file and rewrite "
         "(default: 200; 50 with --quick; 10 with --smoke)",

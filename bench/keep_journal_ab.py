@@ -43,6 +43,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bench import positive_int
 from bench.measure import Context, Settings, ToolResult, initial_sync_live
 from bench.procs import Registry, tree_cpu_seconds
 from bench.runners import REPO, Standby
@@ -58,25 +59,18 @@ QUIET_WINDOW = 1.0
 QUIET_MAX = 60.0
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
-    return v
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.keep_journal_ab",
         description="A/B: standby's initial sync with [receiver] keep_journal = true against false, "
         "interleaved, on one generated tree: median wall and CPU seconds per side, and the ratios.",
     )
-    p.add_argument("--runs", type=_positive_int, default=5, metavar="N", help="measured runs per arm (5)")
+    p.add_argument("--runs", type=positive_int, default=5, metavar="N", help="measured runs per arm (5)")
     p.add_argument(
         "--warmup", type=int, default=1, metavar="N", help="untimed pairs before the measured ones (1)"
     )
     p.add_argument(
-        "--files", type=_positive_int, default=DEFAULT_FILES, metavar="N", help="meeting files (10,000)"
+        "--files", type=positive_int, default=DEFAULT_FILES, metavar="N", help="meeting files (10,000)"
     )
     p.add_argument("--seed", type=int, default=1, metavar="S", help="seed for the workload (1)")
     p.add_argument("--tmp", type=Path, metavar="DIR", help="where the temporary folder goes")

@@ -46,6 +46,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench import positive_int
 from bench.trees import ReplicaTimeout, differences, expect, wait_identical
 from tests.ha import HaNode, make_pair, same_trees, wait_for
 
@@ -440,13 +441,6 @@ def print_report(console: Console, res: Result) -> None:
 # The command.
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
-    return v
-
-
 def _count(text: str) -> int:
     v = int(text)
     if v < 0:
@@ -464,7 +458,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--files", type=_positive_int, default=10_000, metavar="N", help="files in the tree (default: 10000)"
+        "--files", type=positive_int, default=10_000, metavar="N", help="files in the tree (default: 10000)"
     )
     p.add_argument(
         "--differ",
