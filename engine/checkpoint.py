@@ -108,16 +108,21 @@ def usable(checkpoints: list[Checkpoint], j: Journal) -> list[Checkpoint]:
     return [c for c in checkpoints if c.journal == j.id and j.first_seq - 1 <= c.seq <= j.head]
 
 
+def at_or_before(
+    checkpoints: list[Checkpoint], until_seq: int | None, until_ns: int | None
+) -> list[Checkpoint]:
+    """The checkpoints at or before the moment (a seq, a time, or neither: all), in their order."""
+    return [
+        c
+        for c in checkpoints
+        if (until_seq is None or c.seq <= until_seq) and (until_ns is None or c.ts_ns <= until_ns)
+    ]
+
+
 def base_for(checkpoints: list[Checkpoint], until_seq: int | None, until_ns: int | None) -> Checkpoint | None:
     """The newest checkpoint at or before the moment (a seq, a time, or neither: the newest of all)."""
-    best = None
-    for c in checkpoints:
-        if until_seq is not None and c.seq > until_seq:
-            continue
-        if until_ns is not None and c.ts_ns > until_ns:
-            continue
-        best = c
-    return best
+    found = at_or_before(checkpoints, until_seq, until_ns)
+    return found[-1] if found else None
 
 
 def prune_floor(checkpoints: list[Checkpoint], cutoff_ns: int) -> int:
@@ -404,7 +409,7 @@ def _link_tree(src: Path, dst: Path, only: set[str] | None = None) -> None:
                 shutil.copy2(Path(dirpath) / f, dst / rel / f)
 
 
-def _files(tree: Path) -> Iterator[tuple[str, os.stat_result]]:
+def tree_files(tree: Path) -> Iterator[tuple[str, os.stat_result]]:
     """Every file below ``tree``: its path relative to it (with ``/``) and its lstat."""
     for dirpath, _dirs, names in os.walk(tree):
         rel = Path(dirpath).relative_to(tree).as_posix()
@@ -421,7 +426,7 @@ def _write_manifest(
     are never trusted: a state folder copied or restored from a backup gives its files new ones."""
     lines: list[str] = []
     files = size = 0
-    for rel, st in _files(tree):
+    for rel, st in tree_files(tree):
         digest = ""
         old = base_manifest.get(rel) if base_manifest is not None else None
         if base is not None and old is not None and st.st_ino:
@@ -475,7 +480,7 @@ def verify(c: Checkpoint, content: bool = True) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     seen: set[str] = set()
     try:
-        found = list(_files(c.tree))
+        found = list(tree_files(c.tree))
     except OSError as e:
         return [("", f"its tree cannot be read: {e}")]
     for rel, st in found:

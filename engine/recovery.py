@@ -17,11 +17,11 @@ Must not: write anywhere but the one path (or the folder's files) it restores, o
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine import checkpoint
 from engine.apply import Applier, PendingOp
 from engine.digest import digest_bytes
 from engine.errors import ConfigError, JournalError, PathRejected
@@ -351,13 +351,9 @@ def plan_replay(
         f = Follow(known=True)
         if b.base is not None:
             omit = {p for p, _ in b.omit}
-            for dirpath, _dirs, files in os.walk(b.base.tree):
-                for name in files:
-                    full = os.path.join(dirpath, name)
-                    rel = Path(full).relative_to(b.base.tree).as_posix()
-                    if rel not in omit:
-                        st = os.lstat(full)
-                        f.files[rel] = Held(0, st.st_size, b"", st.st_mtime_ns)
+            for rel, st in checkpoint.tree_files(b.base.tree):
+                if rel not in omit:
+                    f.files[rel] = Held(0, st.st_size, b"", st.st_mtime_ns)
         last = b.start - 1
         for c in j.headers(b.start):
             if c.seq > b.end or (until_ns is not None and c.ts_ns > until_ns):

@@ -275,11 +275,7 @@ def basis(
 ) -> Basis:
     """The replay's plan: the newest whole checkpoint at or before the moment (each candidate's files
     checked against its manifest), and the journal damage between it and the moment."""
-    candidates = [
-        c
-        for c in cps
-        if (until_seq is None or c.seq <= until_seq) and (until_ns is None or c.ts_ns <= until_ns)
-    ]
+    candidates = checkpoint.at_or_before(cps, until_seq, until_ns)
     passed: list[str] = []
     base = None
     omit: tuple[tuple[str, str], ...] = ()
