@@ -754,6 +754,18 @@ _FRAME_START = re.compile(
 )
 
 
+def _is_header(v: Any) -> bool:
+    """Whether a decoded frame is an entry's header (the other frames are content chunks)."""
+    return isinstance(v, dict) and v.get("k") == "e"
+
+
+def _entry(v: Any) -> Change:
+    """The entry a decoded frame is the header of; ValueError if it is not one."""
+    if not _is_header(v):
+        raise ValueError("not an entry header")
+    return Change.from_wire(v)
+
+
 def _whole_frame_after(f: io.FileIO, rd: _FrameReader, at: int) -> int | None:
     """Offset of a whole, valid frame after the bad frame at ``at``: first where that frame says it ends,
     then anywhere later (an entry header or a content chunk). None: nothing after it is whole."""
@@ -761,7 +773,7 @@ def _whole_frame_after(f: io.FileIO, rd: _FrameReader, at: int) -> int | None:
     if end is not None and not isinstance(rd.frame_at(end), codec.Torn):
         return end
     for off, v in _frames_after(f, rd, at):
-        if (isinstance(v, dict) and v.get("k") == "e") or isinstance(v, bytes):
+        if _is_header(v) or isinstance(v, bytes):
             return off
     return None
 
@@ -844,9 +856,7 @@ def _scan_entries(f: io.FileIO, rd: _FrameReader, base: SegmentScan, off: int, s
             return bad(off, f"bad frame: {r.reason}")
         value, nxt = r
         try:
-            if not isinstance(value, dict) or value.get("k") != "e":
-                raise ValueError("not an entry header")
-            change = Change.from_wire(value)
+            change = _entry(value)
         except ValueError as e:
             return damaged(off, f"a whole frame that is not a valid entry after seq {seq}: {e}")
         if change.seq != seq + 1:
@@ -927,10 +937,8 @@ def _next_entry_after(
     entries); only when that chain breaks, by scanning the bytes for a frame start."""
 
     def entry_seq(v: Any) -> int | None:
-        if not isinstance(v, dict) or v.get("k") != "e":
-            return None
         try:
-            seq = Change.from_wire(v).seq
+            seq = _entry(v).seq
         except ValueError:
             return None
         return seq if seq > after and (bound is None or seq <= bound) else None
@@ -942,7 +950,7 @@ def _next_entry_after(
             break
         if (seq := entry_seq(r[0])) is not None:
             return pos, seq
-        if isinstance(r[0], dict) and r[0].get("k") == "e":  # a whole header out of bounds: no chain
+        if _is_header(r[0]):  # a whole header out of bounds: no chain
             break
         pos = r[1]
     for off, v in _frames_after(f, rd, at):
@@ -1297,9 +1305,7 @@ class Cursor:
             raise self._damaged(off, f"the journal ends before its durable head {head} (at seq {self.seq})")
         value, raw = frame
         try:
-            if not isinstance(value, dict) or value.get("k") != "e":
-                raise ValueError("not an entry header")
-            change = Change.from_wire(value)
+            change = _entry(value)
         except ValueError as e:
             raise self._damaged(
                 off, f"expected entry {self.seq}, found a frame that is not one: {e}"
