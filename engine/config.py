@@ -13,7 +13,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -76,6 +76,77 @@ class ReceiverConfig:
     checkpoint_minutes: float = 60.0
     peer_id: str = ""
     insecure: bool = False
+    #: The replica on an SMB share (``target`` is then unused): see :func:`parse_share`.
+    share: Share | None = None
+    smb_username: str = ""
+    #: Or the environment variable STANDBY_SMB_PASSWORD (read by the target). Never shown.
+    smb_password: str = field(default="", repr=False)
+    smb_encrypt: bool = False
+    smb_timeout: float = 30.0  # the deadline of every call to the server
+    smb_threads: int = 8
+
+    @property
+    def location(self) -> str:
+        """Where the replica lives, as logs and status name it (never a credential)."""
+        return self.share.url if self.share is not None else str(self.target)
+
+
+@dataclass(frozen=True)
+class Share:
+    """An SMB share and a folder in it (``smb://server[:port]/share/folder`` or a UNC path)."""
+
+    server: str
+    port: int
+    share: str
+    folder: str  # relative, POSIX form ("" for the share's root)
+
+    @property
+    def url(self) -> str:
+        tail = f"/{self.folder}" if self.folder else ""
+        host = f"[{self.server}]" if ":" in self.server else self.server
+        return f"smb://{host}:{self.port}/{self.share}{tail}"
+
+    @property
+    def unc(self) -> str:
+        """The UNC path of the folder (what smbprotocol opens)."""
+        tail = "\\" + self.folder.replace("/", "\\") if self.folder else ""
+        return f"\\\\{self.server}\\{self.share}{tail}"
+
+
+_SMB_URL = re.compile(
+    r"^smb://(?P<server>[^/:@\\]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?(?P<rest>/.*)?$", re.I
+)
+_UNC = re.compile(r"^\\\\(?P<server>[^/\\]+)(?P<rest>[/\\].*)?$")
+
+
+def is_share_text(text: str) -> bool:
+    """``text`` names an SMB share (an ``smb://`` URL, or a UNC path), not a local folder."""
+    return text.lower().startswith("smb://") or text.startswith("\\\\")
+
+
+def parse_share(text: str, where: str) -> Share:
+    """The share ``text`` names; one error naming ``where`` and what is wrong otherwise."""
+    m = _SMB_URL.match(text) or _UNC.match(text)
+    if m is None:
+        raise ConfigError(
+            f"{where}: {text!r} is not an SMB location (smb://server[:port]/share/folder or "
+            "\\\\server\\share\\folder)"
+        )
+    port = int(m.groupdict().get("port") or 445)
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{where}: port {port} is out of range (1-65535)")
+    parts = [p for p in re.split(r"[/\\]", m.group("rest") or "") if p]
+    if not parts:
+        raise ConfigError(f"{where}: {text!r} names a server but no share (smb://server/share/folder)")
+    share, folder = parts[0], "/".join(parts[1:])
+    if "$" in share[:-1] or any(c in share for c in '"*+,:;<=>?[]|'):
+        raise ConfigError(f"{where}: {share!r} is not a share name")
+    if folder:
+        try:
+            check_relpath(folder)
+        except PathRejected as e:
+            raise ConfigError(f"{where}: the folder in the share: {e}") from None
+    return Share(m.group("server").strip("[]"), port, share, folder)
 
 
 @dataclass(frozen=True)
@@ -145,6 +216,8 @@ RANGES: dict[str, Range] = {
     "silence_timeout": Range(2, 600, "seconds"),
     # [receiver]
     "fsync_threads": Range(1, 256, "threads"),
+    "smb_timeout": Range(1, 3600, "seconds"),
+    "smb_threads": Range(1, 64, "threads"),
     "max_frame_mb": Range(2, 256, "MiB"),  # content travels in 1 MiB chunks, plus the frame's header
     "handshake_timeout": Range(0.5, 300, "seconds"),
     "idle_timeout": Range(10, 86_400, "seconds"),  # unused (silence_timeout decides); kept for old configs
@@ -169,7 +242,7 @@ def parse_address(text: Any, key: str, default_host: str = "127.0.0.1") -> tuple
     return host, int(port)
 
 
-_SPECIAL = {"source", "peer", "state_dir", "include", "listen", "target"}
+_SPECIAL = {"source", "peer", "state_dir", "include", "listen", "target", "share"}
 
 
 def _build(cls: type[Any], section: dict[str, Any], name: str, base: Path, extra: dict[str, Any]) -> Any:
@@ -217,6 +290,16 @@ def _path(section: dict[str, Any], key: str, name: str, base: Path) -> Path:
     check_local_path(v, f"{name} -> {key}")
     p = Path(v).expanduser()
     return p if p.is_absolute() else (base / p)
+
+
+def _target(r: dict[str, Any], base: Path) -> dict[str, Any]:
+    """The receiver's ``target``: a local folder, or an SMB share (then ``share``)."""
+    if "share" in r:
+        raise ConfigError('receiver -> share: unknown key (an SMB share is given as target = "smb://...")')
+    v = r.get("target")
+    if isinstance(v, str) and is_share_text(v):
+        return {"target": Path(), "share": parse_share(v, "receiver -> target")}
+    return {"target": _path(r, "target", "receiver", base)}
 
 
 def check_local_path(text: str, where: str, windows: bool = WINDOWS) -> None:
@@ -284,7 +367,7 @@ def parse(data: dict[str, Any], path: Path, default_node: str = "standby") -> Co
             base,
             {
                 "node": default_node,
-                "target": _path(r, "target", "receiver", base),
+                **_target(r, base),
                 "state_dir": _path(r, "state_dir", "receiver", base),
                 "listen": parse_address(r["listen"], "receiver -> listen"),
             },

@@ -21,8 +21,9 @@ from urllib.parse import quote, unquote
 from engine.digest import digest_bytes
 from engine.errors import ReplicationError
 from engine.journal import fsync_dir
-from engine.model import TEMP_MARKER, check_relpath, is_under
-from engine.scan import link_in_path
+from engine.model import TEMP_MARKER, check_relpath, is_under, parent_of
+from engine.targets import Target, link_on_way, temp_path
+from engine.targets.local import LocalTarget
 
 
 @dataclass(frozen=True)
@@ -119,11 +120,13 @@ class GuardHistory:
         if moved and self.fsync:
             fsync_dir(self.folder)
 
-    def restore(self, rel: str, index: int, target_root: Path) -> Version:
-        """Put version ``index`` back at ``rel`` under ``target_root``: temp, fsync, rename, fsync folder.
-        Refused if a folder on the way is a symlink or junction: nothing outside the replica is written."""
+    def restore(self, rel: str, index: int, target: Path | Target) -> Version:
+        """Put version ``index`` back at ``rel`` in the replica (a folder or any target): temp, durable,
+        rename, folder durable. Refused if a folder on the way is a symlink or junction: nothing outside the
+        replica is written."""
         check_relpath(rel)
-        link = link_in_path(target_root, rel)
+        t = LocalTarget(target, sync_mode="fsync") if isinstance(target, Path) else target
+        link = link_on_way(t, rel)
         if link is not None:
             raise ReplicationError(
                 f"{rel!r} passes through a symlink at {link!r} in the replica: not restored"
@@ -134,15 +137,15 @@ class GuardHistory:
         if not 0 <= index < len(versions):
             raise ReplicationError(f"{rel!r} has versions 0..{len(versions) - 1}, not {index}")
         v = versions[index]
-        final = target_root.joinpath(*rel.split("/"))
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{TEMP_MARKER}{secrets.token_hex(8)}"
-        data = v.path.read_bytes()
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.utime(tmp, ns=(v.mtime_ns, v.mtime_ns))
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        folder = parent_of(rel)
+        if folder:
+            t.makedirs(folder)
+        tmp = temp_path(folder, f".{TEMP_MARKER}{secrets.token_hex(8)}")
+        t.write_temp(tmp, v.path.read_bytes(), v.mtime_ns, durable=True)
+        try:
+            t.place(tmp, rel)
+        except BaseException:
+            t.unlink_quiet(tmp)
+            raise
+        t.sync_folders([folder])
         return v

@@ -27,8 +27,9 @@ from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.history import GuardHistory
 from engine.journal import Journal
 from engine.model import PROTOCOL_VERSION, Change, FileMeta, Op, check_relpath
-from engine.scan import SMALL_FILE, HashCache, Manifest, iter_file_chunks, iter_manifest
+from engine.scan import SMALL_FILE, HashCache, Manifest
 from engine.status import write_status_quiet
+from engine.targets import receiver_target
 from engine.transport import TlsSettings, server_upgrade
 
 log = logging.getLogger(__name__)
@@ -55,18 +56,18 @@ class Receiver:
         self.tls = tls
         self.check: GuardCheck | None = check
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        cfg.target.mkdir(parents=True, exist_ok=True)
+        skip = None
+        if cfg.share is None:
+            cfg.target.mkdir(parents=True, exist_ok=True)
+            skip = cfg.state_dir.resolve() if _inside(cfg.state_dir, cfg.target) else None
         self.position = PositionFile(cfg.state_dir / "position", fsync=cfg.fsync)
         self.cache = HashCache.load(cfg.state_dir / "hashcache")
-        skip = cfg.state_dir.resolve() if _inside(cfg.state_dir, cfg.target) else None
-        self._skip = skip
         self.applier = Applier(
-            cfg.target,
+            receiver_target(cfg, skip),
             fsync=cfg.fsync,
             threads=cfg.fsync_threads,
             cache=self.cache,
             check=check,
-            sync_mode=cfg.sync_mode,
         )
         self.applier.max_path_chars = cfg.max_path_chars
         self.applier.max_path_depth = cfg.max_path_depth
@@ -121,7 +122,10 @@ class Receiver:
             self.kept = await asyncio.to_thread(
                 Journal.open, self.cfg.state_dir / "journal", fsync=self.cfg.fsync
             )
-        removed = await asyncio.to_thread(self.applier.clean_temps)
+        try:
+            removed = await asyncio.to_thread(self.applier.clean_temps)
+        except OSError as e:
+            raise ApplyError(f"the target {self.cfg.location} cannot be used: {e.strerror or e}") from None
         if removed:
             log.info("receiver.temps_removed count=%d", removed)
         host, port = self.cfg.listen
@@ -132,7 +136,7 @@ class Receiver:
             "receiver.listening address=%s:%d target=%s seq=%d epoch=%d",
             sock[0],
             sock[1],
-            self.cfg.target,
+            self.cfg.location,
             self.seq,
             self.epoch,
         )
@@ -173,10 +177,9 @@ class Receiver:
             if c.seq in not_applied:
                 continue
             if c.op is Op.PUT and op.data is None and op.temp is not None:
-                final = self.cfg.target.joinpath(*c.path.split("/"))
                 appender = kept.begin_put(c)
                 try:
-                    for chunk in iter_file_chunks(final):
+                    for chunk in self.applier.target.read_chunks(c.path):
                         appender.write(chunk)
                 except OSError:
                     appender.abort()
@@ -236,7 +239,7 @@ class Receiver:
             "role": "receiver",
             "node": self.cfg.node,
             "listen": "{}:{}".format(*(self.bound or self.cfg.listen)),
-            "target": str(self.cfg.target),
+            "target": self.cfg.location,
             "connected": self.sender is not None,
             "peer": self.sender,
             "journal": self.journal,
@@ -329,13 +332,12 @@ class _Conn:
             self.cur.discard()
         self.cleanup_ops(self.group)
 
-    @staticmethod
-    def cleanup_ops(ops: list[PendingOp]) -> None:
+    def cleanup_ops(self, ops: list[PendingOp]) -> None:
         """Remove the temporary files of large puts that will not be applied."""
         for op in ops:
             if op.temp is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    op.temp.unlink()
+                with contextlib.suppress(OSError):
+                    self.rx.applier.target.unlink_quiet(op.temp)
 
     async def run(self) -> None:
         cfg = self.rx.cfg
@@ -555,8 +557,8 @@ class _Conn:
 
                 with rx.apply_lock:
                     # A full request (verify --full) hashes every file and leaves the cache alone.
-                    found = iter_manifest(
-                        rx.cfg.target, include, rx.cache, Manifest({}, [], []), rx._skip, True, full=ev.full
+                    found = rx.applier.target.manifest(
+                        include, rx.cache, Manifest({}, [], []), True, full=ev.full
                     )
                     return list(self.proto.manifest_parts(ev.id, noting(found))), edits
 

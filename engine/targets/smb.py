@@ -1,0 +1,731 @@
+"""A replica on an SMB share: the :class:`~engine.targets.Target` over smbprotocol (its one importer).
+
+How a put is made durable (measured on Samba 4.17; the same requests are what Windows' own client sends):
+1. create a new temporary file (never an existing name), write it, set its mtime, FLUSH (the server makes
+   the content durable: smbd fsyncs it), close; every status and byte count checked, and on any failure
+   the temp is deleted through its own handle;
+2. only then rename it over its final name with ReplaceIfExists (an open, set-info, close compound).
+Never all of it in one compound: on a full share Samba still ran the rename and left a torn file.
+A folder's entries are made durable by a FLUSH on a handle of the folder opened with add-file rights
+(smbd fsyncs the folder; a server that refuses it is logged once and not asked again).
+
+Every call runs on a bounded executor with a deadline; a call past it drops the connection (a hung server
+holds a receive for ten minutes otherwise). The next call reconnects with backoff, grows the credit window
+(smbprotocol starts at 64 credits and never asks for more) and removes the temporary files the broken
+session left. Errors come back as ``OSError`` with a fitting errno (disk full: ENOSPC; connection lost:
+ECONNRESET; past the deadline: ETIMEDOUT), so the applier treats every target alike. Renaming over a file
+another client holds open is refused with access denied: retried with backoff until the deadline.
+
+The password comes from the config or the environment variable ``STANDBY_SMB_PASSWORD``; it is never
+logged and never part of :attr:`SmbTarget.label`.
+
+Must not: decide what to write (the applier's); keep state on the share (the position file and the hash
+cache stay in the local state folder).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+import smbclient  # type: ignore[import-untyped]
+from smbclient._io import (  # type: ignore[import-untyped]
+    SMBDirectoryIO,
+    SMBFileIO,
+    SMBFileTransaction,
+    SMBRawIO,
+    set_info,
+)
+from smbprotocol.exceptions import (  # type: ignore[import-untyped]
+    DiskFull,
+    NoMoreFiles,
+    NoSuchFile,
+    SMBConnectionClosed,
+    SMBException,
+    SMBOSError,
+    SMBResponseException,
+)
+from smbprotocol.file_info import (  # type: ignore[import-untyped]
+    FileBasicInformation,
+    FileDispositionInformation,
+    FileInformationClass,
+    FileRenameInformation,
+)
+from smbprotocol.open import (  # type: ignore[import-untyped]
+    CreateOptions,
+    FilePipePrinterAccessMask,
+    QueryDirectoryFlags,
+    SMB2QueryDirectoryResponse,
+)
+
+from engine.config import ReceiverConfig, Share, is_share_text, parse_share
+from engine.digest import Hasher
+from engine.model import NO_FLAGS, FileMeta, clamp_ns, is_temp_name
+from engine.scan import LOCAL_EDIT, HashCache, Manifest, wire_mtime
+from engine.targets import Capabilities, Kind, Stat, Target
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: 1601-01-01 (FILETIME 0) to 1970-01-01, in 100 ns.
+EPOCH_FILETIME = 116_444_736_000_000_000
+ATTR_DIRECTORY = 0x10
+ATTR_REPARSE = 0x400
+#: Credits asked for after every connect: 16 writers of 1 MiB chunks at once.
+CREDITS = 512
+#: How much one folder listing request asks for (the default 64 KiB holds only ~600 entries).
+LIST_BUFFER = 65536
+#: The largest chunk one request reads or writes.
+IO_CHUNK = 1 << 20
+#: How long a rename over a file another client holds open is retried (within the call's deadline).
+BUSY_RETRY = 5.0
+
+PASSWORD_ENV = "STANDBY_SMB_PASSWORD"
+
+
+def is_share(location: str) -> bool:
+    return is_share_text(location)
+
+
+def to_filetime(ns: int) -> int:
+    return ns // 100 + EPOCH_FILETIME
+
+
+def from_filetime(ft: int) -> int:
+    return (ft - EPOCH_FILETIME) * 100
+
+
+class SmbTarget(Target):
+    def __init__(
+        self,
+        share: Share,
+        username: str,
+        password: str,
+        *,
+        encrypt: bool = False,
+        timeout: float = 30.0,
+        threads: int = 8,
+    ) -> None:
+        self.share = share
+        self._user = username
+        self._password = password
+        self._encrypt = encrypt
+        self.timeout = timeout
+        self._cache: dict[str, Any] = {}  # this target's own connections (not smbclient's global pool)
+        self._kw: dict[str, Any] = {"port": share.port, "connection_cache": self._cache}
+        self._base = share.unc
+        self._where = f"{share.server}:{share.port}"
+        # FileRenameInformation names the new path from the share's root.
+        self._in_share = share.folder.replace("/", "\\")
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="smb")
+        self._lock = threading.Lock()
+        self._connected = False
+        self._folder_flush = True
+        self.reconnects = 0
+        self.caps = Capabilities(
+            group_sync=False,
+            case_insensitive=True,
+            mtime_resolution_ns=100,
+            filetime=True,
+            short_names=True,
+        )
+
+    @classmethod
+    def from_location(cls, location: str, **kw: Any) -> SmbTarget:
+        share = parse_share(location, "target")
+        return cls(share, str(kw.pop("username", "")), str(kw.pop("password", "")), **kw)
+
+    @classmethod
+    def from_config(cls, cfg: ReceiverConfig) -> SmbTarget:
+        assert cfg.share is not None
+        password = cfg.smb_password or os.environ.get(PASSWORD_ENV, "")
+        return cls(
+            cfg.share,
+            cfg.smb_username,
+            password,
+            encrypt=cfg.smb_encrypt,
+            timeout=cfg.smb_timeout,
+            threads=cfg.smb_threads,
+        )
+
+    @property
+    def label(self) -> str:
+        return self.share.url
+
+    def unc(self, rel: str) -> str:
+        return self._base + "\\" + rel.replace("/", "\\") if rel else self._base
+
+    def _share_path(self, rel: str) -> str:
+        tail = rel.replace("/", "\\")
+        return f"{self._in_share}\\{tail}" if self._in_share else tail
+
+    # -- calls, deadlines, reconnects ------------------------------------------------------------------
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the executor, connected, within the deadline; SMB errors as OSErrors."""
+        self._ensure()
+        fut = self._pool.submit(fn, *args)
+        try:
+            return fut.result(timeout=self.timeout)
+        except FutureTimeout:
+            self._drop("deadline")
+            raise OSError(
+                errno.ETIMEDOUT, f"no answer from {self.share.server} in {self.timeout:g} s"
+            ) from None
+        except (SMBConnectionClosed, ConnectionError) as e:
+            self._drop(type(e).__name__)
+            raise OSError(errno.ECONNRESET, f"connection to {self.share.server} lost: {e}") from None
+        except SMBOSError:
+            raise
+        except OSError as e:  # the socket itself failed (EBADF, EPIPE): the connection is gone
+            self._drop(f"socket: {e}")
+            raise OSError(errno.ECONNRESET, f"connection to {self._where} lost: {e}") from None
+        except DiskFull as e:
+            raise OSError(errno.ENOSPC, "the share is full", self.label) from e
+        except SMBResponseException as e:
+            raise OSError(_errno_of(e), f"{self.share.server}: {e.message}") from None
+        except SMBException as e:
+            self._drop(type(e).__name__)
+            raise OSError(errno.EIO, f"{self.share.server}: {e}") from None
+
+    def _ensure(self) -> None:
+        if self._connected:
+            return
+        with self._lock:
+            if self._connected:
+                return
+            deadline = time.monotonic() + self.timeout
+            delay = 0.2
+            while True:
+                fut = self._pool.submit(self._connect)
+                try:
+                    fut.result(timeout=max(0.1, deadline - time.monotonic()))
+                    break
+                except FutureTimeout:
+                    self._reset_cache()
+                    raise OSError(
+                        errno.ETIMEDOUT, f"cannot reach {self.share.server}:{self.share.port}"
+                    ) from None
+                except (ValueError, SMBException, OSError) as e:
+                    self._reset_cache()
+                    if _is_auth_error(e):
+                        raise OSError(errno.EACCES, f"{self.label}: logon refused: {e}") from None
+                    if time.monotonic() + delay >= deadline:
+                        raise OSError(
+                            errno.ECONNREFUSED,
+                            f"cannot connect to {self.share.server}:{self.share.port}: {e}",
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            first = self.reconnects == 0 and not getattr(self, "_ever", False)
+            self._ever = True
+            self._connected = True
+            if not first:
+                self.reconnects += 1
+                log.warning("smb.reconnected target=%s count=%d", self.label, self.reconnects)
+                try:
+                    n = self._clean_temps_now()
+                    if n:
+                        log.info("smb.temps_removed count=%d (left by the broken session)", n)
+                except (SMBException, OSError) as e:
+                    log.warning("smb.temps_clean_failed error=%s", e)
+
+    def _connect(self) -> None:
+        session = smbclient.register_session(
+            self.share.server,
+            username=self._user or None,
+            password=self._password or None,
+            port=self.share.port,
+            encrypt=self._encrypt or None,
+            connection_timeout=max(1, int(self.timeout)),
+            connection_cache=self._cache,
+        )
+        try:
+            session.connection.echo(sid=session.session_id, timeout=self.timeout, credit_request=CREDITS)
+        except SMBException as e:  # fewer credits: fewer parallel requests, still correct
+            log.info("smb.credits_not_granted error=%s", e)
+        smbclient.makedirs(self._base, exist_ok=True, **self._kw)
+
+    def _drop(self, why: str) -> None:
+        with self._lock:
+            if self._connected:
+                log.warning("smb.connection_dropped target=%s why=%s", self.label, why)
+            self._connected = False
+            self._reset_cache()
+
+    def _reset_cache(self) -> None:
+        try:
+            smbclient.reset_connection_cache(fail_on_error=False, connection_cache=self._cache)
+        except Exception:  # a dead connection may fail to close: it is gone either way
+            self._cache.clear()
+
+    def close(self) -> None:
+        self._connected = False
+        self._reset_cache()
+        self._pool.shutdown(wait=True)
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def stat(self, rel: str) -> Stat | None:
+        return self._call(self._stat, rel)
+
+    def _stat(self, rel: str) -> Stat | None:
+        try:
+            st = smbclient.lstat(self.unc(rel), **self._kw)
+        except SMBOSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise
+        attrs = int(getattr(st, "st_file_attributes", 0))
+        if attrs & ATTR_REPARSE:
+            kind = Kind.LINK
+        elif attrs & ATTR_DIRECTORY:
+            kind = Kind.DIR
+        else:
+            kind = Kind.FILE
+        mtime = clamp_ns(int(st.st_mtime_ns))
+        change = clamp_ns(int(st.st_chgtime_ns)) if hasattr(st, "st_chgtime_ns") else None
+        key = (int(st.st_size), mtime, int(st.st_ino), change)
+        return Stat(kind, int(st.st_size), mtime, key, int(st.st_atime_ns))
+
+    def read_chunks(self, rel: str) -> Iterator[bytes]:
+        raw = self._call(self._open_read, rel)
+        try:
+            while True:
+                data = self._call(raw.read, IO_CHUNK)
+                if not data:
+                    return
+                yield data
+        finally:
+            self._close_quiet(raw)
+
+    def manifest(
+        self,
+        include: Sequence[str],
+        cache: HashCache,
+        out: Manifest,
+        flag_edits: bool = False,
+        need_digest: Callable[[str], bool] | None = None,
+        full: bool = False,
+    ) -> Iterator[FileMeta]:
+        for item in include:
+            st = self.stat(item)
+            if st is None or st.kind is Kind.LINK:
+                continue
+            if st.kind is Kind.DIR:
+                yield FileMeta(item, is_dir=True)
+                yield from self._manifest_dir(item, cache, out, flag_edits, need_digest, full)
+            elif st.kind is Kind.FILE:
+                meta = self._file_meta(item, st.key, cache, out, flag_edits, need_digest, full)
+                if meta is not None:
+                    yield meta
+
+    def _manifest_dir(
+        self,
+        rel: str,
+        cache: HashCache,
+        out: Manifest,
+        flag_edits: bool,
+        need_digest: Callable[[str], bool] | None,
+        full: bool,
+    ) -> Iterator[FileMeta]:
+        try:
+            entries = self._call(self._list, rel)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return
+            log.warning("smb.unreadable_folder path=%r error=%s", rel, e)
+            out.unreadable.append(rel)
+            return
+        for name, attrs, key in entries:
+            if is_temp_name(name):
+                continue
+            child = f"{rel}/{name}"
+            if attrs & ATTR_REPARSE:
+                continue
+            if attrs & ATTR_DIRECTORY:
+                yield FileMeta(child, is_dir=True)
+                yield from self._manifest_dir(child, cache, out, flag_edits, need_digest, full)
+            else:
+                meta = self._file_meta(child, key, cache, out, flag_edits, need_digest, full)
+                if meta is not None:
+                    yield meta
+
+    def _file_meta(
+        self,
+        rel: str,
+        key: tuple[int, int, int, int | None],
+        cache: HashCache,
+        out: Manifest,
+        flag_edits: bool,
+        need_digest: Callable[[str], bool] | None,
+        full: bool,
+    ) -> FileMeta | None:
+        size, mtime = key[0], key[1]
+        digest = None if full else cache.get(rel, key)
+        if digest is None and need_digest is not None and not need_digest(rel):
+            digest = b""
+        flags = NO_FLAGS
+        if digest is None:
+            h = Hasher()
+            n = 0
+            try:
+                for chunk in self.read_chunks(rel):
+                    h.update(chunk)
+                    n += len(chunk)
+                after = self.stat(rel)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    return None
+                out.unstable.append(rel)
+                return None
+            if after is None:
+                return None
+            if after.key[:3] != key[:3] or n != size:
+                out.unstable.append(rel)  # changed while it was read
+                return None
+            digest = h.digest()
+            known = cache.known(rel)
+            edited = known is not None and (known[4] != digest or known[0] != size or known[1] != mtime)
+            if full:
+                pass
+            elif flag_edits and edited:
+                flags = LOCAL_EDIT
+            else:
+                cache.put_key(rel, after.key, digest)
+        return FileMeta(rel, False, size, wire_mtime(rel, mtime), digest, flags)
+
+    def _list(self, rel: str) -> list[tuple[str, int, tuple[int, int, int, int | None]]]:
+        """The entries of a folder: (name, attributes, hash cache key), from FileIdFullDirectoryInformation
+        read from the raw buffer (smbprotocol's parsed times drop the 100 ns digit)."""
+        out: list[tuple[str, int, tuple[int, int, int, int | None]]] = []
+        with SMBDirectoryIO(self.unc(rel), share_access="rwd", **self._kw) as d:
+            fd = d.fd
+            flags = QueryDirectoryFlags.SMB2_RESTART_SCANS
+            while True:
+                req, _ = fd.query_directory(
+                    "*", FileInformationClass.FILE_ID_FULL_DIRECTORY_INFORMATION, flags=flags,
+                    max_output=LIST_BUFFER, send=False,
+                )  # fmt: skip
+                sent = fd.connection.send(
+                    req, fd.tree_connect.session.session_id, fd.tree_connect.tree_connect_id
+                )
+                try:
+                    response = fd.connection.receive(sent)
+                except (NoMoreFiles, NoSuchFile):
+                    break
+                qr = SMB2QueryDirectoryResponse()
+                qr.unpack(response["data"].get_value())
+                out.extend(parse_id_full_directory(qr["buffer"].get_value()))
+                flags = 0
+        return out
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def write_temp(self, temp: str, data: bytes, mtime_ns: int, durable: bool) -> None:
+        put = self.begin_put(temp)
+        try:
+            put.write(data)
+            put.seal(mtime_ns, durable)
+        except BaseException:
+            put.abort()
+            raise
+
+    def _open_read(self, rel: str) -> Any:
+        raw = SMBFileIO(self.unc(rel), mode="rb", share_access="rwd", **self._kw)
+        raw.open()
+        return raw
+
+    def begin_put(self, temp: str) -> _SmbPut:
+        return _SmbPut(self, temp, self._call(self._create, temp))
+
+    def _create(self, temp: str) -> Any:
+        raw = SMBFileIO(
+            self.unc(temp),
+            mode="xb",
+            share_access="rwd",
+            desired_access=FilePipePrinterAccessMask.FILE_WRITE_DATA
+            | FilePipePrinterAccessMask.FILE_WRITE_ATTRIBUTES
+            | FilePipePrinterAccessMask.FILE_READ_ATTRIBUTES
+            | FilePipePrinterAccessMask.DELETE,
+            **self._kw,
+        )
+        raw.open()
+        return raw
+
+    def place(self, temp: str, rel: str) -> None:
+        self._rename(temp, rel)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._rename(src, dst)
+
+    def _rename(self, src: str, dst: str) -> None:
+        end = time.monotonic() + min(BUSY_RETRY, self.timeout)
+        delay = 0.05
+        while True:
+            try:
+                self._call(self._rename_now, src, dst)
+                return
+            except OSError as e:
+                # Another client holds the file at dst open (Windows semantics): it lets go soon.
+                if e.errno != errno.EACCES or time.monotonic() + delay > end:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def _rename_now(self, src: str, dst: str) -> None:
+        raw = SMBRawIO(
+            self.unc(src),
+            mode="r",
+            share_access="rwd",
+            desired_access=FilePipePrinterAccessMask.DELETE | FilePipePrinterAccessMask.FILE_READ_ATTRIBUTES,
+            create_options=CreateOptions.FILE_OPEN_REPARSE_POINT,
+            **self._kw,
+        )
+        with SMBFileTransaction(raw) as tr:
+            info = FileRenameInformation()
+            info["replace_if_exists"] = True
+            info["file_name"] = self._share_path(dst).encode("utf-16-le")
+            set_info(tr, info)
+
+    def remove(self, rel: str) -> None:
+        self._call(self._remove, rel)
+
+    def _remove(self, rel: str) -> None:
+        p = self.unc(rel)
+        st = smbclient.lstat(p, **self._kw)
+        attrs = int(getattr(st, "st_file_attributes", 0))
+        if attrs & ATTR_DIRECTORY and not attrs & ATTR_REPARSE:
+            for e in smbclient.scandir(p, **self._kw):
+                self._remove(f"{rel}/{e.name}")
+            smbclient.rmdir(p, **self._kw)
+        else:
+            smbclient.remove(p, **self._kw)
+
+    def unlink_quiet(self, rel: str) -> None:
+        try:
+            self._call(lambda: smbclient.remove(self.unc(rel), **self._kw))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+
+    def mkdir(self, rel: str) -> None:
+        self._call(lambda: smbclient.mkdir(self.unc(rel), **self._kw))
+
+    def makedirs(self, rel: str) -> None:
+        self._call(self._makedirs, rel)
+
+    def _makedirs(self, rel: str) -> None:
+        """Like ``os.makedirs(exist_ok=True)``: a file standing where a folder must be is an error."""
+        try:
+            smbclient.mkdir(self.unc(rel), **self._kw)
+        except SMBOSError as e:
+            if e.errno == errno.EEXIST:
+                st = smbclient.lstat(self.unc(rel), **self._kw)
+                if not int(getattr(st, "st_file_attributes", 0)) & ATTR_DIRECTORY:
+                    raise OSError(errno.ENOTDIR, "a file stands where a folder must be", rel) from None
+                return
+            if e.errno != errno.ENOENT or "/" not in rel:
+                raise
+            self._makedirs(rel.rpartition("/")[0])
+            smbclient.mkdir(self.unc(rel), **self._kw)
+
+    def set_mtime(self, rel: str, mtime_ns: int, durable: bool) -> None:
+        self._call(self._set_mtime, rel, mtime_ns, durable)
+
+    def _set_mtime(self, rel: str, mtime_ns: int, durable: bool) -> None:
+        raw = SMBRawIO(
+            self.unc(rel),
+            mode="r",
+            share_access="rwd",
+            desired_access=FilePipePrinterAccessMask.FILE_WRITE_ATTRIBUTES
+            | FilePipePrinterAccessMask.FILE_WRITE_DATA,
+            create_options=CreateOptions.FILE_NON_DIRECTORY_FILE,
+            **self._kw,
+        )
+        with raw:
+            with SMBFileTransaction(raw) as tr:
+                set_info(tr, _basic(mtime_ns))
+            if durable:
+                raw.fd.flush()
+
+    def same_file(self, a: str, b: str) -> bool:
+        sa, sb = self.stat(a), self.stat(b)
+        return sa is not None and sb is not None and sa.key[2] == sb.key[2] and sa.key[2] != 0
+
+    # -- durability ----------------------------------------------------------------------------------------
+    def sync_folders(self, rels: Iterable[str]) -> None:
+        if not self._folder_flush:
+            return
+        for rel in rels:
+            try:
+                self._call(self._flush_folder, rel)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    continue
+                if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EACCES):
+                    self._folder_flush = False
+                    log.warning(
+                        "smb.folder_flush_refused target=%s error=%s (folder entries are left to the "
+                        "server's own journal)",
+                        self.label,
+                        e,
+                    )
+                    return
+                raise
+
+    def _flush_folder(self, rel: str) -> None:
+        raw = SMBDirectoryIO(
+            self.unc(rel),
+            mode="r",
+            share_access="rwd",
+            desired_access=FilePipePrinterAccessMask.FILE_WRITE_DATA  # FILE_ADD_FILE on a folder
+            | FilePipePrinterAccessMask.FILE_READ_ATTRIBUTES,
+            **self._kw,
+        )
+        with raw:
+            raw.fd.flush()
+
+    def clean_temps(self) -> int:
+        return self._call(self._clean_temps_now)
+
+    def _clean_temps_now(self) -> int:
+        n = 0
+        folders = [""]
+        while folders:
+            rel = folders.pop()
+            try:
+                entries = self._list(rel)
+            except SMBOSError as e:
+                if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                    continue
+                raise
+            for name, attrs, _key in entries:
+                child = f"{rel}/{name}" if rel else name
+                if attrs & ATTR_REPARSE:
+                    continue
+                if attrs & ATTR_DIRECTORY:
+                    folders.append(child)
+                elif is_temp_name(name):
+                    try:
+                        smbclient.remove(self.unc(child), **self._kw)
+                        n += 1
+                    except SMBOSError as e:
+                        if e.errno != errno.ENOENT:
+                            raise
+        return n
+
+    @staticmethod
+    def _close_quiet(raw: Any) -> None:
+        try:
+            raw.close()
+        except Exception:  # a handle on a dead connection: the server closed it already
+            pass
+
+
+class _SmbPut:
+    """A temporary file on the share, open for writing until sealed."""
+
+    def __init__(self, target: SmbTarget, temp: str, raw: Any) -> None:
+        self.temp = temp
+        self._t = target
+        self._raw: Any = raw
+
+    def write(self, data: bytes) -> None:
+        self._t._call(self._write, data)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = self._raw.write(view[:IO_CHUNK])
+            if not n:
+                raise OSError(errno.EIO, "the server wrote nothing")
+            view = view[n:]
+
+    def seal(self, mtime_ns: int, durable: bool) -> None:
+        self._t._call(self._seal, mtime_ns, durable)
+        self._raw = None
+
+    def _seal(self, mtime_ns: int, durable: bool) -> None:
+        with SMBFileTransaction(self._raw) as tr:
+            set_info(tr, _basic(mtime_ns))
+        if durable:
+            self._raw.fd.flush()  # smbd fsyncs the file
+        self._raw.close()
+
+    def abort(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is not None and not raw.closed:
+            try:
+                self._t._call(self._delete_through, raw)
+                return
+            except OSError:
+                pass
+        try:
+            self._t.unlink_quiet(self.temp)
+        except OSError as e:  # left for the next start's (or reconnect's) cleaning
+            log.warning("smb.temp_left path=%r error=%s", self.temp, e)
+
+    @staticmethod
+    def _delete_through(raw: Any) -> None:
+        try:
+            with SMBFileTransaction(raw) as tr:
+                info = FileDispositionInformation()
+                info["delete_pending"] = True
+                set_info(tr, info)
+        finally:
+            raw.close()
+
+
+def _basic(mtime_ns: int) -> Any:
+    """A FileBasicInformation setting only the last write time (zeros leave the others as they are)."""
+    info = FileBasicInformation()
+    info["creation_time"] = 0
+    info["last_access_time"] = 0
+    info["last_write_time"] = to_filetime(mtime_ns)
+    info["change_time"] = 0
+    info["file_attributes"] = 0
+    return info
+
+
+_ENTRY = struct.Struct("<IIqqqqqqIIIIQ")  # FileIdFullDirectoryInformation up to its FileName (80 bytes)
+
+
+def parse_id_full_directory(buf: bytes) -> list[tuple[str, int, tuple[int, int, int, int | None]]]:
+    """The entries of a FileIdFullDirectoryInformation buffer (MS-FSCC 2.4.18): (name, attributes, key),
+    "." and ".." left out. A malformed buffer ends the list where it breaks."""
+    out: list[tuple[str, int, tuple[int, int, int, int | None]]] = []
+    pos = 0
+    while pos + _ENTRY.size <= len(buf):
+        nxt, _idx, _ct, _at, wt, cht, eof, _alloc, attrs, nlen, _ea, _res, fid = _ENTRY.unpack_from(buf, pos)
+        start = pos + _ENTRY.size
+        if start + nlen > len(buf):
+            break
+        name = buf[start : start + nlen].decode("utf-16-le", "surrogatepass")
+        if name not in (".", ".."):
+            mtime, change = clamp_ns(from_filetime(wt)), clamp_ns(from_filetime(cht))
+            out.append((name, attrs, (eof, mtime, fid, change)))
+        if nxt == 0:
+            break
+        pos += nxt
+    return out
+
+
+def _errno_of(e: Any) -> int:
+    try:
+        return int(SMBOSError(e.status, "").errno or errno.EIO)
+    except Exception:
+        return errno.EIO
+
+
+def _is_auth_error(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}"
+    return any(
+        s in text for s in ("LogonFailure", "STATUS_LOGON_FAILURE", "SMBAuthenticationError", "0xc000006d")
+    )
