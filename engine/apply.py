@@ -206,6 +206,12 @@ class Applier:
 
     # -- the batch ----------------------------------------------------------------------------------------
     def apply_batch(self, ops: Sequence[PendingOp]) -> BatchResult:
+        try:
+            return self._apply_batch(ops)
+        except OSError as e:  # reading the replica failed (a lost connection to a share, an I/O error)
+            raise ApplyError(f"cannot apply the group: {e.strerror or e}") from e
+
+    def _apply_batch(self, ops: Sequence[PendingOp]) -> BatchResult:
         res = BatchResult()
         t = self.target
         # Phase 1: check every record, then write the content of small puts to durable temporary files
@@ -383,18 +389,19 @@ class Applier:
                 temp = self._write_temp(final, c, op.data, force_durable=True)
             try:
                 try:
-                    t.place(temp, final)
+                    st = t.place(temp, final)
                 except OSError:
                     if not self._is_dir(final):
                         raise
                     t.remove(final)  # a folder stands where the file goes
                     removed = True
-                    t.place(temp, final)
+                    st = t.place(temp, final)
             except BaseException:
                 t.unlink_quiet(temp)
                 raise
             dirs.add(parent_of(final))
-            st = t.stat(final)
+            if st is None:
+                st = t.stat(final)
             if st is not None:
                 # INVARIANT: the key is taken after the rename, which moves the change time (ctime).
                 self.cache.put_key(c.path, st.key, c.digest)

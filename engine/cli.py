@@ -764,12 +764,18 @@ def _cmd_guard(args: argparse.Namespace) -> int:
             "the receiver is running; stop it first (or --force: it may overwrite the "
             "restored file with the next change it applies)"
         )
-    v = hist.restore(rel, args.version, r.target)
+    from engine.targets import receiver_target
+
+    target = receiver_target(r)
+    try:
+        v = hist.restore(rel, args.version, target)
+    finally:
+        target.close()
     print(f"restored {rel} version {v.index} ({v.size} bytes, entry {v.seq})")
     return EXIT_OK
 
 
-def _journal_of(path: Path) -> tuple[Path, Path, config.NodeSetup | None]:
+def _journal_of(path: Path, writing: bool = False) -> tuple[Path, Path, config.NodeSetup | None]:
     """The journal folder and the replicated root of a config: a sender's journal; a receiver's kept
     journal (``[receiver] keep_journal``); for a node, whichever of its two holds the latest entry (the
     sender's while it was active, the receiver's while it was passive)."""
@@ -782,6 +788,11 @@ def _journal_of(path: Path) -> tuple[Path, Path, config.NodeSetup | None]:
     if cfg.sender is not None:
         return cfg.sender.state_dir / "journal", cfg.sender.source, None
     receiver = cfg.need_receiver()
+    if receiver.share is not None and writing:
+        raise ConfigError(
+            f"{path}: the receiver's target is the share {receiver.share.url}: restore on the active, where "
+            "the file replicates as a normal change (or replay --into a folder)"
+        )
     return receiver.state_dir / "journal", receiver.target, None
 
 
@@ -908,7 +919,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     from engine.replay import parse_until_time
     from engine.status import read_status
 
-    folder, root, node = _journal_of(args.config)
+    folder, root, node = _journal_of(args.config, writing=True)
     if node is not None:
         st = read_status(node.node.state_dir) or {}
         if st.get("running") and st.get("role") not in ("active", None):

@@ -307,9 +307,8 @@ def check_local_path(text: str, where: str, windows: bool = WINDOWS) -> None:
     taken for a folder named ``smb:``), or a UNC path (``\\\\server\\share``) anywhere but on Windows."""
     if _URL.match(text):
         raise ConfigError(
-            f"{where}: {text!r} is a URL; standby reads and writes paths this machine opens itself (an SMB "
-            "share: mount it and give the mount's path, or on Windows its UNC path \\\\server\\share\\"
-            "folder; neither is tested yet: see the README)"
+            f"{where}: {text!r} is a URL; this is a folder this machine opens itself (only the receiver's "
+            'target may be a share, smb://server/share/folder: see "SMB targets" in the README)'
         )
     if text.startswith("\\\\") and not windows:
         raise ConfigError(

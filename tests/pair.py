@@ -69,6 +69,9 @@ class Pair:
     receiver_extra: str = ""
     guards: str = ""
     include: tuple[str, ...] = ("databases", "config/config.json")
+    #: The receiver's ``target`` when it is not the local folder :attr:`target` (an smb:// URL whose
+    #: folder on the local disk the test then sets as :attr:`target`).
+    target_location: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     starts: dict[str, int] = field(default_factory=dict)
 
@@ -99,7 +102,7 @@ retry_max = 0.5
 
 [receiver]
 listen = "127.0.0.1:{self.port}"
-target = '{self.target}'
+target = '{self.target_location or self.target}'
 state_dir = '{self.receiver_state}'
 peer_id = "{sid}"
 {self.receiver_extra}

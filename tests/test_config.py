@@ -268,25 +268,83 @@ def test_an_undecodable_config_is_one_line_exit_2(tmp_path: Path) -> None:
 # ---- paths that are not local ------------------------------------------------------------------------------
 
 
-def test_an_smb_url_as_the_target_exits_2_and_writes_nothing(tmp_path: Path) -> None:
-    """`target = "smb://..."` (what an admin may try for a share) would have been taken for a relative folder
-    named "smb:" beside the config: refused, naming the key, and nothing is created."""
+def test_an_smb_url_as_the_source_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    """`source = "smb://..."` would have been taken for a relative folder named "smb:" beside the config:
+    refused, naming the key, and nothing is created (the sender reads a folder of its own machine)."""
     port = free_port()
     path = tmp_path / "standby.toml"
     path.write_text(
-        f'[receiver]\nlisten = "127.0.0.1:{port}"\ntarget = "smb://10.0.0.12:445/share/SynergySKY"\n'
+        f'[sender]\nsource = "smb://10.0.0.12:445/share/SynergySKY"\npeer = "127.0.0.1:{port}"\n'
         "state_dir = 'state'\ninsecure = true\n",
         "utf-8",
     )
-    line = one_config_error(cli("receive", "--config", str(path)), "receiver -> target", "is a URL")
-    assert "mount" in line
+    one_config_error(cli("send", "--config", str(path)), "sender -> source", "is a URL")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["standby.toml"]
+
+
+@pytest.mark.parametrize(
+    ("target", "named"),
+    [
+        ("smb://10.0.0.12", "names a server but no share"),
+        ("smb://user@10.0.0.12/share", "is not an SMB location"),
+        ("smb://10.0.0.12:99999/share", "out of range"),
+        ("smb://10.0.0.12/share/../x", "the folder in the share"),
+        ("\\\\server", "names a server but no share"),
+    ],
+)
+def test_a_bad_smb_target_exits_2_naming_the_key(tmp_path: Path, target: str, named: str) -> None:
+    path = tmp_path / "standby.toml"
+    path.write_text(
+        f"[receiver]\nlisten = \"127.0.0.1:{free_port()}\"\ntarget = '{target}'\n"
+        "state_dir = 'state'\ninsecure = true\n",
+        "utf-8",
+    )
+    one_config_error(cli("receive", "--config", str(path)), "receiver -> target", named)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["standby.toml"]
+
+
+def test_an_smb_target_is_read_as_a_share_and_its_password_never_shown() -> None:
+    data = {
+        "receiver": {
+            "listen": "127.0.0.1:7420",
+            "target": "\\\\fs01\\replicas\\SynergySKY\\Join",
+            "state_dir": "state",
+            "insecure": True,
+            "smb_username": "standby",
+            "smb_password": "s3cret",
+        }
+    }
+    r = config.parse(data, Path("/etc/standby/standby.toml")).need_receiver()
+    assert r.share is not None
+    assert (r.share.server, r.share.port, r.share.share, r.share.folder) == (
+        "fs01",
+        445,
+        "replicas",
+        "SynergySKY/Join",
+    )
+    assert r.location == "smb://fs01:445/replicas/SynergySKY/Join"
+    assert "s3cret" not in repr(r)
+
+
+def test_a_receiver_whose_share_nobody_serves_exits_5_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "standby.toml"
+    path.write_text(
+        f'[receiver]\nlisten = "127.0.0.1:{free_port()}"\ntarget = "smb://127.0.0.1:{free_port()}/share/x"\n'
+        "state_dir = 'state'\ninsecure = true\nsmb_timeout = 2\n"
+        "smb_username = 'u'\nsmb_password = 'pw-123'\n",
+        "utf-8",
+    )
+    r = cli("receive", "--config", str(path))
+    assert r.returncode == 5, r.stderr
+    assert "Traceback" not in r.stderr and "pw-123" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "smb://127.0.0.1:" in last and "cannot" in last, last
 
 
 @pytest.mark.parametrize(
     ("text", "windows", "refused"),
     [
-        ("smb://server/share/x", True, "is a URL"),
+        ("smb://server/share/x", True, "is a URL"),  # a source: the sender reads its own folders
         ("file:///srv/x", False, "is a URL"),
         ("\\\\server\\share\\x", False, "is a UNC path"),
         ("\\\\server\\share\\x", True, ""),  # Windows opens it itself

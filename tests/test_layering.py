@@ -56,6 +56,9 @@ IO = {
     "service.systemd",
     "service.command",
     "service.windows",
+    "targets",
+    "targets.local",
+    "targets.smb",
 }
 EDGE = {"cli", "demo", "demo_ha", "demoservice", "node", "switching", "winservice", "__main__"}
 #: Pure modules may use these standard modules; nothing that reads the clock or does I/O by itself.

@@ -122,8 +122,9 @@ class Target(ABC):
         """Create ``temp`` (a new name) for content written chunk by chunk."""
 
     @abstractmethod
-    def place(self, temp: str, rel: str) -> None:
-        """Rename the durable ``temp`` over ``rel`` (atomically replacing a file there)."""
+    def place(self, temp: str, rel: str) -> Stat | None:
+        """Rename the durable ``temp`` over ``rel`` (atomically replacing a file there). Returns the
+        entry's stat where the same round trip tells it (None: ask :meth:`stat`)."""
 
     @abstractmethod
     def rename(self, src: str, dst: str) -> None:

@@ -111,8 +111,9 @@ class LocalTarget(Target):
     def begin_put(self, temp: str) -> _LocalPut:
         return _LocalPut(temp, self.os_path(temp))
 
-    def place(self, temp: str, rel: str) -> None:
+    def place(self, temp: str, rel: str) -> Stat | None:
         os.replace(self.os_path(temp), self.os_path(rel))
+        return None
 
     def rename(self, src: str, dst: str) -> None:
         os.replace(self.os_path(src), self.os_path(dst))

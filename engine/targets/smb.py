@@ -42,6 +42,7 @@ from smbclient._io import (  # type: ignore[import-untyped]
     SMBFileIO,
     SMBFileTransaction,
     SMBRawIO,
+    query_info,
     set_info,
 )
 from smbprotocol.exceptions import (  # type: ignore[import-untyped]
@@ -54,6 +55,7 @@ from smbprotocol.exceptions import (  # type: ignore[import-untyped]
     SMBResponseException,
 )
 from smbprotocol.file_info import (  # type: ignore[import-untyped]
+    FileAllInformation,
     FileBasicInformation,
     FileDispositionInformation,
     FileInformationClass,
@@ -82,6 +84,10 @@ ATTR_DIRECTORY = 0x10
 ATTR_REPARSE = 0x400
 #: Credits asked for after every connect: 16 writers of 1 MiB chunks at once.
 CREDITS = 512
+#: Content up to this size is written in one compound request (create, write, mtime, FLUSH, close).
+COMPOUND_MAX = 1 << 20
+#: Room for a FileAllInformation answer (its fixed part and the file's name).
+ALL_INFO_BUFFER = 4096
 #: How much one folder listing request asks for (the default 64 KiB holds only ~600 entries).
 LIST_BUFFER = 65536
 #: The largest chunk one request reads or writes.
@@ -121,6 +127,9 @@ class SmbTarget(Target):
         self._encrypt = encrypt
         self.timeout = timeout
         self._cache: dict[str, Any] = {}  # this target's own connections (not smbclient's global pool)
+        # No credentials here: a call that finds the connection gone must fail (smbclient's own logon
+        # then fails for want of them), so that the next one reconnects through _ensure, which grows the
+        # credit window and removes the broken session's temporary files.
         self._kw: dict[str, Any] = {"port": share.port, "connection_cache": self._cache}
         self._base = share.unc
         self._where = f"{share.server}:{share.port}"
@@ -177,24 +186,28 @@ class SmbTarget(Target):
             return fut.result(timeout=self.timeout)
         except FutureTimeout:
             self._drop("deadline")
-            raise OSError(
-                errno.ETIMEDOUT, f"no answer from {self.share.server} in {self.timeout:g} s"
-            ) from None
+            raise OSError(errno.ETIMEDOUT, f"no answer from {self._where} in {self.timeout:g} s") from None
         except (SMBConnectionClosed, ConnectionError) as e:
             self._drop(type(e).__name__)
-            raise OSError(errno.ECONNRESET, f"connection to {self.share.server} lost: {e}") from None
-        except SMBOSError:
-            raise
+            raise OSError(errno.ECONNRESET, f"connection to {self._where} lost: {e}") from None
+        except SMBOSError as e:
+            if e.errno:
+                raise
+            raise OSError(_ERRNO_OF.get(int(e.ntstatus), errno.EIO), f"{self._where}: {e.strerror}") from None
         except OSError as e:  # the socket itself failed (EBADF, EPIPE): the connection is gone
             self._drop(f"socket: {e}")
             raise OSError(errno.ECONNRESET, f"connection to {self._where} lost: {e}") from None
         except DiskFull as e:
             raise OSError(errno.ENOSPC, "the share is full", self.label) from e
         except SMBResponseException as e:
-            raise OSError(_errno_of(e), f"{self.share.server}: {e.message}") from None
+            raise OSError(_errno_of(e), f"{self._where}: {e.message}") from None
         except SMBException as e:
             self._drop(type(e).__name__)
-            raise OSError(errno.EIO, f"{self.share.server}: {e}") from None
+            if "No username or password" in str(e) or "credits" in str(e):
+                # smbclient found the connection gone and tried a logon of its own (without credentials:
+                # the next call connects again properly), or the credit window of a broken one ran dry
+                raise OSError(errno.ECONNRESET, f"connection to {self._where} lost") from None
+            raise OSError(errno.EIO, f"{self._where}: {e}") from None
 
     def _ensure(self) -> None:
         if self._connected:
@@ -210,12 +223,12 @@ class SmbTarget(Target):
                     fut.result(timeout=max(0.1, deadline - time.monotonic()))
                     break
                 except FutureTimeout:
-                    self._reset_cache()
+                    self._forget_connections()
                     raise OSError(
                         errno.ETIMEDOUT, f"cannot reach {self.share.server}:{self.share.port}"
                     ) from None
                 except (ValueError, SMBException, OSError) as e:
-                    self._reset_cache()
+                    self._forget_connections()
                     if _is_auth_error(e):
                         raise OSError(errno.EACCES, f"{self.label}: logon refused: {e}") from None
                     if time.monotonic() + delay >= deadline:
@@ -232,11 +245,11 @@ class SmbTarget(Target):
                 self.reconnects += 1
                 log.warning("smb.reconnected target=%s count=%d", self.label, self.reconnects)
                 try:
-                    n = self._clean_temps_now()
+                    n = self._pool.submit(self._clean_temps_now).result(timeout=self.timeout)
                     if n:
                         log.info("smb.temps_removed count=%d (left by the broken session)", n)
-                except (SMBException, OSError) as e:
-                    log.warning("smb.temps_clean_failed error=%s", e)
+                except (SMBException, OSError, FutureTimeout) as e:
+                    log.warning("smb.temps_clean_failed error=%s (cleaned at the next start)", e)
 
     def _connect(self) -> None:
         session = smbclient.register_session(
@@ -255,22 +268,35 @@ class SmbTarget(Target):
         smbclient.makedirs(self._base, exist_ok=True, **self._kw)
 
     def _drop(self, why: str) -> None:
-        with self._lock:
-            if self._connected:
-                log.warning("smb.connection_dropped target=%s why=%s", self.label, why)
-            self._connected = False
-            self._reset_cache()
+        """Let go of a connection found broken or hung: its socket is closed without a word to the server
+        (a logoff would wait on a hung server), which fails every call still waiting on it."""
+        if self._connected:
+            log.warning("smb.connection_dropped target=%s why=%s", self.label, why)
+        self._connected = False
+        self._forget_connections()
 
-    def _reset_cache(self) -> None:
-        try:
-            smbclient.reset_connection_cache(fail_on_error=False, connection_cache=self._cache)
-        except Exception:  # a dead connection may fail to close: it is gone either way
-            self._cache.clear()
+    def _forget_connections(self) -> None:
+        conns = list(self._cache.values())
+        self._cache.clear()
+        for conn in conns:
+            try:
+                conn.disconnect(close=False)
+            except Exception:  # already closed
+                pass
 
     def close(self) -> None:
+        """Log off politely (within the deadline), then let go of the connection and the threads."""
+        if self._connected:
+            fut = self._pool.submit(
+                smbclient.reset_connection_cache, fail_on_error=False, connection_cache=self._cache
+            )
+            try:
+                fut.result(timeout=self.timeout)
+            except Exception:  # a broken or hung server: its socket is simply closed below
+                pass
         self._connected = False
-        self._reset_cache()
-        self._pool.shutdown(wait=True)
+        self._forget_connections()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     # -- reading ---------------------------------------------------------------------------------------------
     def stat(self, rel: str) -> Stat | None:
@@ -429,6 +455,9 @@ class SmbTarget(Target):
 
     # -- writing -------------------------------------------------------------------------------------------
     def write_temp(self, temp: str, data: bytes, mtime_ns: int, durable: bool) -> None:
+        if len(data) <= COMPOUND_MAX:
+            self._call(self._write_compound, temp, data, mtime_ns, durable)
+            return
         put = self.begin_put(temp)
         try:
             put.write(data)
@@ -436,6 +465,31 @@ class SmbTarget(Target):
         except BaseException:
             put.abort()
             raise
+
+    def _write_compound(self, temp: str, data: bytes, mtime_ns: int, durable: bool) -> None:
+        """A small put's first round trip as one compound: create, write, set the mtime, FLUSH, close.
+        Every status and the byte count are checked; on any failure the temp is deleted by name (the
+        compound's close ran whatever failed before it: Samba goes on after a failed request)."""
+        raw = self._new_temp(temp)
+        tr = SMBFileTransaction(raw)
+        raw.open(transaction=tr)
+        tr += raw.fd.write(data, 0, send=False)
+        set_info(tr, _basic(mtime_ns))
+        if durable:
+            tr += raw.fd.flush(send=False)
+        raw.close(transaction=tr)
+        try:
+            tr.commit()
+        except BaseException:
+            try:
+                smbclient.remove(self.unc(temp), **self._kw)
+            except Exception:  # not created, or the connection is gone: cleaned after the reconnect
+                pass
+            raise
+        written = tr.results[1]
+        if written != len(data):
+            smbclient.remove(self.unc(temp), **self._kw)
+            raise OSError(errno.EIO, f"the server wrote {written} of {len(data)} bytes", temp)
 
     def _open_read(self, rel: str) -> Any:
         raw = SMBFileIO(self.unc(rel), mode="rb", share_access="rwd", **self._kw)
@@ -446,7 +500,12 @@ class SmbTarget(Target):
         return _SmbPut(self, temp, self._call(self._create, temp))
 
     def _create(self, temp: str) -> Any:
-        raw = SMBFileIO(
+        raw = self._new_temp(temp)
+        raw.open()
+        return raw
+
+    def _new_temp(self, temp: str) -> Any:
+        return SMBFileIO(
             self.unc(temp),
             mode="xb",
             share_access="rwd",
@@ -456,30 +515,29 @@ class SmbTarget(Target):
             | FilePipePrinterAccessMask.DELETE,
             **self._kw,
         )
-        raw.open()
-        return raw
 
-    def place(self, temp: str, rel: str) -> None:
-        self._rename(temp, rel)
+    def place(self, temp: str, rel: str) -> Stat | None:
+        return self._rename(temp, rel)
 
     def rename(self, src: str, dst: str) -> None:
         self._rename(src, dst)
 
-    def _rename(self, src: str, dst: str) -> None:
+    def _rename(self, src: str, dst: str) -> Stat | None:
         end = time.monotonic() + min(BUSY_RETRY, self.timeout)
         delay = 0.05
         while True:
             try:
-                self._call(self._rename_now, src, dst)
-                return
+                return self._call(self._rename_now, src, dst)
             except OSError as e:
                 # Another client holds the file at dst open (Windows semantics): it lets go soon.
-                if e.errno != errno.EACCES or time.monotonic() + delay > end:
+                if e.errno not in (errno.EACCES, errno.EPERM) or time.monotonic() + delay > end:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    def _rename_now(self, src: str, dst: str) -> None:
+    def _rename_now(self, src: str, dst: str) -> Stat | None:
+        """Open, rename with ReplaceIfExists, read what the entry is now (the rename moved its change
+        time), close: one compound."""
         raw = SMBRawIO(
             self.unc(src),
             mode="r",
@@ -488,11 +546,14 @@ class SmbTarget(Target):
             create_options=CreateOptions.FILE_OPEN_REPARSE_POINT,
             **self._kw,
         )
-        with SMBFileTransaction(raw) as tr:
-            info = FileRenameInformation()
-            info["replace_if_exists"] = True
-            info["file_name"] = self._share_path(dst).encode("utf-16-le")
-            set_info(tr, info)
+        tr = SMBFileTransaction(raw)
+        info = FileRenameInformation()
+        info["replace_if_exists"] = True
+        info["file_name"] = self._share_path(dst).encode("utf-16-le")
+        set_info(tr, info)
+        query_info(tr, FileAllInformation, output_buffer_length=ALL_INFO_BUFFER)
+        tr.commit()
+        return _stat_of_all(tr.results[1])
 
     def remove(self, rel: str) -> None:
         self._call(self._remove, rel)
@@ -626,7 +687,7 @@ class SmbTarget(Target):
         try:
             raw.close()
         except Exception:  # a handle on a dead connection: the server closed it already
-            pass
+            _forget(raw)
 
 
 class _SmbPut:
@@ -666,7 +727,7 @@ class _SmbPut:
                 self._t._call(self._delete_through, raw)
                 return
             except OSError:
-                pass
+                _forget(raw)
         try:
             self._t.unlink_quiet(self.temp)
         except OSError as e:  # left for the next start's (or reconnect's) cleaning
@@ -681,6 +742,27 @@ class _SmbPut:
                 set_info(tr, info)
         finally:
             raw.close()
+
+
+def _forget(raw: Any) -> None:
+    """Count a handle whose connection is gone as closed (the server let go of it with the session)."""
+    try:
+        raw.fd._connected = False
+    except AttributeError:
+        pass
+
+
+def _stat_of_all(info: Any) -> Stat:
+    """The :class:`Stat` of a FileAllInformation answer."""
+    basic = info["basic_information"]
+    attrs = int(basic["file_attributes"].get_value())
+    kind = Kind.LINK if attrs & ATTR_REPARSE else Kind.DIR if attrs & ATTR_DIRECTORY else Kind.FILE
+    size = int(info["standard_information"]["end_of_file"].get_value())
+    mtime = clamp_ns(from_filetime(int(basic["last_write_time"].get_value())))
+    change = clamp_ns(from_filetime(int(basic["change_time"].get_value())))
+    atime = clamp_ns(from_filetime(int(basic["last_access_time"].get_value())))
+    fid = int(info["internal_information"]["index_number"].get_value())
+    return Stat(kind, size, mtime, (size, mtime, fid, change), atime)
 
 
 def _basic(mtime_ns: int) -> Any:
@@ -717,9 +799,23 @@ def parse_id_full_directory(buf: bytes) -> list[tuple[str, int, tuple[int, int, 
     return out
 
 
+#: NT statuses smbprotocol gives no errno (0): the ones a target meets.
+_ERRNO_OF = {
+    0xC0000022: errno.EACCES,  # STATUS_ACCESS_DENIED (also: renaming over a file another client holds open)
+    0xC0000043: errno.EPERM,  # STATUS_SHARING_VIOLATION
+    0xC000007F: errno.ENOSPC,  # STATUS_DISK_FULL
+    0xC0000056: errno.EACCES,  # STATUS_DELETE_PENDING
+    0xC00000BA: errno.EISDIR,  # STATUS_FILE_IS_A_DIRECTORY
+    0xC0000033: errno.EINVAL,  # STATUS_OBJECT_NAME_INVALID
+    0xC0000010: errno.EOPNOTSUPP,  # STATUS_INVALID_DEVICE_REQUEST
+    0xC00000BB: errno.EOPNOTSUPP,  # STATUS_NOT_SUPPORTED
+}
+
+
 def _errno_of(e: Any) -> int:
     try:
-        return int(SMBOSError(e.status, "").errno or errno.EIO)
+        status = int(e.status)
+        return int(SMBOSError(status, "").errno or _ERRNO_OF.get(status, errno.EIO))
     except Exception:
         return errno.EIO
 

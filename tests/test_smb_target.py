@@ -1,0 +1,316 @@
+"""The SMB target against a real Samba server when things go wrong: smbd's session process killed (at any
+moment of a group, and mid-put), the share full, a hung server, a refused logon, a file held open, and a
+real sender and receiver replicating into a share.
+
+Skipped without Samba, a failure under CI=true (``tests/samba.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.apply import Applier, PendingOp
+from engine.config import parse_share
+from engine.digest import digest_bytes
+from engine.errors import ApplyError
+from engine.model import Change, Op
+from engine.targets.smb import SmbTarget
+from tests.conftest import IN_CI
+from tests.pair import Pair, temp_files, wait_for
+from tests.samba import SambaServer, running_samba
+
+MTIME = 1_700_000_000_123_456_700  # a whole number of 100 ns: what a share keeps
+
+
+@pytest.fixture(scope="module")
+def samba(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SambaServer]:
+    with running_samba(tmp_path_factory.mktemp("samba")) as srv:
+        yield srv
+
+
+def target(srv: SambaServer, sub: str, timeout: float = 10.0, password: str | None = None) -> SmbTarget:
+    pw = srv.password if password is None else password
+    return SmbTarget(parse_share(srv.url(sub), "target"), srv.user, pw, timeout=timeout)
+
+
+def put(seq: int, path: str, data: bytes) -> PendingOp:
+    c = Change(seq, Op.PUT, path, size=len(data), mtime_ns=MTIME, digest=digest_bytes(data))
+    return PendingOp(c, data=data)
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def sub(samba: SambaServer) -> str:
+    return f"t-{uuid.uuid4().hex[:8]}"
+
+
+# -- smbd's session killed -------------------------------------------------------------------------------
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2, 0.4])
+def test_a_session_killed_during_a_group_leaves_whole_files_and_the_group_replays(
+    samba: SambaServer, sub: str, delay: float
+) -> None:
+    """smbd's session process is SIGKILLed ``delay`` seconds into a group of 120 puts over 40 files that
+    exist: every file is its old or its new content, never torn; after the reconnect no temp is left, and
+    applying the group again gives the new tree."""
+    t = target(samba, sub)
+    a = Applier(t, threads=8)
+    try:
+        a.clean_temps()
+        old = {f"databases/r{i % 4}/m{i}.json": f"old {i}".encode() * 50 for i in range(40)}
+        assert a.apply_batch([put(i + 1, p, d) for i, (p, d) in enumerate(old.items())]).problems == []
+        new = {p: os.urandom(3000 + i) for i, p in enumerate(old)}
+        new.update({f"databases/new/n{i}.json": os.urandom(500) for i in range(80)})
+        group = [put(100 + i, p, d) for i, (p, d) in enumerate(new.items())]
+        killer = threading.Timer(delay, samba.kill_sessions)
+        killer.start()
+        try:
+            a.apply_batch(group)
+        except ApplyError as e:
+            assert "connection" in str(e) or "no answer" in str(e), e
+        finally:
+            killer.join()
+        view = samba.path / sub
+        for rel, data in files(view).items():
+            if rel in old:
+                assert data in (old[rel], new[rel]), f"{rel} is torn"
+            elif "standby-tmp" not in rel:
+                assert data == new[rel], f"{rel} is torn"
+        # The next call reconnects; the broken session's temps are removed then or at the next start.
+        a.clean_temps()
+        assert not temp_files(view)
+        assert a.apply_batch(group).problems == []
+        assert files(view) == new
+        assert not temp_files(view)
+    finally:
+        a.close()
+
+
+def test_a_session_killed_mid_put_keeps_the_old_file_and_the_put_resumes(
+    samba: SambaServer, sub: str
+) -> None:
+    t = target(samba, sub)
+    a = Applier(t, threads=2)
+    try:
+        a.clean_temps()
+        assert a.apply_batch([put(1, "databases/big.bin", b"old content")]).problems == []
+        data = os.urandom(4 << 20)
+        c = Change(2, Op.PUT, "databases/big.bin", size=len(data), mtime_ns=MTIME, digest=digest_bytes(data))
+        large = a.begin_large(c)
+        large.write(data[: 1 << 20])
+        assert samba.kill_sessions() >= 1
+        with pytest.raises(OSError) as err:
+            large.write(data[1 << 20 :])
+        assert err.value.errno in (errno.ECONNRESET, errno.ETIMEDOUT), err.value
+        large.discard()
+        view = samba.path / sub
+        assert (view / "databases/big.bin").read_bytes() == b"old content"
+        # Reconnected: the half-written temp is gone (removed through its handle, or cleaned after the
+        # reconnect), and the put goes through.
+        large = a.begin_large(c)
+        for k in range(0, len(data), 1 << 20):
+            large.write(data[k : k + (1 << 20)])
+        assert large.finish() is None
+        assert a.apply_batch([PendingOp(c, temp=large.temp)]).problems == []
+        assert (view / "databases/big.bin").read_bytes() == data
+        assert not temp_files(view)
+        assert t.reconnects >= 1
+    finally:
+        a.close()
+
+
+# -- the share full ---------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_share(tmp_path: Path) -> Iterator[SambaServer]:
+    """Samba serving a 4 MiB tmpfs."""
+    where = tmp_path / "tiny"
+    where.mkdir()
+    reason = ""
+    if os.name != "posix" or os.geteuid() != 0:
+        reason = "mounting a tiny tmpfs needs root on Linux"
+    elif shutil.which("mount") is None:
+        reason = "no mount command"
+    else:
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0777", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            reason = f"mount -t tmpfs failed: {r.stderr.strip()}"
+    if reason:
+        if IN_CI:
+            pytest.fail(f"{reason} (CI=true: the share-full tests must run)")
+        pytest.skip(reason)
+    try:
+        with running_samba(tmp_path / "samba", share_path=where) as srv:
+            yield srv
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_full_share_is_one_clear_error_the_old_content_stays_and_it_resumes_when_space_returns(
+    tiny_share: SambaServer,
+) -> None:
+    srv = tiny_share
+    t = target(srv, "replica")
+    a = Applier(t, threads=4)
+    try:
+        a.clean_temps()
+        assert a.apply_batch([put(1, "databases/keep.json", b"old")]).problems == []
+        filler = srv.path / "filler"
+        filler.write_bytes(b"\0" * (2 << 20))
+        group = [
+            put(2, "databases/keep.json", os.urandom(1 << 20)),
+            put(3, "databases/big.bin", os.urandom(2 << 20)),
+        ]
+        with pytest.raises(ApplyError) as err:
+            a.apply_batch(group)
+        assert "full" in str(err.value) or "space" in str(err.value), err.value
+        view = srv.path / "replica"
+        assert (view / "databases/keep.json").read_bytes() == b"old"
+        assert not temp_files(view)
+        filler.unlink()
+        assert a.apply_batch(group).problems == []
+        assert (view / "databases/keep.json").read_bytes() == group[0].data
+        assert (view / "databases/big.bin").read_bytes() == group[1].data
+        assert not temp_files(view)
+    finally:
+        a.close()
+
+
+# -- a hung server, a refused logon, nobody there ----------------------------------------------------------
+def test_a_hung_server_fails_the_call_at_its_deadline_and_the_next_call_reconnects(
+    samba: SambaServer, sub: str
+) -> None:
+    t = target(samba, sub, timeout=2.0)
+    try:
+        t.makedirs("d")
+        pids = samba.session_pids()
+        assert pids
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as err:
+                t.stat("d")
+            took = time.monotonic() - t0
+            assert err.value.errno == errno.ETIMEDOUT and 1.5 < took < 5, (err.value, took)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        samba.kill_sessions()
+        st = t.stat("d")
+        assert st is not None and t.reconnects == 1
+    finally:
+        t.close()
+
+
+def test_a_wrong_password_is_one_clear_error(samba: SambaServer, sub: str) -> None:
+    t = target(samba, sub, password="not-the-password", timeout=5)
+    try:
+        with pytest.raises(OSError) as err:
+            t.stat("")
+        assert err.value.errno == errno.EACCES and "logon refused" in str(err.value), err.value
+        assert "not-the-password" not in str(err.value)
+    finally:
+        t.close()
+
+
+def test_nobody_listening_is_one_clear_error_within_the_deadline(samba: SambaServer) -> None:
+    from tests.etcd import free_ports
+
+    (port,) = free_ports(1)
+    t = SmbTarget(parse_share(f"smb://127.0.0.1:{port}/share/x", "t"), "u", "p", timeout=2)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as err:
+            t.stat("")
+        assert err.value.errno in (errno.ECONNREFUSED, errno.ETIMEDOUT) and time.monotonic() - t0 < 5
+        assert f"127.0.0.1:{port}" in str(err.value)
+    finally:
+        t.close()
+
+
+def test_a_rename_over_a_file_another_client_holds_open_waits_for_it(samba: SambaServer, sub: str) -> None:
+    import smbclient  # type: ignore[import-untyped]
+
+    t = target(samba, sub)
+    a = Applier(t, threads=2)
+    other: dict[str, object] = {}
+    try:
+        a.clean_temps()
+        assert a.apply_batch([put(1, "held.json", b"v1")]).problems == []
+        kw = {
+            "port": samba.port,
+            "connection_cache": other,
+            "username": samba.user,
+            "password": samba.password,
+        }
+        f = smbclient.open_file(samba.unc(f"{sub}/held.json"), mode="rb", share_access="r", **kw)
+        threading.Timer(0.5, f.close).start()
+        t0 = time.monotonic()
+        assert a.apply_batch([put(2, "held.json", b"v2")]).problems == []
+        assert time.monotonic() - t0 >= 0.4  # it waited for the reader to let go
+        assert (samba.path / sub / "held.json").read_bytes() == b"v2"
+    finally:
+        a.close()
+        smbclient.reset_connection_cache(fail_on_error=False, connection_cache=other)
+
+
+# -- a real pair -------------------------------------------------------------------------------------------
+def test_a_sender_replicates_into_a_share_and_a_restarted_receiver_resumes(
+    samba: SambaServer, sub: str, tmp_path: Path
+) -> None:
+    pair = Pair(tmp_path, target_location=samba.url(sub))
+    pair.target = samba.path / sub
+    pair.receiver_extra = f'smb_username = "{samba.user}"\n'
+    pair.write_config()
+    env_pw = {"STANDBY_SMB_PASSWORD": samba.password}
+    old = dict(os.environ)
+    os.environ.update(env_pw)  # the password from the environment, not the config
+    try:
+        db = pair.source / "databases"
+        for i in range(50):
+            (db / f"room{i % 5}").mkdir(parents=True, exist_ok=True)
+            (db / f"room{i % 5}/m{i}.json").write_bytes(os.urandom(100 + i))
+        (pair.source / "config").mkdir()
+        (pair.source / "config/config.json").write_text('{"a": 1}')
+        pair.start("receive")
+        pair.start("send")
+        wait_for(lambda: _same(pair), 30, "the share to hold the source")
+        assert samba.password not in pair.log("receive")
+        assert samba.url(sub) in pair.log("receive")
+        pair.stop("receive")
+        (db / "room1/m1.json").write_bytes(b"changed while the receiver was down")
+        (db / "room2/m2.json").unlink()
+        pair.start("receive")
+        wait_for(lambda: _same(pair), 30, "the share to catch up after a restart")
+        assert not temp_files(pair.target)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+        pair.stop_all()
+
+
+def _same(pair: Pair) -> bool:
+    """The share holds the source: paths and contents, times to the share's 100 ns."""
+
+    def norm(t: dict[str, object]) -> dict[str, object]:
+        return {k: v if v == ("dir",) else (v[0], v[1] - v[1] % 100) for k, v in t.items()}  # type: ignore[index]
+
+    return norm(pair.source_tree()) == norm(pair.replica_tree())
