@@ -138,6 +138,7 @@ class SmbTarget(Target):
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="smb")
         self._lock = threading.Lock()
         self._connected = False
+        self._gen = 0  # connections made so far: a failure drops only the one it happened on
         self._folder_flush = True
         self.reconnects = 0
         self.caps = Capabilities(
@@ -180,41 +181,44 @@ class SmbTarget(Target):
     # -- calls, deadlines, reconnects ------------------------------------------------------------------
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the executor, connected, within the deadline; SMB errors as OSErrors."""
-        self._ensure()
+        gen = self._ensure()
         fut = self._pool.submit(fn, *args)
         try:
             return fut.result(timeout=self.timeout)
         except FutureTimeout:
-            self._drop("deadline")
+            self._drop("deadline", gen)
             raise OSError(errno.ETIMEDOUT, f"no answer from {self._where} in {self.timeout:g} s") from None
         except (SMBConnectionClosed, ConnectionError) as e:
-            self._drop(type(e).__name__)
+            self._drop(type(e).__name__, gen)
             raise OSError(errno.ECONNRESET, f"connection to {self._where} lost: {e}") from None
         except SMBOSError as e:
             if e.errno:
                 raise
-            raise OSError(_ERRNO_OF.get(int(e.ntstatus), errno.EIO), f"{self._where}: {e.strerror}") from None
+            code = _ERRNO_OF.get(int(e.ntstatus), errno.EIO)
+            raise OSError(code, f"{self._where}: {_says(code, e.strerror)}", e.filename) from None
         except OSError as e:  # the socket itself failed (EBADF, EPIPE): the connection is gone
-            self._drop(f"socket: {e}")
+            self._drop(f"socket: {e}", gen)
             raise OSError(errno.ECONNRESET, f"connection to {self._where} lost: {e}") from None
         except DiskFull as e:
             raise OSError(errno.ENOSPC, "the share is full", self.label) from e
         except SMBResponseException as e:
-            raise OSError(_errno_of(e), f"{self._where}: {e.message}") from None
+            code = _errno_of(e)
+            raise OSError(code, f"{self._where}: {_says(code, e.message)}") from None
         except SMBException as e:
-            self._drop(type(e).__name__)
+            self._drop(type(e).__name__, gen)
             if "No username or password" in str(e) or "credits" in str(e):
                 # smbclient found the connection gone and tried a logon of its own (without credentials:
                 # the next call connects again properly), or the credit window of a broken one ran dry
                 raise OSError(errno.ECONNRESET, f"connection to {self._where} lost") from None
             raise OSError(errno.EIO, f"{self._where}: {e}") from None
 
-    def _ensure(self) -> None:
+    def _ensure(self) -> int:
+        """Connected (reconnecting if need be); the connection's generation."""
         if self._connected:
-            return
+            return self._gen
         with self._lock:
             if self._connected:
-                return
+                return self._gen
             deadline = time.monotonic() + self.timeout
             delay = 0.2
             while True:
@@ -229,7 +233,7 @@ class SmbTarget(Target):
                     ) from None
                 except (ValueError, SMBException, OSError) as e:
                     self._forget_connections()
-                    if _is_auth_error(e):
+                    if _is_logon_failure(e):
                         raise OSError(errno.EACCES, f"{self.label}: logon refused: {e}") from None
                     if time.monotonic() + delay >= deadline:
                         raise OSError(
@@ -238,8 +242,8 @@ class SmbTarget(Target):
                         ) from None
                     time.sleep(delay)
                     delay = min(delay * 2, 5.0)
-            first = self.reconnects == 0 and not getattr(self, "_ever", False)
-            self._ever = True
+            first = self._gen == 0
+            self._gen += 1
             self._connected = True
             if not first:
                 self.reconnects += 1
@@ -250,6 +254,7 @@ class SmbTarget(Target):
                         log.info("smb.temps_removed count=%d (left by the broken session)", n)
                 except (SMBException, OSError, FutureTimeout) as e:
                     log.warning("smb.temps_clean_failed error=%s (cleaned at the next start)", e)
+            return self._gen
 
     def _connect(self) -> None:
         session = smbclient.register_session(
@@ -267,13 +272,16 @@ class SmbTarget(Target):
             log.info("smb.credits_not_granted error=%s", e)
         smbclient.makedirs(self._base, exist_ok=True, **self._kw)
 
-    def _drop(self, why: str) -> None:
-        """Let go of a connection found broken or hung: its socket is closed without a word to the server
-        (a logoff would wait on a hung server), which fails every call still waiting on it."""
-        if self._connected:
+    def _drop(self, why: str, gen: int) -> None:
+        """Let go of the connection of generation ``gen``, found broken or hung (not a newer one another
+        thread made meanwhile): its socket is closed without a word to the server (a logoff would wait
+        on a hung server), which fails every call still waiting on it."""
+        with self._lock:
+            if gen != self._gen or not self._connected:
+                return
             log.warning("smb.connection_dropped target=%s why=%s", self.label, why)
-        self._connected = False
-        self._forget_connections()
+            self._connected = False
+            self._forget_connections()
 
     def _forget_connections(self) -> None:
         conns = list(self._cache.values())
@@ -812,6 +820,12 @@ _ERRNO_OF = {
 }
 
 
+def _says(code: int, detail: str) -> str:
+    """What an error means, in words, with the server's own status after it."""
+    words = "the share is full" if code == errno.ENOSPC else os.strerror(code)
+    return f"{words} ({detail})"
+
+
 def _errno_of(e: Any) -> int:
     try:
         status = int(e.status)
@@ -820,8 +834,10 @@ def _errno_of(e: Any) -> int:
         return errno.EIO
 
 
-def _is_auth_error(e: BaseException) -> bool:
+def _is_logon_failure(e: BaseException) -> bool:
+    """The server refused the user or password (not: a logon smbclient tried by itself without them, on a
+    connection another thread had just let go of)."""
     text = f"{type(e).__name__} {e}"
-    return any(
-        s in text for s in ("LogonFailure", "STATUS_LOGON_FAILURE", "SMBAuthenticationError", "0xc000006d")
-    )
+    if "No username or password" in text:
+        return False
+    return any(s in text for s in ("LogonFailure", "LOGON_FAILURE", "SMBAuthenticationError", "0xc000006d"))
