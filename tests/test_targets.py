@@ -248,6 +248,22 @@ def test_a_file_where_a_folder_must_be_and_a_folder_where_a_file_goes_are_replac
     assert files(case.view) == {"databases/room/m.json": b"m", "databases/x.json": b"file now"}
 
 
+def test_a_run_of_puts_placed_at_once_still_clears_a_folder_in_the_way_of_one(case: Case) -> None:
+    """On a share the puts of a group are renamed into place at once; the one whose path a folder holds
+    fails there and is run again alone, in order, which removes the folder."""
+    a = case.applier(4)
+    (case.view / "databases/x.json/inner").mkdir(parents=True)
+    (case.view / "databases/x.json/inner/old").write_bytes(b"old")
+    group = [put(i + 1, f"databases/m{i}.json", b"m%d" % i) for i in range(10)]
+    group.insert(5, put(50, "databases/x.json", b"file now"))
+    res = a.apply_batch(group)
+    assert res.problems == [] and res.applied == 11
+    want = {f"databases/m{i}.json": b"m%d" % i for i in range(10)}
+    want["databases/x.json"] = b"file now"
+    assert files(case.view) == want
+    assert not temp_files(case.view)
+
+
 @pytest.mark.parametrize("name", ["PROGRA~1", "MVNQDZ~Z", "AB12CD~1.JSO"])
 def test_a_name_shaped_like_an_8_3_alias_is_refused_and_nothing_is_written(case: Case, name: str) -> None:
     a = case.applier(2)

@@ -147,7 +147,10 @@ class SmbTarget(Target):
             mtime_resolution_ns=100,
             filetime=True,
             short_names=True,
+            concurrent_renames=True,
         )
+        #: Fans a run of renames out (each waits on its call in ``_pool``).
+        self._fan = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="smb-fan")
 
     @classmethod
     def from_location(cls, location: str, **kw: Any) -> SmbTarget:
@@ -304,6 +307,7 @@ class SmbTarget(Target):
                 pass
         self._connected = False
         self._forget_connections()
+        self._fan.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # -- reading ---------------------------------------------------------------------------------------------
@@ -526,6 +530,16 @@ class SmbTarget(Target):
 
     def place(self, temp: str, rel: str) -> Stat | None:
         return self._rename(temp, rel)
+
+    def place_many(self, pairs: Sequence[tuple[str, str]]) -> list[Stat | BaseException | None]:
+        futs = [self._fan.submit(self._rename, temp, rel) for temp, rel in pairs]
+        out: list[Stat | BaseException | None] = []
+        for fut in futs:
+            try:
+                out.append(fut.result())
+            except OSError as e:
+                out.append(e)
+        return out
 
     def rename(self, src: str, dst: str) -> None:
         self._rename(src, dst)
