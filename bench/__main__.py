@@ -34,6 +34,9 @@ from bench.profile import print_profile, profiled_initial_sync
 from bench.ratios import ha_ratios, ratios
 from bench.report import evaluate_goals, print_ha, print_report, write_chart, write_json
 from bench.runners import Lsyncd, RsyncDaemon, RsyncPush, Standby, lsyncd_default_delay
+from bench.smb import DEFAULT_FILES as SMB_FILES
+from bench.smb import SmbFigures, measure_smb, print_smb
+from bench.smb import available as smb_available
 from bench.workload import DEFAULT_FILES, generate
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -183,6 +186,14 @@ def parser() -> argparse.ArgumentParser:
         "next to its target (about a minute; default: on, off with --smoke)",
     )
     p.add_argument(
+        "--smb",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the SMB row: initial sync and change latency into a Samba share on 127.0.0.1 next to a local "
+        "folder, same run (2,000 files; needs Samba and root; default: on when they are there, off with "
+        "--smoke)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="after the measurements, one more initial sync of standby with both sides under cProfile: the "
@@ -257,6 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.ha if args.ha is not None else settings.mode != "smoke":
             say("[bold]HA[/]: two standby run agents, failover, switchover, rejoin")
             ha = measure_ha(work / "ha", min(settings.files, 2000), say)
+        smb_figs: SmbFigures | None = None
+        want_smb = args.smb if args.smb is not None else settings.mode != "smoke"
+        if want_smb:
+            why = smb_available()
+            if why is None:
+                say("[bold]SMB[/]: a pair into a Samba share and into a local folder")
+                smb_figs = measure_smb(work / "smb", min(settings.files, SMB_FILES), 30, say)
+            else:
+                skipped.append(why)
+                say(f"[yellow]skipped:[/] {why}")
         machine.load_end = os.getloadavg()
         goals = evaluate_goals(results, settings)
         print_report(
@@ -264,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if ha is not None:
             print_ha(console, ha)
+        if smb_figs is not None:
+            print_smb(console, smb_figs)
         for r in results:
             if r.profile is not None:
                 print_profile(console, r.profile)
@@ -281,8 +304,13 @@ def main(argv: list[str] | None = None) -> int:
             },
             "tools": results,
             # standby ÷ each other tool and ÷ the machine's own limit, per metric, as numbers
-            "ratios": {**ratios(results, limits, settings), **ha_ratios(ha)},
+            "ratios": {
+                **ratios(results, limits, settings),
+                **ha_ratios(ha),
+                **(smb_figs.ratios() if smb_figs else {}),
+            },
             "ha": ha,
+            "smb": smb_figs,
             "goals": goals,
             "skipped": skipped,
         }

@@ -22,6 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from bench import positive_int
 from bench.procs import Registry
 from bench.runners import Standby, _q
@@ -214,11 +217,22 @@ def as_json(figs: SmbFigures) -> dict[str, Any]:
     return doc
 
 
+def print_smb(console: Console, figs: SmbFigures) -> None:
+    t = Table(
+        title=f"standby into an SMB share (Samba on 127.0.0.1) vs a local folder ({figs.files:,} files)",
+        title_justify="left",
+    )
+    for col in ("figure", "local folder", "SMB share", "SMB ÷ local"):
+        t.add_column(col)
+    for row in table(figs):
+        t.add_row(*row)
+    console.print(t)
+    for note in figs.notes:
+        console.print(f"  note: {note}", highlight=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     import json
-
-    from rich.console import Console
-    from rich.table import Table
 
     p = argparse.ArgumentParser(
         prog="python -m bench.smb",
@@ -245,12 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         figs = measure_smb(work, args.files, args.samples, lambda m: console.print(m, highlight=False))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    t = Table(title="standby into an SMB share vs a local folder (same run)")
-    for col in ("figure", "local folder", "SMB share", "SMB ÷ local"):
-        t.add_column(col)
-    for row in table(figs):
-        t.add_row(*row)
-    console.print(t)
+    print_smb(console, figs)
     print(json.dumps(as_json(figs), indent=1))
     return 0
 

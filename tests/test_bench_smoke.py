@@ -89,3 +89,22 @@ def test_the_ha_rows_are_ratios_to_their_targets() -> None:
     assert got["switchover_downtime"] == {"target": 0.3}
     assert got["rejoin_transfer"] == {"target": 0.6667, "rsync": 4.0}
     assert ha_ratios(HaFigures(300)) == {} and ha_ratios(None) == {}
+
+
+@pytest.mark.timeout(180)
+def test_the_smb_row_runs_a_pair_into_a_samba_share_next_to_a_local_folder() -> None:
+    """``python -m bench.smb`` on a small tree: both targets' figures and their ratio, as numbers."""
+    need_binary("smbd")
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.smb", "--files", "150", "--samples", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads(r.stdout[r.stdout.index("\n{") :])
+    assert doc["local"]["initial_sync_s"] > 0 and doc["smb"]["initial_sync_s"] > 0
+    assert doc["smb"]["latency_timeouts"] == 0 and doc["smb"]["latency_p50_s"] > 0
+    assert isinstance(doc["ratios"]["smb_initial_sync"]["local"], float)
+    assert "SMB share" in r.stdout
