@@ -300,6 +300,16 @@ def test_a_sender_replicates_into_a_share_and_a_restarted_receiver_resumes(
         (db / "room2/m2.json").unlink()
         pair.start("receive")
         wait_for(lambda: _same(pair), 30, "the share to catch up after a restart")
+        # SIGKILL in the middle of a stream of new files: whole files or none, and it catches up.
+        for i in range(300):
+            (db / f"room{i % 5}/late{i}.json").write_bytes(os.urandom(2000 + i))
+        wait_for(lambda: any((pair.target / "databases").rglob("late*.json")), 30, "the first late file")
+        pair.kill("receive")
+        for p in (pair.target / "databases").rglob("late*.json"):
+            if "standby-tmp" not in p.name:
+                assert p.read_bytes() == (pair.source / p.relative_to(pair.target)).read_bytes(), p
+        pair.start("receive")
+        wait_for(lambda: _same(pair), 60, "the share to catch up after a SIGKILL")
         assert not temp_files(pair.target)
     finally:
         os.environ.clear()

@@ -273,6 +273,20 @@ def test_a_name_shaped_like_an_8_3_alias_is_refused_and_nothing_is_written(case:
     assert files(case.view) == {"databases/a-long-file-name.json": b"keep me"}
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["../escape.json", "databases/../../escape.json", "/etc/escape.json", "C:/escape.json", "a\\..\\escape",
+     "databases/CON", "databases/x.json.", "\\\\server\\share\\x", "databases/a:stream"],
+)  # fmt: skip
+def test_a_hostile_path_from_the_wire_is_refused_and_nothing_is_written(case: Case, path: str) -> None:
+    a = case.applier(2)
+    before = sorted(p.name for p in case.view.parent.iterdir())
+    res = a.apply_batch([put(1, path, b"x"), rec(2, Op.DELETE, path), rec(3, Op.RENAME, "databases", path)])
+    assert [p.code for p in res.problems] == ["refused"] * 3
+    assert files(case.view) == {}
+    assert sorted(p.name for p in case.view.parent.iterdir()) == before
+
+
 def test_a_path_through_a_symlink_is_refused(case: Case, tmp_path: Path) -> None:
     if case.kind == "smb":
         pytest.skip("Samba follows a server-side symlink itself (wide links = no keeps it inside the share)")
