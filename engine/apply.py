@@ -44,7 +44,7 @@ from engine.model import (
     parent_of,
 )
 from engine.scan import HashCache
-from engine.targets import Kind, Put, Stat, Target, temp_path
+from engine.targets import Kind, Put, Target, temp_path
 from engine.targets.local import LocalTarget
 from engine.wire import Problem
 
@@ -154,8 +154,6 @@ class Applier:
         self.max_path_depth = MAX_PATH_DEPTH
         #: One call makes a group's temporary files durable (else each is made durable as it is written).
         self._group_sync = fsync and self.target.caps.group_sync
-        #: Renames cost a round trip each (a share): a run of independent puts is placed at once.
-        self._concurrent_place = self.target.caps.concurrent_renames
         #: Where times before 1601 cannot be held (Windows, SMB).
         self._windows_times = WINDOWS or self.target.caps.filetime
         #: Called after a small put is in place (guard history): (change, content).
@@ -285,26 +283,24 @@ class Applier:
                     raise _apply_error("cannot make the group durable", e) from e
             # Phase 2: in record order.
             moved = False  # only a record that removes or moves something can take a temp's folder away
-            i = 0
-            while i < len(prepared):
-                op, target = prepared[i]
+            for op, target in prepared:
                 if target is None:
-                    i += 1
                     continue
-                if self._concurrent_place:
-                    run, span = self._placeable_run(prepared, i, temps)
-                    if len(run) > 1:
-                        moved = self._place_run(run, temps, moved, dirs, res) or moved
-                        i += span
-                        continue
                 if op.change.op in (Op.RENAME, Op.DELETE, Op.RMDIR) and temps:
                     # A later put's temporary file inside the tree this record moves or removes would be
                     # carried along (and left behind); remove it now: that put writes its temp again.
                     inside = [k for k, tmp in temps.items() if tmp.startswith(target + "/")]
                     for k in inside:
                         t.unlink_quiet(temps.pop(k))
-                moved = self._run_one(op, target, temps, moved, dirs, res) or moved
-                i += 1
+                try:
+                    removed = self._apply_one(op, target, temps.get(id(op)), moved, dirs, res)
+                    temps.pop(id(op), None)
+                    res.applied += 1
+                except OSError as e:
+                    c = op.change
+                    log.error("apply.failed seq=%d op=%s path=%r error=%s", c.seq, c.op, c.path, e)
+                    raise ApplyError(f"cannot apply {c.op} {c.path!r}: {e.strerror or e}") from e
+                moved = moved or removed
         finally:
             for tmp in temps.values():  # not renamed into place (an error above)
                 t.unlink_quiet(tmp)
@@ -315,78 +311,6 @@ class Applier:
             except OSError as e:
                 raise _apply_error("cannot make the group's folders durable", e) from e
         return res
-
-    def _run_one(
-        self, op: PendingOp, final: str, temps: dict[int, str], moved: bool, dirs: set[str], res: BatchResult
-    ) -> bool:
-        """One record in order, its OS error as the ApplyError that fails the group. True if it may have
-        removed or moved something."""
-        try:
-            removed = self._apply_one(op, final, temps.get(id(op)), moved, dirs, res)
-            temps.pop(id(op), None)
-            res.applied += 1
-            return removed
-        except OSError as e:
-            c = op.change
-            log.error("apply.failed seq=%d op=%s path=%r error=%s", c.seq, c.op, c.path, e)
-            raise ApplyError(f"cannot apply {c.op} {c.path!r}: {e.strerror or e}") from e
-
-    def _placeable_run(
-        self, prepared: list[tuple[PendingOp, str | None]], i: int, temps: dict[int, str]
-    ) -> tuple[list[tuple[PendingOp, str, str]], int]:
-        """The puts from ``prepared[i]`` on whose temps are written and whose final paths are distinct and
-        none inside another: placing them in any order, or at once, ends in the same tree. (How many
-        entries of ``prepared`` the run spans, refused ones included.)"""
-        run: list[tuple[PendingOp, str, str]] = []
-        finals: set[str] = set()
-        folders: set[str] = set()  # every folder above a final of the run
-        j = i
-        while j < len(prepared) and len(run) < PLACE_RUN:
-            op, final = prepared[j]
-            if final is not None:
-                temp = temps.get(id(op)) or op.temp
-                if op.change.op is not Op.PUT or temp is None or final in finals or final in folders:
-                    break
-                above = _folders_above(final)
-                if any(f in finals for f in above):
-                    break
-                run.append((op, final, temp))
-                finals.add(final)
-                folders.update(above)
-            j += 1
-        return run, j - i
-
-    def _place_run(
-        self,
-        run: list[tuple[PendingOp, str, str]],
-        temps: dict[int, str],
-        moved: bool,
-        dirs: set[str],
-        res: BatchResult,
-    ) -> bool:
-        """Place a run of independent puts at once (a target where each rename is a round trip); one that
-        fails is run again alone, in order, which handles what stands in its way."""
-        results = self.target.place_many([(temp, final) for _op, final, temp in run])
-        for (op, final, _temp), got in zip(run, results, strict=True):
-            if isinstance(got, BaseException):
-                moved = self._run_one(op, final, temps, moved, dirs, res) or moved
-                continue
-            temps.pop(id(op), None)
-            self._after_put(op, final, got, dirs)
-            res.applied += 1
-        return moved
-
-    def _after_put(self, op: PendingOp, final: str, st: Stat | None, dirs: set[str]) -> None:
-        """A put is in place: its folder to make durable, its digest in the hash cache, its history."""
-        c = op.change
-        dirs.add(parent_of(final))
-        if st is None:
-            st = self.target.stat(final)
-        if st is not None:
-            # INVARIANT: the key is taken after the rename, which moves the change time (ctime).
-            self.cache.put_key(c.path, st.key, c.digest)
-        if self.on_put is not None and op.data is not None:
-            self.on_put(c, op.data)
 
     def _content_problem(self, c: Change, data: bytes) -> str | None:
         if len(data) != c.size or digest_bytes(data) != c.digest:
@@ -475,7 +399,14 @@ class Applier:
             except BaseException:
                 t.unlink_quiet(temp)
                 raise
-            self._after_put(op, final, st, dirs)
+            dirs.add(parent_of(final))
+            if st is None:
+                st = t.stat(final)
+            if st is not None:
+                # INVARIANT: the key is taken after the rename, which moves the change time (ctime).
+                self.cache.put_key(c.path, st.key, c.digest)
+            if self.on_put is not None and op.data is not None:
+                self.on_put(c, op.data)
             return removed
         if c.op is Op.TOUCH:
             self._touch(c, final, dirs, res)
@@ -560,20 +491,6 @@ class Applier:
         for k in [k for k in list(self.cache._d) if k == src or k.startswith(prefix)]:
             v = self.cache._d.pop(k)
             self.cache._d[dst + k[len(src) :]] = v
-
-
-#: The most puts placed at once.
-PLACE_RUN = 256
-
-
-def _folders_above(rel: str) -> list[str]:
-    """Every folder above ``rel`` (``a/b/c`` -> ``a/b``, ``a``)."""
-    out = []
-    p = parent_of(rel)
-    while p:
-        out.append(p)
-        p = parent_of(p)
-    return out
 
 
 def _apply_error(what: str, e: BaseException) -> BaseException:

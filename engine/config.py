@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from engine.errors import ConfigError, PathRejected
 from engine.failover import Policy, Role
@@ -116,6 +116,7 @@ class Share:
 _SMB_URL = re.compile(
     r"^smb://(?P<server>[^/:@\\]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?(?P<rest>/.*)?$", re.I
 )
+_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])$")
 _UNC = re.compile(r"^\\\\(?P<server>[^/\\]+)(?P<rest>[/\\].*)?$")
 
 
@@ -125,28 +126,45 @@ def is_share_text(text: str) -> bool:
 
 
 def parse_share(text: str, where: str) -> Share:
-    """The share ``text`` names; one error naming ``where`` and what is wrong otherwise."""
+    """The share ``text`` names; one error naming ``where`` and what is wrong otherwise (never echoing a
+    password someone put in the URL)."""
+    authority = re.split(r"[/\\]", text[6:] if text.lower().startswith("smb://") else text.lstrip("\\"))[0]
+    if "@" in authority:
+        raise ConfigError(
+            f"{where}: a user or password in the location is not read (it would end up in logs): give "
+            "them as smb_username and smb_password (or STANDBY_SMB_PASSWORD)"
+        )
     m = _SMB_URL.match(text) or _UNC.match(text)
     if m is None:
         raise ConfigError(
             f"{where}: {text!r} is not an SMB location (smb://server[:port]/share/folder or "
             "\\\\server\\share\\folder)"
         )
+    server = m.group("server")
+    if m.re is _UNC and ":" in server:
+        raise ConfigError(
+            f"{where}: a UNC path carries no port ({server!r}): use smb://server:port/share/folder"
+        )
+    if not _HOST.match(server):
+        raise ConfigError(f"{where}: {server!r} is not a server name or address")
     port = int(m.groupdict().get("port") or 445)
     if not 1 <= port <= 65535:
         raise ConfigError(f"{where}: port {port} is out of range (1-65535)")
-    parts = [p for p in re.split(r"[/\\]", m.group("rest") or "") if p]
+    rest = m.group("rest") or ""
+    if m.re is _SMB_URL:
+        rest = unquote(rest)
+    parts = [p for p in re.split(r"[/\\]", rest) if p]
     if not parts:
         raise ConfigError(f"{where}: {text!r} names a server but no share (smb://server/share/folder)")
     share, folder = parts[0], "/".join(parts[1:])
-    if "$" in share[:-1] or any(c in share for c in '"*+,:;<=>?[]|'):
+    if share in (".", "..") or "$" in share[:-1] or any(c in share for c in '"*+,:;<=>?[]|'):
         raise ConfigError(f"{where}: {share!r} is not a share name")
     if folder:
         try:
             check_relpath(folder)
         except PathRejected as e:
             raise ConfigError(f"{where}: the folder in the share: {e}") from None
-    return Share(m.group("server").strip("[]"), port, share, folder)
+    return Share(server.strip("[]"), port, share, folder)
 
 
 @dataclass(frozen=True)

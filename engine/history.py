@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+from engine.apply import WINDOWS, settable_mtime_ns
 from engine.digest import digest_bytes
 from engine.errors import ReplicationError
 from engine.journal import fsync_dir
@@ -141,7 +142,8 @@ class GuardHistory:
         if folder:
             t.makedirs(folder)
         tmp = temp_path(folder, f".{TEMP_MARKER}{secrets.token_hex(8)}")
-        t.write_temp(tmp, v.path.read_bytes(), v.mtime_ns, durable=True)
+        mtime = settable_mtime_ns(rel, v.mtime_ns, WINDOWS or t.caps.filetime)
+        t.write_temp(tmp, v.path.read_bytes(), mtime, durable=True)
         try:
             t.place(tmp, rel)
         except BaseException:

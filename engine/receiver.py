@@ -294,7 +294,10 @@ class Receiver:
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
             log.info("receiver.disconnected peer=%s reason=%s", addr, e)
         finally:
-            conn.cleanup()
+            try:  # on a worker thread: on a share each removal is a call to the server
+                await asyncio.to_thread(conn.cleanup)
+            except OSError as e:
+                log.warning("receiver.cleanup_failed error=%s (temporary files go at the next start)", e)
             if conn.is_sender:
                 self.sender = None
                 self._sender_conn = None
@@ -630,7 +633,7 @@ class _Conn:
                 except asyncio.CancelledError:
                     raise  # the thread may still be applying; leftovers are removed at the next start
                 except BaseException:
-                    self.cleanup_ops(group)
+                    await asyncio.to_thread(self.cleanup_ops, group)
                     raise
                 rx.seq = last
                 rx.counters["applied"] += len(group)

@@ -286,7 +286,10 @@ def test_an_smb_url_as_the_source_exits_2_and_writes_nothing(tmp_path: Path) -> 
     ("target", "named"),
     [
         ("smb://10.0.0.12", "names a server but no share"),
-        ("smb://user@10.0.0.12/share", "is not an SMB location"),
+        ("smb://alice:s3cret@10.0.0.12/share", "smb_username and smb_password"),
+        ("\\\\srv:4455\\share", "carries no port"),
+        ("\\\\?\\UNC\\srv\\share", "not a server name"),
+        ("smb://10.0.0.12/../x", "not a share name"),
         ("smb://10.0.0.12:99999/share", "out of range"),
         ("smb://10.0.0.12/share/../x", "the folder in the share"),
         ("\\\\server", "names a server but no share"),
@@ -299,7 +302,8 @@ def test_a_bad_smb_target_exits_2_naming_the_key(tmp_path: Path, target: str, na
         "state_dir = 'state'\ninsecure = true\n",
         "utf-8",
     )
-    one_config_error(cli("receive", "--config", str(path)), "receiver -> target", named)
+    line = one_config_error(cli("receive", "--config", str(path)), "receiver -> target", named)
+    assert "s3cret" not in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["standby.toml"]
 
 

@@ -324,3 +324,25 @@ def _same(pair: Pair) -> bool:
         return {k: v if v == ("dir",) else (v[0], v[1] - v[1] % 100) for k, v in t.items()}  # type: ignore[index]
 
     return norm(pair.source_tree()) == norm(pair.replica_tree())
+
+
+def test_with_follow_symlinks_off_nothing_goes_through_a_server_side_symlink(tmp_path: Path) -> None:
+    """Samba follows a symlink itself and shows it as a plain folder, so standby cannot see it; with
+    ``follow symlinks = no`` on the share (what the README asks for) a put or delete through one fails,
+    and nothing outside the replica folder is written or removed."""
+    with running_samba(tmp_path / "samba", share_options={"follow symlinks": "no"}) as srv:
+        (srv.path / "replica").mkdir()
+        (srv.path / "other").mkdir()
+        (srv.path / "other/precious").write_bytes(b"keep")
+        os.symlink("../other", srv.path / "replica/link")
+        a = Applier(target(srv, "replica"), threads=2)
+        try:
+            for group in ([put(1, "link/f", b"x")], [PendingOp(Change(2, Op.DELETE, "link/precious"))]):
+                try:
+                    a.apply_batch(group)
+                except ApplyError:
+                    pass
+            assert sorted(os.listdir(srv.path / "other")) == ["precious"]
+            assert (srv.path / "other/precious").read_bytes() == b"keep"
+        finally:
+            a.close()

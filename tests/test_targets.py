@@ -248,9 +248,7 @@ def test_a_file_where_a_folder_must_be_and_a_folder_where_a_file_goes_are_replac
     assert files(case.view) == {"databases/room/m.json": b"m", "databases/x.json": b"file now"}
 
 
-def test_a_run_of_puts_placed_at_once_still_clears_a_folder_in_the_way_of_one(case: Case) -> None:
-    """On a share the puts of a group are renamed into place at once; the one whose path a folder holds
-    fails there and is run again alone, in order, which removes the folder."""
+def test_a_folder_in_the_way_of_one_put_of_a_group_is_removed_and_the_rest_land(case: Case) -> None:
     a = case.applier(4)
     (case.view / "databases/x.json/inner").mkdir(parents=True)
     (case.view / "databases/x.json/inner/old").write_bytes(b"old")

@@ -53,18 +53,15 @@ class Capabilities:
 
     ``group_sync``: one call makes every write since the last durable (Linux syncfs); without it each put
     is made durable as it is written. ``case_insensitive``: ``A`` and ``a`` name one entry.
-    ``concurrent_renames``: each rename is a round trip, so independent ones are sent at once
-    (:meth:`Target.place_many`). ``mtime_resolution_ns``: the finest time the target keeps.
-    ``filetime``: times are Windows FILETIMEs (nothing before 1601). ``short_names``: 8.3 aliases may
-    exist (a name shaped like one may *be* another file: :mod:`engine.model` refuses such names
-    everywhere)."""
+    ``mtime_resolution_ns``: the finest time the target keeps. ``filetime``: times are Windows FILETIMEs
+    (nothing before 1601). ``short_names``: 8.3 aliases may exist (a name shaped like one may *be* another
+    file: :mod:`engine.model` refuses such names everywhere)."""
 
     group_sync: bool
     case_insensitive: bool
     mtime_resolution_ns: int
     filetime: bool
     short_names: bool
-    concurrent_renames: bool = False
 
 
 class Put(Protocol):
@@ -128,17 +125,6 @@ class Target(ABC):
     def place(self, temp: str, rel: str) -> Stat | None:
         """Rename the durable ``temp`` over ``rel`` (atomically replacing a file there). Returns the
         entry's stat where the same round trip tells it (None: ask :meth:`stat`)."""
-
-    def place_many(self, pairs: Sequence[tuple[str, str]]) -> list[Stat | BaseException | None]:
-        """:meth:`place` each (temp, final) of independent pairs (distinct finals, none inside another),
-        in any order or at once; per pair its result or the error it met (the others still run)."""
-        out: list[Stat | BaseException | None] = []
-        for temp, rel in pairs:
-            try:
-                out.append(self.place(temp, rel))
-            except OSError as e:
-                out.append(e)
-        return out
 
     @abstractmethod
     def rename(self, src: str, dst: str) -> None:

@@ -139,6 +139,9 @@ class SmbTarget(Target):
         self._lock = threading.Lock()
         self._connected = False
         self._gen = 0  # connections made so far: a failure drops only the one it happened on
+        #: Temporary files made and not yet placed or removed (removed after a reconnect).
+        self._temps: set[str] = set()
+        self._temps_lock = threading.Lock()
         self._folder_flush = True
         self.reconnects = 0
         self.caps = Capabilities(
@@ -147,10 +150,7 @@ class SmbTarget(Target):
             mtime_resolution_ns=100,
             filetime=True,
             short_names=True,
-            concurrent_renames=True,
         )
-        #: Fans a run of renames out (each waits on its call in ``_pool``).
-        self._fan = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="smb-fan")
 
     @classmethod
     def from_location(cls, location: str, **kw: Any) -> SmbTarget:
@@ -182,38 +182,67 @@ class SmbTarget(Target):
         return f"{self._in_share}\\{tail}" if self._in_share else tail
 
     # -- calls, deadlines, reconnects ------------------------------------------------------------------
-    def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the executor, connected, within the deadline; SMB errors as OSErrors."""
-        gen = self._ensure()
-        fut = self._pool.submit(fn, *args)
+    def _call(self, fn: Callable[..., T], *args: Any, gen: int | None = None) -> T:
+        """``fn(*args)`` on the executor, connected, within the deadline (counted from when a worker takes
+        it up); SMB errors as OSErrors. ``gen``: the connection a handle ``fn`` uses was opened on; if that
+        one is gone the call fails at once (the connection now in use is not dropped for it)."""
+        cur = self._ensure()
+        if gen is not None and gen != cur:
+            raise OSError(errno.ECONNRESET, f"connection to {self._where} lost (the handle was opened on it)")
+        started = threading.Event()
+
+        def run() -> T:
+            started.set()
+            if self._gen != cur or not self._connected:  # dropped while this call waited for a worker
+                raise _Lost("the connection was dropped before the call ran")
+            return fn(*args)
+
+        fut = self._pool.submit(run)
+        # A call waits for a free worker (every one busy on a slow server) up to a few deadlines; its own
+        # deadline starts when it runs.
+        if not started.wait(self.timeout * 4):
+            fut.cancel()
+            raise OSError(errno.ETIMEDOUT, f"{self._where}: no free worker in {self.timeout * 4:g} s")
         try:
             return fut.result(timeout=self.timeout)
         except FutureTimeout:
-            self._drop("deadline", gen)
+            self._drop("deadline", cur)
             raise OSError(errno.ETIMEDOUT, f"no answer from {self._where} in {self.timeout:g} s") from None
-        except (SMBConnectionClosed, ConnectionError) as e:
-            self._drop(type(e).__name__, gen)
+        except _Ours:
+            raise
+        except _Lost as e:
             raise OSError(errno.ECONNRESET, f"connection to {self._where} lost: {e}") from None
         except SMBOSError as e:
+            status = int(e.ntstatus)
+            if status in _GONE:
+                self._drop(f"status 0x{status:08x}", cur)
+                raise OSError(errno.ECONNRESET, f"connection to {self._where} lost ({e.strerror})") from None
             if e.errno:
                 raise
-            code = _ERRNO_OF.get(int(e.ntstatus), errno.EIO)
+            code = _ERRNO_OF.get(status, errno.EIO)
             raise OSError(code, f"{self._where}: {_says(code, e.strerror)}", e.filename) from None
-        except OSError as e:  # the socket itself failed (EBADF, EPIPE): the connection is gone
-            self._drop(f"socket: {e}", gen)
-            raise OSError(errno.ECONNRESET, f"connection to {self._where} lost: {e}") from None
         except DiskFull as e:
-            raise OSError(errno.ENOSPC, "the share is full", self.label) from e
+            raise OSError(errno.ENOSPC, f"{self._where}: the share is full", self.label) from e
         except SMBResponseException as e:
+            if int(e.status) in _GONE:
+                self._drop(f"status 0x{int(e.status):08x}", cur)
+                raise OSError(errno.ECONNRESET, f"connection to {self._where} lost ({e.message})") from None
             code = _errno_of(e)
             raise OSError(code, f"{self._where}: {_says(code, e.message)}") from None
+        except (SMBConnectionClosed, ConnectionError, TimeoutError, ValueError) as e:
+            # ValueError: smbclient found the connection gone and could not connect again by itself
+            self._drop(type(e).__name__, cur)
+            raise OSError(errno.ECONNRESET, f"connection to {self._where} lost: {e}") from None
+        except OSError as e:
+            if e.errno in _SOCKET_GONE:  # the socket itself failed (EBADF, EPIPE, ...)
+                self._drop(f"socket: {e}", cur)
+                raise OSError(errno.ECONNRESET, f"connection to {self._where} lost: {e}") from None
+            raise
         except SMBException as e:
-            self._drop(type(e).__name__, gen)
-            if "No username or password" in str(e) or "credits" in str(e):
-                # smbclient found the connection gone and tried a logon of its own (without credentials:
-                # the next call connects again properly), or the credit window of a broken one ran dry
-                raise OSError(errno.ECONNRESET, f"connection to {self._where} lost") from None
-            raise OSError(errno.EIO, f"{self._where}: {e}") from None
+            self._drop(type(e).__name__, cur)
+            # smbclient found the connection gone and tried a logon of its own (without credentials: the
+            # next call connects again properly), or the credit window of a broken one ran dry, or else
+            raise OSError(errno.ECONNRESET, f"connection to {self._where} lost: {e}") from None
 
     def _ensure(self) -> int:
         """Connected (reconnecting if need be); the connection's generation."""
@@ -231,33 +260,50 @@ class SmbTarget(Target):
                     break
                 except FutureTimeout:
                     self._forget_connections()
-                    raise OSError(
-                        errno.ETIMEDOUT, f"cannot reach {self.share.server}:{self.share.port}"
-                    ) from None
+                    raise OSError(errno.ETIMEDOUT, f"cannot reach {self._where}") from None
                 except (ValueError, SMBException, OSError) as e:
                     self._forget_connections()
                     if _is_logon_failure(e):
                         raise OSError(errno.EACCES, f"{self.label}: logon refused: {e}") from None
                     if time.monotonic() + delay >= deadline:
-                        raise OSError(
-                            errno.ECONNREFUSED,
-                            f"cannot connect to {self.share.server}:{self.share.port}: {e}",
-                        ) from None
+                        raise OSError(errno.ECONNREFUSED, f"cannot connect to {self._where}: {e}") from None
                     time.sleep(delay)
                     delay = min(delay * 2, 5.0)
             first = self._gen == 0
             self._gen += 1
             self._connected = True
-            if not first:
-                self.reconnects += 1
-                log.warning("smb.reconnected target=%s count=%d", self.label, self.reconnects)
-                try:
-                    n = self._pool.submit(self._clean_temps_now).result(timeout=self.timeout)
-                    if n:
-                        log.info("smb.temps_removed count=%d (left by the broken session)", n)
-                except (SMBException, OSError, FutureTimeout) as e:
-                    log.warning("smb.temps_clean_failed error=%s (cleaned at the next start)", e)
-            return self._gen
+            if first:
+                return self._gen
+            self.reconnects += 1
+            log.warning("smb.reconnected target=%s count=%d", self.label, self.reconnects)
+            left = self._take_temps()
+        # The temporary files this process made that were neither placed nor removed: the broken session
+        # may have left them (a group that still needs one fails and is sent again).
+        n = 0
+        for temp in left:
+            try:
+                self.unlink_quiet(temp)
+                n += 1
+            except OSError as e:
+                log.warning("smb.temp_left path=%r error=%s (removed at the next start)", temp, e)
+                break
+        if n:
+            log.info("smb.temps_removed count=%d (left by the broken session)", n)
+        return self._gen
+
+    def _track(self, temp: str) -> None:
+        with self._temps_lock:
+            self._temps.add(temp)
+
+    def _untrack(self, temp: str) -> None:
+        with self._temps_lock:
+            self._temps.discard(temp)
+
+    def _take_temps(self) -> list[str]:
+        with self._temps_lock:
+            left = sorted(self._temps)
+            self._temps.clear()
+        return left
 
     def _connect(self) -> None:
         session = smbclient.register_session(
@@ -307,7 +353,6 @@ class SmbTarget(Target):
                 pass
         self._connected = False
         self._forget_connections()
-        self._fan.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # -- reading ---------------------------------------------------------------------------------------------
@@ -335,9 +380,10 @@ class SmbTarget(Target):
 
     def read_chunks(self, rel: str) -> Iterator[bytes]:
         raw = self._call(self._open_read, rel)
+        gen = self._gen
         try:
             while True:
-                data = self._call(raw.read, IO_CHUNK)
+                data = self._call(raw.read, IO_CHUNK, gen=gen)
                 if not data:
                     return
                 yield data
@@ -483,6 +529,7 @@ class SmbTarget(Target):
         Every status and the byte count are checked; on any failure the temp is deleted by name (the
         compound's close ran whatever failed before it: Samba goes on after a failed request)."""
         raw = self._new_temp(temp)
+        self._track(temp)
         tr = SMBFileTransaction(raw)
         raw.open(transaction=tr)
         tr += raw.fd.write(data, 0, send=False)
@@ -495,13 +542,15 @@ class SmbTarget(Target):
         except BaseException:
             try:
                 smbclient.remove(self.unc(temp), **self._kw)
-            except Exception:  # not created, or the connection is gone: cleaned after the reconnect
+                self._untrack(temp)
+            except Exception:  # not created, or the connection is gone: removed after the reconnect
                 pass
             raise
         written = tr.results[1]
         if written != len(data):
             smbclient.remove(self.unc(temp), **self._kw)
-            raise OSError(errno.EIO, f"the server wrote {written} of {len(data)} bytes", temp)
+            self._untrack(temp)
+            raise _Ours(errno.EIO, f"the server wrote {written} of {len(data)} bytes", temp)
 
     def _open_read(self, rel: str) -> Any:
         raw = SMBFileIO(self.unc(rel), mode="rb", share_access="rwd", **self._kw)
@@ -509,10 +558,12 @@ class SmbTarget(Target):
         return raw
 
     def begin_put(self, temp: str) -> _SmbPut:
-        return _SmbPut(self, temp, self._call(self._create, temp))
+        raw = self._call(self._create, temp)
+        return _SmbPut(self, temp, raw, self._gen)
 
     def _create(self, temp: str) -> Any:
         raw = self._new_temp(temp)
+        self._track(temp)
         raw.open()
         return raw
 
@@ -529,17 +580,9 @@ class SmbTarget(Target):
         )
 
     def place(self, temp: str, rel: str) -> Stat | None:
-        return self._rename(temp, rel)
-
-    def place_many(self, pairs: Sequence[tuple[str, str]]) -> list[Stat | BaseException | None]:
-        futs = [self._fan.submit(self._rename, temp, rel) for temp, rel in pairs]
-        out: list[Stat | BaseException | None] = []
-        for fut in futs:
-            try:
-                out.append(fut.result())
-            except OSError as e:
-                out.append(e)
-        return out
+        st = self._rename(temp, rel)
+        self._untrack(temp)
+        return st
 
     def rename(self, src: str, dst: str) -> None:
         self._rename(src, dst)
@@ -597,6 +640,7 @@ class SmbTarget(Target):
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise
+        self._untrack(rel)
 
     def mkdir(self, rel: str) -> None:
         self._call(lambda: smbclient.mkdir(self.unc(rel), **self._kw))
@@ -612,7 +656,7 @@ class SmbTarget(Target):
             if e.errno == errno.EEXIST:
                 st = smbclient.lstat(self.unc(rel), **self._kw)
                 if not int(getattr(st, "st_file_attributes", 0)) & ATTR_DIRECTORY:
-                    raise OSError(errno.ENOTDIR, "a file stands where a folder must be", rel) from None
+                    raise _Ours(errno.ENOTDIR, "a file stands where a folder must be", rel) from None
                 return
             if e.errno != errno.ENOENT or "/" not in rel:
                 raise
@@ -650,7 +694,7 @@ class SmbTarget(Target):
             try:
                 self._call(self._flush_folder, rel)
             except OSError as e:
-                if e.errno == errno.ENOENT:
+                if e.errno in (errno.ENOENT, errno.ENOTDIR):  # removed, or a file now, later in the group
                     continue
                 if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EACCES):
                     self._folder_flush = False
@@ -676,16 +720,15 @@ class SmbTarget(Target):
             raw.fd.flush()
 
     def clean_temps(self) -> int:
-        return self._call(self._clean_temps_now)
-
-    def _clean_temps_now(self) -> int:
+        """Every temporary file below the root, removed: one call per folder listed and per file removed,
+        each with its own deadline (a large share takes as long as it takes)."""
         n = 0
         folders = [""]
         while folders:
             rel = folders.pop()
             try:
-                entries = self._list(rel)
-            except SMBOSError as e:
+                entries = self._call(self._list, rel)
+            except OSError as e:
                 if e.errno in (errno.ENOENT, errno.ENOTDIR):
                     continue
                 raise
@@ -696,12 +739,8 @@ class SmbTarget(Target):
                 if attrs & ATTR_DIRECTORY:
                     folders.append(child)
                 elif is_temp_name(name):
-                    try:
-                        smbclient.remove(self.unc(child), **self._kw)
-                        n += 1
-                    except SMBOSError as e:
-                        if e.errno != errno.ENOENT:
-                            raise
+                    self.unlink_quiet(child)
+                    n += 1
         return n
 
     @staticmethod
@@ -715,24 +754,25 @@ class SmbTarget(Target):
 class _SmbPut:
     """A temporary file on the share, open for writing until sealed."""
 
-    def __init__(self, target: SmbTarget, temp: str, raw: Any) -> None:
+    def __init__(self, target: SmbTarget, temp: str, raw: Any, gen: int) -> None:
         self.temp = temp
         self._t = target
         self._raw: Any = raw
+        self._gen = gen  # the connection the handle is open on
 
     def write(self, data: bytes) -> None:
-        self._t._call(self._write, data)
+        self._t._call(self._write, data, gen=self._gen)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             n = self._raw.write(view[:IO_CHUNK])
             if not n:
-                raise OSError(errno.EIO, "the server wrote nothing")
+                raise _Ours(errno.EIO, "the server wrote nothing", self.temp)
             view = view[n:]
 
     def seal(self, mtime_ns: int, durable: bool) -> None:
-        self._t._call(self._seal, mtime_ns, durable)
+        self._t._call(self._seal, mtime_ns, durable, gen=self._gen)
         self._raw = None
 
     def _seal(self, mtime_ns: int, durable: bool) -> None:
@@ -746,7 +786,8 @@ class _SmbPut:
         raw, self._raw = self._raw, None
         if raw is not None and not raw.closed:
             try:
-                self._t._call(self._delete_through, raw)
+                self._t._call(self._delete_through, raw, gen=self._gen)
+                self._t._untrack(self.temp)
                 return
             except OSError:
                 _forget(raw)
@@ -774,6 +815,30 @@ def _forget(raw: Any) -> None:
         pass
 
 
+class _Ours(OSError):
+    """An error this module raises about the share's content (not the connection): passed on as it is."""
+
+
+class _Lost(Exception):
+    """The connection a call was meant for was dropped before it ran."""
+
+
+#: NT statuses that mean the session, the tree connect or the handle is gone: reconnect.
+_GONE = frozenset(
+    {
+        0xC00000C9,  # STATUS_NETWORK_NAME_DELETED (the share was closed under us)
+        0xC0000203,  # STATUS_USER_SESSION_DELETED
+        0xC000035C,  # STATUS_NETWORK_SESSION_EXPIRED (Kerberos)
+        0xC0000128,  # STATUS_FILE_CLOSED
+        0xC000020C,  # STATUS_CONNECTION_DISCONNECTED
+    }
+)
+#: errnos of a socket that failed.
+_SOCKET_GONE = frozenset(
+    {errno.EBADF, errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN, errno.ESHUTDOWN}
+)
+
+
 def _stat_of_all(info: Any) -> Stat:
     """The :class:`Stat` of a FileAllInformation answer."""
     basic = info["basic_information"]
@@ -792,7 +857,7 @@ def _basic(mtime_ns: int) -> Any:
     info = FileBasicInformation()
     info["creation_time"] = 0
     info["last_access_time"] = 0
-    info["last_write_time"] = to_filetime(mtime_ns)
+    info["last_write_time"] = max(1, to_filetime(mtime_ns))  # 0 would mean "leave it as it is"
     info["change_time"] = 0
     info["file_attributes"] = 0
     return info
@@ -811,7 +876,10 @@ def parse_id_full_directory(buf: bytes) -> list[tuple[str, int, tuple[int, int, 
         start = pos + _ENTRY.size
         if start + nlen > len(buf):
             break
-        name = buf[start : start + nlen].decode("utf-16-le", "surrogatepass")
+        try:
+            name = buf[start : start + nlen].decode("utf-16-le", "surrogatepass")
+        except UnicodeDecodeError:
+            break
         if name not in (".", ".."):
             mtime, change = clamp_ns(from_filetime(wt)), clamp_ns(from_filetime(cht))
             out.append((name, attrs, (eof, mtime, fid, change)))
