@@ -171,24 +171,31 @@ class Applier:
         self.target.close()
 
     # -- paths --------------------------------------------------------------------------------------------
-    def resolve(self, rel: str, checked: set[str] | None = None) -> str:
+    def resolve(self, rel: str, checked: dict[str, bool] | None = None) -> str:
         """``rel`` itself, once checked against the path rules and found to pass through no symlink.
 
-        ``checked`` (one batch's memo) holds folder prefixes already found to be real folders.
+        ``checked`` (one batch's memo): folder prefixes already found to be real folders (True) or absent
+        (False: nothing below them exists yet; they will be created as real folders). On a share each
+        look is a round trip: a first copy into new folders would otherwise look once per file.
         """
         check_relpath(rel, self.max_path_chars, self.max_path_depth)
         prefix = ""
         for name in rel.split("/")[:-1]:
             prefix = f"{prefix}/{name}" if prefix else name
-            if checked is not None and prefix in checked:
+            known = checked.get(prefix) if checked is not None else None
+            if known is True:
                 continue
+            if known is False:
+                break
             st = self.target.stat(prefix)
             if st is None:
+                if checked is not None:
+                    checked[prefix] = False
                 break  # the rest does not exist yet: it will be created as real folders
             if st.kind is Kind.LINK:
                 raise PathRejected(rel, f"passes through a symlink at {name!r}")
             if checked is not None and st.kind is Kind.DIR:
-                checked.add(prefix)
+                checked[prefix] = True
         return rel
 
     def clean_temps(self) -> int:
@@ -217,7 +224,7 @@ class Applier:
         # Phase 1: check every record, then write the content of small puts to durable temporary files
         # in parallel. RACE: checking first and submitting after keeps this thread off the GIL convoy.
         prepared: list[tuple[PendingOp, str | None]] = []
-        checked: set[str] = set()
+        checked: dict[str, bool] = {}
         for op in ops:
             c = op.change
             try:

@@ -55,11 +55,12 @@ from smbprotocol.exceptions import (  # type: ignore[import-untyped]
     SMBResponseException,
 )
 from smbprotocol.file_info import (  # type: ignore[import-untyped]
-    FileAllInformation,
     FileBasicInformation,
     FileDispositionInformation,
     FileInformationClass,
+    FileInternalInformation,
     FileRenameInformation,
+    FileStandardInformation,
 )
 from smbprotocol.open import (  # type: ignore[import-untyped]
     CreateOptions,
@@ -86,8 +87,6 @@ ATTR_REPARSE = 0x400
 CREDITS = 512
 #: Content up to this size is written in one compound request (create, write, mtime, FLUSH, close).
 COMPOUND_MAX = 1 << 20
-#: Room for a FileAllInformation answer (its fixed part and the file's name).
-ALL_INFO_BUFFER = 4096
 #: How much one folder listing request asks for (the default 64 KiB holds only ~600 entries).
 LIST_BUFFER = 65536
 #: The largest chunk one request reads or writes.
@@ -229,10 +228,14 @@ class SmbTarget(Target):
                 raise OSError(errno.ECONNRESET, f"connection to {self._where} lost ({e.message})") from None
             code = _errno_of(e)
             raise OSError(code, f"{self._where}: {_says(code, e.message)}") from None
-        except (SMBConnectionClosed, ConnectionError, TimeoutError, ValueError) as e:
-            # ValueError: smbclient found the connection gone and could not connect again by itself
+        except (SMBConnectionClosed, ConnectionError, TimeoutError) as e:
             self._drop(type(e).__name__, cur)
             raise OSError(errno.ECONNRESET, f"connection to {self._where} lost: {e}") from None
+        except ValueError as e:
+            if str(e).startswith("Failed to connect"):  # smbclient found the connection gone, and no server
+                self._drop("connect failed", cur)
+                raise OSError(errno.ECONNRESET, f"connection to {self._where} lost: {e}") from None
+            raise OSError(errno.EIO, f"{self._where}: an answer standby cannot read: {e}") from None
         except OSError as e:
             if e.errno in _SOCKET_GONE:  # the socket itself failed (EBADF, EPIPE, ...)
                 self._drop(f"socket: {e}", cur)
@@ -360,23 +363,24 @@ class SmbTarget(Target):
         return self._call(self._stat, rel)
 
     def _stat(self, rel: str) -> Stat | None:
+        """One compound: open (the link itself, not what it points to), FileAllInformation, close."""
+        raw = SMBRawIO(
+            self.unc(rel),
+            mode="r",
+            share_access="rwd",
+            desired_access=FilePipePrinterAccessMask.FILE_READ_ATTRIBUTES,
+            create_options=CreateOptions.FILE_OPEN_REPARSE_POINT,
+            **self._kw,
+        )
+        tr = SMBFileTransaction(raw)
+        _query_stat(tr)
         try:
-            st = smbclient.lstat(self.unc(rel), **self._kw)
+            tr.commit()
         except SMBOSError as e:
-            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            if e.errno in (errno.ENOENT, errno.ENOTDIR) or int(e.ntstatus) == 0xC0000103:  # NOT_A_DIRECTORY
                 return None
             raise
-        attrs = int(getattr(st, "st_file_attributes", 0))
-        if attrs & ATTR_REPARSE:
-            kind = Kind.LINK
-        elif attrs & ATTR_DIRECTORY:
-            kind = Kind.DIR
-        else:
-            kind = Kind.FILE
-        mtime = clamp_ns(int(st.st_mtime_ns))
-        change = clamp_ns(int(st.st_chgtime_ns)) if hasattr(st, "st_chgtime_ns") else None
-        key = (int(st.st_size), mtime, int(st.st_ino), change)
-        return Stat(kind, int(st.st_size), mtime, key, int(st.st_atime_ns))
+        return _stat_of(*tr.results[0:3])
 
     def read_chunks(self, rel: str) -> Iterator[bytes]:
         raw = self._call(self._open_read, rel)
@@ -616,9 +620,9 @@ class SmbTarget(Target):
         info["replace_if_exists"] = True
         info["file_name"] = self._share_path(dst).encode("utf-16-le")
         set_info(tr, info)
-        query_info(tr, FileAllInformation, output_buffer_length=ALL_INFO_BUFFER)
+        _query_stat(tr)
         tr.commit()
-        return _stat_of_all(tr.results[1])
+        return _stat_of(*tr.results[1:4])
 
     def remove(self, rel: str) -> None:
         self._call(self._remove, rel)
@@ -839,16 +843,23 @@ _SOCKET_GONE = frozenset(
 )
 
 
-def _stat_of_all(info: Any) -> Stat:
-    """The :class:`Stat` of a FileAllInformation answer."""
-    basic = info["basic_information"]
+def _query_stat(tr: Any) -> None:
+    """Add the three small queries a :class:`Stat` is made of to a compound (FileAllInformation would do
+    in one, but smbprotocol refuses some of the mode bits servers send in it)."""
+    query_info(tr, FileBasicInformation)
+    query_info(tr, FileStandardInformation)
+    query_info(tr, FileInternalInformation)
+
+
+def _stat_of(basic: Any, standard: Any, internal: Any) -> Stat:
+    """The :class:`Stat` of FileBasicInformation, FileStandardInformation and FileInternalInformation."""
     attrs = int(basic["file_attributes"].get_value())
     kind = Kind.LINK if attrs & ATTR_REPARSE else Kind.DIR if attrs & ATTR_DIRECTORY else Kind.FILE
-    size = int(info["standard_information"]["end_of_file"].get_value())
+    size = int(standard["end_of_file"].get_value())
     mtime = clamp_ns(from_filetime(int(basic["last_write_time"].get_value())))
     change = clamp_ns(from_filetime(int(basic["change_time"].get_value())))
     atime = clamp_ns(from_filetime(int(basic["last_access_time"].get_value())))
-    fid = int(info["internal_information"]["index_number"].get_value())
+    fid = int(internal["index_number"].get_value())
     return Stat(kind, size, mtime, (size, mtime, fid, change), atime)
 
 
