@@ -346,3 +346,27 @@ def test_with_follow_symlinks_off_nothing_goes_through_a_server_side_symlink(tmp
             assert (srv.path / "other/precious").read_bytes() == b"keep"
         finally:
             a.close()
+
+
+def test_a_share_closed_under_the_target_is_a_lost_connection_and_the_next_call_reconnects(
+    samba: SambaServer, sub: str
+) -> None:
+    """``smbcontrol close-share`` (an admin, or a server restarting its shares): the tree connect is gone
+    (STATUS_NETWORK_NAME_DELETED), which is reported once as a lost connection, then reconnected."""
+    smbcontrol = shutil.which("smbcontrol")
+    if smbcontrol is None:
+        pytest.fail("smbcontrol is missing although smbd is installed (Debian's samba package has both)")
+    t = target(samba, sub)
+    try:
+        t.makedirs("d")
+        r = subprocess.run(
+            [smbcontrol, "-s", str(samba.conf), "smbd", "close-share", "share"], capture_output=True
+        )
+        assert r.returncode == 0, r.stderr
+        with pytest.raises(OSError) as err:
+            t.stat("d")
+        assert err.value.errno == errno.ECONNRESET, err.value
+        st = t.stat("d")
+        assert st is not None and t.reconnects == 1
+    finally:
+        t.close()

@@ -310,3 +310,24 @@ def test_capabilities_say_what_differs(case: Case) -> None:
         assert case.target.label.startswith("smb://") and "Standby-test" not in case.target.label
     else:
         assert case.target.label == str(case.view)
+
+
+def test_groups_that_turn_files_and_folders_around_apply_alike_on_every_target(case: Case) -> None:
+    """A folder that becomes a file in the same group (its folder entry is then no folder to make
+    durable), and a file in the way of a folder while a large put is being streamed: both apply, the
+    second without losing the large put's temporary file."""
+    a = case.applier(2)
+    assert a.apply_batch([put(1, "d/f", b"f")]).problems == []
+    group = [put(2, "d/g", b"g"), rec(3, Op.DELETE, "d"), put(4, "d", b"now a file")]
+    assert a.apply_batch(group).problems == []
+    assert files(case.view) == {"d": b"now a file"}
+    data = os.urandom(3 << 20)
+    c = Change(5, Op.PUT, "big.bin", size=len(data), mtime_ns=MTIME, digest=digest_bytes(data))
+    large = a.begin_large(c)
+    for k in range(0, len(data), 1 << 20):
+        large.write(data[k : k + (1 << 20)])
+    assert large.finish() is None
+    res = a.apply_batch([PendingOp(c, temp=large.temp), rec(6, Op.DELETE, "d"), put(7, "d/x", b"x")])
+    assert res.problems == []
+    assert files(case.view) == {"big.bin": data, "d/x": b"x"}
+    assert not temp_files(case.view)
