@@ -26,9 +26,11 @@ from engine.digest import digest_bytes
 from engine.errors import ApplyError
 from engine.model import Change, Op
 from engine.targets.smb import SmbTarget
-from tests.conftest import IN_CI
 from tests.pair import Pair, temp_files, wait_for
 from tests.samba import SambaServer, running_samba
+from tests.test_journal_full import tiny_fs
+
+__all__ = ["tiny_fs"]  # the fixture, used by name below
 
 MTIME = 1_700_000_000_123_456_700  # a whole number of 100 ns: what a share keeps
 
@@ -134,33 +136,10 @@ def test_a_session_killed_mid_put_keeps_the_old_file_and_the_put_resumes(
 
 # -- the share full ---------------------------------------------------------------------------------------
 @pytest.fixture
-def tiny_share(tmp_path: Path) -> Iterator[SambaServer]:
+def tiny_share(tiny_fs: Path, tmp_path: Path) -> Iterator[SambaServer]:
     """Samba serving a 4 MiB tmpfs."""
-    where = tmp_path / "tiny"
-    where.mkdir()
-    reason = ""
-    if os.name != "posix" or os.geteuid() != 0:
-        reason = "mounting a tiny tmpfs needs root on Linux"
-    elif shutil.which("mount") is None:
-        reason = "no mount command"
-    else:
-        r = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0777", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-        )
-        if r.returncode != 0:
-            reason = f"mount -t tmpfs failed: {r.stderr.strip()}"
-    if reason:
-        if IN_CI:
-            pytest.fail(f"{reason} (CI=true: the share-full tests must run)")
-        pytest.skip(reason)
-    try:
-        with running_samba(tmp_path / "samba", share_path=where) as srv:
-            yield srv
-    finally:
-        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+    with running_samba(tmp_path / "samba", share_path=tiny_fs) as srv:
+        yield srv
 
 
 def test_a_full_share_is_one_clear_error_the_old_content_stays_and_it_resumes_when_space_returns(
