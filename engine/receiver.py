@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from engine import checkpoint, wire
 from engine.aio import tune_socket
@@ -33,6 +33,8 @@ from engine.targets import receiver_target
 from engine.transport import TlsSettings, server_upgrade
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Takes over an agent's connection: (reader, writer, bytes already received behind the hello, address).
 AgentHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes, str], Awaitable[None]]
@@ -516,16 +518,16 @@ class _Conn:
                 return
             await self._commit()  # a large put starts a group of its own
             try:
-                self.cur = await asyncio.to_thread(rx.applier.begin_large, c)
+                self.cur = await self._on_target(rx.applier.begin_large, c)
                 self.cur_skip = ""
             except PathRejected as e:
                 self.cur, self.cur_skip = c, e.reason
         elif isinstance(ev, wire.Chunk):
             if isinstance(self.cur, LargePut):
-                await asyncio.to_thread(self.cur.write, ev.data)
+                await self._on_target(self.cur.write, ev.data)
                 if ev.last:
                     large, self.cur = self.cur, None
-                    reason = await asyncio.to_thread(large.finish)
+                    reason = await self._on_target(large.finish)
                     self._add(PendingOp(large.change, temp=None if reason else large.temp), 0, refused=reason)
                     await self._commit()
             else:
@@ -565,7 +567,7 @@ class _Conn:
                     )
                     return list(self.proto.manifest_parts(ev.id, noting(found))), edits
 
-            parts, edits = await asyncio.to_thread(manifest)
+            parts, edits = await self._on_target(manifest)
             for path in edits:
                 log.warning(
                     "replica.local_edit path=%r (the replica is read-only; it will be repaired)", path
@@ -578,6 +580,14 @@ class _Conn:
             await self.writer.drain()
         elif isinstance(ev, wire.Ping):
             self.writer.write(self.proto.pong(ev.ts))
+
+    async def _on_target(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a worker thread; the replica failing (a full disk, a share gone) is the
+        ApplyError it is, not a lost peer."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except OSError as e:
+            raise ApplyError(f"the target {self.rx.cfg.location}: {e.strerror or e}") from e
 
     def _add(self, op: PendingOp, size: int, refused: str | None = None) -> None:
         if refused is not None:

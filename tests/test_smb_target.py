@@ -349,3 +349,22 @@ def test_a_share_closed_under_the_target_is_a_lost_connection_and_the_next_call_
         assert st is not None and t.reconnects == 1
     finally:
         t.close()
+
+
+def test_a_folder_tree_larger_than_one_deadline_is_removed_entry_by_entry(
+    samba: SambaServer, sub: str
+) -> None:
+    """Removing a tree is many calls, each within the deadline (one call for the whole tree would pass
+    it and never finish: each retry would remove only what fits in one deadline)."""
+    t = target(samba, sub, timeout=1.0)
+    try:
+        t.makedirs("big")
+        for d in range(4):
+            (samba.path / sub / "big" / f"d{d}").mkdir()
+            for i in range(300):
+                (samba.path / sub / "big" / f"d{d}" / f"f{i}").write_bytes(b"x")
+        t.remove("big")
+        assert not (samba.path / sub / "big").exists()
+        assert t.reconnects == 0
+    finally:
+        t.close()

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 INFLIGHT_BYTES = 64 << 20
 #: A peer that refuses the stream because it is not passive yet is asked again this often (seconds).
 ROLE_RETRY = 1.0
+#: A session up this long (seconds) counts as healthy even with nothing acknowledged (an idle link).
+HEALTHY_SESSION = 10.0
 
 Manifest = tuple[int, list[FileMeta]]
 
@@ -82,6 +84,8 @@ class Link:
         self.peer_node = ""
         self.sent = Pos(epoch, 0)
         self.acked = Pos(epoch, 0)
+        #: Where the current session's acknowledgements started, and when (see _session_went_well).
+        self._session_from: tuple[int, float] = (0, 0.0)
         #: Wall time since which entries wait to be acknowledged (None: caught up). Shown as lag.
         self.behind_since: float | None = None
         self.last_error: str | None = None
@@ -173,12 +177,19 @@ class Link:
                         str(e) or type(e).__name__,
                         backoff,
                     )
-            if self.connected:
-                backoff = 0.1  # a session that was up starts the backoff again
+            if self.connected and self._session_went_well():
+                backoff = 0.1  # a session that was up and useful starts the backoff again
             await self._disconnected()
             backoff = min(backoff, cap)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, cap)
+
+    def _session_went_well(self) -> bool:
+        """The session that just ended had something acknowledged, or lasted a while. One that ended soon
+        with nothing acknowledged (the receiver failing to apply: a full disk, a share gone) keeps the
+        backoff growing, so a lasting fault is retried every few seconds, not ten times a second."""
+        acked_from, since = self._session_from
+        return self.acked.seq > acked_from or time.monotonic() - since > HEALTHY_SESSION
 
     async def _disconnected(self) -> None:
         if self.connected:
@@ -230,6 +241,7 @@ class Link:
             writer.write(proto.stream(j.id, start))
             self.acked = self.sent = Pos(self.epoch, start - 1)
             self.behind_since = None if start - 1 >= j.head else (self.behind_since or time.time())
+            self._session_from = (start - 1, time.monotonic())
             self.connected = True
             self.last_error = None
             self.peer_node = ev.node

@@ -185,6 +185,11 @@ class SmbTarget(Target):
         """``fn(*args)`` on the executor, connected, within the deadline (counted from when a worker takes
         it up); SMB errors as OSErrors. ``gen``: the connection a handle ``fn`` uses was opened on; if that
         one is gone the call fails at once (the connection now in use is not dropped for it)."""
+        return self._call_on(fn, *args, gen=gen)[0]
+
+    def _call_on(self, fn: Callable[..., T], *args: Any, gen: int | None = None) -> tuple[T, int]:
+        """:meth:`_call`, and the generation of the connection the call ran on (what a handle it opened
+        belongs to)."""
         cur = self._ensure()
         if gen is not None and gen != cur:
             raise OSError(errno.ECONNRESET, f"connection to {self._where} lost (the handle was opened on it)")
@@ -199,11 +204,10 @@ class SmbTarget(Target):
         fut = self._pool.submit(run)
         # A call waits for a free worker (every one busy on a slow server) up to a few deadlines; its own
         # deadline starts when it runs.
-        if not started.wait(self.timeout * 4):
-            fut.cancel()
+        if not started.wait(self.timeout * 4) and fut.cancel():
             raise OSError(errno.ETIMEDOUT, f"{self._where}: no free worker in {self.timeout * 4:g} s")
         try:
-            return fut.result(timeout=self.timeout)
+            return fut.result(timeout=self.timeout), cur
         except FutureTimeout:
             self._drop("deadline", cur)
             raise OSError(errno.ETIMEDOUT, f"no answer from {self._where} in {self.timeout:g} s") from None
@@ -267,28 +271,30 @@ class SmbTarget(Target):
                 except (ValueError, SMBException, OSError) as e:
                     self._forget_connections()
                     if _is_logon_failure(e):
-                        raise OSError(errno.EACCES, f"{self.label}: logon refused: {e}") from None
+                        raise OSError(errno.EACCES, f"logon refused by {self._where}: {_short(e)}") from None
                     if time.monotonic() + delay >= deadline:
                         raise OSError(errno.ECONNREFUSED, f"cannot connect to {self._where}: {e}") from None
                     time.sleep(delay)
                     delay = min(delay * 2, 5.0)
             first = self._gen == 0
+            # RACE: taken before the new connection is published, so no temp made on it is taken.
+            left = [] if first else self._take_temps()
             self._gen += 1
             self._connected = True
             if first:
                 return self._gen
             self.reconnects += 1
             log.warning("smb.reconnected target=%s count=%d", self.label, self.reconnects)
-            left = self._take_temps()
         # The temporary files this process made that were neither placed nor removed: the broken session
         # may have left them (a group that still needs one fails and is sent again).
         n = 0
-        for temp in left:
+        for i, temp in enumerate(left):
             try:
-                self.unlink_quiet(temp)
-                n += 1
+                n += self._remove_temp(temp)
             except OSError as e:
-                log.warning("smb.temp_left path=%r error=%s (removed at the next start)", temp, e)
+                with self._temps_lock:  # kept for the next reconnect (or the next start's clean)
+                    self._temps.update(left[i:])
+                log.warning("smb.temp_left path=%r error=%s (removed later)", temp, e)
                 break
         if n:
             log.info("smb.temps_removed count=%d (left by the broken session)", n)
@@ -383,8 +389,7 @@ class SmbTarget(Target):
         return _stat_of(*tr.results[0:3])
 
     def read_chunks(self, rel: str) -> Iterator[bytes]:
-        raw = self._call(self._open_read, rel)
-        gen = self._gen
+        raw, gen = self._call_on(self._open_read, rel)
         try:
             while True:
                 data = self._call(raw.read, IO_CHUNK, gen=gen)
@@ -562,8 +567,8 @@ class SmbTarget(Target):
         return raw
 
     def begin_put(self, temp: str) -> _SmbPut:
-        raw = self._call(self._create, temp)
-        return _SmbPut(self, temp, raw, self._gen)
+        raw, gen = self._call_on(self._create, temp)
+        return _SmbPut(self, temp, raw, gen)
 
     def _create(self, temp: str) -> Any:
         raw = self._new_temp(temp)
@@ -625,26 +630,42 @@ class SmbTarget(Target):
         return _stat_of(*tr.results[1:4])
 
     def remove(self, rel: str) -> None:
-        self._call(self._remove, rel)
-
-    def _remove(self, rel: str) -> None:
-        p = self.unc(rel)
-        st = smbclient.lstat(p, **self._kw)
-        attrs = int(getattr(st, "st_file_attributes", 0))
-        if attrs & ATTR_DIRECTORY and not attrs & ATTR_REPARSE:
-            for e in smbclient.scandir(p, **self._kw):
-                self._remove(f"{rel}/{e.name}")
-            smbclient.rmdir(p, **self._kw)
-        else:
-            smbclient.remove(p, **self._kw)
+        """A file with one call; a folder tree from the client, one call per folder listed and per entry
+        removed (a large tree takes as long as it takes, each call within its deadline)."""
+        st = self.stat(rel)
+        if st is None:
+            raise _Ours(errno.ENOENT, "nothing to remove", rel)
+        if st.kind is not Kind.DIR:
+            self._call(lambda: smbclient.remove(self.unc(rel), **self._kw))
+            return
+        folders = [rel]
+        order: list[str] = []
+        while folders:
+            folder = folders.pop()
+            order.append(folder)
+            for name, attrs, _key in self._call(self._list, folder):
+                child = f"{folder}/{name}"
+                if attrs & ATTR_DIRECTORY and not attrs & ATTR_REPARSE:
+                    folders.append(child)
+                else:
+                    self._call(lambda c=child: smbclient.remove(self.unc(c), **self._kw))
+        for folder in reversed(order):  # deepest first
+            self._call(lambda f=folder: smbclient.rmdir(self.unc(f), **self._kw))
 
     def unlink_quiet(self, rel: str) -> None:
+        self._remove_temp(rel)
+
+    def _remove_temp(self, rel: str) -> bool:
+        """Remove the file at ``rel`` if it is there (True if it was)."""
         try:
             self._call(lambda: smbclient.remove(self.unc(rel), **self._kw))
+            found = True
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise
+            found = False
         self._untrack(rel)
+        return found
 
     def mkdir(self, rel: str) -> None:
         self._call(lambda: smbclient.mkdir(self.unc(rel), **self._kw))
@@ -925,6 +946,12 @@ def _errno_of(e: Any) -> int:
         return int(SMBOSError(status, "").errno or _ERRNO_OF.get(status, errno.EIO))
     except Exception:
         return errno.EIO
+
+
+def _short(e: BaseException) -> str:
+    """The gist of an exception's text (smbprotocol nests its causes in one long line)."""
+    text = str(e)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _is_logon_failure(e: BaseException) -> bool:
