@@ -290,6 +290,16 @@ def test_a_sender_replicates_into_a_share_and_a_restarted_receiver_resumes(
         pair.start("receive")
         wait_for(lambda: _same(pair), 60, "the share to catch up after a SIGKILL")
         assert not temp_files(pair.target)
+        # verify reads the share through the receiver's manifest: identical, then one file edited on the
+        # share behind standby's back is named (with --full too, which reads every file over SMB).
+        cfg = str(pair.config)
+        for extra in ((), ("--full",)):
+            ok = pair.cli("verify", "--config", cfg, *extra)
+            assert ok.returncode == 0, f"verify {extra} exited {ok.returncode}\n{ok.stdout}{ok.stderr}"
+        assert pair.stop("send") == 0
+        (pair.target / "databases/room3/m3.json").write_bytes(b"edited on the share")
+        bad = pair.cli("verify", "--config", cfg)
+        assert bad.returncode == 1 and "databases/room3/m3.json" in bad.stdout, bad.stdout + bad.stderr
     finally:
         os.environ.clear()
         os.environ.update(old)
