@@ -37,7 +37,7 @@ MTIME = 1_700_000_000_123_456_700  # a whole number of 100 ns: what a share keep
 
 @pytest.fixture(scope="module")
 def samba(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SambaServer]:
-    with running_samba(tmp_path_factory.mktemp("samba")) as srv:
+    with running_samba(tmp_path_factory.mktemp("samba"), share_options={"follow symlinks": "no"}) as srv:
         yield srv
 
 

@@ -18,7 +18,7 @@ import pytest
 from engine.apply import Applier, PendingOp
 from engine.config import parse_share
 from engine.digest import digest_bytes
-from engine.errors import PathRejected
+from engine.errors import ApplyError, PathRejected
 from engine.model import TEMP_MARKER, Change, Op
 from engine.scan import HashCache, Manifest, iter_manifest
 from engine.targets import Kind, Target, link_on_way
@@ -48,7 +48,8 @@ class Case:
 
 @pytest.fixture(scope="module")
 def samba(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SambaServer]:
-    with running_samba(tmp_path_factory.mktemp("samba")) as srv:
+    # As the README asks of a share standby writes to: Samba itself never follows a symlink in it.
+    with running_samba(tmp_path_factory.mktemp("samba"), share_options={"follow symlinks": "no"}) as srv:
         yield srv
 
 
@@ -286,20 +287,31 @@ def test_a_hostile_path_from_the_wire_is_refused_and_nothing_is_written(case: Ca
 
 
 def test_a_path_through_a_symlink_is_refused(case: Case, tmp_path: Path) -> None:
-    if case.kind == "smb":
-        pytest.skip("Samba follows a server-side symlink itself (wide links = no keeps it inside the share)")
-    outside = tmp_path / "outside"
+    """Locally the link is seen (a symlink or junction) and the record refused. A Samba share with
+    ``follow symlinks = no`` hides the link: the record fails instead. Either way nothing outside the
+    replica is written or removed."""
+    outside = tmp_path / "outside" if case.kind == "local" else case.view.parent / f"outside-{case.view.name}"
     outside.mkdir()
+    (outside / "precious").write_bytes(b"keep")
     os.symlink(outside, case.view / "link")
-    st = case.target.stat("link")
-    assert st is not None and st.kind is Kind.LINK
-    assert link_on_way(case.target, "link/f") == "link"
     a = case.applier(2)
-    res = a.apply_batch([put(1, "link/f", b"x")])
-    assert [p.code for p in res.problems] == ["refused"]
-    assert not any(outside.iterdir())
-    with pytest.raises(PathRejected):
-        a.resolve("link/f")
+    if case.kind == "local":
+        st = case.target.stat("link")
+        assert st is not None and st.kind is Kind.LINK
+        assert link_on_way(case.target, "link/f") == "link"
+        res = a.apply_batch([put(1, "link/f", b"x"), rec(2, Op.DELETE, "link/precious")])
+        assert [p.code for p in res.problems] == ["refused", "refused"]
+        with pytest.raises(PathRejected):
+            a.resolve("link/f")
+    else:
+        assert case.target.stat("link") is None  # hidden by the server
+        for group in ([put(1, "link/f", b"x")], [rec(2, Op.DELETE, "link/precious")]):
+            try:
+                a.apply_batch(group)
+            except ApplyError:
+                pass
+    assert sorted(p.name for p in outside.iterdir()) == ["precious"]
+    assert (outside / "precious").read_bytes() == b"keep"
 
 
 def test_capabilities_say_what_differs(case: Case) -> None:
