@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,23 @@ def need_binary(name: str) -> str:
             pytest.fail(f"{msg} (CI=true: .ci/run must install it)")
         pytest.skip(msg)
     return path
+
+
+def stop_by_pid(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM ``proc`` by pid, SIGKILL if it is still there after ``timeout`` seconds; it is reaped
+    whatever happens (never left running silently)."""
+    try:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+    finally:
+        if proc.poll() is None:  # only if even SIGKILL did not reap it
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture

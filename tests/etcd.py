@@ -20,7 +20,6 @@ import contextlib
 import datetime
 import ipaddress
 import json
-import signal
 import socket
 import ssl
 import subprocess
@@ -31,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import need_binary
+from tests.conftest import need_binary, stop_by_pid
 
 #: Short raft timings: elections in about half a second (the minimum lease TTL becomes 1 s).
 FAST_RAFT = ("--heartbeat-interval", "50", "--election-timeout", "500")
@@ -238,17 +237,8 @@ class EtcdCluster:
         if p is None:
             return
         try:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    p.send_signal(signal.SIGKILL)
-                    p.wait(10)
+            stop_by_pid(p, timeout)
         finally:
-            if p.poll() is None:  # only if even SIGKILL did not reap it: never leave it silently
-                p.kill()
-                p.wait()
             m.proc = None
 
     def stop_all(self, timeout: float = 5.0) -> None:

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import need_binary
+from tests.conftest import need_binary, stop_by_pid
 from tests.etcd import free_ports
 
 HOST = "127.0.0.1"
@@ -249,17 +249,8 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
         own_group = os.getpgid(proc.pid) == proc.pid
         kids = psutil.Process(proc.pid).children(recursive=True)
     try:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(10)
+        stop_by_pid(proc, timeout)
     finally:
-        if proc.poll() is None:  # only if even SIGKILL did not reap it: never leave it silently
-            proc.kill()
-            proc.wait()
         if not _wait_gone(kids, timeout / 2) and own_group:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
