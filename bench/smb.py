@@ -28,7 +28,7 @@ from rich.table import Table
 from bench import positive_int
 from bench.procs import Registry
 from bench.runners import Standby, _q
-from bench.trees import snapshot, stat_of, wait_bytes
+from bench.trees import snapshot, wait_bytes, wait_identical
 from bench.workload import Workload, Writes, generate, write_in_place
 
 #: A smaller tree than the main run's: a share takes a few milliseconds per file.
@@ -137,12 +137,12 @@ def _one(
     try:
         tool.reset()
         view.mkdir(parents=True, exist_ok=True)
-        want = {rel: (size, mtime - mtime % step) for rel, (size, mtime) in snapshot(source).files.items()}
+        want = snapshot(source, step).files
         os.sync()
         tool.start_passive()
         t0 = time.perf_counter()
         tool.start_active()
-        out.initial_sync_s = _wait_all(view, want, step, 600) - t0
+        out.initial_sync_s = wait_identical(source, view, 600, dict(want), mtime_step=step) - t0
         say(f"smb: initial sync {out.initial_sync_s:.2f} s")
         writes = Writes(workload, seed=7)
         lat: list[float] = []
@@ -167,24 +167,6 @@ def _one(
         tool.stop()
         for p in written:
             p.unlink(missing_ok=True)
-
-
-def _wait_all(view: Path, want: dict[str, tuple[int, int]], step: int, timeout: float) -> float:
-    """Wait until every file of ``want`` is in ``view`` with its size and mtime (at ``step``); then check
-    the bytes once (not timed). Returns the ``perf_counter()`` of the poll that saw them all."""
-    deadline = time.perf_counter() + timeout
-    pending = dict(want)
-    while True:
-        now = time.perf_counter()
-        for rel, w in list(pending.items()):
-            st = stat_of(view / rel)
-            if st is not None and (st[0], st[1] - st[1] % step) == w:
-                del pending[rel]
-        if not pending:
-            return now
-        if now > deadline:
-            raise RuntimeError(f"the replica did not arrive in {timeout:g} s: {len(pending)} files missing")
-        time.sleep(max(0.01, 4 * (time.perf_counter() - now)))
 
 
 def table(figs: SmbFigures) -> list[tuple[str, str, str, str]]:

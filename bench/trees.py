@@ -28,7 +28,9 @@ class Snapshot:
     dirs: frozenset[str]
 
 
-def snapshot(root: Path) -> Snapshot:
+def snapshot(root: Path, mtime_step: int = 1) -> Snapshot:
+    """The tree at ``root``; mtimes rounded down to ``mtime_step`` ns (a replica that keeps coarser times,
+    an SMB share's 100 ns, is compared at its own resolution)."""
     files: dict[str, FileStat] = {}
     dirs: set[str] = set()
 
@@ -45,7 +47,7 @@ def snapshot(root: Path) -> Snapshot:
                     walk(e.path, rel + "/")
                 else:
                     st = e.stat(follow_symlinks=False)
-                    files[rel] = (st.st_size, st.st_mtime_ns)
+                    files[rel] = (st.st_size, st.st_mtime_ns - st.st_mtime_ns % mtime_step)
             except FileNotFoundError:
                 continue
 
@@ -53,12 +55,12 @@ def snapshot(root: Path) -> Snapshot:
     return Snapshot(files, frozenset(dirs))
 
 
-def stat_of(path: Path) -> FileStat | None:
+def stat_of(path: Path, mtime_step: int = 1) -> FileStat | None:
     try:
         st = os.stat(path, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    return (st.st_size, st.st_mtime_ns)
+    return (st.st_size, st.st_mtime_ns - st.st_mtime_ns % mtime_step)
 
 
 def read_or_none(path: Path) -> bytes | None:
@@ -69,9 +71,9 @@ def read_or_none(path: Path) -> bytes | None:
         return None
 
 
-def differences(source: Path, replica: Path, limit: int = 10) -> list[str]:
+def differences(source: Path, replica: Path, limit: int = 10, mtime_step: int = 1) -> list[str]:
     """Paths where the replica is not identical to the source (bytes compared), at most ``limit``."""
-    s, r = snapshot(source), snapshot(replica)
+    s, r = snapshot(source, mtime_step), snapshot(replica, mtime_step)
     out: list[str] = []
     for d in sorted(s.dirs ^ r.dirs):
         out.append(f"{d}/ ({'missing' if d in s.dirs else 'extra'} folder)")
@@ -112,8 +114,10 @@ def wait_identical(
     activity: Callable[[], float] | None = None,
     idle_window: float = 0.0,
     idle_grace: float = 0.0,
+    mtime_step: int = 1,
 ) -> float:
-    """Wait until ``replica`` is identical to ``source`` (which must not change meanwhile).
+    """Wait until ``replica`` is identical to ``source`` (which must not change meanwhile), mtimes
+    compared to ``mtime_step`` ns (``expected`` then holds them rounded down to it too).
 
     ``expected`` is what the replica must hold, by path: the whole tree (a :func:`snapshot`'s files, taken
     before the clock started) or only what the caller changed (:func:`expect`). Polls the size and mtime of
@@ -129,19 +133,19 @@ def wait_identical(
     """
     start = time.perf_counter()
     deadline = start + timeout
-    want = snapshot(source).files if expected is None else expected
+    want = snapshot(source, mtime_step).files if expected is None else expected
     pending: dict[str, FileStat | None] = dict(want)
     marks: list[tuple[float, float]] = []
     while True:
         now = time.perf_counter()
         for rel, w in list(pending.items()):
-            if stat_of(replica / rel) == w:
+            if stat_of(replica / rel, mtime_step) == w:
                 del pending[rel]
         if not pending:
-            if not differences(source, replica, limit=1):
+            if not differences(source, replica, limit=1, mtime_step=mtime_step):
                 return now
             # Something beyond the expected paths differs: fall back to the whole tree.
-            pending = dict(snapshot(source).files)
+            pending = dict(snapshot(source, mtime_step).files)
         idle = False
         if activity is not None and idle_window > 0:
             marks.append((now, activity()))
@@ -153,7 +157,7 @@ def wait_identical(
                 and marks[-1][1] - marks[0][1] < 0.02
             )
         if now > deadline or idle:
-            diff = differences(source, replica, limit=1_000_000)
+            diff = differences(source, replica, limit=1_000_000, mtime_step=mtime_step)
             why = f"the tool was idle for {idle_window:g} s" if idle else f"{timeout:g} s passed"
             raise ReplicaTimeout(
                 f"not identical ({why}): {len(diff)} paths differ, e.g. {'; '.join(diff[:3]) or 'pending'}",

@@ -40,11 +40,12 @@ from engine.model import (
     Change,
     Op,
     check_relpath,
+    child_of,
     is_under,
     parent_of,
 )
 from engine.scan import HashCache
-from engine.targets import Kind, Put, Target, temp_path
+from engine.targets import Kind, Put, Target, link_on_way
 from engine.targets.local import LocalTarget
 from engine.wire import Problem
 
@@ -96,7 +97,7 @@ class LargePut:
         folder = parent_of(final)
         if folder:
             applier.target.makedirs(folder)
-        self._put: Put | None = applier.target.begin_put(temp_path(folder, applier._temp_name()))
+        self._put: Put | None = applier.target.begin_put(child_of(folder, applier._temp_name()))
         self.temp: str = self._put.temp
         self._h = Hasher()
         self._n = 0
@@ -172,30 +173,12 @@ class Applier:
 
     # -- paths --------------------------------------------------------------------------------------------
     def resolve(self, rel: str, checked: dict[str, bool] | None = None) -> str:
-        """``rel`` itself, once checked against the path rules and found to pass through no symlink.
-
-        ``checked`` (one batch's memo): folder prefixes already found to be real folders (True) or absent
-        (False: nothing below them exists yet; they will be created as real folders). On a share each
-        look is a round trip: a first copy into new folders would otherwise look once per file.
-        """
+        """``rel`` itself, once checked against the path rules and found to pass through no symlink
+        (``checked``: one batch's memo, see :func:`engine.targets.link_on_way`)."""
         check_relpath(rel, self.max_path_chars, self.max_path_depth)
-        prefix = ""
-        for name in rel.split("/")[:-1]:
-            prefix = f"{prefix}/{name}" if prefix else name
-            known = checked.get(prefix) if checked is not None else None
-            if known is True:
-                continue
-            if known is False:
-                break
-            st = self.target.stat(prefix)
-            if st is None:
-                if checked is not None:
-                    checked[prefix] = False
-                break  # the rest does not exist yet: it will be created as real folders
-            if st.kind is Kind.LINK:
-                raise PathRejected(rel, f"passes through a symlink at {name!r}")
-            if checked is not None and st.kind is Kind.DIR:
-                checked[prefix] = True
+        link = link_on_way(self.target, rel, checked)
+        if link is not None:
+            raise PathRejected(rel, f"passes through a symlink at {link.rpartition('/')[2]!r}")
         return rel
 
     def clean_temps(self) -> int:
@@ -341,7 +324,7 @@ class Applier:
 
     def _write_temp(self, final: str, c: Change, data: bytes, force_durable: bool = False) -> str:
         """A temporary file beside ``final`` holding ``data`` with the change's mtime (its folder exists)."""
-        tmp = temp_path(parent_of(final), self._temp_name())
+        tmp = child_of(parent_of(final), self._temp_name())
         durable = self.fsync and (not self._group_sync or force_durable)
         self.target.write_temp(tmp, data, self._mtime(c), durable)
         return tmp

@@ -22,8 +22,8 @@ from engine.apply import WINDOWS, settable_mtime_ns
 from engine.digest import digest_bytes
 from engine.errors import ReplicationError
 from engine.journal import fsync_dir
-from engine.model import TEMP_MARKER, check_relpath, is_under, parent_of
-from engine.targets import Target, link_on_way, temp_path
+from engine.model import TEMP_MARKER, check_relpath, child_of, is_under, parent_of
+from engine.targets import Target, link_on_way
 from engine.targets.local import LocalTarget
 
 
@@ -141,7 +141,7 @@ class GuardHistory:
         folder = parent_of(rel)
         if folder:
             t.makedirs(folder)
-        tmp = temp_path(folder, f".{TEMP_MARKER}{secrets.token_hex(8)}")
+        tmp = child_of(folder, f".{TEMP_MARKER}{secrets.token_hex(8)}")
         mtime = settable_mtime_ns(rel, v.mtime_ns, WINDOWS or t.caps.filetime)
         t.write_temp(tmp, v.path.read_bytes(), mtime, durable=True)
         try:

@@ -303,6 +303,11 @@ def parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
 
+def child_of(folder: str, name: str) -> str:
+    """The relative path of ``name`` in ``folder`` (``""`` is the root): :func:`parent_of`'s inverse."""
+    return f"{folder}/{name}" if folder else name
+
+
 def is_under(path: str, folder: str) -> bool:
     """True if ``path`` is ``folder`` or lies below it (both relative POSIX paths)."""
     return path == folder or path.startswith(folder + "/")

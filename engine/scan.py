@@ -643,19 +643,26 @@ def iter_manifest(
                 out.unstable.append(f.path)
                 continue
             digest = r.digest
-            if full:
-                pass
-            elif flag_edits and _edited(cache.known(f.path), r):
-                flags = LOCAL_EDIT  # not cached: flagged again until the sender repairs it
-            else:
-                cache.put_key(f.path, r.key, digest)
+            flags = note_read(cache, f.path, r.key, r.digest, full, flag_edits)
         yield FileMeta(f.path, False, f.st.st_size, wire_mtime(f.path, f.st.st_mtime_ns), digest, flags)
 
 
-def _edited(known: tuple[int, int, int, int | None, bytes] | None, r: StableRead) -> bool:
-    """A replica file standby wrote (``known``) that someone else changed: its content, size or mtime
-    differ from what was written. Only its change time moving (a chmod, an indexer) is no edit."""
-    return known is not None and (known[4] != r.digest or known[0] != r.size or known[1] != r.mtime_ns)
+def note_read(
+    cache: HashCache, path: str, key: FileKey, digest: bytes, full: bool, flag_edits: bool
+) -> frozenset[str]:
+    """A manifest read ``path`` (the version ``key``, hashed to ``digest``): its digest goes into the
+    cache, or, with ``flag_edits``, the file is flagged LOCAL_EDIT (and not cached: flagged again until
+    the sender repairs it) if it is a replica file standby wrote that someone else changed: its content,
+    size or mtime differ from what was written (only its change time moving, a chmod or an indexer, is no
+    edit). ``full`` (verify --full) leaves the cache alone."""
+    if full:
+        return NO_FLAGS
+    if flag_edits:
+        known = cache.known(path)
+        if known is not None and (known[4] != digest or known[0] != key[0] or known[1] != key[1]):
+            return LOCAL_EDIT
+    cache.put_key(path, key, digest)
+    return NO_FLAGS
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from engine.config import ReceiverConfig
-from engine.model import FileMeta
+from engine.model import FileMeta, child_of
 from engine.scan import FileKey, HashCache, Manifest
 
 
@@ -171,22 +171,30 @@ class Target(ABC):
         """Let go of connections and threads."""
 
 
-def temp_path(folder: str, name: str) -> str:
-    """The relative path of a temporary file named ``name`` in ``folder`` (``""`` is the root)."""
-    return f"{folder}/{name}" if folder else name
-
-
-def link_on_way(target: Target, rel: str) -> str | None:
+def link_on_way(target: Target, rel: str, checked: dict[str, bool] | None = None) -> str | None:
     """The first folder on the way to ``rel`` that is a symlink or reparse point (its relative path), or
-    None: writing to ``rel`` stays inside the target."""
+    None: writing to ``rel`` stays inside the target (folders not there yet are made as real folders).
+
+    ``checked`` (one batch's memo): folder prefixes already found to be real folders (True) or absent
+    (False: nothing below them exists yet). On a share each look is a round trip: a first copy into new
+    folders would otherwise look once per file."""
     prefix = ""
     for name in rel.split("/")[:-1]:
-        prefix = f"{prefix}/{name}" if prefix else name
+        prefix = child_of(prefix, name)
+        known = checked.get(prefix) if checked is not None else None
+        if known is True:
+            continue
+        if known is False:
+            return None
         st = target.stat(prefix)
         if st is None:
+            if checked is not None:
+                checked[prefix] = False
             return None
         if st.kind is Kind.LINK:
             return prefix
+        if checked is not None and st.kind is Kind.DIR:
+            checked[prefix] = True
     return None
 
 

@@ -69,10 +69,10 @@ from smbprotocol.open import (  # type: ignore[import-untyped]
     SMB2QueryDirectoryResponse,
 )
 
-from engine.config import ReceiverConfig, Share, is_share_text, parse_share
+from engine.config import ReceiverConfig, Share
 from engine.digest import Hasher
-from engine.model import NO_FLAGS, FileMeta, clamp_ns, is_temp_name
-from engine.scan import LOCAL_EDIT, HashCache, Manifest, wire_mtime
+from engine.model import NO_FLAGS, FileMeta, child_of, clamp_ns, is_temp_name
+from engine.scan import FileKey, HashCache, Manifest, note_read, wire_mtime
 from engine.targets import Capabilities, Kind, Stat, Target
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,8 @@ BUSY_RETRY = 5.0
 
 PASSWORD_ENV = "STANDBY_SMB_PASSWORD"
 
-
-def is_share(location: str) -> bool:
-    return is_share_text(location)
+#: A folder entry as a listing gives it: (name, attributes, hash cache key).
+Entry = tuple[str, int, FileKey]
 
 
 def to_filetime(ns: int) -> int:
@@ -150,11 +149,6 @@ class SmbTarget(Target):
             filetime=True,
             short_names=True,
         )
-
-    @classmethod
-    def from_location(cls, location: str, **kw: Any) -> SmbTarget:
-        share = parse_share(location, "target")
-        return cls(share, str(kw.pop("username", "")), str(kw.pop("password", "")), **kw)
 
     @classmethod
     def from_config(cls, cfg: ReceiverConfig) -> SmbTarget:
@@ -369,7 +363,7 @@ class SmbTarget(Target):
         return self._call(self._stat, rel)
 
     def _stat(self, rel: str) -> Stat | None:
-        """One compound: open (the link itself, not what it points to), FileAllInformation, close."""
+        """One compound: open (the link itself, not what it points to), three small queries, close."""
         raw = SMBRawIO(
             self.unc(rel),
             mode="r",
@@ -440,7 +434,7 @@ class SmbTarget(Target):
         for name, attrs, key in entries:
             if is_temp_name(name):
                 continue
-            child = f"{rel}/{name}"
+            child = child_of(rel, name)
             if attrs & ATTR_REPARSE:
                 continue
             if attrs & ATTR_DIRECTORY:
@@ -454,7 +448,7 @@ class SmbTarget(Target):
     def _file_meta(
         self,
         rel: str,
-        key: tuple[int, int, int, int | None],
+        key: FileKey,
         cache: HashCache,
         out: Manifest,
         flag_edits: bool,
@@ -485,20 +479,13 @@ class SmbTarget(Target):
                 out.unstable.append(rel)  # changed while it was read
                 return None
             digest = h.digest()
-            known = cache.known(rel)
-            edited = known is not None and (known[4] != digest or known[0] != size or known[1] != mtime)
-            if full:
-                pass
-            elif flag_edits and edited:
-                flags = LOCAL_EDIT
-            else:
-                cache.put_key(rel, after.key, digest)
+            flags = note_read(cache, rel, after.key, digest, full, flag_edits)
         return FileMeta(rel, False, size, wire_mtime(rel, mtime), digest, flags)
 
-    def _list(self, rel: str) -> list[tuple[str, int, tuple[int, int, int, int | None]]]:
+    def _list(self, rel: str) -> list[Entry]:
         """The entries of a folder: (name, attributes, hash cache key), from FileIdFullDirectoryInformation
         read from the raw buffer (smbprotocol's parsed times drop the 100 ns digit)."""
-        out: list[tuple[str, int, tuple[int, int, int, int | None]]] = []
+        out: list[Entry] = []
         with SMBDirectoryIO(self.unc(rel), share_access="rwd", **self._kw) as d:
             fd = d.fd
             flags = QueryDirectoryFlags.SMB2_RESTART_SCANS
@@ -550,14 +537,14 @@ class SmbTarget(Target):
             tr.commit()
         except BaseException:
             try:
-                smbclient.remove(self.unc(temp), **self._kw)
+                self._unlink_now(temp)
                 self._untrack(temp)
             except Exception:  # not created, or the connection is gone: removed after the reconnect
                 pass
             raise
         written = tr.results[1]
         if written != len(data):
-            smbclient.remove(self.unc(temp), **self._kw)
+            self._unlink_now(temp)
             self._untrack(temp)
             raise _Ours(errno.EIO, f"the server wrote {written} of {len(data)} bytes", temp)
 
@@ -636,21 +623,38 @@ class SmbTarget(Target):
         if st is None:
             raise _Ours(errno.ENOENT, "nothing to remove", rel)
         if st.kind is not Kind.DIR:
-            self._call(lambda: smbclient.remove(self.unc(rel), **self._kw))
+            self._call(self._unlink_now, rel)
             return
-        folders = [rel]
         order: list[str] = []
-        while folders:
-            folder = folders.pop()
+        for folder, entries in self._walk(rel):
             order.append(folder)
-            for name, attrs, _key in self._call(self._list, folder):
-                child = f"{folder}/{name}"
-                if attrs & ATTR_DIRECTORY and not attrs & ATTR_REPARSE:
-                    folders.append(child)
-                else:
-                    self._call(lambda c=child: smbclient.remove(self.unc(c), **self._kw))
+            for name, attrs, _key in entries:
+                if not attrs & ATTR_DIRECTORY or attrs & ATTR_REPARSE:
+                    self._call(self._unlink_now, child_of(folder, name))
         for folder in reversed(order):  # deepest first
             self._call(lambda f=folder: smbclient.rmdir(self.unc(f), **self._kw))
+
+    def _walk(self, top: str) -> Iterator[tuple[str, list[Entry]]]:
+        """Each folder of the tree at ``top`` (``""``: the root) with its entries, parents first, one
+        listing call each; links are never entered, and a folder gone meanwhile is passed over."""
+        folders = [top]
+        while folders:
+            folder = folders.pop()
+            try:
+                entries = self._call(self._list, folder)
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                    continue
+                raise
+            yield folder, entries
+            folders.extend(
+                child_of(folder, name)
+                for name, attrs, _key in entries
+                if attrs & ATTR_DIRECTORY and not attrs & ATTR_REPARSE
+            )
+
+    def _unlink_now(self, rel: str) -> None:
+        smbclient.remove(self.unc(rel), **self._kw)
 
     def unlink_quiet(self, rel: str) -> None:
         self._remove_temp(rel)
@@ -658,7 +662,7 @@ class SmbTarget(Target):
     def _remove_temp(self, rel: str) -> bool:
         """Remove the file at ``rel`` if it is there (True if it was)."""
         try:
-            self._call(lambda: smbclient.remove(self.unc(rel), **self._kw))
+            self._call(self._unlink_now, rel)
             found = True
         except OSError as e:
             if e.errno != errno.ENOENT:
@@ -679,8 +683,8 @@ class SmbTarget(Target):
             smbclient.mkdir(self.unc(rel), **self._kw)
         except SMBOSError as e:
             if e.errno == errno.EEXIST:
-                st = smbclient.lstat(self.unc(rel), **self._kw)
-                if not int(getattr(st, "st_file_attributes", 0)) & ATTR_DIRECTORY:
+                st = self._stat(rel)
+                if st is None or st.kind is not Kind.DIR:
                     raise _Ours(errno.ENOTDIR, "a file stands where a folder must be", rel) from None
                 return
             if e.errno != errno.ENOENT or "/" not in rel:
@@ -748,23 +752,10 @@ class SmbTarget(Target):
         """Every temporary file below the root, removed: one call per folder listed and per file removed,
         each with its own deadline (a large share takes as long as it takes)."""
         n = 0
-        folders = [""]
-        while folders:
-            rel = folders.pop()
-            try:
-                entries = self._call(self._list, rel)
-            except OSError as e:
-                if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                    continue
-                raise
+        for folder, entries in self._walk(""):
             for name, attrs, _key in entries:
-                child = f"{rel}/{name}" if rel else name
-                if attrs & ATTR_REPARSE:
-                    continue
-                if attrs & ATTR_DIRECTORY:
-                    folders.append(child)
-                elif is_temp_name(name):
-                    self.unlink_quiet(child)
+                if not attrs & (ATTR_DIRECTORY | ATTR_REPARSE) and is_temp_name(name):
+                    self.unlink_quiet(child_of(folder, name))
                     n += 1
         return n
 
@@ -898,10 +889,10 @@ def _basic(mtime_ns: int) -> Any:
 _ENTRY = struct.Struct("<IIqqqqqqIIIIQ")  # FileIdFullDirectoryInformation up to its FileName (80 bytes)
 
 
-def parse_id_full_directory(buf: bytes) -> list[tuple[str, int, tuple[int, int, int, int | None]]]:
+def parse_id_full_directory(buf: bytes) -> list[Entry]:
     """The entries of a FileIdFullDirectoryInformation buffer (MS-FSCC 2.4.18): (name, attributes, key),
     "." and ".." left out. A malformed buffer ends the list where it breaks."""
-    out: list[tuple[str, int, tuple[int, int, int, int | None]]] = []
+    out: list[Entry] = []
     pos = 0
     while pos + _ENTRY.size <= len(buf):
         nxt, _idx, _ct, _at, wt, cht, eof, _alloc, attrs, nlen, _ea, _res, fid = _ENTRY.unpack_from(buf, pos)
