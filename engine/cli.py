@@ -250,7 +250,9 @@ def _parser() -> argparse.ArgumentParser:
         "receive",
         "run the receiver on the passive server",
         "Listen on [receiver] listen and apply changes in order, atomically and durably, under\n"
-        "[receiver] target. Runs in the foreground until SIGINT/SIGTERM; a second signal forces.",
+        "[receiver] target: a local folder, or a folder on an SMB share (smb://server/share/folder, with\n"
+        "smb_username and smb_password or STANDBY_SMB_PASSWORD). Runs in the foreground until\n"
+        "SIGINT/SIGTERM; a second signal forces.",
     )
     conf(sp)
     sp = cmd(
