@@ -296,15 +296,19 @@ class Receiver:
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
             log.info("receiver.disconnected peer=%s reason=%s", addr, e)
         finally:
+            # RACE: the sender's place is free before the cleanup below waits on a worker thread (a sender
+            # reconnecting at once is not turned away as "busy"), and the bookkeeping runs even if that
+            # wait is cancelled.
+            if conn.is_sender:
+                self.sender = None
+                self._sender_conn = None
+            writer.transport.abort()
             try:  # on a worker thread: on a share each removal is a call to the server
                 await asyncio.to_thread(conn.cleanup)
             except OSError as e:
                 log.warning("receiver.cleanup_failed error=%s (temporary files go at the next start)", e)
-            if conn.is_sender:
-                self.sender = None
-                self._sender_conn = None
-            self._conns.pop(task, None)
-            writer.transport.abort()
+            finally:
+                self._conns.pop(task, None)
 
 
 class _Conn:
