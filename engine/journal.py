@@ -58,6 +58,9 @@ DEFAULT_SEGMENT_BYTES = 64 << 20
 DAMAGED_PREFIX = "damaged-"
 #: Entries between two of the journal's marks of where committed entries end (see Journal._marks).
 MARK_EVERY = 256
+#: How many bytes of the entries appended last the journal keeps in memory, as written, for a cursor that
+#: follows the head (the sender's stream): it then sends them without reading them back from the segment.
+RECENT_BYTES = 8 << 20
 #: Written at a clean close: where the committed entries of the last segment end, so that the next open
 #: scans only what may follow them (a 64 MiB segment of small entries takes a second to scan whole).
 END_HINT = "journal.end"
@@ -180,6 +183,14 @@ class Journal:
         #: Where committed entries ended, now and then (every MARK_EVERY entries), by segment: (seq, offset)
         #: in seq order. A cursor starts at the nearest one before its seq instead of the segment's start.
         self._marks: dict[int, list[tuple[int, int]]] = {}
+        #: The entries appended last, by seq: (header, their bytes as written, the segment's first seq, the
+        #: offset where they end). A cursor takes from here what it would read back (Cursor.read_raw). Only
+        #: whole, non-streamed entries; dropped whole whenever bytes are cut back or a commit fails, so an
+        #: entry here with a seq up to ``head`` is always the committed one. RACE: filled by the appending
+        #: thread and read by a cursor's; single dict operations only, never iterated.
+        self._recent: dict[int, tuple[Change, bytes, int, int]] = {}
+        self._recent_lo = self._recent_hi = 1
+        self._recent_bytes = 0
 
     # -- opening ------------------------------------------------------------------------------------------
     @classmethod
@@ -435,8 +446,42 @@ class Journal:
         log.debug("journal.append_undone segment=%s offset=%d error=%r", seg.name, offset, e.strerror)
         return err
 
+    def _forget_recent(self, offset: int | None = None) -> None:
+        """Drop the remembered entries that end past ``offset`` in the segment being written (all of them
+        by default): their bytes are being cut back. Entries are remembered in order, so from the last."""
+        first = self._segments[-1].first if self._segments else 0
+        while self._recent and self._recent_hi >= self._recent_lo:
+            item = self._recent.get(self._recent_hi)
+            if item is not None:
+                if offset is not None and (item[2] != first or item[3] <= offset):
+                    return
+                del self._recent[self._recent_hi]
+                self._recent_bytes -= len(item[1])
+            self._recent_hi -= 1
+        self._recent.clear()
+        self._recent_bytes = 0
+
+    def _remember(self, change: Change, raw: bytes) -> None:
+        if not self._recent:
+            self._recent_lo = change.seq
+        self._recent[change.seq] = (change, raw, self._segments[-1].first, self._out_size)
+        self._recent_hi = change.seq
+        self._recent_bytes += len(raw)
+        while self._recent_bytes > RECENT_BYTES and self._recent_lo <= change.seq:
+            old = self._recent.pop(self._recent_lo, None)
+            self._recent_lo += 1
+            if old is not None:
+                self._recent_bytes -= len(old[1])
+
+    def recent(self, seq: int) -> tuple[Change, bytes, int, int] | None:
+        """Entry ``seq`` as it was written, if it is committed and still in memory (see ``_recent``)."""
+        if seq > self._committed[0]:  # read first: an entry up to the committed head is never replaced
+            return None
+        return self._recent.get(seq)
+
     def _cut_back(self, offset: int) -> None:
         assert self._out is not None
+        self._forget_recent(offset)
         try:
             self._out.truncate(offset)
             self._out.seek(offset)
@@ -478,6 +523,7 @@ class Journal:
         except OSError as e:
             raise self._undo(start, e) from e
         self._next += 1
+        self._remember(change, raw)
         return change
 
     def begin_put(self, change: Change) -> PutAppender:
@@ -1357,13 +1403,35 @@ class Cursor:
             return None
         return Entry(change, tuple(self.chunks()))
 
+    def _take_recent(self) -> tuple[Change, bytes] | None:
+        """The next entry whole from the journal's memory of what it appended last (see Journal._recent),
+        the cursor moved past it as if it had been read from the segment. None: read it from the segment."""
+        hit = self.journal.recent(self.seq)
+        if hit is None or self.journal._skips:
+            return None
+        change, raw, seg_first, end = hit
+        if self._seg is None or self._seg.first != seg_first:
+            seg = next((s for s in list(self.journal._segments) if s.first == seg_first), None)
+            if seg is None:
+                return None
+            self._open_segment(seg)
+        self._off = end
+        self.seq = change.seq + 1
+        return change, raw
+
     def read_raw(self, max_bytes: int = 4 << 20) -> tuple[bytes, list[Change]]:
         """Frames as stored (wire-ready), up to about ``max_bytes`` or the head. The list holds the
-        headers of the entries *completed* by these bytes; a large put may span several calls."""
+        headers of the entries *completed* by these bytes; a large put may span several calls. Entries
+        still in the journal's memory are taken from there, byte for byte what the segment holds."""
         out: list[bytes] = []
         done: list[Change] = []
         size = 0
         while size < max_bytes:
+            if not self._remaining and (hit := self._take_recent()) is not None:
+                done.append(hit[0])
+                out.append(hit[1])
+                size += len(hit[1])
+                continue
             if self._remaining:
                 raw = self._chunk_frame(skip=False)
                 if not self._remaining:

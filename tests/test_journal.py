@@ -1161,3 +1161,97 @@ def test_the_end_hint_is_removed_durably_before_appends_and_by_repair_and_vouche
     monkeypatch.setattr(Path, "unlink", held)
     with closing(jopen(folder)) as j:
         assert j.head == 2
+
+
+class _FailingFsync(Journal):
+    """The next fsync fails once with ENOSPC (a full disk found at commit)."""
+
+    fail_next = False
+
+    def _fsync(self, f: Any) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError(28, os.strerror(28))
+        super()._fsync(f)
+
+
+def test_a_cursor_following_the_head_sends_from_memory_exactly_what_the_segments_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream takes the entries appended last from the journal's memory instead of reading them back:
+    across small and streamed puts, rotations, an aborted put, a failed commit whose seqs are used again
+    and a memory smaller than a group, every read gives the bytes and headers a cursor reading the segments
+    from the same seq gives, and most small entries never touch the segment."""
+    monkeypatch.setattr(journal_mod, "RECENT_BYTES", 3000)
+    folder = tmp_path / "j"
+    frames = [0]
+    real = Cursor._read_frame
+
+    def counted(self: Cursor, skip: bool, limit: int | None = -1) -> tuple[Any, bytes] | None:
+        frames[0] += 1
+        return real(self, skip, limit)
+
+    with closing(_FailingFsync.open(folder, fsync=True, segment_bytes=4000)) as j:
+        assert isinstance(j, _FailingFsync)
+        j.append(delete("first"))
+        j.commit()
+        follower = j.cursor(j.head + 1)
+        got_raw = b""
+        got: list[Change] = []
+        monkeypatch.setattr(Cursor, "_read_frame", counted)
+
+        def follow() -> None:
+            nonlocal got_raw
+            while True:
+                raw, done = follower.read_raw(max_bytes=700)
+                if not raw:
+                    return
+                got_raw += raw
+                got.extend(done)
+
+        per_round: list[int] = []
+        for round_ in range(12):
+            before = frames[0]
+            for i in range(5):
+                body = f"{round_}-{i}".encode() * (1 + (round_ * 7 + i) % 40)
+                j.append(put(f"r{round_}/f{i}", body), body)
+            j.append(rename(f"r{round_}/f0", f"r{round_}/g0"))
+            if round_ % 4 == 1:
+                assert stream_put(j, f"big{round_}", BIG[: CHUNK_SIZE + 10]) is not None
+            if round_ % 4 == 2:
+                appender = j.begin_put(put("aborted", BIG))
+                appender.write(BIG[:CHUNK_SIZE])
+                appender.abort()
+            if round_ % 4 == 3:
+                j.commit()
+                j.append(put("lost", b"never committed"), b"never committed")
+                j.fail_next = True
+                with pytest.raises(JournalError):
+                    j.commit()
+                # The seq of "lost" goes to a streamed put, which memory never holds.
+                assert stream_put(j, f"after-lost{round_}", BIG[:100]) is not None
+            j.append(delete(f"r{round_}/f1"))
+            j.commit()
+            follow()
+            per_round.append(frames[0] - before)
+        monkeypatch.setattr(Cursor, "_read_frame", real)
+        assert len(j.segments()) > 3, "the test should cross segments"
+        assert "lost" not in [c.path for c in got]
+        with closing(Cursor(j, 2)) as disk:
+            j._forget_recent()  # nothing from memory: everything read back from the segments
+            want_raw = b""
+            want: list[Change] = []
+            while True:
+                raw, done = disk.read_raw(max_bytes=700)
+                if not raw:
+                    break
+                want_raw += raw
+                want.extend(done)
+        follower.close()
+        assert got == want
+        assert got_raw == want_raw
+        assert [c.seq for c in got] == list(range(2, j.head + 1))
+        # Frames read from the segments, per round: at most a new segment's header, plus the streamed
+        # put's header and two chunks; an aborted put after them or a failed commit (its entry never
+        # committed) loses none of the committed entries from memory.
+        assert all(n <= {1: 4, 3: 2}.get(r % 4, 1) for r, n in enumerate(per_round)), per_round

@@ -29,16 +29,19 @@ def test_a_damaged_frame_the_link_must_stream_is_an_error_not_an_exit(pair: Pair
     pair.wait_converged()
     assert pair.stop("receive") == 0
     # While the receiver is away the sender journals more; then one of those entries is damaged on disk
-    # (a flipped byte in a content frame: its checksum fails when the link reads it back).
+    # (a flipped byte in a content frame: its checksum fails when the link reads it back). The sender is
+    # restarted first: a running one still holds the entries it appended last in memory and sends those.
     marker = b"standby-marker-" * 20
     (pair.source / "databases" / "room" / "late.json").write_bytes(marker)
     wait_for(lambda: any(marker in p.read_bytes() for p in _segments(pair)), 10, "the entry in the journal")
+    assert pair.stop("send") == 0
     seg = next(p for p in _segments(pair) if marker in p.read_bytes())
     data = bytearray(seg.read_bytes())
     data[data.index(marker) + 5] ^= 0xFF
     seg.write_bytes(bytes(data))
 
     pair.start("receive")
+    pair.start("send")
     pair.wait_log("send", "send.journal_read_failed")
     time.sleep(1.0)
     assert pair.procs["send"].poll() is None, f"the sender exited\n{pair.log('send')}"
