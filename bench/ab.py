@@ -1,21 +1,24 @@
-"""``python -m bench.keep_journal_ab``: what ``[receiver] keep_journal`` costs standby's initial sync.
+"""``python -m bench.ab``: standby's initial sync, one engine or setting against another, interleaved.
 
 An A/B measurement on one generated tree (``bench.workload``, 10,051 files by default): the initial sync of
 ``python -m bench`` (:func:`bench.measure.initial_sync_live`: empty replica and state, ``sync``, receiver
-up untimed, clock from the sender's start until the replica is identical), with the receiver's
-``keep_journal`` set to true (A, the default: the passive journals every applied change again) and to
-false (B), interleaved A B A B ..., after one untimed warm-up pair. Per run: wall seconds, CPU seconds of
-the sender and the receiver up to "identical" (as the benchmark counts them), and the same CPU up to the
-moment both processes are quiet again (the last group is journaled after it is applied, so a little of
-the journaling can come after the replica is identical), the bytes of the receiver's journal folder, the
-load average, and the CPU the rest of the machine used meanwhile (``others cores``: someone's tests). Both
-arms run one copy of ``engine/`` frozen at the start (``--code``: git HEAD's, or the working tree's), so
-edits made meanwhile never mix into the runs.
+up untimed, clock from the sender's start until the replica is identical), run by arm A and arm B in turn,
+A B A B ..., after one untimed warm-up pair. An arm is an engine and a setting: ``--a worktree --b HEAD``
+compares the working tree's engine with the last commit's (any git revision works), and ``,keep_journal=off``
+after either sets ``[receiver] keep_journal`` (``python -m bench.keep_journal_ab`` is that comparison:
+``--a head --b head,keep_journal=off``). Each arm's ``engine/`` is copied when the run starts, so edits
+made meanwhile never mix into the runs.
+
+Per run: wall seconds, CPU seconds of the sender and the receiver up to "identical" (as the benchmark
+counts them), and the same CPU up to the moment both processes are quiet again (the last group is
+journaled after it is applied, so a little of the journaling can come after the replica is identical), the
+bytes of the receiver's journal folder, the load average, and the CPU the rest of the machine used
+meanwhile (``others cores``: someone's tests).
 
 Output: a table of medians and spreads, the ratios A/B (of the medians, and the median of the ratios of
-adjacent pairs), that summary as JSON on stdout, and every raw figure in
-``bench/results/keep-journal-ab-<UTC time>.json``. Exit status 0, 1 when a sync failed, 2 on bad options,
-130 when interrupted. Every process is stopped and the temporary folder removed in a ``finally``.
+adjacent pairs), that summary as JSON on stdout, and every raw figure in ``bench/results/ab-<UTC
+time>.json``. Exit status 0, 1 when a sync failed, 2 on bad options, 130 when interrupted. Every process is
+stopped and the temporary folder removed in a ``finally``.
 
 Owns: the A/B procedure and its table. Must not: change how a figure of ``python -m bench`` is measured.
 """
@@ -33,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -51,19 +55,69 @@ from bench.trees import ReplicaTimeout
 from bench.workload import DEFAULT_FILES, generate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: The two arms, in the order they run within a pair: name -> keep_journal.
-ARMS = {"on": True, "off": False}
+#: The two arms' names, in the order they run within a pair.
+ARMS = ("A", "B")
 #: Quiet: both processes together used less than this many CPU seconds over :data:`QUIET_WINDOW` seconds.
 QUIET_CPU = 0.02
 QUIET_WINDOW = 1.0
 QUIET_MAX = 60.0
 
 
-def parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class Arm:
+    """What one arm runs: an engine (``worktree`` or a git revision) and ``[receiver] keep_journal``
+    (None: the default)."""
+
+    code: str
+    keep_journal: bool | None = None
+
+    def __str__(self) -> str:
+        kj = "" if self.keep_journal is None else f",keep_journal={'on' if self.keep_journal else 'off'}"
+        return f"{self.code}{kj}"
+
+
+def parse_arm(text: str) -> Arm:
+    """``CODE[,keep_journal=on|off]``, CODE ``worktree`` or a git revision (``head`` is ``HEAD``)."""
+    code, *opts = [t.strip() for t in text.split(",")]
+    if not code:
+        raise argparse.ArgumentTypeError(f"{text!r}: no engine named (worktree, or a git revision)")
+    keep: bool | None = None
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key != "keep_journal" or value not in ("on", "off"):
+            raise argparse.ArgumentTypeError(
+                f"{opt!r}: the one setting is keep_journal=on or keep_journal=off"
+            )
+        keep = value == "on"
+    if code.lower() == "head":
+        code = "HEAD"
+    return Arm(code, keep)
+
+
+def parser(
+    prog: str = "python -m bench.ab", a: str | None = None, b: str | None = None
+) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.keep_journal_ab",
-        description="A/B: standby's initial sync with [receiver] keep_journal = true against false, "
-        "interleaved, on one generated tree: median wall and CPU seconds per side, and the ratios.",
+        prog=prog,
+        description="A/B: standby's initial sync with one engine or setting against another, interleaved, "
+        "on one generated tree: median wall and CPU seconds per side, and the ratios A/B.",
+    )
+    arm_help = "CODE[,keep_journal=on|off]: CODE is worktree (the working tree's engine/) or a git revision"
+    p.add_argument(
+        "--a",
+        type=parse_arm,
+        required=a is None,
+        default=a and parse_arm(a),
+        metavar="ARM",
+        help=f"arm A; {arm_help}",
+    )
+    p.add_argument(
+        "--b",
+        type=parse_arm,
+        required=b is None,
+        default=b and parse_arm(b),
+        metavar="ARM",
+        help=f"arm B (the baseline); {arm_help}",
     )
     p.add_argument("--runs", type=positive_int, default=5, metavar="N", help="measured runs per arm (5)")
     p.add_argument(
@@ -75,13 +129,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, metavar="S", help="seed for the workload (1)")
     p.add_argument("--tmp", type=Path, metavar="DIR", help="where the temporary folder goes")
     p.add_argument("--out", type=Path, default=RESULTS, metavar="DIR", help="where the JSON goes")
-    p.add_argument(
-        "--code",
-        choices=("head", "worktree"),
-        default="head",
-        help="the engine both arms run, frozen at the start: git HEAD's engine/ (default) or the working "
-        "tree's as it is then (edits made meanwhile never mix into the runs)",
-    )
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, trees)")
     return p
 
@@ -102,13 +149,15 @@ def _engine_fingerprint(code: Path) -> str:
 
 
 def freeze_engine(which: str, dest: Path) -> Path:
-    """A copy of ``engine/`` (git HEAD's or the working tree's) in ``dest``, checked to be the one
-    ``python -m engine`` imports when run there; ``dest``."""
+    """A copy of ``engine/`` (a git revision's, or ``worktree``: the working tree's as it is now) in
+    ``dest``, checked to be the one ``python -m engine`` imports when run there; ``dest``."""
     dest.mkdir(parents=True)
-    if which == "head":
+    if which != "worktree":
         archive = subprocess.run(
-            ["git", "archive", "HEAD", "engine"], capture_output=True, cwd=REPO, check=True
+            ["git", "archive", which, "engine"], capture_output=True, cwd=REPO, check=False
         )
+        if archive.returncode != 0:
+            raise RuntimeError(f"git archive {which}: {archive.stderr.decode(errors='replace').strip()}")
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     else:
         shutil.copytree(REPO / "engine", dest / "engine", ignore=shutil.ignore_patterns("__pycache__"))
@@ -169,7 +218,7 @@ def _mine() -> float:
 def one_run(ctx: Context, sb: Standby, arm: str) -> dict[str, Any]:
     load_before = _loadavg()
     t0, busy0, mine0 = time.perf_counter(), _busy(), _mine()
-    res = ToolResult("standby", f"standby keep_journal {arm}", "live")
+    res = ToolResult("standby", f"standby {arm}", "live")
     initial_sync_live(ctx, sb, sb.replica, res)
     assert res.initial_sync is not None
     cpu = {role: s.values[-1] for role, s in res.cpu_initial.items()}
@@ -188,7 +237,6 @@ def one_run(ctx: Context, sb: Standby, arm: str) -> dict[str, Any]:
     others = (_busy() - busy0 - (_mine() - mine0)) / (time.perf_counter() - t0)
     return {
         "arm": arm,
-        "keep_journal": sb.keep_journal,
         "wall_s": res.initial_sync.values[-1],
         "cpu_s": cpu,
         "cpu_quiet_s": {role: cpu.get(role, 0.0) + t for role, t in tail.items()},
@@ -248,35 +296,36 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "n": len(vs),
             }
     ratios: dict[str, dict[str, float | None]] = {}
-    on = [r for r in runs if r["arm"] == "on"]
-    off = [r for r in runs if r["arm"] == "off"]
+    first = [r for r in runs if r["arm"] == ARMS[0]]
+    second = [r for r in runs if r["arm"] == ARMS[1]]
     for m in (m for m in METRICS if m not in NO_RATIO):
-        a, b = per_arm["on"][m]["median"], per_arm["off"][m]["median"]
-        paired = [metric(x, m) / metric(y, m) for x, y in zip(on, off, strict=True) if metric(y, m) > 0]
+        a, b = per_arm[ARMS[0]][m]["median"], per_arm[ARMS[1]][m]["median"]
+        paired = [metric(x, m) / metric(y, m) for x, y in zip(first, second, strict=True) if metric(y, m) > 0]
         ratios[m] = {
             "of_medians": round(a / b, 3) if b > 0 else None,
             "median_of_pairs": round(statistics.median(paired), 3) if paired else None,
             "pairs_min": round(min(paired), 3) if paired else None,
             "pairs_max": round(max(paired), 3) if paired else None,
         }
-    return {"arms": per_arm, "ratio_on_over_off": ratios}
+    return {"arms": per_arm, "ratio_a_over_b": ratios}
 
 
-def print_table(console: Console, summary: dict[str, Any]) -> None:
+def print_table(console: Console, summary: dict[str, Any], arms: dict[str, Arm]) -> None:
     t = Table(
-        title=escape("initial sync, keep_journal on (A) vs off (B): median [min-max]"), title_justify="left"
+        title=escape(f"initial sync, A ({arms['A']}) vs B ({arms['B']}): median [min-max]"),
+        title_justify="left",
     )
     t.add_column("figure")
     for arm in ARMS:
-        t.add_column(f"keep_journal {arm}", justify="right")
-    t.add_column("ratio on/off (of medians)", justify="right")
-    t.add_column(escape("ratio on/off (median of pairs [min-max])"), justify="right")
+        t.add_column(f"{arm}: {arms[arm]}", justify="right")
+    t.add_column("ratio A/B (of medians)", justify="right")
+    t.add_column(escape("ratio A/B (median of pairs [min-max])"), justify="right")
     for m in METRICS:
         cells = []
         for arm in ARMS:
             s = summary["arms"][arm][m]
             cells.append(escape(f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]"))
-        r = summary["ratio_on_over_off"].get(m)
+        r = summary["ratio_a_over_b"].get(m)
         if r is None:
             cells += ["", ""]
         else:
@@ -295,8 +344,14 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(
+    argv: list[str] | None = None,
+    prog: str = "python -m bench.ab",
+    a: str | None = None,
+    b: str | None = None,
+) -> int:
+    args = parser(prog, a, b).parse_args(argv)
+    arms: dict[str, Arm] = {"A": args.a, "B": args.b}
     console = Console(width=max(Console().width, 150))
     started = time.perf_counter()
 
@@ -309,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     git_head = subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO, check=False
     ).stdout.strip()
-    #: What the working tree's engine/ differs from HEAD by at the start (what --code head leaves out).
+    #: What the working tree's engine/ differs from HEAD by at the start.
     worktree_diff = subprocess.run(
         ["git", "diff", "--stat", "HEAD", "--", "engine"],
         capture_output=True,
@@ -318,13 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         check=False,
     ).stdout.strip()
     say(f"load average at the start: {load_start} ({os.cpu_count()} cores)")
-    work = Path(tempfile.mkdtemp(prefix="standby-keep-journal-ab-", dir=args.tmp))
+    work = Path(tempfile.mkdtemp(prefix="standby-ab-", dir=args.tmp))
     registry = Registry()
     runs: list[dict[str, Any]] = []
     status = 0
     try:
         settings = Settings(
-            mode="keep-journal-ab",
+            mode="ab",
             files=args.files,
             seed=args.seed,
             reps=1,
@@ -344,59 +399,74 @@ def main(argv: list[str] | None = None) -> int:
         say(f"workload: {workload.files:,} files, {workload.total_bytes / 1e6:.1f} MB")
         ctx = Context(settings, registry, workload, work / "source", say)
         ctx.reset_source()
-        code = freeze_engine(args.code, work / "code")
-        fingerprint = _engine_fingerprint(code)
-        say(f"engine: {args.code} ({git_head[:12]}), frozen in {code} (fingerprint {fingerprint})")
-        tools = {
-            arm: Standby(registry, work / f"standby-{arm}", ctx.source, work / f"replica-{arm}", keep)
-            for arm, keep in ARMS.items()
-        }
-        for sb in tools.values():
+        tools: dict[str, Standby] = {}
+        fingerprints: dict[str, str] = {}
+        for name, arm in arms.items():
+            code = freeze_engine(arm.code, work / f"code-{name}")
+            fingerprints[name] = _engine_fingerprint(code)
+            say(f"arm {name}: {arm} (engine fingerprint {fingerprints[name]}), frozen in {code}")
+            sb = Standby(
+                registry, work / f"standby-{name}", ctx.source, work / f"replica-{name}", arm.keep_journal
+            )
             sb.code = code
+            tools[name] = sb
         for i in range(args.warmup):
-            for arm, sb in tools.items():
-                say(f"warm-up {i + 1}/{args.warmup}: keep_journal {arm} (not counted)")
-                one_run(ctx, sb, arm)
+            for name, sb in tools.items():
+                say(f"warm-up {i + 1}/{args.warmup}: {name} (not counted)")
+                one_run(ctx, sb, name)
         for i in range(args.runs):
-            for arm, sb in tools.items():
-                r = one_run(ctx, sb, arm)
+            for name, sb in tools.items():
+                r = one_run(ctx, sb, name)
                 r["pair"] = i
                 runs.append(r)
                 cpu = ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_s"].items())
                 say(
-                    f"run {i + 1}/{args.runs} keep_journal {arm}: {r['wall_s']:.2f} s, CPU {cpu} "
+                    f"run {i + 1}/{args.runs} {name}: {r['wall_s']:.2f} s, CPU {cpu} "
                     f"(journal {r['receiver_journal_bytes'] / 1e6:.1f} MB; "
                     f"others {r['others_cores']:.2f} cores; load {r['load_after']})"
                 )
         load_end = _loadavg()
         summary = summarise(runs)
-        print_table(console, summary)
+        print_table(console, summary, arms)
         console.print(f"load average: start {load_start}, end {load_end}")
-        if _engine_fingerprint(code) != fingerprint:
-            raise RuntimeError(f"the frozen engine in {code} changed during the runs")
+        for name, sb in tools.items():
+            if _engine_fingerprint(sb.code) != fingerprints[name]:
+                raise RuntimeError(f"the frozen engine in {sb.code} changed during the runs")
         doc = {
             "started": stamp,
             "seconds": round(time.perf_counter() - started, 1),
-            "command": " ".join([Path(sys.executable).name, "-m", "bench.keep_journal_ab", *sys.argv[1:]]),
+            "command": " ".join(
+                [
+                    Path(sys.executable).name,
+                    "-m",
+                    prog.split()[-1],
+                    *(argv if argv is not None else sys.argv[1:]),
+                ]
+            ),
             "files": workload.files,
             "bytes": workload.total_bytes,
             "cores": os.cpu_count(),
             "load_start": load_start,
             "load_end": load_end,
-            "code": args.code,
+            "arm_a": str(arms["A"]),
+            "arm_b": str(arms["B"]),
             "git_head": git_head,
-            "engine_fingerprint": fingerprint,
+            "engine_fingerprints": fingerprints,
             "worktree_engine_diff": worktree_diff,
             "order": [f"{r['arm']}" for r in runs],
             **summary,
             "runs": runs,
-            "config_on": tools["on"].config.read_text("utf-8"),
-            "config_off": tools["off"].config.read_text("utf-8"),
+            "config_a": tools["A"].config.read_text("utf-8"),
+            "config_b": tools["B"].config.read_text("utf-8"),
         }
         args.out.mkdir(parents=True, exist_ok=True)
-        out = args.out / f"keep-journal-ab-{stamp}.json"
+        out = args.out / f"ab-{stamp}.json"
         out.write_text(json.dumps(doc, indent=2) + "\n", "utf-8")
-        print(json.dumps({k: doc[k] for k in ("files", "load_start", "load_end", "ratio_on_over_off")}))
+        print(
+            json.dumps(
+                {k: doc[k] for k in ("files", "arm_a", "arm_b", "load_start", "load_end", "ratio_a_over_b")}
+            )
+        )
         say(f"results: {out}")
     except (ReplicaTimeout, TimeoutError, RuntimeError, OSError, subprocess.SubprocessError) as e:
         console.print(f"[red]failed: {type(e).__name__}: {e}[/]")
