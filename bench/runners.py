@@ -18,6 +18,7 @@ Must not: measure anything or decide what a result means.
 
 from __future__ import annotations
 
+import compileall
 import os
 import re
 import shutil
@@ -167,6 +168,9 @@ rule = "base64"
         """Stop, empty the replica and both state folders, create both nodes' identities with
         ``standby init`` and pin each in the other's section (TLS with mutual pinning, as in production)."""
         self.stop()
+        # As installed (pip compiles a package's modules when it installs it): without this, where
+        # PYTHONDONTWRITEBYTECODE is set, every start would compile the engine again (about 0.3 s of CPU).
+        compileall.compile_dir(self.code / "engine", quiet=1)
         for d in (self.replica, self.sender_state, self.receiver_state):
             reset_dir(d)
         self.port = free_port()
