@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import msgpack
 
@@ -311,7 +311,10 @@ def read_stable(
     return StableRead(after.st_size, wire_mtime(path, after.st_mtime_ns), after.st_ino, digest, data, ka[3])
 
 
-def open_for_writing(paths: Sequence[Path]) -> tuple[set[Path], bool]:
+_P = TypeVar("_P", str, Path)
+
+
+def open_for_writing(paths: Sequence[_P]) -> tuple[set[_P], bool]:
     """Which of ``paths`` some process holds open for writing right now (Linux: one pass over /proc), and
     whether every process could be looked at (not so for other users' processes when not root, or with
     /proc mounted ``hidepid``; writers in another PID namespace are never seen).
@@ -323,14 +326,14 @@ def open_for_writing(paths: Sequence[Path]) -> tuple[set[Path], bool]:
     """
     if not sys.platform.startswith("linux") or not paths:
         return set(), False
-    want: dict[tuple[int, int], Path] = {}
+    want: dict[tuple[int, int], _P] = {}
     for p in paths:
         try:
             st = os.stat(p)
         except OSError:
             continue
         want[(st.st_dev, st.st_ino)] = p
-    found: set[Path] = set()
+    found: set[_P] = set()
     complete = True
     try:
         pids = [d for d in os.listdir("/proc") if d.isdigit()]

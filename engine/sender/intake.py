@@ -750,10 +750,11 @@ class Intake:
         (a writer opened it again while we read) is not journaled from this read; the tracker has it and
         makes it due again when the writer is done."""
         res = _BatchResult()
-        src = self.cfg.source
         # Reconciliation puts and checks have no close event vouching for them: leave alone what some
         # process holds open for writing.
-        unvouched = [src / p.path for p in batch if p.op is Op.PUT and p.how in (How.FORCE, How.CHECK)]
+        unvouched = [
+            self._os_path(p.path) for p in batch if p.op is Op.PUT and p.how in (How.FORCE, How.CHECK)
+        ]
         busy, complete = open_for_writing(unvouched)
         with self.jlock:
             j = self.journal
@@ -762,7 +763,7 @@ class Intake:
                     kind, path = op.op, op.path
                     ts = time.time_ns()
                     if kind is Op.PUT:
-                        if busy and src / path in busy:
+                        if busy and self._os_path(path) in busy:
                             res.writing.append(path)
                             continue
                         guarded = self.check is not None and self.check.guarded(path)
@@ -797,7 +798,7 @@ class Intake:
                             res.appended += 1
                             continue
                         new = path not in self.shipped and self.cache.known(path) is None
-                        if not self._put(j, path, r, ts, res):
+                        if not self._put(j, path, r, ts, res, guarded):
                             continue
                         res.files_created += new
                         self.shipped[path] = (r.size, r.mtime_ns, r.digest)
@@ -826,13 +827,13 @@ class Intake:
                 return _BatchResult(journal_full=str(e))
         return res
 
-    def _put(self, j: Journal, path: str, r: StableRead, ts: int, res: _BatchResult) -> bool:
+    def _put(self, j: Journal, path: str, r: StableRead, ts: int, res: _BatchResult, guarded: bool) -> bool:
         try:
             check_relpath(path)
         except PathRejected as e:
             log.warning("send.skipped path=%r reason=%s", path, e.reason)
             return False
-        if self.check is not None and self.check.guarded(path):
+        if guarded and self.check is not None:
             if r.data is None:
                 reason: str | None = f"a guarded file over {GUARD_MAX_BYTES >> 20} MiB cannot be checked"
             else:
