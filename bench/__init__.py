@@ -17,3 +17,11 @@ def positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
     return v
+
+
+def non_negative_int(text: str) -> int:
+    """An option's whole number of at least 0 (0 usually turns a row off)."""
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {v}")
+    return v

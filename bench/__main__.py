@@ -25,13 +25,13 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import measure, positive_int
+from bench import measure, non_negative_int, positive_int
 from bench.ha import HaFigures, measure_ha
 from bench.machine import Limits, describe, measure_limits
 from bench.measure import Context, Settings, ToolResult
 from bench.procs import Registry
 from bench.profile import print_profile, profiled_initial_sync
-from bench.ratios import ha_ratios, ratios
+from bench.ratios import ha_ratios, ratios, shares
 from bench.report import evaluate_goals, print_ha, print_report, write_chart, write_json
 from bench.runners import Lsyncd, RsyncDaemon, RsyncPush, Standby, lsyncd_default_delay
 from bench.smb import DEFAULT_FILES as SMB_FILES
@@ -58,6 +58,7 @@ MODES: dict[str, Settings] = {
         loopback_mib=256,
         fsync_seconds=2,
         settle_timeout=60,
+        big_mib=1024,
     ),
     "quick": Settings(
         mode="quick",
@@ -74,6 +75,7 @@ MODES: dict[str, Settings] = {
         loopback_mib=256,
         fsync_seconds=1,
         settle_timeout=30,
+        big_mib=1024,
     ),
     "smoke": Settings(
         mode="smoke",
@@ -90,17 +92,19 @@ MODES: dict[str, Settings] = {
         loopback_mib=64,
         fsync_seconds=0.5,
         settle_timeout=8,
+        big_mib=32,
     ),
 }
 
 EPILOG = """\
 modes:
   (default)  full: 10,000 files, 5 repetitions, 200 latency samples per kind, 10 s sustained rate,
-             30 trials per known failure. About 10 minutes on an idle machine.
-  --quick    the same tree, 2 repetitions, 50 samples, 3 s sustained, 10 trials. Under 5 minutes
-             on an idle machine.
-  --smoke    300 files, 1 repetition, 10 samples, 1 s sustained, 4 trials; lsyncd's default
-             delay is left out. Under 60 s: the CI smoke test.
+             30 trials per known failure, one large file of 1,024 MiB. About 10 minutes on an idle
+             machine.
+  --quick    the same tree, 2 repetitions, 50 samples, 3 s sustained, 10 trials, the same large
+             file. Under 5 minutes on an idle machine.
+  --smoke    300 files, 1 repetition, 10 samples, 1 s sustained, 4 trials, a large file of 32 MiB;
+             lsyncd's default delay is left out. Under 60 s: the CI smoke test.
 
 tools (--tools, comma-separated; default all that are installed):
   standby      standby receive + standby send, separate processes on 127.0.0.1, fsync on
@@ -156,6 +160,13 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="latency samples per kind, new file and rewrite "
         "(default: 200; 50 with --quick; 10 with --smoke)",
+    )
+    p.add_argument(
+        "--big-mib",
+        type=non_negative_int,
+        metavar="N",
+        help="size of the one-large-file row in MiB, for standby, rsync and rsync --fsync (default: 1024; "
+        "32 with --smoke; 0: no such row). Needs about 5 times N free under --tmp, else the row is skipped",
     )
     p.add_argument(
         "--tools",
@@ -217,6 +228,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         changes["reps"] = args.reps
     if args.samples is not None:
         changes["latency_samples"] = args.samples
+    if args.big_mib is not None:
+        changes["big_mib"] = args.big_mib
     return replace(s, **changes)
 
 
@@ -251,10 +264,19 @@ def main(argv: list[str] | None = None) -> int:
         say(f"generating {settings.files:,} meeting files (seed {settings.seed}) in {work}")
         workload = generate(work / "pristine", settings.files, settings.seed)
         say(f"workload: {workload.files:,} files, {workload.total_bytes / 1e6:.1f} MB")
-        say("measuring the machine's limits (cp -a, fsynced replace rate, loopback TCP)")
-        limits: Limits | None = measure_limits(
-            workload.root, work, settings.loopback_mib, settings.fsync_seconds
+        say("measuring the machine's limits (cp -a, fsynced replace rate, durable write, loopback TCP)")
+        measured = measure_limits(
+            workload.root, work, settings.loopback_mib, settings.fsync_seconds, settings.disk_write_mib
         )
+        limits: Limits | None = measured
+        if not settings.big_mib:
+            skipped.append("one large file: --big-mib 0")
+        elif not measured.disk_write_mib:
+            skipped.append(
+                f"durable write limit: less than {settings.disk_write_mib} MiB and a margin free under {work}"
+            )
+        for line in skipped:
+            say(f"[yellow]skipped:[/] {line}")
         ctx = Context(settings, registry, workload, work / "source", say)
         if machine.busy():
             say(
@@ -263,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
         profile_out = args.out / f"{stamp}-profile" if args.profile else None
-        results, skipped = run_tools(ctx, wanted, work, profile_out)
+        results, tool_skips = run_tools(ctx, wanted, work, profile_out)
+        skipped += tool_skips
         ha: HaFigures | None = None
         if args.ha if args.ha is not None else settings.mode != "smoke":
             say("[bold]HA[/]: two standby run agents, failover, switchover, rejoin")
@@ -279,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append(why)
                 say(f"[yellow]skipped:[/] {why}")
         machine.load_end = os.getloadavg()
-        goals = evaluate_goals(results, settings)
+        goals = evaluate_goals(results, settings, limits)
         print_report(
             console, results, settings, machine, limits, workload.files, workload.total_bytes, goals, skipped
         )
@@ -309,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                 **ha_ratios(ha),
                 **(smb_figs.ratios() if smb_figs else {}),
             },
+            # each tool's throughput as a share of the machine's (above 1 cannot be; higher is better)
+            "shares": shares(results, limits),
             "ha": ha,
             "smb": smb_figs,
             "goals": goals,

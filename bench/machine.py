@@ -1,8 +1,8 @@
 """The machine a run happened on, and its raw limits, so every figure can be read in context.
 
 Owns: a description (cores, CPU model, memory, kernel, Python, the disk and file system under the work
-folder, tool versions) and three limits: ``cp -a`` of the tree, the fsynced replace rate, and loopback TCP
-throughput.
+folder, tool versions) and its limits: ``cp -a`` of the tree, the fsynced replace rate, a sequential
+durable write (one file written and fsynced), and loopback TCP throughput.
 
 Must not: run any replicator.
 """
@@ -52,6 +52,9 @@ class Limits:
     replace_dirsync_per_s: float = 0.0  # the same + fsync of the folder (what standby's apply does)
     loopback_mib: int = 0
     loopback_mib_per_s: float = 0.0
+    #: One file of ``disk_write_mib`` MiB written in 1 MiB pieces, then fsynced (0: not measured).
+    disk_write_mib: int = 0
+    disk_write_mib_per_s: float = 0.0
 
 
 def _first_line(argv: list[str]) -> str:
@@ -169,6 +172,33 @@ def replace_rate(work: Path, seconds: float, dir_fsync: bool) -> float:
     return n / took
 
 
+#: Free space a durable-write measurement leaves beyond its own file.
+DISK_MARGIN = 512 << 20
+
+
+def durable_write(work: Path, mib: int) -> float:
+    """MiB/s of writing one new file of ``mib`` MiB (1 MiB at a time) and fsyncing it, from its open to the
+    fsync's return; dirty data of earlier work is synced first. The file is deleted after."""
+    path = work / "durable-write.bin"
+    chunk = os.urandom(1 << 20)
+    os.sync()
+    try:
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for _ in range(mib):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        took = time.perf_counter() - t0
+    finally:
+        path.unlink(missing_ok=True)
+    return mib / took
+
+
 def loopback_throughput(mib: int) -> float:
     """MiB/s of one TCP connection over 127.0.0.1 sending ``mib`` MiB."""
     total = mib << 20
@@ -203,12 +233,19 @@ def loopback_throughput(mib: int) -> float:
     return mib / took
 
 
-def measure_limits(tree: Path, work: Path, loopback_mib: int, fsync_seconds: float) -> Limits:
+def measure_limits(
+    tree: Path, work: Path, loopback_mib: int, fsync_seconds: float, disk_write_mib: int = 0
+) -> Limits:
+    """Every limit; the durable write only with ``disk_write_mib`` (and only when the disk has room for it:
+    else it stays 0, not measured)."""
     lim = Limits(loopback_mib=loopback_mib)
     lim.cp_seconds, lim.cp_files_per_s, lim.cp_sync_seconds = cp_tree(tree, work)
     walk_tree(tree)  # warm the cache, as a restarted replicator finds it
     lim.walk_seconds = min(walk_tree(tree) for _ in range(3))
     lim.replace_per_s = replace_rate(work, fsync_seconds, dir_fsync=False)
     lim.replace_dirsync_per_s = replace_rate(work, fsync_seconds, dir_fsync=True)
+    if disk_write_mib and shutil.disk_usage(work).free >= (disk_write_mib << 20) + DISK_MARGIN:
+        lim.disk_write_mib = disk_write_mib
+        lim.disk_write_mib_per_s = durable_write(work, disk_write_mib)
     lim.loopback_mib_per_s = loopback_throughput(loopback_mib)
     return lim

@@ -1,8 +1,8 @@
 """The measurements: each procedure drives one tool on the workload and returns plain result values.
 
 Owns: the procedures (initial sync, reconciliation, latency, churn, sustained rate, torn and lost writes,
-idle CPU, CPU and memory per phase) and the result types they fill. Timings use ``time.perf_counter``;
-"identical" is decided by :mod:`bench.trees`.
+one large file, idle CPU, CPU and memory per phase) and the result types they fill. Timings use
+``time.perf_counter``; "identical" is decided by :mod:`bench.trees`.
 
 RACE: a live tool's replica is compared with a source that nobody writes meanwhile; every procedure that
 writes waits until the replica is identical again before it returns, so the next starts from a quiet pair.
@@ -33,6 +33,7 @@ from bench.procs import (
     cpu_seconds,
     in_disk_wait_or_parent,
     peak_rss_bytes,
+    reset_peak_rss,
     tree_cpu_seconds,
     wait_log,
 )
@@ -42,13 +43,14 @@ from bench.trees import (
     ReplicaTimeout,
     differences,
     expect,
+    file_sha256,
     read_or_none,
     snapshot,
     stat_of,
     wait_bytes,
     wait_identical,
 )
-from bench.workload import Workload, Writes, write_in_place
+from bench.workload import Workload, Writes, copy_in_place, generate_large, write_in_place
 
 #: Pause between sequential latency samples, so each measures one change on a quiet pair.
 SAMPLE_GAP = 0.02
@@ -63,6 +65,14 @@ TRIAL_WAIT = 5.0
 IDLE_WINDOW = 3.0
 #: Latency samples that may time out, with none arriving, before the rest are not taken.
 MAX_TIMEOUTS = 3
+#: The large-file row's wait allows at least this rate (MiB/s), beyond ``settle_timeout``.
+LARGE_MIN_MIB_PER_S = 4.0
+#: Copies of the large file on the disk at once, besides its content made once per run: standby's
+#: source, sender journal, replica and receiver journal (``keep_journal``); rsync's source and replica.
+LARGE_COPIES_LIVE = 4
+LARGE_COPIES_ONE_SHOT = 2
+#: Free space the large-file row leaves beyond its copies.
+LARGE_MARGIN = 1 << 30
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -169,6 +179,32 @@ class Trials:
 
 
 @dataclass
+class LargeFile:
+    """One new file of ``mib`` MiB of incompressible bytes, written into the source in place and closed.
+
+    ``seconds``: a live tool, from the close until the replica holds it (its size and mtime; the bytes are
+    checked by SHA-256 once after, untimed); a one-shot tool, one run that copies it (the rest of the
+    tree already in sync)."""
+
+    mib: int
+    path: str = ""
+    seconds: float | None = None
+    #: The writer alone: writing it into the source and closing it (before the clock starts).
+    write_seconds: float | None = None
+    #: CPU seconds per process (and its children) from the first byte written until the tool is quiet
+    #: again (a live tool) or the run has ended (a one-shot tool).
+    cpu: dict[str, float] = field(default_factory=dict)
+    #: Peak RSS per process over the row; ``rss_since`` says from when: "row" (the high-water mark was
+    #: reset just before, Linux) or "process start" (it could not be).
+    peak_rss: dict[str, int] = field(default_factory=dict)
+    rss_since: str = ""
+
+    @property
+    def mib_per_s(self) -> float | None:
+        return self.mib / self.seconds if self.seconds else None
+
+
+@dataclass
 class ToolResult:
     name: str
     label: str
@@ -186,6 +222,7 @@ class ToolResult:
     torn: Trials | None = None
     lost_same_second: Trials | None = None
     lost_same_mtime: Trials | None = None
+    large_file: LargeFile | None = None
     cpu_initial: dict[str, Series] = field(default_factory=dict)
     cpu_churn: dict[str, Series] = field(default_factory=dict)
     idle_cpu_percent: dict[str, float] = field(default_factory=dict)
@@ -219,6 +256,13 @@ class Settings:
     fsync_seconds: float
     #: Longest wait, beyond a tool's own delay, for a replica to become identical again.
     settle_timeout: float
+    #: The large-file row's size in MiB (0: no such row, and no durable-write limit).
+    big_mib: int = 0
+
+    @property
+    def disk_write_mib(self) -> int:
+        """The size of the machine's durable-write limit: a second or two on most disks."""
+        return min(self.big_mib, 512)
 
 
 @dataclass
@@ -232,6 +276,8 @@ class Context:
 
     #: Writers other than :attr:`writes` (the sustained-rate threads), for :meth:`reset_source`.
     more_writes: list[Writes] = field(default_factory=list)
+    #: The large file's content once made (:meth:`large_content`): its path and SHA-256.
+    large: tuple[Path, str] | None = None
 
     def __post_init__(self) -> None:
         self.writes = Writes(self.pristine, self.settings.seed + 1)
@@ -240,6 +286,30 @@ class Context:
     def long_timeout(self) -> float:
         """For waits that grow with the tree: a full sync, a restart's reconciliation."""
         return 120 + self.settings.files / 200
+
+    @property
+    def work(self) -> Path:
+        """The run's temporary folder (the source, the replicas, the tools' state are in it)."""
+        return self.source.parent
+
+    def large_content(self) -> tuple[Path, str]:
+        """The large file's content (``big_mib`` MiB, seeded), made once per run outside the source, in
+        the run's folder: its path and SHA-256."""
+        if self.large is None:
+            mib = self.settings.big_mib
+            folder = self.work / "large-file"
+            folder.mkdir(exist_ok=True)
+            path = folder / f"content-{mib}mib.bin"
+            self.say(f"making the large file's content: {mib:,} MiB, seeded (not timed)")
+            self.large = (path, generate_large(path, mib, self.settings.seed + 7))
+        return self.large
+
+    def large_path(self) -> str:
+        """Where the large file goes in the source (a new file in the first room), handed out like the
+        writes' paths so that :meth:`reset_source` removes it if it is left behind."""
+        rel = f"databases/{self.pristine.rooms[0]}/large-{self.settings.big_mib}mib.bin"
+        self.writes.issued.add(rel)
+        return rel
 
     def writer(self, seed_offset: int) -> Writes:
         w = Writes(self.pristine, self.settings.seed + seed_offset)
@@ -331,7 +401,10 @@ def measure_live(ctx: Context, tool: LiveTool, replica: Path, res: ToolResult) -
         res.sustained = Sustained(st.sustained_rate, st.sustained_seconds)
         _phase(ctx, res, "sustained rate", lambda: sustained(ctx, tool, replica, res))
         _phase(ctx, res, "torn and lost writes", lambda: correctness_live(ctx, tool, replica, res))
+        # INVARIANT: noted before the large file, so peak_rss is the other phases' (the row has its own).
         _note_rss(res, tool.processes())
+        if isinstance(tool, Standby) and st.big_mib:
+            _phase(ctx, res, "one large file", lambda: large_file_live(ctx, tool, replica, res))
     finally:
         tool.stop()
         res.notes.extend(dict.fromkeys(tool.notes))
@@ -353,17 +426,24 @@ def _activity(tool: LiveTool) -> Callable[[], float]:
 
 
 def _settle(
-    ctx: Context, tool: LiveTool, replica: Path, expected: dict[str, FileStat | None] | None
+    ctx: Context,
+    tool: LiveTool,
+    replica: Path,
+    expected: dict[str, FileStat | None] | None,
+    extra: float = 0.0,
+    confirm: bool = True,
 ) -> float:
-    """Wait until the replica is identical, giving up once the tool has gone idle without getting there."""
+    """Wait until the replica is identical, giving up once the tool has gone idle without getting there
+    (``extra`` seconds more than usual; ``confirm`` as :func:`bench.trees.wait_identical`)."""
     return wait_identical(
         ctx.source,
         replica,
-        ctx.settings.settle_timeout + 2 * tool.delay,
+        ctx.settings.settle_timeout + 2 * tool.delay + extra,
         expected,
         activity=_activity(tool),
         idle_window=IDLE_WINDOW,
         idle_grace=2 * tool.delay + 1.0,
+        confirm=confirm,
     )
 
 
@@ -791,6 +871,107 @@ def correctness_live(ctx: Context, tool: LiveTool, replica: Path, res: ToolResul
 
 
 # ---------------------------------------------------------------------------------------------------------
+# One large file.
+
+
+def _large_room(ctx: Context, copies: int) -> str | None:
+    """Why the disk under the run's folder has no room for the large-file row (``copies`` copies of the
+    file at once, its content if not made yet, and a margin), or None if it has."""
+    mib = ctx.settings.big_mib
+    files = copies + (ctx.large is None)
+    need = files * (mib << 20) + LARGE_MARGIN
+    free = shutil.disk_usage(ctx.work).free
+    if free >= need:
+        return None
+    return (
+        f"one large file: skipped, {free / 2**30:.1f} GiB free under {ctx.work}, the row needs "
+        f"{need / 2**30:.1f} GiB ({files} copies of {mib:,} MiB and {LARGE_MARGIN >> 30} GiB to spare; "
+        "--big-mib sets the size)"
+    )
+
+
+def _skip(ctx: Context, res: ToolResult, why: str) -> None:
+    res.notes.append(why)
+    ctx.say(f"[yellow]{res.name}: {why}[/]")
+
+
+def _to_trash(ctx: Context, path: Path) -> None:
+    """Move ``path`` into the run's ``.trash`` folder (deleted at the end, like every tree: see
+    :func:`bench.runners.reset_dir`); out of a watched source, a live tool sees it deleted."""
+    if not path.exists():
+        return
+    trash = ctx.work / ".trash"
+    trash.mkdir(exist_ok=True)
+    path.rename(trash / f"{path.name}.{sum(1 for _ in trash.iterdir())}")
+
+
+def _check_large(ctx: Context, replica: Path, rel: str, digest: str, whole: bool) -> None:
+    """Untimed, once: the replica's copy has the source's size and mtime and the content's SHA-256; with
+    ``whole``, every other file and folder has the source's size and mtime too (not for rsync, whose
+    replica keeps the updates its quick check lost in the correctness trials)."""
+    have, want = stat_of(replica / rel), stat_of(ctx.source / rel)
+    if have != want:
+        raise RuntimeError(f"{rel}: the replica's copy has size and mtime {have}, not {want}")
+    got = file_sha256(replica / rel)
+    if got != digest:
+        raise RuntimeError(f"{rel}: the replica's copy has SHA-256 {got}, not the content's {digest}")
+    if not whole:
+        return
+    s, r = snapshot(ctx.source), snapshot(replica)
+    if s.files != r.files or s.dirs != r.dirs:
+        raise RuntimeError(f"after the large file the replica differs: {differences(ctx.source, replica)}")
+
+
+def large_file_live(ctx: Context, tool: Standby, replica: Path, res: ToolResult) -> None:
+    """One new large file, written in place into the source and closed (as the service writes a file);
+    timed from the close until the replica holds it. The poll stats that one path (size and mtime); the
+    bytes are checked by SHA-256 once, after. Then the file is moved out of the source (a deletion for the
+    tool), and the replica waited for again, so the pair is as before."""
+    why = _large_room(ctx, LARGE_COPIES_LIVE)
+    if why is not None:
+        _skip(ctx, res, why)
+        return
+    mib = ctx.settings.big_mib
+    content, digest = ctx.large_content()
+    rel = ctx.large_path()
+    lf = res.large_file = LargeFile(mib, rel)
+    wait_quiet(ctx, tool, res, "one large file")
+    pids = tool.processes()
+    resets = [reset_peak_rss(pid) for pid in pids.values()]  # every one, not up to the first failure
+    lf.rss_since = "row" if all(resets) else "process start"
+    os.sync()  # the earlier phases' writes are on disk before the clock starts
+    try:
+        before = _cpu(pids)
+        t0 = time.perf_counter()
+        copy_in_place(content, ctx.source / rel)
+        t_close = time.perf_counter()
+        lf.write_seconds = t_close - t0
+        try:
+            t_done = _settle(
+                ctx, tool, replica, expect(ctx.source, [rel]), mib / LARGE_MIN_MIB_PER_S, confirm=False
+            )
+        except ReplicaTimeout as e:
+            _repair(ctx, tool, replica, res, "one large file", e)
+        else:
+            lf.seconds = t_done - t_close
+            wait_quiet(ctx, tool, res, "after the large file")
+            now = tool.processes()
+            lf.cpu = _cpu_delta(before, _cpu(now))
+            lf.peak_rss = {role: peak_rss_bytes(pid) for role, pid in now.items()}
+            ctx.say(
+                f"{res.name}: one large file, {mib:,} MiB: {lf.seconds:.2f} s after the close "
+                f"({lf.mib_per_s or 0:,.0f} MiB/s; writing it took {lf.write_seconds:.2f} s)"
+            )
+            _check_large(ctx, replica, rel, digest, whole=True)
+    finally:
+        _to_trash(ctx, ctx.source / rel)
+        try:
+            _settle(ctx, tool, replica, {rel: None}, confirm=False)
+        except ReplicaTimeout as e:
+            _repair(ctx, tool, replica, res, "after the large file", e)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # One-shot rsync.
 
 
@@ -824,6 +1005,8 @@ def measure_rsync(ctx: Context, tool: RsyncPush, res: ToolResult) -> None:
     _phase(ctx, res, "initial sync", lambda: initial_sync_rsync(ctx, tool, res))
     _phase(ctx, res, "reconciliation", lambda: reconcile_rsync(ctx, tool, res))
     _phase(ctx, res, "torn and lost writes", lambda: correctness_rsync(ctx, tool, res))
+    if ctx.settings.big_mib:
+        _phase(ctx, res, "one large file", lambda: large_file_rsync(ctx, tool, res))
 
 
 def initial_sync_rsync(ctx: Context, tool: RsyncPush, res: ToolResult) -> None:
@@ -910,3 +1093,31 @@ def correctness_rsync(ctx: Context, tool: RsyncPush, res: ToolResult) -> None:
     _tally(res, trials)
     assert res.lost_same_second is not None
     res.lost_same_second.same_second = same_second
+
+
+def large_file_rsync(ctx: Context, tool: RsyncPush, res: ToolResult) -> None:
+    """The same large file for a one-shot copy: written in place and closed, then one run (the rest of
+    the tree in sync: an untimed run first), timed; checked as for a live tool. Then the file is moved out
+    of the source and the replica."""
+    why = _large_room(ctx, LARGE_COPIES_ONE_SHOT)
+    if why is not None:
+        _skip(ctx, res, why)
+        return
+    mib = ctx.settings.big_mib
+    content, digest = ctx.large_content()
+    rel = ctx.large_path()
+    lf = res.large_file = LargeFile(mib, rel)
+    _run_rsync(tool)  # nothing but the large file is left to copy
+    os.sync()
+    try:
+        t0 = time.perf_counter()
+        copy_in_place(content, ctx.source / rel)
+        lf.write_seconds = time.perf_counter() - t0
+        wall, cpu = _run_rsync(tool)
+        lf.seconds = wall
+        lf.cpu = {"rsync (client + daemon)": cpu}
+        ctx.say(f"{res.name}: one large file, {mib:,} MiB: {wall:.2f} s ({lf.mib_per_s or 0:,.0f} MiB/s)")
+        _check_large(ctx, tool.replica, rel, digest, whole=False)
+    finally:
+        _to_trash(ctx, ctx.source / rel)
+        _to_trash(ctx, tool.replica / rel)

@@ -1,7 +1,8 @@
 """Processes the benchmark starts: one registry, so every one of them is stopped in a ``finally``.
 
 Owns: spawning (output to a log file), stopping (SIGTERM, then SIGKILL after a grace period), waiting for
-a line in a log, and reading a process's CPU seconds (its own and its waited-for children's) and peak RSS.
+a line in a log, and reading a process's CPU seconds (its own and its waited-for children's) and peak RSS
+(and starting the peak again, for a phase's own).
 
 Must not: know about any particular tool.
 """
@@ -163,6 +164,17 @@ def peak_rss_bytes(pid: int) -> int:
         return int(psutil.Process(pid).memory_info().rss)
     except psutil.Error:
         return 0
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Start ``pid``'s peak RSS (VmHWM) again from its current RSS, so that :func:`peak_rss_bytes` then
+    gives the peak since now (Linux 4.0+: ``5`` into its ``clear_refs``). False where that cannot be done."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def free_port() -> int:

@@ -8,7 +8,13 @@ machine's own limit measured in the same run (``bench.machine``):
 - reconciliation with nothing changed: a walk that stats every file of the tree;
 - reconciliation with N files changed: that walk plus N fsynced replaces;
 - change latency (p50): one fsynced replace with the folder fsynced (what one durable apply costs);
-- churn of N rewrites, last write to identical: N such replaces, back to back.
+- churn of N rewrites, last write to identical: N such replaces, back to back;
+- one large file of N MiB: N MiB at the slower of loopback TCP and a sequential durable write (the bytes
+  must cross the one and go through the other).
+
+The large file is compared as a time too (seconds to identical), so below 1 still means standby is
+faster; its throughput against each of the machine's two rates is also given the other way round, as a
+share (:func:`shares`: standby's MiB/s ÷ the machine's, higher is better, 1 is the machine's rate).
 
 Must not: measure anything, or print. It is pure: results and limits in, numbers out.
 """
@@ -29,6 +35,12 @@ Limit = Callable[[Limits, Settings], "float | None"]
 
 def _per_replace(lim: Limits) -> float | None:
     return 1.0 / lim.replace_dirsync_per_s if lim.replace_dirsync_per_s > 0 else None
+
+
+def _large_limit(lim: Limits, s: Settings) -> float | None:
+    """Seconds for ``big_mib`` MiB at the slower of loopback TCP and the durable write (both measured)."""
+    rates = (lim.loopback_mib_per_s, lim.disk_write_mib_per_s)
+    return s.big_mib / min(rates) if s.big_mib and min(rates) > 0 else None
 
 
 def _walk_plus(lim: Limits, n: int) -> float | None:
@@ -88,6 +100,13 @@ METRICS: tuple[Metric, ...] = (
         lambda lim, s: None if _per_replace(lim) is None else s.churn_writes * (_per_replace(lim) or 0.0),
         "N fsynced replaces",
     ),
+    Metric(
+        "large_file",
+        "one large file, close → identical",
+        lambda r: r.large_file.seconds if r.large_file else None,
+        _large_limit,
+        "N MiB at min(loopback TCP, durable write)",
+    ),
 )
 
 
@@ -121,6 +140,32 @@ def ratios(
         if row:
             out[m.key] = row
     return out
+
+
+#: The machine's rates a throughput is a share of: JSON key -> the rate in :class:`Limits`.
+RATES: dict[str, Callable[[Limits], float]] = {
+    "loopback_tcp": lambda lim: lim.loopback_mib_per_s,
+    "durable_disk_write": lambda lim: lim.disk_write_mib_per_s,
+}
+
+
+def share(mib_per_s: float | None, rate: float) -> float | None:
+    """``mib_per_s`` as a share of the machine's ``rate`` (four significant digits), None if either is
+    unknown."""
+    if mib_per_s is None or rate <= 0:
+        return None
+    return float(f"{mib_per_s / rate:.4g}")
+
+
+def shares(results: Sequence[ToolResult], limits: Limits | None) -> dict[str, dict[str, float]]:
+    """``{"large_file": {"loopback_tcp": s, "durable_disk_write": s}}``: standby's large-file throughput as
+    a share of each of the machine's rates (higher is better). Empty without standby's figure or limits."""
+    sb = next((r for r in results if r.name == "standby"), None)
+    mine = sb.large_file.mib_per_s if sb is not None and sb.large_file is not None else None
+    if limits is None or mine is None:
+        return {}
+    row = {key: v for key, rate in RATES.items() if (v := share(mine, rate(limits))) is not None}
+    return {"large_file": row} if row else {}
 
 
 def limit_rows(

@@ -21,14 +21,17 @@ from rich.table import Table
 
 from bench.ha import HaFigures
 from bench.machine import Limits, Machine
-from bench.measure import Latency, Series, Settings, Sustained, ToolResult, Trials
-from bench.ratios import limit_rows
+from bench.measure import LargeFile, Latency, Series, Settings, Sustained, ToolResult, Trials
+from bench.ratios import limit_rows, share
 
 MB = 1e6
 TIMES = "\u00d7"  # the multiplication sign
 DASH = "\u2013"  # the en dash of a range
 GOAL_FILES_INITIAL = 10_000
 GOAL_FILES_MEMORY = 100_000
+GOAL_LARGE_MIB = 1024
+#: The large file's goal: at least this share of loopback TCP's throughput, measured in the same run.
+GOAL_LARGE_SHARE = 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,7 +125,78 @@ def _rss_cell(r: ToolResult) -> Cell | None:
     return Cell(f"{top / MB:.0f} MB", top, parts)
 
 
-def build_rows(results: Sequence[ToolResult], settings: Settings) -> list[Row]:
+def _large_cell(r: ToolResult) -> Cell | None:
+    lf = r.large_file
+    if lf is None or lf.seconds is None:
+        return None
+    return Cell(fmt_time(lf.seconds), lf.seconds, f"{lf.mib_per_s or 0:,.0f} MiB/s")
+
+
+def _large_share_cell(r: ToolResult, rate: float) -> Cell | None:
+    v = share(r.large_file.mib_per_s if r.large_file else None, rate)
+    return None if v is None else Cell(f"{100 * v:.0f} %", v)
+
+
+def _large_cpu_cell(r: ToolResult) -> Cell | None:
+    lf = r.large_file
+    if lf is None or lf.seconds is None or not lf.cpu:
+        return None
+    total = sum(lf.cpu.values())
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in lf.cpu.items()) if len(lf.cpu) > 1 else ""
+    return Cell(f"{total:.2f} s", total, parts)
+
+
+def _large_rss_cell(r: ToolResult) -> Cell | None:
+    lf = r.large_file
+    if lf is None or lf.seconds is None or not lf.peak_rss:
+        return None
+    top = max(lf.peak_rss.values())
+    parts = ", ".join(f"{k} {v / MB:.0f}" for k, v in lf.peak_rss.items())
+    since = "" if lf.rss_since == "row" else f" (since {lf.rss_since})"
+    return Cell(f"{top / MB:.0f} MB", top, parts + since)
+
+
+def _large_rows(
+    row: Callable[..., Row], results: Sequence[ToolResult], settings: Settings, limits: Limits | None
+) -> list[Row]:
+    if not settings.big_mib:
+        return []
+
+    def seconds(fn: Callable[[LargeFile], float | None]) -> Callable[[ToolResult], Cell | None]:
+        def cell(r: ToolResult) -> Cell | None:
+            v = fn(r.large_file) if r.large_file is not None else None
+            return None if v is None else Cell(fmt_time(v), v)
+
+        return cell
+
+    rows = [
+        row(
+            f"one large file, {settings.big_mib:,} MiB: close → on the replica (one-shot: one run)",
+            _large_cell,
+        ),
+    ]
+    if limits is not None:
+        for label, rate in (
+            ("loopback TCP", limits.loopback_mib_per_s),
+            ("durable disk write", limits.disk_write_mib_per_s),
+        ):
+            if rate > 0:
+                rows.append(
+                    row(
+                        f"  share of {label} ({rate:,.0f} MiB/s)",
+                        lambda r, v=rate: _large_share_cell(r, v),
+                        False,
+                    )
+                )
+    rows += [
+        row("  time to write it (the writer alone)", seconds(lambda lf: lf.write_seconds), False),
+        row("CPU seconds, one large file", _large_cpu_cell),
+        row("peak RSS, one large file (per process in MB)", _large_rss_cell),
+    ]
+    return rows
+
+
+def build_rows(results: Sequence[ToolResult], settings: Settings, limits: Limits | None = None) -> list[Row]:
     def row(label: str, fn: Callable[[ToolResult], Cell | None], ratio: bool = True) -> Row:
         return Row(label, {r.name: fn(r) for r in results}, ratio)
 
@@ -168,6 +242,7 @@ def build_rows(results: Sequence[ToolResult], settings: Settings) -> list[Row]:
         row("CPU % of one core, sustained", _sustained_cpu),
         row(f"CPU % of one core, idle ({settings.idle_seconds:g} s)", _idle_cell),
         row("peak RSS (largest process; per process in MB)", _rss_cell),
+        *_large_rows(row, results, settings, limits),
     ]
     return [r for r in rows if any(c is not None for c in r.cells.values())]
 
@@ -243,7 +318,26 @@ def _by_name(results: Sequence[ToolResult], name: str) -> ToolResult | None:
     return next((r for r in results if r.name == name), None)
 
 
-def evaluate_goals(results: Sequence[ToolResult], settings: Settings) -> list[Goal]:
+def _large_goal(sb: ToolResult, settings: Settings, limits: Limits | None) -> Goal:
+    """One large file, durable, at ``GOAL_LARGE_SHARE`` or more of loopback TCP's throughput."""
+    at = "" if settings.big_mib == GOAL_LARGE_MIB else f" (this run: {settings.big_mib:,} MiB)"
+    goal = f"one large file, 1 GiB, durable: ≥ {100 * GOAL_LARGE_SHARE:.0f}% of loopback TCP{at}"
+    lf = sb.large_file
+    mine = lf.mib_per_s if lf is not None else None
+    rate = limits.loopback_mib_per_s if limits is not None else 0.0
+    v = share(mine, rate)
+    if mine is None or v is None:
+        why = "--big-mib 0" if not settings.big_mib else "skipped or failed; see the notes"
+        return Goal(goal, "—", None, f"not measured ({why})")
+    shown = f"{mine:,.0f} MiB/s = {100 * v:.0f} % of {rate:,.0f} MiB/s"
+    ok = v >= GOAL_LARGE_SHARE
+    miss = f"missed: {100 * v:.0f} % (needs {GOAL_LARGE_SHARE / v:.1f}{TIMES} the throughput)"
+    return Goal(goal, shown, ok, "met" if ok else miss)
+
+
+def evaluate_goals(
+    results: Sequence[ToolResult], settings: Settings, limits: Limits | None = None
+) -> list[Goal]:
     goals: list[Goal] = []
     sb = _by_name(results, "standby")
     if sb is None:
@@ -384,6 +478,7 @@ def evaluate_goals(results: Sequence[ToolResult], settings: Settings) -> list[Go
                 "met" if ok else f"missed by {idle - 1:.2f} points",
             )
         )
+    goals.append(_large_goal(sb, settings, limits))
     return goals
 
 
@@ -430,6 +525,11 @@ def print_report(
         m.add_row("walk + stat of the tree", fmt_time(limits.walk_seconds))
         m.add_row("fsynced replace (temp + fsync + rename)", f"{limits.replace_per_s:,.0f} files/s")
         m.add_row("  + fsync of the folder (standby's apply)", f"{limits.replace_dirsync_per_s:,.0f} files/s")
+        if limits.disk_write_mib:
+            m.add_row(
+                f"durable write (one file, {limits.disk_write_mib} MiB + fsync)",
+                f"{limits.disk_write_mib_per_s:,.0f} MiB/s",
+            )
         m.add_row(f"loopback TCP ({limits.loopback_mib} MiB)", f"{limits.loopback_mib_per_s:,.0f} MiB/s")
     console.print(m)
 
@@ -445,7 +545,7 @@ def print_report(
     for r in results:
         t.add_column(r.label, max_width=26)
     sb = _by_name(results, "standby")
-    for row in build_rows(results, settings):
+    for row in build_rows(results, settings, limits):
         cells = []
         base = row.cells.get("standby") if sb is not None else None
         for r in results:
@@ -562,6 +662,7 @@ def jsonable(obj: Any) -> Any:
             Series: ("median", "min", "max"),
             Latency: ("p50", "p99", "max"),
             Sustained: ("max_lag",),
+            LargeFile: ("mib_per_s",),
         }.get(type(obj), ())
         for name in derived:
             out[name] = getattr(obj, name)

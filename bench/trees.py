@@ -2,7 +2,8 @@
 
 Owns: walking a tree into ``{relative path: (size, mtime_ns)}``, waiting until a replica matches the source
 (stat only the paths still pending, so a poll costs little; then one full walk and a byte-for-byte compare
-to confirm, outside the timed part), and polling one file until it holds given bytes.
+to confirm, outside the timed part), polling one file until it holds given bytes, and the SHA-256 of a file
+read in pieces (a large file is checked by its hash once, never read whole into memory).
 
 "Identical" means: the same folders, the same files, each with the same size, modification time and bytes.
 Temporary files a tool leaves while working count as differences, so a replica is identical only once the
@@ -13,6 +14,7 @@ Must not: start processes or write anywhere.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -115,6 +117,7 @@ def wait_identical(
     idle_window: float = 0.0,
     idle_grace: float = 0.0,
     mtime_step: int = 1,
+    confirm: bool = True,
 ) -> float:
     """Wait until ``replica`` is identical to ``source`` (which must not change meanwhile), mtimes
     compared to ``mtime_step`` ns (``expected`` then holds them rounded down to it too).
@@ -129,6 +132,9 @@ def wait_identical(
     after the call, the tool has used less than 20 ms of CPU in the last ``idle_window`` seconds while the
     replica still differs: it has stopped working, and waiting longer shows nothing.
 
+    With ``confirm`` False, the paths of ``expected`` holding their size and mtime is enough: no walk and no
+    byte compare (a caller that checks a large file by its hash, once, after).
+
     Returns the ``time.perf_counter()`` of the poll that first saw every path complete.
     """
     start = time.perf_counter()
@@ -142,7 +148,7 @@ def wait_identical(
             if stat_of(replica / rel, mtime_step) == w:
                 del pending[rel]
         if not pending:
-            if not differences(source, replica, limit=1, mtime_step=mtime_step):
+            if not confirm or not differences(source, replica, limit=1, mtime_step=mtime_step):
                 return now
             # Something beyond the expected paths differs: fall back to the whole tree.
             pending = dict(snapshot(source, mtime_step).files)
@@ -177,3 +183,15 @@ def wait_bytes(path: Path, data: bytes, timeout: float, interval: float = 0.0005
         if now > deadline:
             return None
         time.sleep(interval)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str | None:
+    """The SHA-256 of the file at ``path`` (hex), read ``chunk`` bytes at a time; None if it is missing."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while b := f.read(chunk):
+                h.update(b)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    return h.hexdigest()

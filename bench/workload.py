@@ -3,7 +3,8 @@
 Owns: generating the tree (the layout of :mod:`engine.simulator`, the stand-in for the service the tests
 use: ``databases/<room>/<meeting>.json`` of 1-8 KB, one ``sync.cookie`` of 2-20 KB base64 per room and
 ``config/config.json``), and :class:`Writes`, which makes the new and rewritten files the measurements
-write, deterministically, in place (truncate and write, no temp file), the way the service writes.
+write, deterministically, in place (truncate and write, no temp file), the way the service writes; and the
+large file's content (seeded incompressible bytes, made once per run outside the tree, copied in place).
 
 Must not: start processes or measure anything.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -152,6 +154,37 @@ def write_in_place(path: Path, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+#: The large file is made and copied in pieces of this size.
+LARGE_CHUNK = 1 << 20
+
+
+def generate_large(path: Path, mib: int, seed: int) -> str:
+    """Write ``mib`` MiB of seeded incompressible bytes to ``path``, in pieces (never whole in memory);
+    their SHA-256 (hex)."""
+    rng = random.Random(seed)
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            b = rng.randbytes(LARGE_CHUNK)
+            h.update(b)
+            f.write(b)
+    return h.hexdigest()
+
+
+def copy_in_place(src: Path, dst: Path) -> None:
+    """Write ``src``'s bytes to ``dst`` as the service writes a file: truncate, write (1 MiB at a time),
+    close; no temp file, no rename."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with open(src, "rb") as f:
+            while b := f.read(LARGE_CHUNK):
+                view = memoryview(b)
+                while view:
+                    view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
 
