@@ -18,7 +18,7 @@ from typing import Any
 
 import msgpack
 
-from engine.digest import checksum
+from engine.digest import checksum, checksum_parts
 from engine.errors import FrameError
 
 HEADER = struct.Struct("<II")
@@ -54,6 +54,34 @@ def _no_ext(code: int, data: bytes) -> Any:
 def encode(obj: Any) -> bytes:
     payload = pack(obj)
     return HEADER.pack(len(payload), checksum(payload)) + payload
+
+
+#: msgpack's bin types (bin 8, bin 16, bin 32): the first byte of a content chunk's payload.
+BIN_TYPES = (0xC4, 0xC5, 0xC6)
+
+
+def bin_frame_head(data: bytes | memoryview) -> bytes:
+    """The bytes that come before ``data`` in ``encode(bytes(data))``: the frame header and msgpack's bin
+    prefix. A content chunk is framed as ``bin_frame_head(chunk)`` then the chunk itself, never copied."""
+    n = len(data)
+    if n < 1 << 8:
+        prefix = b"\xc4" + n.to_bytes(1, "big")
+    elif n < 1 << 16:
+        prefix = b"\xc5" + n.to_bytes(2, "big")
+    else:
+        prefix = b"\xc6" + n.to_bytes(4, "big")
+    return HEADER.pack(len(prefix) + n, checksum_parts(prefix, data)) + prefix
+
+
+def bin_payload_ok(payload: bytes | memoryview) -> bool:
+    """Whether a frame's (checksummed) payload is exactly one msgpack bin value: a content chunk."""
+    if not payload or payload[0] not in BIN_TYPES:
+        return False
+    width = 1 << (payload[0] - 0xC4)
+    return (
+        len(payload) >= 1 + width
+        and int.from_bytes(payload[1 : 1 + width], "big") == len(payload) - 1 - width
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,5 +40,13 @@ def checksum(data: bytes | memoryview) -> int:
     return int(xxhash.xxh32_intdigest(data))
 
 
+def checksum_parts(*parts: bytes | memoryview) -> int:
+    """:func:`checksum` of the parts joined, without joining them."""
+    h = xxhash.xxh32()
+    for p in parts:
+        h.update(p)
+    return int(h.intdigest())
+
+
 def hexdigest(d: bytes) -> str:
     return d.hex()

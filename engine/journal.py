@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import codec
-from engine.digest import DIGEST_SIZE, Hasher, digest_bytes
+from engine.digest import DIGEST_SIZE, Hasher, checksum, digest_bytes
 from engine.errors import JournalDamaged, JournalError, JournalFull
 from engine.model import CHUNK_SIZE, Change, Op, chunk_count
 
@@ -661,6 +661,9 @@ class PutAppender:
         self._written = 0
         self._chunks = 0
         self._buf = bytearray()
+        #: A whole chunk given whole (the usual case: content read CHUNK_SIZE at a time), kept as it is
+        #: instead of copied into ``_buf``. Never both: one of them is empty.
+        self._held: bytes | None = None
         self._open = True
         try:
             journal._write(codec.encode(entry_header(change)))
@@ -677,16 +680,27 @@ class PutAppender:
         self._written += len(data)
         if self._written > self.change.size:
             self._buf.clear()  # more than announced: finish() refuses it, nothing more is written
+            self._held = None
             return
-        self._buf += data
         # The last chunk stays here until finish() has checked the content (see the INVARIANT above).
+        if not self._buf and len(data) == CHUNK_SIZE:
+            if self._held is not None:
+                self._emit(self._held)
+            self._held = bytes(data)  # no copy when it is bytes already
+            return
+        if self._held is not None:
+            self._buf += self._held
+            self._held = None
+        self._buf += data
         while len(self._buf) > CHUNK_SIZE:
             self._emit(bytes(self._buf[:CHUNK_SIZE]))
             del self._buf[:CHUNK_SIZE]
 
     def _emit(self, chunk: bytes) -> None:
         try:
-            self.journal._write(codec.encode(chunk))
+            # The frame encode(chunk) makes, written without copying the chunk into it.
+            self.journal._write(codec.bin_frame_head(chunk))
+            self.journal._write(chunk)
         except OSError as e:
             self._dead()
             raise self.journal._undo(self.start, e) from e
@@ -701,8 +715,9 @@ class PutAppender:
         """Close the entry. Returns None (and aborts) if the content did not match the header."""
         if not self._open:
             return None
-        last = bytes(self._buf)
+        last = self._held if self._held is not None else bytes(self._buf)
         self._buf.clear()
+        self._held = None
         if (
             self._written != self.change.size
             or self._chunks + (1 if last else 0) != self.change.chunks
@@ -1419,10 +1434,36 @@ class Cursor:
         self.seq = change.seq + 1
         return change, raw
 
-    def read_raw(self, max_bytes: int = 4 << 20) -> tuple[bytes, list[Change]]:
-        """Frames as stored (wire-ready), up to about ``max_bytes`` or the head. The list holds the
-        headers of the entries *completed* by these bytes; a large put may span several calls. Entries
-        still in the journal's memory are taken from there, byte for byte what the segment holds."""
+    def _chunk_pieces(self) -> tuple[bytes, bytes]:
+        """The current put's next content frame as stored, in two pieces (header, payload), checked (its
+        checksum, a msgpack bin of the right length) but never decoded or joined: a large put's content
+        goes out as it was read."""
+        assert self._seg is not None
+        off = self._off
+        limit = self.journal._readable_end(self._seg)
+        if off >= limit:
+            raise self._damaged(off, f"entry {self.seq} is missing content")
+        head = self._read_exact(off, codec.HEADER_SIZE, limit)
+        length, crc = codec.HEADER.unpack(head)
+        end = off + codec.HEADER_SIZE + length
+        if length > codec.DEFAULT_MAX_FRAME or end > limit:
+            raise self._damaged(off, f"a frame of {length} bytes runs past the committed end (byte {limit})")
+        payload = self._read_exact(off + codec.HEADER_SIZE, length, limit)
+        if checksum(payload) != crc:
+            raise self._damaged(off, f"frame near seq {self.seq} is corrupt: checksum mismatch")
+        if not codec.bin_payload_ok(payload):
+            raise self._damaged(off, f"entry {self.seq} is missing content")
+        self._off = end
+        self._remaining -= 1
+        if not self._remaining:
+            self.seq += 1
+        return head, payload
+
+    def read_pieces(self, max_bytes: int = 4 << 20) -> tuple[list[bytes], int, list[Change]]:
+        """Frames as stored (wire-ready), up to about ``max_bytes`` or the head: the pieces to send in
+        order, their total size, and the headers of the entries *completed* by them (a large put may span
+        several calls). Entries still in the journal's memory are taken from there, byte for byte what
+        the segment holds."""
         out: list[bytes] = []
         done: list[Change] = []
         size = 0
@@ -1433,20 +1474,26 @@ class Cursor:
                 size += len(hit[1])
                 continue
             if self._remaining:
-                raw = self._chunk_frame(skip=False)
+                head, payload = self._chunk_pieces()
+                out += (head, payload)
+                size += len(head) + len(payload)
                 if not self._remaining:
                     assert self._cur is not None
                     done.append(self._cur)
-            else:
-                r = self._header_frame()
-                if r is None:
-                    break
-                raw = r[1]
-                if not self._remaining:
-                    done.append(r[0])
-            out.append(raw)
-            size += len(raw)
-        return b"".join(out), done
+                continue
+            r = self._header_frame()
+            if r is None:
+                break
+            if not self._remaining:
+                done.append(r[0])
+            out.append(r[1])
+            size += len(r[1])
+        return out, size, done
+
+    def read_raw(self, max_bytes: int = 4 << 20) -> tuple[bytes, list[Change]]:
+        """:meth:`read_pieces` joined."""
+        pieces, _size, done = self.read_pieces(max_bytes)
+        return b"".join(pieces), done
 
     def close(self) -> None:
         if self._f is not None:

@@ -466,3 +466,14 @@ def test_a_touch_without_a_digest_or_with_content_is_refused(fields: dict[str, A
     d = {"s": 1, "o": "touch", "p": "a", "z": 1, "m": 5, "h": bytes(16)} | fields
     with pytest.raises(ValueError):
         Change.from_wire(d)
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 65535, 65536, 1 << 20])
+def test_a_content_chunk_framed_without_copying_is_the_frame_encode_makes(n: int) -> None:
+    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    frame = codec.encode(data)
+    assert codec.bin_frame_head(data) + data == frame
+    assert codec.bin_payload_ok(frame[codec.HEADER_SIZE :])
+    assert not codec.bin_payload_ok(frame[codec.HEADER_SIZE : -1] if n else b"")  # length disagrees
+    assert not codec.bin_payload_ok(codec.encode({"k": "e"})[codec.HEADER_SIZE :])  # a map, not bytes
+    assert not codec.bin_payload_ok(codec.encode("text")[codec.HEADER_SIZE :])

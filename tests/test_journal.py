@@ -878,6 +878,73 @@ def test_writes_of_any_size_are_framed_in_whole_chunks(tmp_path: Path) -> None:
     assert all(len(c) == CHUNK_SIZE for c in got[-1].chunks[:-1])
 
 
+#: Ways to slice BIG (2.5 MiB) into writes: whole chunks (kept as given, never copied), odd sizes, and
+#: whole chunks then odd sizes and back (the appender moves between its two ways of holding content).
+SLICINGS: dict[str, list[int]] = {
+    "whole-chunks": [CHUNK_SIZE, CHUNK_SIZE, CHUNK_SIZE // 2],
+    "odd": [12345] * (len(BIG) // 12345 + 1),
+    "whole-then-odd-then-whole": [CHUNK_SIZE, 1000, CHUNK_SIZE - 1000, CHUNK_SIZE, CHUNK_SIZE // 2],
+    "one-write": [len(BIG)],
+}
+
+
+@pytest.mark.parametrize("slicing", list(SLICINGS))
+def test_a_streamed_put_is_stored_byte_for_byte_as_one_whole_append_however_it_is_written(
+    tmp_path: Path, slicing: str
+) -> None:
+    """The appender frames chunks without copying them into the frame; what it stores is exactly the
+    frames Journal.append stores for the same content, and reads back through every reader."""
+
+    def entry_bytes(seg: Path) -> bytes:
+        data = seg.read_bytes()
+        header = codec.decode_at(data, 0)  # the segment header names its journal: left out
+        assert not isinstance(header, codec.Torn)
+        return data[header[1] :]
+
+    with closing(jopen(tmp_path / "whole")) as j:
+        j.append(put("x", BIG), BIG)
+        j.commit()
+        want = entry_bytes(last_segment(j))
+    with closing(jopen(tmp_path / "streamed")) as j:
+        appender = j.begin_put(put("x", BIG))
+        at = 0
+        for n in SLICINGS[slicing]:
+            appender.write(BIG[at : at + n])
+            at += n
+        assert at >= len(BIG)
+        assert appender.finish() is not None
+        j.commit()
+        assert entry_bytes(last_segment(j)) == want
+        with closing(j.cursor(1)) as cur:
+            raw, done = cur.read_raw(max_bytes=1)
+            while cur.in_entry:
+                more, fin = cur.read_raw(max_bytes=1)
+                raw += more
+                done += fin
+        assert decode_all(raw) == entry_frames(done[0], BIG)
+        assert [b"".join(e.chunks) for e in entries(j)] == [BIG]
+
+
+def test_a_damaged_content_frame_is_refused_by_the_stream_reader(tmp_path: Path) -> None:
+    """The stream sends a put's content frames without decoding them, but checks each: a flipped byte is
+    damage, named with its segment and offset."""
+    with closing(jopen(tmp_path / "j")) as j:
+        assert stream_put(j, "big", BIG) is not None
+        j.commit()
+        seg = last_segment(j)
+        data = seg.read_bytes()
+        at = data.index(BIG[CHUNK_SIZE : CHUNK_SIZE + 64])
+        with open(seg, "r+b") as f:  # under the running journal, as a failing disk would
+            f.seek(at)
+            f.write(bytes([data[at] ^ 1]))
+        with closing(j.cursor(1)) as cur:
+            first, done = cur.read_raw(max_bytes=1)
+            assert decode_all(first)[0]["p"] == "big" and done == []
+            with pytest.raises(JournalDamaged, match=f"{seg.name}.*checksum mismatch"):
+                while cur.read_raw(max_bytes=1)[0]:
+                    pass
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Damage inside the journal is refused, never cut: only a torn tail is
 
