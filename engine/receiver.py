@@ -553,9 +553,12 @@ class _Conn:
             except PathRejected as e:
                 raise RemoteProtocolError(f"manifest request: {e}") from None
 
-            def manifest() -> tuple[list[bytes], list[str]]:
-                # Encoded part by part as the tree is walked: a manifest of 100,000 entries is never
-                # held as objects, only as its (much smaller) encoding.
+            # Parts are sent as the tree is walked (the sender decodes one while the next is made), each
+            # encoded as its entries come: a manifest of 100,000 entries is never held as objects.
+            loop = asyncio.get_running_loop()
+            parts: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+            def manifest() -> list[str]:
                 edits: list[str] = []
 
                 def noting(entries: Iterator[FileMeta]) -> Iterator[FileMeta]:
@@ -564,22 +567,31 @@ class _Conn:
                             edits.append(e.path)
                         yield e
 
-                with rx.apply_lock:
-                    # A full request (verify --full) hashes every file and leaves the cache alone.
-                    found = rx.applier.target.manifest(
-                        include, rx.cache, Manifest({}, [], []), True, full=ev.full
-                    )
-                    return list(self.proto.manifest_parts(ev.id, noting(found))), edits
+                try:
+                    with rx.apply_lock:
+                        # A full request (verify --full) hashes every file and leaves the cache alone.
+                        found = rx.applier.target.manifest(
+                            include, rx.cache, Manifest({}, [], []), True, full=ev.full
+                        )
+                        for part in self.proto.manifest_parts(ev.id, noting(found)):
+                            loop.call_soon_threadsafe(parts.put_nowait, part)
+                finally:
+                    loop.call_soon_threadsafe(parts.put_nowait, None)
+                return edits
 
-            parts, edits = await self._on_target(manifest)
+            walking = asyncio.ensure_future(self._on_target(manifest))
+            try:
+                while (part := await parts.get()) is not None:
+                    self.writer.write(part)
+                    await self.writer.drain()
+            except BaseException:
+                walking.add_done_callback(_retrieved)  # the walk ends by itself; its result is not wanted
+                raise
+            edits = await walking  # the replica failing part way: its error, and no end of manifest
             for path in edits:
                 log.warning(
                     "replica.local_edit path=%r (the replica is read-only; it will be repaired)", path
                 )
-            for part in parts:
-                self.writer.write(part)
-                await self.writer.drain()
-            del parts
             self.writer.write(self.proto.manifest_end(ev.id, rx.seq))
             await self.writer.drain()
         elif isinstance(ev, wire.Ping):
@@ -664,7 +676,7 @@ class _Conn:
             self._applying = None
 
 
-def _retrieved(task: asyncio.Task[None]) -> None:
+def _retrieved(task: asyncio.Future[Any]) -> None:
     """Done callback: the error, if any, is raised by the connection's run(); mark it retrieved here."""
     if not task.cancelled():
         task.exception()

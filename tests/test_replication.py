@@ -154,8 +154,10 @@ def test_a_reconciliation_while_a_large_file_streams_does_not_break_the_stream(p
     pair.start("receive")
     pair.start("send")
     big = pair.source / "databases" / "big.bin"
+    # Large enough that its stream outlasts the 0.5 s between reconciliations on a fast machine too
+    # (a large put streams at a few hundred MiB/s here).
     with open(big, "wb") as f:
-        for _ in range(12):
+        for _ in range(48):
             f.write(os.urandom(8 * MIB))
     replica = pair.target / "databases" / "big.bin"
 
