@@ -58,8 +58,8 @@ DEFAULT_SEGMENT_BYTES = 64 << 20
 DAMAGED_PREFIX = "damaged-"
 #: Entries between two of the journal's marks of where committed entries end (see Journal._marks).
 MARK_EVERY = 256
-#: How many bytes of the entries appended last the journal keeps in memory, as written, for a cursor that
-#: follows the head (the sender's stream): it then sends them without reading them back from the segment.
+#: How many bytes of the entries appended last the sender's journal keeps in memory, as written, for the
+#: cursor that follows its head (the stream): it sends them without reading them back from the segment.
 RECENT_BYTES = 8 << 20
 #: Written at a clean close: where the committed entries of the last segment end, so that the next open
 #: scans only what may follow them (a 64 MiB segment of small entries takes a second to scan whole).
@@ -158,8 +158,11 @@ class Journal:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         readonly: bool = False,
         salvaging: bool = False,
+        remember: int = 0,
     ):
         self.folder = folder
+        #: Bytes of the entries appended last to keep in memory for a cursor (0: none; see ``_recent``).
+        self.remember = remember
         self.readonly = readonly or salvaging
         #: Recovery's reader: every segment is scanned at open and read past its damage (see Salvage).
         self.salvaging = salvaging
@@ -462,12 +465,14 @@ class Journal:
         self._recent_bytes = 0
 
     def _remember(self, change: Change, raw: bytes) -> None:
+        if not self.remember:
+            return
         if not self._recent:
             self._recent_lo = change.seq
         self._recent[change.seq] = (change, raw, self._segments[-1].first, self._out_size)
         self._recent_hi = change.seq
         self._recent_bytes += len(raw)
-        while self._recent_bytes > RECENT_BYTES and self._recent_lo <= change.seq:
+        while self._recent_bytes > self.remember and self._recent_lo <= change.seq:
             old = self._recent.pop(self._recent_lo, None)
             self._recent_lo += 1
             if old is not None:

@@ -33,7 +33,7 @@ from engine.aio import run_critical
 from engine.config import NodeSetup, SenderConfig
 from engine.errors import ReplicationError, SafetyHalt
 from engine.guards import GuardCheck, receiver_check, sender_check
-from engine.journal import Journal
+from engine.journal import RECENT_BYTES, Journal
 from engine.peer import PeerChannel
 from engine.receiver import Receiver
 from engine.rolestate import RoleState
@@ -132,7 +132,10 @@ class SenderNode:
         self.cfg = cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.journal = Journal.open(
-            cfg.state_dir / "journal", fsync=cfg.fsync, segment_bytes=cfg.segment_mb << 20
+            cfg.state_dir / "journal",
+            fsync=cfg.fsync,
+            segment_bytes=cfg.segment_mb << 20,
+            remember=RECENT_BYTES,  # the link's cursor follows the head: it sends from memory
         )
         self.cache = HashCache.load(cfg.state_dir / "hashcache")
         # A node's agent gives the epoch of its durable role; `standby send` keeps its own in state_dir.

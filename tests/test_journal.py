@@ -1249,7 +1249,6 @@ def test_a_cursor_following_the_head_sends_from_memory_exactly_what_the_segments
     across small and streamed puts, rotations, an aborted put, a failed commit whose seqs are used again
     and a memory smaller than a group, every read gives the bytes and headers a cursor reading the segments
     from the same seq gives, and most small entries never touch the segment."""
-    monkeypatch.setattr(journal_mod, "RECENT_BYTES", 3000)
     folder = tmp_path / "j"
     frames = [0]
     real = Cursor._read_frame
@@ -1258,7 +1257,7 @@ def test_a_cursor_following_the_head_sends_from_memory_exactly_what_the_segments
         frames[0] += 1
         return real(self, skip, limit)
 
-    with closing(_FailingFsync.open(folder, fsync=True, segment_bytes=4000)) as j:
+    with closing(_FailingFsync.open(folder, fsync=True, segment_bytes=4000, remember=3000)) as j:
         assert isinstance(j, _FailingFsync)
         j.append(delete("first"))
         j.commit()

@@ -49,6 +49,29 @@ def test_a_damaged_frame_the_link_must_stream_is_an_error_not_an_exit(pair: Pair
     assert "journal" in st["sender"]["link_error"]
 
 
+def test_a_running_sender_streams_what_it_just_journaled_from_memory(pair: Pair) -> None:
+    """The sender keeps the entries it appended last in memory and streams those, never reading them
+    back: an entry damaged on disk after it was journaled still reaches the replica whole (what a restarted
+    sender then does with the damage is the test above)."""
+    pair.start("receive")
+    pair.start("send")
+    write_files(pair.source / "databases" / "room", 3)
+    pair.wait_converged()
+    assert pair.stop("receive") == 0
+    marker = b"standby-marker-" * 20
+    (pair.source / "databases" / "room" / "late.json").write_bytes(marker)
+    wait_for(lambda: any(marker in p.read_bytes() for p in _segments(pair)), 10, "the entry in the journal")
+    seg = next(p for p in _segments(pair) if marker in p.read_bytes())
+    data = bytearray(seg.read_bytes())
+    data[data.index(marker) + 5] ^= 0xFF
+    seg.write_bytes(bytes(data))
+
+    pair.start("receive")
+    pair.wait_converged()
+    assert (pair.target / "databases" / "room" / "late.json").read_bytes() == marker
+    assert "send.journal_read_failed" not in pair.log("send")
+
+
 def test_a_hash_cache_that_cannot_be_saved_is_logged_and_the_stop_is_clean(
     pair: Pair, caplog: pytest.LogCaptureFixture
 ) -> None:
