@@ -61,6 +61,11 @@ MARK_EVERY = 256
 #: How many bytes of the entries appended last the sender's journal keeps in memory, as written, for the
 #: cursor that follows its head (the stream): it sends them without reading them back from the segment.
 RECENT_BYTES = 8 << 20
+#: A content frame at least this large is handed on by itself (read_pieces); smaller frames are joined.
+RUN_MAX = 64 << 10
+#: What one remembered entry costs beyond its bytes (its header object, the tuple, the dict slot): charged
+#: against the budget too, so 8 MiB of deletions is not 160,000 entries and 70 MiB.
+RECENT_OVERHEAD = 512
 #: Written at a clean close: where the committed entries of the last segment end, so that the next open
 #: scans only what may follow them (a 64 MiB segment of small entries takes a second to scan whole).
 END_HINT = "journal.end"
@@ -459,7 +464,7 @@ class Journal:
                 if offset is not None and (item[2] != first or item[3] <= offset):
                     return
                 del self._recent[self._recent_hi]
-                self._recent_bytes -= len(item[1])
+                self._recent_bytes -= len(item[1]) + RECENT_OVERHEAD
             self._recent_hi -= 1
         self._recent.clear()
         self._recent_bytes = 0
@@ -471,12 +476,12 @@ class Journal:
             self._recent_lo = change.seq
         self._recent[change.seq] = (change, raw, self._segments[-1].first, self._out_size)
         self._recent_hi = change.seq
-        self._recent_bytes += len(raw)
+        self._recent_bytes += len(raw) + RECENT_OVERHEAD
         while self._recent_bytes > self.remember and self._recent_lo <= change.seq:
             old = self._recent.pop(self._recent_lo, None)
             self._recent_lo += 1
             if old is not None:
-                self._recent_bytes -= len(old[1])
+                self._recent_bytes -= len(old[1]) + RECENT_OVERHEAD
 
     def recent(self, seq: int) -> tuple[Change, bytes, int, int] | None:
         """Entry ``seq`` as it was written, if it is committed and still in memory (see ``_recent``)."""
@@ -1468,19 +1473,32 @@ class Cursor:
         """Frames as stored (wire-ready), up to about ``max_bytes`` or the head: the pieces to send in
         order, their total size, and the headers of the entries *completed* by them (a large put may span
         several calls). Entries still in the journal's memory are taken from there, byte for byte what
-        the segment holds."""
+        the segment holds. Small frames come joined into runs (a TLS transport makes a record of every
+        piece it is given); a large put's content comes as read, never copied into a run."""
         out: list[bytes] = []
+        run: list[bytes] = []
         done: list[Change] = []
         size = 0
+
+        def small(piece: bytes) -> None:
+            run.append(piece)
+
+        def large(piece: bytes) -> None:
+            if run:
+                out.append(b"".join(run))
+                run.clear()
+            out.append(piece)
+
         while size < max_bytes:
             if not self._remaining and (hit := self._take_recent()) is not None:
                 done.append(hit[0])
-                out.append(hit[1])
+                small(hit[1])
                 size += len(hit[1])
                 continue
             if self._remaining:
                 head, payload = self._chunk_pieces()
-                out += (head, payload)
+                small(head)
+                (large if len(payload) >= RUN_MAX else small)(payload)
                 size += len(head) + len(payload)
                 if not self._remaining:
                     assert self._cur is not None
@@ -1491,8 +1509,10 @@ class Cursor:
                 break
             if not self._remaining:
                 done.append(r[0])
-            out.append(r[1])
+            small(r[1])
             size += len(r[1])
+        if run:
+            out.append(b"".join(run))
         return out, size, done
 
     def read_raw(self, max_bytes: int = 4 << 20) -> tuple[bytes, list[Change]]:

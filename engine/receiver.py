@@ -580,6 +580,9 @@ class _Conn:
                 return edits
 
             walking = asyncio.ensure_future(self._on_target(manifest))
+            # Also when the walk fails before its thread runs it (then no end mark would come); a second
+            # end mark after the worker's own is never read.
+            walking.add_done_callback(lambda _f: parts.put_nowait(None))
             try:
                 while (part := await parts.get()) is not None:
                     self.writer.write(part)

@@ -1247,8 +1247,8 @@ def test_a_cursor_following_the_head_sends_from_memory_exactly_what_the_segments
 ) -> None:
     """The stream takes the entries appended last from the journal's memory instead of reading them back:
     across small and streamed puts, rotations, an aborted put, a failed commit whose seqs are used again
-    and a memory smaller than a group, every read gives the bytes and headers a cursor reading the segments
-    from the same seq gives, and most small entries never touch the segment."""
+    and a memory that holds about one round of entries, every read gives the bytes and headers a cursor
+    reading the segments from the same seq gives, and most small entries never touch the segment."""
     folder = tmp_path / "j"
     frames = [0]
     real = Cursor._read_frame
@@ -1257,7 +1257,7 @@ def test_a_cursor_following_the_head_sends_from_memory_exactly_what_the_segments
         frames[0] += 1
         return real(self, skip, limit)
 
-    with closing(_FailingFsync.open(folder, fsync=True, segment_bytes=4000, remember=3000)) as j:
+    with closing(_FailingFsync.open(folder, fsync=True, segment_bytes=4000, remember=8000)) as j:
         assert isinstance(j, _FailingFsync)
         j.append(delete("first"))
         j.commit()
@@ -1321,3 +1321,38 @@ def test_a_cursor_following_the_head_sends_from_memory_exactly_what_the_segments
         # put's header and two chunks; an aborted put after them or a failed commit (its entry never
         # committed) loses none of the committed entries from memory.
         assert all(n <= {1: 4, 3: 2}.get(r % 4, 1) for r, n in enumerate(per_round)), per_round
+
+
+@pytest.mark.parametrize("remember", [0, 8 << 20])
+def test_small_frames_come_joined_and_large_content_as_read(tmp_path: Path, remember: int) -> None:
+    """A TLS transport makes a record of every piece it is given: a stream of small entries must come as
+    few pieces (joined runs), from memory or from the segment; a large put's 1 MiB content frames come by
+    themselves, not copied into a run. The pieces joined are the stored bytes."""
+    with closing(jopen(tmp_path / "j", remember=remember)) as j:
+        for i in range(2000):
+            j.append(delete(f"d{i}"))
+        assert stream_put(j, "big", BIG) is not None
+        for i in range(50):
+            j.append(put(f"p{i}", b"x" * 40), b"x" * 40)
+        j.commit()
+        with closing(j.cursor(1)) as cur:
+            pieces, size, done = cur.read_pieces(max_bytes=64 << 20)
+        assert [c.seq for c in done] == list(range(1, j.head + 1))
+        assert size == sum(map(len, pieces))
+        stored = last_segment(j).read_bytes()
+        header = codec.decode_at(stored, 0)
+        assert not isinstance(header, codec.Torn)
+        assert b"".join(pieces) == stored[header[1] :]
+        big_payloads = [p for p in pieces if len(p) >= CHUNK_SIZE // 2]
+        assert len(big_payloads) == 3  # the put's three content frames' payloads, each alone
+        assert len(pieces) <= 2 * 3 + 1, len(pieces)  # runs between them: deletes + header, heads, puts
+
+
+def test_the_memory_budget_counts_each_entry_not_only_its_bytes(tmp_path: Path) -> None:
+    """8 MiB of tiny entries must not be a hundred thousand objects: each remembered entry is charged its
+    overhead too."""
+    with closing(jopen(tmp_path / "j", remember=64 << 10)) as j:
+        for i in range(10_000):
+            j.append(delete(f"d{i}"))
+        j.commit()
+        assert 0 < len(j._recent) <= (64 << 10) // journal_mod.RECENT_OVERHEAD
