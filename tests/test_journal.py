@@ -1262,18 +1262,17 @@ def test_a_cursor_following_the_head_sends_from_memory_exactly_what_the_segments
         j.append(delete("first"))
         j.commit()
         follower = j.cursor(j.head + 1)
-        got_raw = b""
+        got_raw = bytearray()
         got: list[Change] = []
         monkeypatch.setattr(Cursor, "_read_frame", counted)
 
-        def follow() -> None:
-            nonlocal got_raw
+        def follow(cur: Cursor, raw_out: bytearray, done_out: list[Change]) -> None:
             while True:
-                raw, done = follower.read_raw(max_bytes=700)
+                raw, done = cur.read_raw(max_bytes=700)
                 if not raw:
                     return
-                got_raw += raw
-                got.extend(done)
+                raw_out += raw
+                done_out.extend(done)
 
         per_round: list[int] = []
         for round_ in range(12):
@@ -1298,21 +1297,16 @@ def test_a_cursor_following_the_head_sends_from_memory_exactly_what_the_segments
                 assert stream_put(j, f"after-lost{round_}", BIG[:100]) is not None
             j.append(delete(f"r{round_}/f1"))
             j.commit()
-            follow()
+            follow(follower, got_raw, got)
             per_round.append(frames[0] - before)
         monkeypatch.setattr(Cursor, "_read_frame", real)
         assert len(j.segments()) > 3, "the test should cross segments"
         assert "lost" not in [c.path for c in got]
+        want_raw = bytearray()
+        want: list[Change] = []
         with closing(Cursor(j, 2)) as disk:
             j._forget_recent()  # nothing from memory: everything read back from the segments
-            want_raw = b""
-            want: list[Change] = []
-            while True:
-                raw, done = disk.read_raw(max_bytes=700)
-                if not raw:
-                    break
-                want_raw += raw
-                want.extend(done)
+            follow(disk, want_raw, want)
         follower.close()
         assert got == want
         assert got_raw == want_raw

@@ -22,24 +22,32 @@ def _segments(pair: Pair) -> list[Path]:
     return sorted((pair.sender_state / "journal").glob("*.sbj"))
 
 
-def test_a_damaged_frame_the_link_must_stream_is_an_error_not_an_exit(pair: Pair) -> None:
+MARKER = b"standby-marker-" * 20
+
+
+def _journal_a_late_entry_then_damage_it(pair: Pair, restart_sender: bool) -> None:
+    """A converged pair; the receiver stops, the sender journals one more file (``late.json``), and that
+    entry is damaged on disk (a flipped byte in its content frame: its checksum fails if it is read back),
+    with the sender stopped first or left running."""
     pair.start("receive")
     pair.start("send")
     write_files(pair.source / "databases" / "room", 3)
     pair.wait_converged()
     assert pair.stop("receive") == 0
-    # While the receiver is away the sender journals more; then one of those entries is damaged on disk
-    # (a flipped byte in a content frame: its checksum fails when the link reads it back). The sender is
-    # restarted first: a running one still holds the entries it appended last in memory and sends those.
-    marker = b"standby-marker-" * 20
-    (pair.source / "databases" / "room" / "late.json").write_bytes(marker)
-    wait_for(lambda: any(marker in p.read_bytes() for p in _segments(pair)), 10, "the entry in the journal")
-    assert pair.stop("send") == 0
-    seg = next(p for p in _segments(pair) if marker in p.read_bytes())
+    (pair.source / "databases" / "room" / "late.json").write_bytes(MARKER)
+    wait_for(lambda: any(MARKER in p.read_bytes() for p in _segments(pair)), 10, "the entry in the journal")
+    if restart_sender:
+        assert pair.stop("send") == 0
+    seg = next(p for p in _segments(pair) if MARKER in p.read_bytes())
     data = bytearray(seg.read_bytes())
-    data[data.index(marker) + 5] ^= 0xFF
+    data[data.index(MARKER) + 5] ^= 0xFF
     seg.write_bytes(bytes(data))
 
+
+def test_a_damaged_frame_the_link_must_stream_is_an_error_not_an_exit(pair: Pair) -> None:
+    # The sender is restarted: a running one still holds the entries it appended last in memory and sends
+    # those (the test below); a restarted one reads them back and finds the damage.
+    _journal_a_late_entry_then_damage_it(pair, restart_sender=True)
     pair.start("receive")
     pair.start("send")
     pair.wait_log("send", "send.journal_read_failed")
@@ -53,22 +61,10 @@ def test_a_running_sender_streams_what_it_just_journaled_from_memory(pair: Pair)
     """The sender keeps the entries it appended last in memory and streams those, never reading them
     back: an entry damaged on disk after it was journaled still reaches the replica whole (what a restarted
     sender then does with the damage is the test above)."""
-    pair.start("receive")
-    pair.start("send")
-    write_files(pair.source / "databases" / "room", 3)
-    pair.wait_converged()
-    assert pair.stop("receive") == 0
-    marker = b"standby-marker-" * 20
-    (pair.source / "databases" / "room" / "late.json").write_bytes(marker)
-    wait_for(lambda: any(marker in p.read_bytes() for p in _segments(pair)), 10, "the entry in the journal")
-    seg = next(p for p in _segments(pair) if marker in p.read_bytes())
-    data = bytearray(seg.read_bytes())
-    data[data.index(marker) + 5] ^= 0xFF
-    seg.write_bytes(bytes(data))
-
+    _journal_a_late_entry_then_damage_it(pair, restart_sender=False)
     pair.start("receive")
     pair.wait_converged()
-    assert (pair.target / "databases" / "room" / "late.json").read_bytes() == marker
+    assert (pair.target / "databases" / "room" / "late.json").read_bytes() == MARKER
     assert "send.journal_read_failed" not in pair.log("send")
 
 
