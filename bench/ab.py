@@ -103,22 +103,15 @@ def parser(
         "on one generated tree: median wall and CPU seconds per side, and the ratios A/B.",
     )
     arm_help = "CODE[,keep_journal=on|off]: CODE is worktree (the working tree's engine/) or a git revision"
-    p.add_argument(
-        "--a",
-        type=parse_arm,
-        required=a is None,
-        default=a and parse_arm(a),
-        metavar="ARM",
-        help=f"arm A; {arm_help}",
-    )
-    p.add_argument(
-        "--b",
-        type=parse_arm,
-        required=b is None,
-        default=b and parse_arm(b),
-        metavar="ARM",
-        help=f"arm B (the baseline); {arm_help}",
-    )
+    for flag, preset, what in (("--a", a, "arm A"), ("--b", b, "arm B (the baseline)")):
+        p.add_argument(
+            flag,
+            type=parse_arm,
+            required=preset is None,
+            default=preset and parse_arm(preset),
+            metavar="ARM",
+            help=f"{what}; {arm_help}",
+        )
     p.add_argument("--runs", type=positive_int, default=5, metavar="N", help="measured runs per arm (5)")
     p.add_argument(
         "--warmup", type=int, default=1, metavar="N", help="untimed pairs before the measured ones (1)"

@@ -922,19 +922,28 @@ def _check_large(ctx: Context, replica: Path, rel: str, digest: str, whole: bool
         raise RuntimeError(f"after the large file the replica differs: {differences(ctx.source, replica)}")
 
 
+def _large_start(ctx: Context, res: ToolResult, copies: int) -> tuple[LargeFile, Path, str] | None:
+    """A tool's large-file row begun: its result, the content's path and SHA-256; None (and a line saying
+    why) when the disk has no room for ``copies`` copies."""
+    why = _large_room(ctx, copies)
+    if why is not None:
+        _skip(ctx, res, why)
+        return None
+    content, digest = ctx.large_content()
+    lf = res.large_file = LargeFile(ctx.settings.big_mib, ctx.large_path())
+    return lf, content, digest
+
+
 def large_file_live(ctx: Context, tool: Standby, replica: Path, res: ToolResult) -> None:
     """One new large file, written in place into the source and closed (as the service writes a file);
     timed from the close until the replica holds it. The poll stats that one path (size and mtime); the
     bytes are checked by SHA-256 once, after. Then the file is moved out of the source (a deletion for the
     tool), and the replica waited for again, so the pair is as before."""
-    why = _large_room(ctx, LARGE_COPIES_LIVE)
-    if why is not None:
-        _skip(ctx, res, why)
+    start = _large_start(ctx, res, LARGE_COPIES_LIVE)
+    if start is None:
         return
-    mib = ctx.settings.big_mib
-    content, digest = ctx.large_content()
-    rel = ctx.large_path()
-    lf = res.large_file = LargeFile(mib, rel)
+    lf, content, digest = start
+    mib, rel = lf.mib, lf.path
     wait_quiet(ctx, tool, res, "one large file")
     pids = tool.processes()
     resets = [reset_peak_rss(pid) for pid in pids.values()]  # every one, not up to the first failure
@@ -1099,14 +1108,11 @@ def large_file_rsync(ctx: Context, tool: RsyncPush, res: ToolResult) -> None:
     """The same large file for a one-shot copy: written in place and closed, then one run (the rest of
     the tree in sync: an untimed run first), timed; checked as for a live tool. Then the file is moved out
     of the source and the replica."""
-    why = _large_room(ctx, LARGE_COPIES_ONE_SHOT)
-    if why is not None:
-        _skip(ctx, res, why)
+    start = _large_start(ctx, res, LARGE_COPIES_ONE_SHOT)
+    if start is None:
         return
-    mib = ctx.settings.big_mib
-    content, digest = ctx.large_content()
-    rel = ctx.large_path()
-    lf = res.large_file = LargeFile(mib, rel)
+    lf, content, digest = start
+    mib, rel = lf.mib, lf.path
     _run_rsync(tool)  # nothing but the large file is left to copy
     os.sync()
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -221,3 +222,20 @@ def test_the_smb_row_runs_a_pair_into_a_samba_share_next_to_a_local_folder() -> 
     assert doc["smb"]["latency_timeouts"] == 0 and doc["smb"]["latency_p50_s"] > 0
     assert isinstance(doc["ratios"]["smb_initial_sync"]["local"], float)
     assert "SMB share" in r.stdout
+
+
+def test_an_ab_arm_is_an_engine_and_a_setting_and_bad_arms_say_what_is_wrong() -> None:
+    from bench.ab import Arm, parse_arm
+
+    assert parse_arm("worktree") == Arm("worktree")
+    assert parse_arm("head") == Arm("HEAD")
+    assert parse_arm("60e5a8e,keep_journal=off") == Arm("60e5a8e", False)
+    assert str(parse_arm("HEAD,keep_journal=on")) == "HEAD,keep_journal=on"
+    for bad, says in [
+        ("", "no engine named"),
+        (",keep_journal=on", "no engine named"),
+        ("HEAD,keep_journal=maybe", "keep_journal=on or keep_journal=off"),
+        ("HEAD,fsync=off", "'fsync=off'"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            parse_arm(bad)
