@@ -103,10 +103,16 @@ def test_a_second_send_or_receive_on_one_state_folder_is_refused(pair: Pair) -> 
     # A repair changes the journal: it needs the lock, so it is refused while the sender runs.
     refused(pair.cli("journal", "--config", str(pair.config), "repair", timeout=30), pair.sender_state)
 
-    # Read-only commands never take the lock.
+    # Read-only commands never take the lock. `status` exits 0 only once both sides say they are connected
+    # (each rewrites its status about once a second: a pair this fast can be here before that).
+    pair.wait_status(
+        lambda st: bool(st["sender"].get("connected") and st["receiver"].get("connected")),
+        10,
+        "both sides' status to say connected",
+    )
     for args in (["status"], ["journal", "list"], ["journal", "check"]):
         r = pair.cli(*args[:1], "--config", str(pair.config), *args[1:], timeout=30)
-        assert r.returncode == 0, (args, r.stderr)
+        assert r.returncode == 0, (args, r.stderr, r.stdout)
 
     # The first pair never noticed: it goes on replicating, and its journal is whole.
     (db / "b.json").write_text("b1")
