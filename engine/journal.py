@@ -454,20 +454,18 @@ class Journal:
         log.debug("journal.append_undone segment=%s offset=%d error=%r", seg.name, offset, e.strerror)
         return err
 
-    def _forget_recent(self, offset: int | None = None) -> None:
-        """Drop the remembered entries that end past ``offset`` in the segment being written (all of them
-        by default): their bytes are being cut back. Entries are remembered in order, so from the last."""
-        first = self._segments[-1].first if self._segments else 0
+    def _forget_recent(self, offset: int) -> None:
+        """Drop the remembered entries that end past ``offset`` in the segment being written: their bytes
+        are being cut back. Entries are remembered in order, so from the last."""
+        first = self._segments[-1].first
         while self._recent and self._recent_hi >= self._recent_lo:
             item = self._recent.get(self._recent_hi)
             if item is not None:
-                if offset is not None and (item[2] != first or item[3] <= offset):
+                if item[2] != first or item[3] <= offset:
                     return
                 del self._recent[self._recent_hi]
                 self._recent_bytes -= len(item[1]) + RECENT_OVERHEAD
             self._recent_hi -= 1
-        self._recent.clear()
-        self._recent_bytes = 0
 
     def _remember(self, change: Change, raw: bytes) -> None:
         if not self.remember:
@@ -1335,11 +1333,9 @@ class Cursor:
             )
         return data
 
-    def _read_frame(self, skip: bool, limit: int | None = -1) -> tuple[Any, bytes] | None:
-        """The frame at the cursor, or None at the committed end of the open segment."""
-        assert self._seg is not None
-        if limit == -1:
-            limit = self.journal._readable_end(self._seg)
+    def _frame_head(self, limit: int | None) -> tuple[int, bytes, int] | None:
+        """The frame at the cursor: its offset, its header's bytes and where it ends, its length checked
+        against ``limit`` (the committed end); None at that end. The cursor does not move."""
         off = self._off
         if limit is not None and off >= limit:
             return None
@@ -1348,10 +1344,21 @@ class Cursor:
         end = off + codec.HEADER_SIZE + length
         if length > codec.DEFAULT_MAX_FRAME or (limit is not None and end > limit):
             raise self._damaged(off, f"a frame of {length} bytes runs past the committed end (byte {limit})")
+        return off, head, end
+
+    def _read_frame(self, skip: bool, limit: int | None = -1) -> tuple[Any, bytes] | None:
+        """The frame at the cursor, or None at the committed end of the open segment."""
+        assert self._seg is not None
+        if limit == -1:
+            limit = self.journal._readable_end(self._seg)
+        frame = self._frame_head(limit)
+        if frame is None:
+            return None
+        off, head, end = frame
         if skip:
             self._off = end
             return None, b""
-        raw = head + self._read_exact(off + codec.HEADER_SIZE, length, limit)
+        raw = head + self._read_exact(off + codec.HEADER_SIZE, end - off - codec.HEADER_SIZE, limit)
         res = codec.decode_at(raw, 0)
         if isinstance(res, codec.Torn):
             raise self._damaged(off, f"frame near seq {self.seq} is corrupt: {res.reason}")
@@ -1394,10 +1401,14 @@ class Cursor:
         frame = self._read_frame(skip=skip)
         if frame is None or (not skip and not isinstance(frame[0], bytes)):
             raise self._damaged(off, f"entry {self.seq} is missing content")
+        self._chunk_done()
+        return frame[1] if skip is False else b""
+
+    def _chunk_done(self) -> None:
+        """One content frame of the current put read: the entry is done after its last."""
         self._remaining -= 1
         if not self._remaining:
             self.seq += 1
-        return frame[1] if skip is False else b""
 
     @property
     def in_entry(self) -> bool:
@@ -1449,24 +1460,18 @@ class Cursor:
         checksum, a msgpack bin of the right length) but never decoded or joined: a large put's content
         goes out as it was read."""
         assert self._seg is not None
-        off = self._off
         limit = self.journal._readable_end(self._seg)
-        if off >= limit:
-            raise self._damaged(off, f"entry {self.seq} is missing content")
-        head = self._read_exact(off, codec.HEADER_SIZE, limit)
-        length, crc = codec.HEADER.unpack(head)
-        end = off + codec.HEADER_SIZE + length
-        if length > codec.DEFAULT_MAX_FRAME or end > limit:
-            raise self._damaged(off, f"a frame of {length} bytes runs past the committed end (byte {limit})")
-        payload = self._read_exact(off + codec.HEADER_SIZE, length, limit)
-        if checksum(payload) != crc:
+        frame = self._frame_head(limit)
+        if frame is None:
+            raise self._damaged(self._off, f"entry {self.seq} is missing content")
+        off, head, end = frame
+        payload = self._read_exact(off + codec.HEADER_SIZE, end - off - codec.HEADER_SIZE, limit)
+        if checksum(payload) != codec.HEADER.unpack(head)[1]:
             raise self._damaged(off, f"frame near seq {self.seq} is corrupt: checksum mismatch")
         if not codec.bin_payload_ok(payload):
             raise self._damaged(off, f"entry {self.seq} is missing content")
         self._off = end
-        self._remaining -= 1
-        if not self._remaining:
-            self.seq += 1
+        self._chunk_done()
         return head, payload
 
     def read_pieces(self, max_bytes: int = 4 << 20) -> tuple[list[bytes], int, list[Change]]:
@@ -1476,29 +1481,23 @@ class Cursor:
         the segment holds. Small frames come joined into runs (a TLS transport makes a record of every
         piece it is given); a large put's content comes as read, never copied into a run."""
         out: list[bytes] = []
-        run: list[bytes] = []
+        run: list[bytes] = []  # small frames, joined into one piece before the next large one
         done: list[Change] = []
         size = 0
-
-        def small(piece: bytes) -> None:
-            run.append(piece)
-
-        def large(piece: bytes) -> None:
-            if run:
-                out.append(b"".join(run))
-                run.clear()
-            out.append(piece)
-
         while size < max_bytes:
             if not self._remaining and (hit := self._take_recent()) is not None:
                 done.append(hit[0])
-                small(hit[1])
+                run.append(hit[1])
                 size += len(hit[1])
                 continue
             if self._remaining:
                 head, payload = self._chunk_pieces()
-                small(head)
-                (large if len(payload) >= RUN_MAX else small)(payload)
+                run.append(head)
+                if len(payload) >= RUN_MAX:
+                    out += (b"".join(run), payload)
+                    run.clear()
+                else:
+                    run.append(payload)
                 size += len(head) + len(payload)
                 if not self._remaining:
                     assert self._cur is not None
@@ -1509,7 +1508,7 @@ class Cursor:
                 break
             if not self._remaining:
                 done.append(r[0])
-            small(r[1])
+            run.append(r[1])
             size += len(r[1])
         if run:
             out.append(b"".join(run))

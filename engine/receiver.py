@@ -567,21 +567,18 @@ class _Conn:
                             edits.append(e.path)
                         yield e
 
-                try:
-                    with rx.apply_lock:
-                        # A full request (verify --full) hashes every file and leaves the cache alone.
-                        found = rx.applier.target.manifest(
-                            include, rx.cache, Manifest({}, [], []), True, full=ev.full
-                        )
-                        for part in self.proto.manifest_parts(ev.id, noting(found)):
-                            loop.call_soon_threadsafe(parts.put_nowait, part)
-                finally:
-                    loop.call_soon_threadsafe(parts.put_nowait, None)
+                with rx.apply_lock:
+                    # A full request (verify --full) hashes every file and leaves the cache alone.
+                    found = rx.applier.target.manifest(
+                        include, rx.cache, Manifest({}, [], []), True, full=ev.full
+                    )
+                    for part in self.proto.manifest_parts(ev.id, noting(found)):
+                        loop.call_soon_threadsafe(parts.put_nowait, part)
                 return edits
 
             walking = asyncio.ensure_future(self._on_target(manifest))
-            # Also when the walk fails before its thread runs it (then no end mark would come); a second
-            # end mark after the worker's own is never read.
+            # The end mark, however the walk ends (also when it fails before its thread runs it): it comes
+            # after every part, whose puts the thread scheduled before it returned.
             walking.add_done_callback(lambda _f: parts.put_nowait(None))
             try:
                 while (part := await parts.get()) is not None:

@@ -1305,7 +1305,7 @@ def test_a_cursor_following_the_head_sends_from_memory_exactly_what_the_segments
         want_raw = bytearray()
         want: list[Change] = []
         with closing(Cursor(j, 2)) as disk:
-            j._forget_recent()  # nothing from memory: everything read back from the segments
+            j._recent.clear()  # nothing from memory: everything read back from the segments
             follow(disk, want_raw, want)
         follower.close()
         assert got == want
