@@ -31,7 +31,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from engine.apply import Applier, PendingOp
 from engine.errors import JournalError
 from engine.journal import Journal
 from engine.model import Op
-from engine.scan import digest_file
+from engine.scan import NoCache, digest_file
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def build(journal_folder: Path, folder: Path, upto: int | None = None) -> Checkp
         try:
             base_manifest = read_manifest(base) if base is not None else None
             if base is not None:  # a file added behind our back (not in its manifest) is left out
-                _link_tree(base.tree, tree, None if base_manifest is None else set(base_manifest))
+                _link_tree(base.tree, tree, base_manifest)
             ts = _apply(j, tree, start, head)
             files, size = _write_manifest(tree, tmp / MANIFEST, base, base_manifest)
             meta = {"seq": head, "ts_ns": ts, "files": files, "bytes": size, "journal": j.id}
@@ -313,7 +313,7 @@ def build(journal_folder: Path, folder: Path, upto: int | None = None) -> Checkp
 def _apply(j: Journal, tree: Path, start: int, end: int) -> int:
     """Apply entries ``start..end`` to ``tree`` durably; the time of the last one. Any problem the applier
     reports (an entry refused, stale, a missing source) fails the build: a checkpoint must be exact."""
-    applier = Applier(tree, fsync=True)
+    applier = Applier(tree, fsync=True, cache=NoCache())
     problems: list[str] = []
     try:
         ts = apply_entries(j, applier, tree, start, end, problems=problems)[1]
@@ -394,7 +394,7 @@ def unshare(path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _link_tree(src: Path, dst: Path, only: set[str] | None = None) -> None:
+def _link_tree(src: Path, dst: Path, only: Container[str] | None = None) -> None:
     """Link every file of ``src`` (only those named in ``only``, if given) into ``dst``."""
     for dirpath, dirs, files in os.walk(src):
         rel = Path(dirpath).relative_to(src)
@@ -424,46 +424,52 @@ def _write_manifest(
     inode, same device) at the same path in the previous checkpoint, unchanged since that checkpoint's
     manifest, takes its digest from it; every other file is read. Inode numbers recorded in a manifest
     are never trusted: a state folder copied or restored from a backup gives its files new ones."""
-    lines: list[str] = []
     files = size = 0
-    for rel, st in tree_files(tree):
-        digest = ""
-        old = base_manifest.get(rel) if base_manifest is not None else None
-        if base is not None and old is not None and st.st_ino:
-            try:
-                was = os.lstat(base.tree / rel)
-            except OSError:
-                was = None
-            same = was is not None and (was.st_ino, was.st_dev) == (st.st_ino, st.st_dev)
-            if same and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns):
-                digest = old.digest
-        if not digest:
-            digest = digest_file(tree / rel)[1].hex()
-        rec = {"p": rel, "s": st.st_size, "m": st.st_mtime_ns, "h": digest}
-        lines.append(json.dumps(rec))  # ASCII: a name holding U+2028 and the like stays on one line
-        files += 1
-        size += st.st_size
-    _write_durable(out, ("\n".join(lines) + "\n").encode("utf-8") if lines else b"")
+    # Written as walked, a line at a time: the whole manifest of a large set as one list of strings
+    # would be a peak of small objects that the allocator keeps after (the process's RSS never comes down).
+    with open(out, "wb") as fh:
+        for rel, st in tree_files(tree):
+            digest = ""
+            old = base_manifest.get(rel) if base_manifest is not None else None
+            if base is not None and old is not None and st.st_ino:
+                try:
+                    was = os.lstat(base.tree / rel)
+                except OSError:
+                    was = None
+                same = was is not None and (was.st_ino, was.st_dev) == (st.st_ino, st.st_dev)
+                if same and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns):
+                    digest = old.digest
+            if not digest:
+                digest = digest_file(tree / rel)[1].hex()
+            rec = {"p": rel, "s": st.st_size, "m": st.st_mtime_ns, "h": digest}
+            # ASCII: a name holding U+2028 and the like stays on one line
+            fh.write(json.dumps(rec).encode("ascii") + b"\n")
+            files += 1
+            size += st.st_size
+        fh.flush()
+        os.fsync(fh.fileno())
+    jn.fsync_dir(out.parent)
     return files, size
 
 
 def read_manifest(c: Checkpoint) -> dict[str, FileRecord] | None:
     """The checkpoint's manifest by path; None when it has none (built before manifests existed)."""
     try:
-        text = (c.path / MANIFEST).read_text("utf-8")
+        fh = open(c.path / MANIFEST, "rb")  # noqa: SIM115 (closed below; FileNotFoundError first)
     except FileNotFoundError:
         return None
     out: dict[str, FileRecord] = {}
-    for n, line in enumerate(text.split("\n"), 1):  # never splitlines(): it splits at U+2028 too
-        if not line:
-            continue
-        try:
-            v = json.loads(line)
-            out[str(v["p"])] = FileRecord(int(v["s"]), int(v["m"]), str(v["h"]))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointDamaged(
-                f"checkpoint at seq {c.seq}: {MANIFEST} line {n} is damaged ({e})"
-            ) from None
+    with fh:  # a line at a time, split at b"\n" alone (never str.splitlines: it splits at U+2028 too)
+        for n, line in enumerate(fh, 1):
+            if line == b"\n":
+                continue
+            try:
+                v = json.loads(line)
+                out[str(v["p"])] = FileRecord(int(v["s"]), int(v["m"]), str(v["h"]))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointDamaged(
+                    f"checkpoint at seq {c.seq}: {MANIFEST} line {n} is damaged ({e})"
+                ) from None
     return out
 
 
@@ -478,29 +484,28 @@ def verify(c: Checkpoint, content: bool = True) -> list[tuple[str, str]]:
     if manifest is None:
         return []
     problems: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    try:
-        found = list(tree_files(c.tree))
+    try:  # walked, not listed: a large tree's stat results are never all held at once
+        for rel, st in tree_files(c.tree):
+            want = manifest.pop(rel, None)  # what is left at the end is missing
+            if want is None:
+                problems.append((rel, EXTRA))
+            elif (st.st_size, st.st_mtime_ns) != (want.size, want.mtime_ns):
+                problems.append(
+                    (rel, f"size or time changed ({st.st_size} bytes, the manifest says {want.size})")
+                )
+            elif content:
+                try:
+                    got = digest_file(c.tree / rel)[1].hex()
+                except OSError as e:
+                    problems.append((rel, f"unreadable ({e})"))
+                    continue
+                if got != want.digest:
+                    problems.append(
+                        (rel, f"content differs from its manifest (xxh3 {got}, not {want.digest})")
+                    )
     except OSError as e:
         return [("", f"its tree cannot be read: {e}")]
-    for rel, st in found:
-        seen.add(rel)
-        want = manifest.get(rel)
-        if want is None:
-            problems.append((rel, EXTRA))
-        elif (st.st_size, st.st_mtime_ns) != (want.size, want.mtime_ns):
-            problems.append(
-                (rel, f"size or time changed ({st.st_size} bytes, the manifest says {want.size})")
-            )
-        elif content:
-            try:
-                got = digest_file(c.tree / rel)[1].hex()
-            except OSError as e:
-                problems.append((rel, f"unreadable ({e})"))
-                continue
-            if got != want.digest:
-                problems.append((rel, f"content differs from its manifest (xxh3 {got}, not {want.digest})"))
-    problems += [(rel, "missing") for rel in manifest if rel not in seen]
+    problems += [(rel, "missing") for rel in manifest]
     return problems
 
 

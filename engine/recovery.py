@@ -39,6 +39,7 @@ from engine.replay import (
     window,
 )
 from engine.replay import utc_and_local as when
+from engine.scan import NoCache
 
 # ---- following paths (pure) -------------------------------------------------------------------------------
 
@@ -309,7 +310,7 @@ def _write(root: Path, puts: list[PendingOp]) -> None:
         final = root.joinpath(*parts)
         if final.is_dir() and not final.is_symlink():
             raise ConfigError(f"{op.change.path}: not restored: a folder stands there now")
-    applier = Applier(root, fsync=True)
+    applier = Applier(root, fsync=True, cache=NoCache())
     try:
         with bar("restoring", len(puts)) as advance:
             for i in range(0, len(puts), _BATCH):

@@ -29,6 +29,7 @@ from engine import journal as jn
 from engine.apply import Applier
 from engine.errors import ConfigError, JournalError
 from engine.journal import Journal
+from engine.scan import NoCache
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +396,7 @@ def replay(
             )
         else:
             tmp.mkdir(parents=True)
-        applier = Applier(tmp, fsync=True)
+        applier = Applier(tmp, fsync=True, cache=NoCache())
         with bar("replaying", max(0, b.end - b.start + 1)) as advance:
             last, _ts = checkpoint.apply_entries(j, applier, tmp, b.start, b.end, until_ns, advance, problems)
         os.replace(tmp, out)

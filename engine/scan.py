@@ -568,6 +568,18 @@ class HashCache:
         return c
 
 
+class NoCache(HashCache):
+    """A cache that keeps nothing: for an applier that writes a tree once and leaves it (a checkpoint, a
+    replay, a restore), where remembering every file's digest would only hold memory (about 200 bytes a
+    file, which the allocator keeps after). A touch then hashes the file it finds."""
+
+    def put_key(self, path: str, key: tuple[int, ...] | FileKey, digest: bytes) -> None:
+        return None
+
+    def rekey(self, path: str, key: FileKey) -> None:
+        return None
+
+
 class _OldFormat(Exception):
     """A hash cache file of another format version."""
 
