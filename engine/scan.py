@@ -83,13 +83,20 @@ def open_shared(path: str | Path) -> IO[bytes]:
 FileKey = tuple[int, int, int, int | None]
 
 
+def file_id(st: os.stat_result) -> int:
+    """``st_ino``, folded into 64 bits: Windows gives ReFS's 128-bit file IDs (Python 3.12 and later),
+    and a key is held and saved in 64. Only equality matters (is it still the same file)."""
+    ino = st.st_ino
+    return ino if ino < 1 << 64 else (ino ^ (ino >> 64)) & ((1 << 64) - 1)
+
+
 def file_key(st: os.stat_result, change_ns: int | None) -> FileKey:
     """The key of a stat whose change time is ``change_ns`` (see :func:`change_time_ns`). The mtime is
-    clamped into int64, as everywhere it is used."""
+    clamped into int64, as everywhere it is used, and the file id into 64 bits."""
     return (
         st.st_size,
         clamp_ns(st.st_mtime_ns),
-        st.st_ino,
+        file_id(st),
         None if change_ns is None else clamp_ns(change_ns),
     )
 
@@ -308,7 +315,7 @@ def read_stable(
     if data is not None and len(data) != after.st_size:
         return Unstable("size changed while it was read")
     digest = h.digest() if data is None else digest_bytes(data)
-    return StableRead(after.st_size, wire_mtime(path, after.st_mtime_ns), after.st_ino, digest, data, ka[3])
+    return StableRead(after.st_size, wire_mtime(path, after.st_mtime_ns), ka[2], digest, data, ka[3])
 
 
 _P = TypeVar("_P", str, Path)
@@ -458,6 +465,36 @@ def _walk_dir(folder: Path, rel: str, skip: Path | None) -> Iterator[Found]:
 CACHE_HEADER = {"fmt": "standby-hashcache", "v": 2}
 
 
+#: A cache entry: size, mtime (ns), file id, change time (ns; None: not known) and digest.
+CacheEntry = tuple[int, int, int, int | None, bytes]
+#: How an entry is held in memory: packed into one bytes object (81 bytes), not a tuple of five objects
+#: (about 230 bytes): 100,000 files cost about 20 MB less on each side. An entry that does not fit (an
+#: unusual digest length, a number out of range) stays a tuple.
+_PACKED = struct.Struct("<qqQq16s")
+_PACKED_NO_CHANGE = struct.Struct("<qqQ16s")
+
+
+def _pack(size: int, mtime_ns: int, file_id: int, change: int | None, digest: bytes) -> bytes | CacheEntry:
+    try:
+        if len(digest) == 16:
+            if change is None:
+                return _PACKED_NO_CHANGE.pack(size, mtime_ns, file_id, digest)
+            return _PACKED.pack(size, mtime_ns, file_id, change, digest)
+    except (struct.error, OverflowError):
+        pass
+    return (size, mtime_ns, file_id, change, digest)
+
+
+def _unpack(v: bytes | CacheEntry) -> CacheEntry:
+    if isinstance(v, tuple):
+        return v
+    if len(v) == _PACKED.size:
+        size, mtime_ns, file_id, change, digest = _PACKED.unpack(v)
+        return (size, mtime_ns, file_id, change, digest)
+    size, mtime_ns, file_id, digest = _PACKED_NO_CHANGE.unpack(v)
+    return (size, mtime_ns, file_id, None, digest)
+
+
 class HashCache:
     """Digests of files keyed on :data:`FileKey`: an unchanged file is never hashed again.
 
@@ -466,7 +503,7 @@ class HashCache:
     """
 
     def __init__(self) -> None:
-        self._d: dict[str, tuple[int, int, int, int | None, bytes]] = {}
+        self._d: dict[str, bytes | CacheEntry] = {}
         # RACE: saves come from several threads (after a reconciliation, on a timer, at stop): one at a
         # time, each through a temporary file of its own, and none when nothing changed since the last.
         self._save_lock = threading.Lock()
@@ -475,27 +512,37 @@ class HashCache:
 
     def get(self, path: str, key: FileKey) -> bytes | None:
         v = self._d.get(path)
-        if v is not None and same_key((v[0], v[1], v[2], v[3]), key):
-            return v[4]
-        return None
+        if v is None:
+            return None
+        e = _unpack(v)
+        return e[4] if same_key((e[0], e[1], e[2], e[3]), key) else None
 
     def put_key(self, path: str, key: tuple[int, ...] | FileKey, digest: bytes) -> None:
         """Record ``digest`` for the version of ``path`` known by ``key``. A key without a change time
         (size, mtime, file id) is kept but never matches: the file is hashed once more to learn it."""
         change = key[3] if len(key) > 3 else None
-        self._d[sys.intern(path)] = (key[0], key[1], key[2], change, digest)
+        self._d[sys.intern(path)] = _pack(key[0], key[1], key[2], change, digest)
         self._changes += 1
 
     def rekey(self, path: str, key: FileKey) -> None:
         """``path`` was moved by us (a rename moves the change time): keep its digest under ``key`` if size,
         mtime and file id are still those recorded."""
         v = self._d.get(path)
-        if v is not None and same_key((v[0], v[1], v[2], 0), (*key[:3], 0)):
-            self._d[path] = (*key, v[4])
+        if v is None:
+            return
+        e = _unpack(v)
+        if same_key((e[0], e[1], e[2], 0), (*key[:3], 0)):
+            self._d[path] = _pack(key[0], key[1], key[2], key[3], e[4])
             self._changes += 1
 
-    def known(self, path: str) -> tuple[int, int, int, int | None, bytes] | None:
-        return self._d.get(path)
+    def known(self, path: str) -> CacheEntry | None:
+        v = self._d.get(path)
+        return None if v is None else _unpack(v)
+
+    def items(self) -> Iterator[tuple[str, CacheEntry]]:
+        """Every entry (a snapshot: safe while other threads add entries)."""
+        for k, v in dict(self._d).items():  # RACE: a C-level copy is atomic
+            yield k, _unpack(v)
 
     def drop(self, path: str) -> None:
         if self._d.pop(path, None) is not None:
@@ -526,7 +573,7 @@ class HashCache:
                     f.write(pk.pack(CACHE_HEADER))
                     f.write(pk.pack_map_header(len(snapshot)))
                     for k, v in snapshot.items():
-                        f.write(pk.pack(k) + pk.pack(v))
+                        f.write(pk.pack(k) + pk.pack(_unpack(v)))
                 os.replace(tmp, path)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -558,7 +605,7 @@ class HashCache:
                         and (v[3] is None or isinstance(v[3], int))
                         and isinstance(v[4], bytes)
                     ):
-                        c._d[sys.intern(k)] = (v[0], v[1], v[2], v[3], v[4])
+                        c._d[sys.intern(k)] = _pack(v[0], v[1], v[2], v[3], v[4])
         except FileNotFoundError:
             pass
         except _OldFormat:
