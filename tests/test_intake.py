@@ -188,3 +188,12 @@ def test_a_new_folder_is_walked_off_the_event_loop(pair: Pair, monkeypatch: pyte
     assert walked_on, "the new folder was never walked"
     assert "MainThread" not in walked_on, f"os.walk ran on the event loop thread: {walked_on}"
     pair.wait_converged()
+
+
+def test_a_shipped_version_tells_a_new_time_from_new_content() -> None:
+    v = intake.shipped_version
+    d, e = bytes(range(16)), bytes(16)
+    assert v(5, -7, d) == v(5, -7, d) and v(5, -7, d) != v(5, -8, d)
+    assert intake.same_content(v(5, -7, d), v(5, 1 << 62, d))  # only the time changed: a touch
+    assert not intake.same_content(v(5, -7, d), v(5, -7, e))
+    assert not intake.same_content(v(5, -7, d), v(6, -7, d))

@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import stat
+import struct
 import threading
 import time
 from collections import deque
@@ -148,7 +149,7 @@ class Intake:
         self.ops: deque[Pending] = deque()
         # What was last journaled for each path (size, mtime, digest): a re-read that finds the same is not
         # sent again. Owned by the pipeline's worker thread.
-        self.shipped: dict[str, tuple[int, int, bytes]] = {}
+        self.shipped: dict[str, bytes] = {}  # path -> shipped_version(size, mtime, digest)
         self._retries: dict[str, int] = {}
         self._writer_since: dict[str, float] = {}  # first seen open for writing (no close event since)
         self._prefix = str(cfg.source).rstrip(os.sep) + os.sep
@@ -787,13 +788,14 @@ class Intake:
                         if self._retries or self._writer_since:
                             res.done.append(path)
                         prev = self.shipped.get(path) if op.how is not How.FORCE else None
-                        if prev == (r.size, r.mtime_ns, r.digest):
+                        version = shipped_version(r.size, r.mtime_ns, r.digest)
+                        if prev == version:
                             res.unchanged += 1
                             continue
-                        if prev is not None and prev[0] == r.size and prev[2] == r.digest:
+                        if prev is not None and same_content(prev, version):
                             # Only its time changed (touch, cp -p, git): the time travels, not the content.
                             j.append(Change(0, Op.TOUCH, path, "", r.size, r.mtime_ns, r.digest, 0, ts))
-                            self.shipped[path] = (r.size, r.mtime_ns, r.digest)
+                            self.shipped[path] = version
                             self.cache.put_key(path, r.key, r.digest)
                             res.appended += 1
                             continue
@@ -801,7 +803,7 @@ class Intake:
                         if not self._put(j, path, r, ts, res, guarded):
                             continue
                         res.files_created += new
-                        self.shipped[path] = (r.size, r.mtime_ns, r.digest)
+                        self.shipped[path] = version
                     elif kind is Op.DELETE or kind is Op.RMDIR:
                         j.append(Change(0, kind, path, ts_ns=ts))
                         self.cache.drop(path)
@@ -862,6 +864,20 @@ class Intake:
                 return False
         self.cache.put_key(path, r.key, r.digest)
         return True
+
+
+_VERSION = struct.Struct("<qq")
+
+
+def shipped_version(size: int, mtime_ns: int, digest: bytes) -> bytes:
+    """What ``shipped`` holds of a version: size and mtime packed, then the digest, in one bytes object
+    (about 70 bytes, where a tuple of three objects held about 200: at 100,000 files, 13 MB less)."""
+    return _VERSION.pack(size, mtime_ns) + digest
+
+
+def same_content(a: bytes, b: bytes) -> bool:
+    """Two shipped versions of the same size and digest (their times may differ)."""
+    return a[:8] == b[:8] and a[16:] == b[16:]
 
 
 def _move_tree(index: dict[str, Any], src: str, dst: str | None) -> None:
