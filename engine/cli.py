@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -1150,9 +1151,35 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+#: glibc's mallopt parameter M_MMAP_THRESHOLD.
+_M_MMAP_THRESHOLD = -3
+#: Blocks this large and larger get pages of their own, handed back to the system when freed.
+MMAP_THRESHOLD = 1 << 20
+
+
+def tune_allocator() -> bool:
+    """On Linux with glibc, fix the size from which a block gets pages of its own at 1 MiB. By default
+    glibc raises that size to the largest block freed so far (up to 32 MiB); after the first large
+    batches, a replication's multi-megabyte buffers then come from the heap, and the holes they leave
+    between long-lived objects are never given back: a sender at 100,000 files stayed at 150-170 MB
+    instead of 125-137. Below 1 MiB nothing changes (a smaller fixed size cost 20-30 % more CPU in page
+    faults). Not on Windows, whose heap already gives blocks over about 508 KiB allocations of their own;
+    nor when ``MALLOC_MMAP_THRESHOLD_`` is set (the operator's choice). True if it was set."""
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
+    tune_allocator()
     try:
         return COMMANDS[args.cmd](args)
     except KeyboardInterrupt:
