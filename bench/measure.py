@@ -554,10 +554,35 @@ def wait_quiet(ctx: Context, tool: LiveTool, res: ToolResult, what: str) -> None
 def idle_cpu(ctx: Context, tool: LiveTool, res: ToolResult) -> None:
     wait_quiet(ctx, tool, res, "idle CPU")
     pids = tool.processes()
+    seen = _checkpoint_folders(tool)
     before = _cpu(pids)
     time.sleep(ctx.settings.idle_seconds)
     delta = _cpu_delta(before, _cpu(tool.processes()))
     res.idle_cpu_percent = {role: 100 * v / ctx.settings.idle_seconds for role, v in delta.items()}
+    after = _checkpoint_folders(tool)
+    building = sorted(role for role, names in after.items() if names != seen.get(role) or _building(names))
+    if building:
+        res.notes.append(
+            f"idle CPU: {' and '.join(building)} built a checkpoint during the window (scheduled work: the "
+            "first one 60 s after a start, then every checkpoint_minutes); the figure includes it"
+        )
+
+
+def _checkpoint_folders(tool: LiveTool) -> dict[str, frozenset[str]]:
+    """Standby's checkpoint folders on each side, finished and being built (empty for other tools)."""
+    if not isinstance(tool, Standby):
+        return {}
+    out: dict[str, frozenset[str]] = {}
+    for role, state in (("sender", tool.sender_state), ("receiver", tool.receiver_state)):
+        try:
+            out[role] = frozenset(p.name for p in (state / "checkpoints").iterdir())
+        except OSError:
+            out[role] = frozenset()
+    return out
+
+
+def _building(names: frozenset[str]) -> bool:
+    return any(n.startswith(".building-") for n in names)
 
 
 def latency_sequential(ctx: Context, tool: LiveTool, replica: Path, res: ToolResult) -> None:
