@@ -439,9 +439,9 @@ def test_read_raw_is_exactly_the_entry_frames(tmp_path: Path) -> None:
             stored += data[header[1] :]
         assert everything == stored
 
-        # From the middle, with the default budget.
+        # From the middle, with a budget past the big put.
         with closing(j.cursor(4)) as cur:
-            raw, done = cur.read_raw()
+            raw, done = cur.read_raw(max_bytes=len(BIG) + (1 << 20))
             assert decode_all(raw) == entry_frames(big, BIG) + entry_frames(plan[4][0])
             assert [c.seq for c in done] == [4, 5]
 
