@@ -433,14 +433,14 @@ def _write_manifest(
             old = base_manifest.get(rel) if base_manifest is not None else None
             if base is not None and old is not None and st.st_ino:
                 try:
-                    was = os.lstat(base.tree / rel)
+                    was = os.lstat(os.path.join(base.tree, rel))
                 except OSError:
                     was = None
                 same = was is not None and (was.st_ino, was.st_dev) == (st.st_ino, st.st_dev)
                 if same and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns):
                     digest = old.digest
             if not digest:
-                digest = digest_file(tree / rel)[1].hex()
+                digest = digest_file(os.path.join(tree, rel))[1].hex()
             rec = {"p": rel, "s": st.st_size, "m": st.st_mtime_ns, "h": digest}
             # ASCII: a name holding U+2028 and the like stays on one line
             fh.write(json.dumps(rec).encode("ascii") + b"\n")
@@ -459,17 +459,25 @@ def read_manifest(c: Checkpoint) -> dict[str, FileRecord] | None:
     except FileNotFoundError:
         return None
     out: dict[str, FileRecord] = {}
-    with fh:  # a line at a time, split at b"\n" alone (never str.splitlines: it splits at U+2028 too)
-        for n, line in enumerate(fh, 1):
-            if line == b"\n":
-                continue
-            try:
-                v = json.loads(line)
-                out[str(v["p"])] = FileRecord(int(v["s"]), int(v["m"]), str(v["h"]))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointDamaged(
-                    f"checkpoint at seq {c.seq}: {MANIFEST} line {n} is damaged ({e})"
-                ) from None
+    n = 0
+    # A line at a time, ended by \n, \r\n or \r as a text read would (never str.splitlines: it also
+    # splits at U+2028 and the like, which a name may hold; the writer escapes them anyway).
+    with fh:
+        for raw in fh:
+            body = raw[:-1] if raw.endswith(b"\n") else raw
+            if body.endswith(b"\r"):
+                body = body[:-1]
+            for line in body.split(b"\r"):
+                n += 1
+                if not line:
+                    continue
+                try:
+                    v = json.loads(line)
+                    out[str(v["p"])] = FileRecord(int(v["s"]), int(v["m"]), str(v["h"]))
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise CheckpointDamaged(
+                        f"checkpoint at seq {c.seq}: {MANIFEST} line {n} is damaged ({e})"
+                    ) from None
     return out
 
 
@@ -495,7 +503,7 @@ def verify(c: Checkpoint, content: bool = True) -> list[tuple[str, str]]:
                 )
             elif content:
                 try:
-                    got = digest_file(c.tree / rel)[1].hex()
+                    got = digest_file(os.path.join(c.tree, rel))[1].hex()
                 except OSError as e:
                     problems.append((rel, f"unreadable ({e})"))
                     continue

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -1164,12 +1163,17 @@ def tune_allocator() -> bool:
     between long-lived objects are never given back: a sender at 100,000 files stayed at 150-170 MB
     instead of 125-137. Below 1 MiB nothing changes (a smaller fixed size cost 20-30 % more CPU in page
     faults). Not on Windows, whose heap already gives blocks over about 508 KiB allocations of their own;
-    nor when ``MALLOC_MMAP_THRESHOLD_`` is set (the operator's choice). True if it was set."""
+    nor when the operator set it (``MALLOC_MMAP_THRESHOLD_``, or ``glibc.malloc.mmap_threshold`` in
+    ``GLIBC_TUNABLES``). True if it was set."""
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
+    if "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
     try:
+        import ctypes  # here: a Python built without ctypes still runs every command
+
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    except (ImportError, OSError, AttributeError):  # no ctypes, or a C library without mallopt
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

@@ -85,9 +85,10 @@ FileKey = tuple[int, int, int, int | None]
 
 def file_id(st: os.stat_result) -> int:
     """``st_ino``, folded into 64 bits: Windows gives ReFS's 128-bit file IDs (Python 3.12 and later),
-    and a key is held and saved in 64. Only equality matters (is it still the same file)."""
+    and a key is held and saved in 64. Only equality matters (is it still the same file); a fold that
+    comes to 0 is taken as 1, 0 meaning "not known" (see :func:`same_key`)."""
     ino = st.st_ino
-    return ino if ino < 1 << 64 else (ino ^ (ino >> 64)) & ((1 << 64) - 1)
+    return ino if ino < 1 << 64 else ((ino ^ (ino >> 64)) & ((1 << 64) - 1)) or 1
 
 
 def file_key(st: os.stat_result, change_ns: int | None) -> FileKey:
@@ -757,7 +758,7 @@ def tree_digest(root: Path, include: Sequence[str], cache: HashCache, skip: Path
     return TreeDigest(h.digest().hex(), files, folders, size, len(m.unstable) + len(m.unreadable))
 
 
-def digest_file(path: Path, chunk: int = 1 << 20) -> tuple[int, bytes]:
+def digest_file(path: str | Path, chunk: int = 1 << 20) -> tuple[int, bytes]:
     """Bytes read from the file at ``path`` and their digest."""
     h = Hasher()
     n = 0

@@ -54,11 +54,18 @@ def test_large_buffers_freed_are_handed_back_to_the_system() -> None:
     assert not untuned and kept_by_default > 100, f"default glibc kept only {kept_by_default} MiB"
 
 
-def test_an_operators_own_threshold_is_left_alone() -> None:
+@pytest.mark.parametrize(
+    "setting",
+    [
+        ("MALLOC_MMAP_THRESHOLD_", "65536"),
+        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1:glibc.malloc.mmap_threshold=65536"),
+    ],
+)
+def test_an_operators_own_threshold_is_left_alone(setting: tuple[str, str]) -> None:
     out = subprocess.run(
         [sys.executable, "-c", "from engine.cli import tune_allocator; print(tune_allocator())"],
         cwd=ROOT,
-        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+        env={**os.environ, setting[0]: setting[1]},
         capture_output=True,
         text=True,
         timeout=60,

@@ -446,7 +446,12 @@ def test_a_manifest_is_read_line_by_line_at_newlines_alone_and_a_damaged_line_is
     assert manifest is not None and set(manifest) == {odd, "r/c"}
     assert manifest[odd].digest == digest_bytes(b"one").hex() and manifest["r/c"].size == 3
     assert checkpoint.verify(made) == []
-    lines = (made.path / checkpoint.MANIFEST).read_bytes().split(b"\n")
+    written = (made.path / checkpoint.MANIFEST).read_bytes()
+    for ends in (b"\r\n", b"\r"):  # a manifest whose line ends were converted is still read
+        (made.path / checkpoint.MANIFEST).write_bytes(written.replace(b"\n", ends) + ends)
+        assert checkpoint.read_manifest(made) == manifest
+    (made.path / checkpoint.MANIFEST).write_bytes(written)
+    lines = written.split(b"\n")
     lines[1] = lines[1][:-3]
     (made.path / checkpoint.MANIFEST).write_bytes(b"\n".join(lines))
     [(where, what)] = checkpoint.verify(made)

@@ -79,6 +79,8 @@ def test_a_file_id_past_64_bits_is_folded_into_a_key_the_cache_can_save(tmp_path
     c.put_key("refs", key, bytes(16))
     c.save(tmp_path / "hashcache")
     assert HashCache.load(tmp_path / "hashcache").get("refs", key) == bytes(16)
+    halves = os.stat_result((0o100644, (5 << 64) | 5, 1, 1, 0, 0, 3, 0, 0, 0), {"st_mtime_ns": 4})
+    assert scan.file_key(halves, 11)[2] == 1, "folded to 0, which would match any file id"
 
 
 def test_a_hash_cache_entry_costs_about_a_hundred_bytes() -> None:
