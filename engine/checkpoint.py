@@ -26,6 +26,7 @@ file has at most about 26.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ import time
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from engine import journal as jn
 from engine.apply import Applier, PendingOp
@@ -427,7 +429,7 @@ def _write_manifest(
     files = size = 0
     # Written as walked, a line at a time: the whole manifest of a large set as one list of strings
     # would be a peak of small objects that the allocator keeps after (the process's RSS never comes down).
-    with open(out, "wb") as fh:
+    with _durable_file(out) as fh:
         for rel, st in tree_files(tree):
             digest = ""
             old = base_manifest.get(rel) if base_manifest is not None else None
@@ -446,9 +448,6 @@ def _write_manifest(
             fh.write(json.dumps(rec).encode("ascii") + b"\n")
             files += 1
             size += st.st_size
-        fh.flush()
-        os.fsync(fh.fileno())
-    jn.fsync_dir(out.parent)
     return files, size
 
 
@@ -534,9 +533,17 @@ def _set_aside(c: Checkpoint, problems: list[tuple[str, str]]) -> None:
     )
 
 
-def _write_durable(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def _durable_file(path: Path) -> Iterator[BinaryIO]:
+    """``path`` opened for writing; when the block ends without an error, the file and its folder are
+    made durable."""
     with open(path, "wb") as fh:
-        fh.write(data)
+        yield fh
         fh.flush()
         os.fsync(fh.fileno())
     jn.fsync_dir(path.parent)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with _durable_file(path) as fh:
+        fh.write(data)

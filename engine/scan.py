@@ -536,6 +536,9 @@ class HashCache:
             self._d[path] = _pack(key[0], key[1], key[2], key[3], e[4])
             self._changes += 1
 
+    def __contains__(self, path: object) -> bool:
+        return path in self._d
+
     def known(self, path: str) -> CacheEntry | None:
         v = self._d.get(path)
         return None if v is None else _unpack(v)

@@ -304,7 +304,7 @@ class Intake:
                 self.tracker.move(src, dst)
                 for index in (self._writer_since, self._retries):
                     _move_tree(index, src, dst)
-                if not h.is_dir and src not in self.shipped and self.cache.known(src) is None:
+                if not h.is_dir and src not in self.shipped and src not in self.cache:
                     # The replica never had src (a file written under a temporary name and renamed into
                     # place): a rename would only come back as "missing source". The destination is put
                     # (below), and src deleted in case an old copy is there: a deletion of one file the
@@ -799,7 +799,7 @@ class Intake:
                             self.cache.put_key(path, r.key, r.digest)
                             res.appended += 1
                             continue
-                        new = path not in self.shipped and self.cache.known(path) is None
+                        new = path not in self.shipped and path not in self.cache
                         if not self._put(j, path, r, ts, res, guarded):
                             continue
                         res.files_created += new
