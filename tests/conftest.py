@@ -8,6 +8,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -26,14 +27,19 @@ def pytest_configure(config: pytest.Config) -> None:
         compileall.compile_dir(Path(__file__).resolve().parent.parent / "engine", quiet=1)
 
 
+def skip_or_fail(reason: str, in_ci: str) -> NoReturn:
+    """Skip for ``reason``; under CI=true fail instead (``in_ci`` says why it must not be missing there),
+    so that nothing a test is about goes untested in CI."""
+    if IN_CI:
+        pytest.fail(f"{reason} ({in_ci})")
+    pytest.skip(reason)
+
+
 def need_binary(name: str) -> str:
     """Path of a system binary; skip if missing, but fail under CI=true."""
     path = shutil.which(name)
     if path is None:
-        msg = f"{name} is not installed"
-        if IN_CI:
-            pytest.fail(f"{msg} (CI=true: .ci/run must install it)")
-        pytest.skip(msg)
+        skip_or_fail(f"{name} is not installed", "CI=true: .ci/run must install it")
     return path
 
 

@@ -19,9 +19,7 @@ import os
 import subprocess
 from collections.abc import Iterable, Iterator
 
-import pytest
-
-from tests.conftest import IN_CI, need_binary
+from tests.conftest import need_binary, skip_or_fail
 
 
 class Cut:
@@ -54,10 +52,7 @@ def nft_table() -> Iterator[Cut]:
     """A table of this process's own with an empty output chain; deleted on the way out."""
     nft = need_binary("nft")
     if os.geteuid() != 0:
-        msg = "nftables needs root"
-        if IN_CI:
-            pytest.fail(f"{msg} (CI runs as root)")
-        pytest.skip(msg)
+        skip_or_fail("nftables needs root", "CI runs as root")
     table = f"standby_cut_{os.getpid()}"
     cut = Cut(nft, table)
     subprocess.run([nft, "delete", "table", "inet", table], capture_output=True, timeout=10)

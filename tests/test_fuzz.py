@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI
+from tests.conftest import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "fuzz" / "fuzz_decoder.py"
@@ -28,9 +28,7 @@ def need_atheris() -> None:
         found = r.returncode == 0
     if not found:
         msg = "atheris is not importable (pip install atheris; wheels exist for CPython 3.11 on Linux x86_64)"
-        if IN_CI:
-            pytest.fail(f"{msg}; CI=true: .ci/run must install it")
-        pytest.skip(msg)
+        skip_or_fail(msg, "CI=true: .ci/run must install it")
 
 
 @pytest.mark.timeout(120)

@@ -22,7 +22,7 @@ import pytest
 
 from engine.errors import JournalError, JournalFull
 from engine.journal import Journal, scan_segment
-from tests.conftest import IN_CI
+from tests.conftest import skip_or_fail
 from tests.test_journal import delete, entries, jopen, last_segment, put, snapshot, stream_put
 
 KIB = 1 << 10
@@ -48,9 +48,7 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
         if r.returncode != 0:
             reason = f"mount -t tmpfs failed: {r.stderr.strip()}"
     if reason:
-        if IN_CI:
-            pytest.fail(f"{reason} (CI=true: the disk-full tests must run)")
-        pytest.skip(reason)
+        skip_or_fail(reason, "CI=true: the disk-full tests must run")
     try:
         yield where
     finally:

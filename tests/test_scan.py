@@ -28,6 +28,7 @@ from engine.scan import (
     read_stable,
     stat_key,
 )
+from tests.conftest import skip_or_fail
 
 
 def test_the_hash_cache_round_trips_in_the_documented_format(tmp_path: Path) -> None:
@@ -234,7 +235,9 @@ def test_times_before_1970_and_after_2262_are_read(tmp_path: Path, caplog: pytes
     os.utime(old, ns=(-86_400 * 10**9, -86_400 * 10**9))  # 1969-12-31
     os.utime(future, ns=(FAR_FUTURE_NS, FAR_FUTURE_NS))
     if future.stat().st_mtime_ns != FAR_FUTURE_NS:
-        pytest.skip("this file system cannot hold a time after 2262")
+        skip_or_fail(
+            "this file system cannot hold a time after 2262", "CI=true: run the tests on ext4 or tmpfs"
+        )
     r = read_stable(old)
     assert isinstance(r, StableRead) and r.mtime_ns == -86_400 * 10**9
     r = read_stable(future)
@@ -284,7 +287,7 @@ def test_a_file_held_open_for_writing_is_not_read_and_is_found_in_proc(tmp_path:
         writer.flush()
         r = read_stable(path, lease_check=True)
         if scan._lease_broken:
-            pytest.skip("read leases are not available on this file system")
+            skip_or_fail("read leases are not available on this file system", "CI=true: leases are tested")
         assert isinstance(r, Unstable) and r.writing, r
         busy, complete = open_for_writing([path])
         assert busy == {path}
