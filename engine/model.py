@@ -200,16 +200,18 @@ class FileMeta:
         if not isinstance(v, list) or len(v) != 6:
             raise ValueError("manifest entry is not a 6-item list")
         path, is_dir, size, mtime_ns, digest, flags = v
+        # Exact types (msgpack decodes to nothing else; a bool is no size): the checks of 100,000 entries
+        # are a tenth of a restart's reconciliation.
         if not (
-            isinstance(path, str)
-            and isinstance(is_dir, bool)
-            and isinstance(size, int)
-            and not isinstance(size, bool)
+            type(path) is str
+            and type(is_dir) is bool
+            and type(size) is int
             and size >= 0
-            and _is_mtime(mtime_ns)
-            and isinstance(digest, bytes)
-            and isinstance(flags, list)
-            and all(isinstance(f, str) for f in flags)
+            and type(mtime_ns) is int
+            and INT64_MIN <= mtime_ns <= INT64_MAX
+            and type(digest) is bytes
+            and type(flags) is list
+            and (not flags or all(type(f) is str for f in flags))
         ):
             raise ValueError("manifest entry has a field of the wrong type")
         # The path is interned: the same string is a key of the hash cache and of the source manifest.
@@ -292,6 +294,42 @@ def check_relpath(path: str, max_chars: int = MAX_PATH_CHARS, max_depth: int = M
     for name in parts:
         check_name(name, path)
     return path
+
+
+class RelpathChecker:
+    """:func:`check_relpath` for the many paths of one walk or stream, by their last name where it can.
+
+    A path that passes has a folder that passes too (shorter, shallower, the same names), so once a path
+    below a folder was accepted, another path below it is checked by its length, its depth and its last
+    name alone. Same verdict, and for a refusal the same reason, as :func:`check_relpath`; at 100,000
+    files it saves splitting and looking up every folder name again (a third of a second). Pure: holds
+    only accepted folders.
+    """
+
+    __slots__ = ("_depth", "max_chars", "max_depth")
+
+    def __init__(self, max_chars: int = MAX_PATH_CHARS, max_depth: int = MAX_PATH_DEPTH) -> None:
+        self.max_chars = max_chars
+        self.max_depth = max_depth
+        #: Accepted folder -> the depth of a path directly below it.
+        self._depth: dict[str, int] = {}
+
+    def __call__(self, path: str) -> str:
+        if isinstance(path, str):
+            folder, slash, name = path.rpartition("/")
+            depth = self._depth.get(folder) if slash else None
+            if (
+                depth is not None
+                and len(path) <= self.max_chars
+                and depth <= self.max_depth
+                and _name_problem(name) is None  # a backslash, NUL or any other bad character is one
+            ):
+                return path
+        check_relpath(path, self.max_chars, self.max_depth)  # a refusal says what check_relpath says
+        if "/" in path:
+            folder = path.rpartition("/")[0]
+            self._depth[folder] = folder.count("/") + 2
+        return path
 
 
 def is_temp_name(name: str) -> bool:

@@ -702,15 +702,25 @@ def iter_manifest(
         if digest is None and need_digest is not None and not need_digest(f.path):
             digest = b""
         if digest is None:
-            r = read_stable(root / f.path, keep_data=False)
-            if r is None:
+            read = read_digest(root, f.path, cache, out, full, flag_edits)
+            if read is None:
                 continue
-            if isinstance(r, Unstable):
-                out.unstable.append(f.path)
-                continue
-            digest = r.digest
-            flags = note_read(cache, f.path, r.key, r.digest, full, flag_edits)
+            digest, flags = read
         yield FileMeta(f.path, False, f.st.st_size, wire_mtime(f.path, f.st.st_mtime_ns), digest, flags)
+
+
+def read_digest(
+    root: Path, path: str, cache: HashCache, out: Manifest, full: bool = False, flag_edits: bool = False
+) -> tuple[bytes, frozenset[str]] | None:
+    """Read and hash the file ``path`` below ``root`` for a manifest (see :func:`note_read`): its digest
+    and flags, or None if it is gone, or moving (then it is added to ``out.unstable``)."""
+    r = read_stable(root / path, keep_data=False)
+    if r is None:
+        return None
+    if isinstance(r, Unstable):
+        out.unstable.append(path)
+        return None
+    return r.digest, note_read(cache, path, r.key, r.digest, full, flag_edits)
 
 
 def note_read(

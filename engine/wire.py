@@ -435,7 +435,7 @@ class SenderProtocol(_Base):
                 return Ack(seq, tuple(probs))
             if kind == "mpart":
                 try:
-                    entries = tuple(FileMeta.from_wire(e) for e in _field(v, "entries", list, "mpart"))
+                    entries = tuple(map(FileMeta.from_wire, _field(v, "entries", list, "mpart")))
                 except ValueError as e:
                     raise RemoteProtocolError(f"mpart: {e}") from None
                 return ManifestPart(_field(v, "id", int, "mpart"), entries)

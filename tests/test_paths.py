@@ -9,6 +9,7 @@ flavour, stays under that root.
 
 from __future__ import annotations
 
+import contextlib
 import ntpath
 import posixpath
 import re
@@ -26,6 +27,7 @@ from engine.model import (
     MAX_PATH_CHARS,
     MAX_PATH_DEPTH,
     TEMP_MARKER,
+    RelpathChecker,
     check_name,
     check_relpath,
     is_temp_name,
@@ -449,3 +451,53 @@ def test_cases_in_tables_are_consistent_with_the_property() -> None:
     for path in ACCEPTED:
         _assert_clean(path)
         _assert_stays_under_roots(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RelpathChecker: check_relpath for the paths of a walk, by the last name once the folder has passed.
+
+
+def _verdict(check: Any, path: str) -> str | None:
+    try:
+        assert check(path) == path
+    except PathRejected as e:
+        return e.reason
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(_CLEAN_PATH, _ANY_PATH), min_size=1, max_size=30))
+def test_property_checker_agrees_with_check_relpath_path_by_path(paths: list[str]) -> None:
+    # Each path's children and siblings follow it, so the checker takes its short way for most of them.
+    seq = [q for p in paths for q in (p, p + "/x", p.rpartition("/")[0] + "/" + "CON", p + "/" + "y" * 300)]
+    checker = RelpathChecker()
+    for path in seq:
+        assert _verdict(checker, path) == _verdict(check_relpath, path), path
+
+
+@pytest.mark.parametrize(("path", "reason"), REFUSED, ids=[ascii(p)[:40] for p, _ in REFUSED])
+def test_checker_refuses_each_path_for_its_reason_after_its_folder_passed(path: str, reason: str) -> None:
+    checker = RelpathChecker()
+    folder = path.rpartition("/")[0]
+    if folder:
+        # A sibling in the same folder first, so that the folder is known to the checker.
+        with contextlib.suppress(PathRejected):
+            checker(folder + "/ok")
+    with pytest.raises(PathRejected) as info:
+        checker(path)
+    assert re.search(reason, info.value.reason), info.value.reason
+
+
+def test_checker_keeps_the_depth_and_length_limits_below_a_known_folder() -> None:
+    checker = RelpathChecker(max_chars=20, max_depth=3)
+    assert checker("a/b/c") == "a/b/c"  # a/b is now known
+    assert checker("a/b/d") == "a/b/d"
+    with pytest.raises(PathRejected, match="longer than 20"):
+        checker("a/b/" + "n" * 17)
+    assert checker("a/b") == "a/b"  # a is now known
+    with pytest.raises(PathRejected, match="deeper than 3"):
+        checker("a/b/c/d")
+    with pytest.raises(PathRejected, match="reserved device name"):
+        checker("a/b/NUL")
+    with pytest.raises(PathRejected, match="backslash"):
+        checker("a/b/x\\y")

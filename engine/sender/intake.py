@@ -34,7 +34,7 @@ from engine.config import SenderConfig
 from engine.errors import JournalFull, PathRejected
 from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.journal import Journal
-from engine.model import Change, Op, check_relpath, is_temp_name, is_under, to_posix_rel
+from engine.model import Change, Op, RelpathChecker, is_temp_name, is_under, to_posix_rel
 from engine.plan import (
     DELETE_QUIET,
     DELETE_WINDOW,
@@ -139,6 +139,8 @@ class Intake:
         self.jlock = jlock
         self.cache = cache
         self.counters = counters
+        #: Every path journaled passes check_relpath; this one checks a path by its name once its folder has.
+        self._check_path = RelpathChecker()
         self._acked = acked
         self._on_appended = on_appended
         self.request_reconcile = on_reconcile
@@ -831,7 +833,7 @@ class Intake:
 
     def _put(self, j: Journal, path: str, r: StableRead, ts: int, res: _BatchResult, guarded: bool) -> bool:
         try:
-            check_relpath(path)
+            self._check_path(path)
         except PathRejected as e:
             log.warning("send.skipped path=%r reason=%s", path, e.reason)
             return False

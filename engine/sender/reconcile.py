@@ -22,9 +22,9 @@ from engine.config import SenderConfig
 from engine.errors import PathRejected, SafetyHalt
 from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.journal import Journal
-from engine.model import Change, FileMeta, check_relpath
+from engine.model import Change, FileMeta, RelpathChecker
 from engine.plan import diff, expected_after, mass_delete, same
-from engine.scan import HashCache, Manifest, StableRead, iter_manifest, read_stable
+from engine.scan import HashCache, Manifest, StableRead, iter_manifest, read_digest, read_stable
 from engine.sender.intake import Intake
 from engine.sender.link import Link
 
@@ -38,6 +38,25 @@ MANIFEST_TIMEOUT = 3600.0
 LOSSY = ("overflow", "watch-restart", "watch-failed")
 FOLLOW_UP_DELAY = 1.0
 FOLLOW_UPS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    """A scan of the source, made while the manifest was on its way (see Reconciler._merge)."""
+
+    head: int  # the journal's head when the scan began
+    source: dict[str, FileMeta]  # a file the hash cache did not know has an empty digest
+    unstable: list[str]
+    unreadable: list[str]
+
+
+def _never(_path: str) -> bool:
+    return False
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +134,28 @@ class Reconciler:
         """One reconciliation, now. Raises SafetyHalt if it would delete most of the replica."""
         t0 = self.clock()
         mark = self.intake.mark()
-        async with asyncio.timeout(MANIFEST_TIMEOUT):
-            seq, replica = await self.link.manifest(self.cfg.include)
-        expected, source, unstable, unreadable = await asyncio.to_thread(self._read, seq, replica)
+        # The source is scanned while the receiver walks the replica and its manifest arrives (one after
+        # the other, a restart at 100,000 files spent a second longer).
+        scanning = asyncio.ensure_future(asyncio.to_thread(self._scan))
+        try:
+            async with asyncio.timeout(MANIFEST_TIMEOUT):
+                seq, replica = await self.link.manifest(self.cfg.include)
+        except BaseException:
+            scanning.add_done_callback(_retrieved)  # the scan ends by itself; its result is not wanted
+            raise
+        scan = await scanning
+        del scanning
+        expected, source, unstable, unreadable, late = await asyncio.to_thread(
+            self._merge, seq, replica, scan
+        )
+        del scan  # the source's entries the replica has too are the replica's objects now
+        edits = sorted(m.path for m in replica if "local-edit" in m.flags)
+        del replica
         exclude = self.intake.busy_since(mark) | set(unstable)
-        plan = diff(source, expected, self.cfg.include, exclude, unreadable)
-        # RACE: a busy path that differs was left out; if events were lost, look at it again shortly.
-        skipped = any(
+        plan = diff(source, expected, self.cfg.include, exclude, unreadable + late)
+        # RACE: a busy path that differs was left out, and so were removals below a path journaled while
+        # the scan ran; if events were lost, look at them again shortly.
+        skipped = bool(late) or any(
             p in exclude and not (p in expected and same(m, expected[p])) for p, m in source.items()
         )
         if reason.split("+")[0] in LOSSY and skipped and self._follow_ups < FOLLOW_UPS:
@@ -152,7 +186,6 @@ class Reconciler:
             mark,
             plan.replica_files,
         )
-        edits = sorted(m.path for m in replica if "local-edit" in m.flags)
         self.counters["reconciles"] += 1
         seconds = self.clock() - t0
         self.last = ReconcileReport(
@@ -193,29 +226,60 @@ class Reconciler:
                 out[path] = why
         return out
 
-    def _read(
-        self, seq: int, replica: list[FileMeta]
-    ) -> tuple[dict[str, FileMeta], dict[str, FileMeta], list[str], list[str]]:
-        """Worker thread: the expected replica (manifest + journal after ``seq``), then the source scan.
-        RACE: the journal tail is read before the source is scanned, so a change journaled meanwhile is
-        either in both or shows as a harmless re-send, never as a wrong deletion."""
-        j = self.journal
-        tail: list[Change] = list(j.headers(max(seq + 1, j.first_seq))) if seq < j.head else []
-        expected = expected_after({m.path: m for m in replica}, tail)
-        # A file the replica does not have is sent whatever its digest: do not read it twice.
+    def _scan(self) -> _Scan:
+        """Worker thread: every folder and file of the source, and the journal's head when the scan began.
+        A file the hash cache does not know is not read here (its digest is left empty): only the manifest
+        can say whether the replica has it, and one it does not have is sent whatever its digest."""
+        head = self.journal.head
         m = Manifest({}, [], [])
         source: dict[str, FileMeta] = {}
-        for meta in iter_manifest(
-            self.cfg.source, self.cfg.include, self.cache, m, need_digest=expected.__contains__
-        ):
-            path = meta.path
+        check_relpath = RelpathChecker()
+        for meta in iter_manifest(self.cfg.source, self.cfg.include, self.cache, m, need_digest=_never):
             try:
-                check_relpath(path)
+                check_relpath(meta.path)
             except PathRejected as e:
-                log.warning("send.skipped path=%r reason=%s", path, e.reason)
+                log.warning("send.skipped path=%r reason=%s", meta.path, e.reason)
                 continue
+            source[meta.path] = meta
+        return _Scan(head, source, m.unstable, m.unreadable)
+
+    def _merge(
+        self, seq: int, replica: list[FileMeta], scan: _Scan
+    ) -> tuple[dict[str, FileMeta], dict[str, FileMeta], list[str], list[str], list[str]]:
+        """Worker thread: the expected replica (the manifest as of ``seq`` and the journal after it), the
+        source (files of the replica the cache did not know are hashed now), the paths that could not be
+        read, and *late*: the paths of entries journaled while the scan ran.
+
+        RACE: the scan ran beside the manifest, before the journal tail is read. A change journaled after
+        the scan began may be in the expected replica and not in the scan (a folder renamed after the scan
+        listed it: its contents are under the old name in the scan, the new one in the journal). Nothing at
+        or below a late path is removed (it goes with ``exclude_under``); the path itself is busy (the
+        intake touched it), so it is not sent either. Anything else that changed during the scan either is
+        seen by it or shows as a harmless re-send, never as a wrong deletion."""
+        j = self.journal
+        first = max(min(seq, scan.head) + 1, j.first_seq)
+        entries: list[Change] = list(j.headers(first)) if first <= j.head else []
+        tail = [c for c in entries if c.seq > seq]
+        if scan.head + 1 < j.first_seq:
+            # Entries of the scan's time were pruned already (a checkpoint in between): which they were is
+            # not known, so nothing is removed this time (the follow-up reconciliation removes it).
+            late = list(self.cfg.include)
+        else:
+            late = sorted({p for c in entries if c.seq > scan.head for p in (c.path, c.dst) if p})
+        expected = expected_after({m.path: m for m in replica}, tail)
+        source: dict[str, FileMeta] = {}
+        out = Manifest({}, scan.unstable, scan.unreadable)
+        for path, meta in scan.source.items():
+            have = expected.get(path)
+            if have is None:
+                source[path] = meta  # sent whatever its digest
+                continue
+            if not meta.is_dir and not meta.digest:
+                read = read_digest(self.cfg.source, path, self.cache, out)
+                if read is None:
+                    continue  # gone, or moving (then in out.unstable)
+                meta = FileMeta(path, False, meta.size, meta.mtime_ns, read[0], read[1])
             # An entry the replica already has is kept as the replica's object: a large tree is not held
             # twice while the two are compared (diff asks only same() of it).
-            have = expected.get(path)
-            source[path] = have if have is not None and same(meta, have) else meta
-        return expected, source, m.unstable, m.unreadable
+            source[path] = have if same(meta, have) else meta
+        return expected, source, out.unstable, out.unreadable, late

@@ -1,0 +1,165 @@
+"""The reconciler's scan and merge, in-process: real files, a real journal, no watcher and no link.
+
+The source is scanned while the receiver's manifest is on its way, so the journal's tail is read after the
+scan instead of before it. These tests pin what that must not cost: a change journaled during the scan
+never turns into a wrong deletion, a replica file the hash cache has forgotten is hashed (not re-sent),
+and a new file is not read twice.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, cast
+
+from engine.config import SenderConfig
+from engine.journal import Journal
+from engine.model import Change, FileMeta, Op
+from engine.plan import diff
+from engine.scan import HashCache, build_manifest
+from engine.sender.reconcile import Reconciler
+
+INCLUDE = ("databases",)
+
+
+def _reconciler(tmp_path: Path, cache: HashCache) -> tuple[Reconciler, Journal]:
+    cfg = SenderConfig(
+        source=tmp_path / "src", peer=("127.0.0.1", 1), state_dir=tmp_path / "state", include=INCLUDE
+    )
+    journal = Journal.open(tmp_path / "state" / "journal")
+    # The scan and the merge use the configuration, the journal and the cache; the intake and the link
+    # are what step() talks to, and are not used here.
+    return Reconciler(cfg, journal, cache, cast(Any, None), cast(Any, None), {}), journal
+
+
+def _write(root: Path, rel: str, text: str) -> None:
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text, "utf-8")
+
+
+def _replica_of(root: Path) -> list[FileMeta]:
+    """The manifest a receiver would send for a replica identical to ``root``."""
+    return list(build_manifest(root, INCLUDE, HashCache()).entries.values())
+
+
+def test_a_folder_renamed_while_the_scan_ran_is_not_deleted_on_the_replica(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for name in ("a.json", "b.json"):
+        _write(src, f"databases/old/{name}", name)
+    rec, journal = _reconciler(tmp_path, HashCache())
+    try:
+        before = _replica_of(src)  # the replica as the receiver walked it: databases/old/*
+        scan = rec._scan()  # the source as it was when the scan passed: databases/old/*
+        # Then the folder is renamed, and the intake journals it (the receiver may apply it or not yet).
+        (src / "databases" / "old").rename(src / "databases" / "new")
+        journal.append(Change(0, Op.RENAME, "databases/old", dst="databases/new"))
+        journal.commit()
+        busy = {"databases/old", "databases/new"}  # what the intake touched meanwhile
+        for seq, replica in ((0, before), (journal.head, _replica_of(src))):
+            expected, source, _unstable, unreadable, late = rec._merge(seq, replica, scan)
+            assert "databases/new/a.json" in expected
+            assert set(late) == busy
+            plan = diff(source, expected, INCLUDE, busy, unreadable + late)
+            assert not [p for _op, p in plan.removals if p.startswith("databases/new")], plan
+            # The same merge without the late paths deletes the renamed files: the case is a real one.
+            unsafe = diff(source, expected, INCLUDE, busy, unreadable)
+            assert ("delete", "databases/new/a.json") in [(op.value, p) for op, p in unsafe.removals]
+    finally:
+        journal.close()
+
+
+def test_entries_journaled_before_the_scan_began_are_not_late(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _write(src, "databases/a.json", "a")
+    rec, journal = _reconciler(tmp_path, HashCache())
+    try:
+        journal.append(Change(0, Op.DELETE, "databases/gone.json"))
+        journal.commit()
+        scan = rec._scan()
+        expected, _source, _unstable, _unreadable, late = rec._merge(0, [], scan)
+        assert late == []
+        assert "databases/gone.json" not in expected
+    finally:
+        journal.close()
+
+
+def test_a_replica_file_the_cache_forgot_is_hashed_and_a_new_file_is_not_read(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _write(src, "databases/kept.json", "same on both")
+    _write(src, "databases/changed.json", "new content")
+    replica = _replica_of(src)
+    _write(src, "databases/added.json", "not on the replica")
+    replica = [
+        m if m.path != "databases/changed.json" else FileMeta(m.path, False, m.size, m.mtime_ns, b"x" * 16)
+        for m in replica
+    ]
+    cache = HashCache()  # empty: as after a lost hash cache
+    rec, journal = _reconciler(tmp_path, cache)
+    try:
+        scan = rec._scan()
+        assert scan.source["databases/kept.json"].digest == b""  # not read by the scan
+        expected, source, _unstable, unreadable, late = rec._merge(0, replica, scan)
+        plan = diff(source, expected, INCLUDE, set(), unreadable + late)
+        assert sorted(plan.puts) == ["databases/added.json", "databases/changed.json"]
+        assert source["databases/kept.json"] is expected["databases/kept.json"]  # held once
+        assert "databases/kept.json" in cache and "databases/changed.json" in cache
+        assert "databases/added.json" not in cache  # read once, by the intake that sends it
+    finally:
+        journal.close()
+
+
+def test_a_replica_file_gone_before_it_is_hashed_is_left_out_of_the_source(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _write(src, "databases/kept.json", "v1")
+    replica = _replica_of(src)
+    rec, journal = _reconciler(tmp_path, HashCache())
+    try:
+        scan = rec._scan()
+        (src / "databases" / "kept.json").unlink()  # gone before the merge hashes it
+        _expected, source, unstable, _unreadable, _late = rec._merge(0, replica, scan)
+        assert "databases/kept.json" not in source and unstable == []
+    finally:
+        journal.close()
+
+
+def test_a_scan_with_its_entries_pruned_removes_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _write(src, "databases/a.json", "a")
+    rec, journal = _reconciler(tmp_path, HashCache())
+    try:
+        scan = rec._scan()
+        # As if the entries journaled since the scan began were already pruned: which paths they named
+        # cannot be known, so every include item counts as late.
+        pruned = type(scan)(-5, scan.source, scan.unstable, scan.unreadable)
+        _expected, _source, _unstable, _unreadable, late = rec._merge(0, [], pruned)
+        assert late == list(INCLUDE)
+    finally:
+        journal.close()
+
+
+def test_the_scan_and_a_writer_may_run_at_once(tmp_path: Path) -> None:
+    """The scan runs on a worker thread beside the event loop's appends: it reads the head once."""
+    src = tmp_path / "src"
+    for i in range(200):
+        _write(src, f"databases/f{i}.json", str(i))
+    rec, journal = _reconciler(tmp_path, HashCache())
+    try:
+        lock = threading.Lock()
+
+        def append() -> None:
+            for i in range(50):
+                with lock:
+                    journal.append(Change(0, Op.DELETE, f"databases/x{i}.json"))
+                    journal.commit()
+
+        t = threading.Thread(target=append)
+        t.start()
+        scan = rec._scan()
+        t.join()
+        _expected, source, _unstable, _unreadable, late = rec._merge(0, [], scan)
+        assert len([p for p in source if p.startswith("databases/f")]) == 200
+        assert set(late) <= {f"databases/x{i}.json" for i in range(50)}
+        assert len(late) == journal.head - scan.head
+    finally:
+        journal.close()
