@@ -241,6 +241,23 @@ def check_name(name: str, path: str) -> None:
         raise PathRejected(path, why)
 
 
+#: A name of letters, digits, ``_``, ``-`` and dots, not starting with a dot: no character any system
+#: refuses, no space, no tilde (so no 8.3 alias), one byte and one UTF-16 unit per character.
+_PLAIN_NAME = re.compile(r"[0-9A-Za-z_\-][0-9A-Za-z_.\-]*")
+
+
+def _plain_name_ok(name: str) -> bool:
+    """True if ``name`` is a plain name (see _PLAIN_NAME) that :func:`_name_problem` accepts, decided
+    without its cache: file names are mostly unique, so a walk would only fill and churn the cache."""
+    return (
+        _PLAIN_NAME.fullmatch(name) is not None
+        and len(name) <= MAX_NAME_CHARS
+        and name[-1] != "."
+        and TEMP_MARKER not in name
+        and _WIN_RESERVED.match(name.partition(".")[0]) is None
+    )
+
+
 @functools.lru_cache(maxsize=8192)
 def _name_problem(name: str) -> str | None:
     """Why ``name`` cannot be a path component, or None. Cached: folder names repeat in every path."""
@@ -322,7 +339,7 @@ class RelpathChecker:
                 depth is not None
                 and len(path) <= self.max_chars
                 and depth <= self.max_depth
-                and _name_problem(name) is None  # a backslash, NUL or any other bad character is one
+                and (_plain_name_ok(name) or _name_problem(name) is None)  # a backslash, NUL, ... is one
             ):
                 return path
         check_relpath(path, self.max_chars, self.max_depth)  # a refusal says what check_relpath says

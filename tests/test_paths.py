@@ -28,6 +28,8 @@ from engine.model import (
     MAX_PATH_DEPTH,
     TEMP_MARKER,
     RelpathChecker,
+    _name_problem,
+    _plain_name_ok,
     check_name,
     check_relpath,
     is_temp_name,
@@ -501,3 +503,22 @@ def test_checker_keeps_the_depth_and_length_limits_below_a_known_folder() -> Non
         checker("a/b/NUL")
     with pytest.raises(PathRejected, match="backslash"):
         checker("a/b/x\\y")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["CON", "con.txt", "Lpt1.log", "nul", "a.", "x.standby-tmp-1", "n" * (MAX_NAME_CHARS + 1), "-", "_"],
+)
+def test_plain_name_shortcut_refuses_what_the_rules_refuse(name: str) -> None:
+    assert _plain_name_ok(name) == (_name_problem.__wrapped__(name) is None)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.one_of(
+        _TRICKY, _CLEAN_NAME, st.text(max_size=12), st.from_regex(r"[0-9A-Za-z_.~ -]{1,10}", fullmatch=True)
+    )
+)
+def test_property_plain_name_shortcut_never_accepts_a_refused_name(name: str) -> None:
+    if _plain_name_ok(name):
+        assert _name_problem.__wrapped__(name) is None, name

@@ -40,13 +40,53 @@ def test_the_hash_cache_round_trips_in_the_documented_format(tmp_path: Path) -> 
     raw = (tmp_path / "hashcache").read_bytes()
     u = msgpack.Unpacker(raw=False)
     u.feed(raw)
-    assert next(u) == {"fmt": "standby-hashcache", "v": 2}  # the format header, then one map
-    assert next(u) == {k: list(v) for k, v in c.items()}
-    assert list(u) == []
+    assert next(u) == {"fmt": "standby-hashcache", "v": 3}  # the format header, then maps of entries
+    maps = list(u)
+    assert [len(m) for m in maps] == [scan.CACHE_MAP_ENTRIES] * (501 // scan.CACHE_MAP_ENTRIES) + [
+        501 % scan.CACHE_MAP_ENTRIES
+    ]
+    saved = {k: v for m in maps for k, v in m.items()}
+    for k, (size, mtime, fid, change, digest) in c.items():
+        if change is None:
+            assert saved[k] == struct.pack("<qqQ16s", size, mtime, fid, digest)
+        else:
+            assert saved[k] == struct.pack("<qqQq16s", size, mtime, fid, change, digest)
     loaded = HashCache.load(tmp_path / "hashcache")
     assert dict(loaded.items()) == dict(c.items()) and len(loaded) == 501
     assert loaded.known("no-change-time") == (1, 2, 3, None, bytes(16))
     assert loaded.get("no-change-time", (1, 2, 3, None)) is None
+
+
+def test_a_hash_cache_of_version_2_is_still_read(tmp_path: Path) -> None:
+    """Version 2 (one map of path -> [size, mtime, file id, change time or nil, digest]) is what the
+    release before wrote: an upgrade must not cost hashing every file again."""
+    entries = {
+        f"databases/{i}.json": [i, i * 7, i + 1, i * 3 if i % 2 else None, os.urandom(16)] for i in range(50)
+    }
+    entries["odd"] = [1, 2, 3, 4, bytes(20)]
+    (tmp_path / "hashcache").write_bytes(
+        msgpack.packb({"fmt": "standby-hashcache", "v": 2}) + msgpack.packb(entries, use_bin_type=True)
+    )
+    loaded = HashCache.load(tmp_path / "hashcache")
+    assert dict(loaded.items()) == {k: tuple(v) for k, v in entries.items()}
+    loaded.save(tmp_path / "hashcache")  # written again as version 3, the same entries
+    assert dict(HashCache.load(tmp_path / "hashcache").items()) == {k: tuple(v) for k, v in entries.items()}
+
+
+def test_a_damaged_hash_cache_keeps_its_whole_maps_before_the_damage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    c = HashCache()
+    n = scan.CACHE_MAP_ENTRIES * 2 + 10
+    for i in range(n):
+        c.put_key(f"f{i}", (i, i, i, i), bytes(16))
+    c.save(tmp_path / "hashcache")
+    raw = (tmp_path / "hashcache").read_bytes()
+    (tmp_path / "hashcache").write_bytes(raw[: len(raw) * 3 // 4])  # cut inside the second map
+    loaded = HashCache.load(tmp_path / "hashcache")
+    assert len(loaded) == scan.CACHE_MAP_ENTRIES
+    assert set(loaded.items()) <= set(c.items())
+    assert "hashcache.unreadable" in caplog.text
 
 
 def test_hash_cache_entries_that_do_not_pack_are_kept_exactly(tmp_path: Path) -> None:
@@ -104,7 +144,7 @@ def test_a_hash_cache_entry_costs_about_a_hundred_bytes() -> None:
     assert per < 160, f"{per:.0f} bytes an entry"
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong type", "header only"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong type"])
 def test_a_damaged_hash_cache_loads_what_it_can_and_warns(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -118,13 +158,19 @@ def test_a_damaged_hash_cache_loads_what_it_can_and_warns(
         "truncated": raw[: len(raw) // 2],
         "garbage": header + b"\x00\xff" * 50,
         "wrong type": header + b"\x93\x01\x02\x03",
-        "header only": header,
     }
     (tmp_path / "hashcache").write_bytes(bad[damage])
     loaded = HashCache.load(tmp_path / "hashcache")
     assert set(loaded.items()) <= set(c.items())  # never a wrong entry
     assert "hashcache.unreadable" in caplog.text
     assert len(HashCache.load(tmp_path / "missing")) == 0
+
+
+def test_an_empty_hash_cache_is_its_header_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    HashCache().save(tmp_path / "hashcache")
+    assert (tmp_path / "hashcache").read_bytes() == msgpack.packb(scan.CACHE_HEADER)
+    assert len(HashCache.load(tmp_path / "hashcache")) == 0
+    assert "hashcache" not in caplog.text
 
 
 def test_a_hash_cache_of_the_old_format_is_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
