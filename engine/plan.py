@@ -17,39 +17,69 @@ from engine.model import Change, FileMeta, Op, is_under, parent_of
 MTIME_TOLERANCE_NS = 2_000_000
 
 
-def _drop_tree(m: dict[str, FileMeta], path: str) -> None:
+def _drop_tree(m: dict[str, FileMeta], path: str, parents: set[str]) -> None:
+    """Remove ``path`` and everything below it. The whole map is looked through only when ``parents``
+    (every folder with an entry below it, see _add_parents) says something is below ``path``."""
     m.pop(path, None)
+    if path not in parents:
+        return
     prefix = path + "/"
     for k in [k for k in m if k.startswith(prefix)]:
         del m[k]
+    parents.difference_update([f for f in parents if f == path or f.startswith(prefix)])
+
+
+def _add_parents(paths: Iterable[str], parents: set[str]) -> None:
+    """Add every folder above each of ``paths`` to ``parents``. INVARIANT: a folder in ``parents`` has its
+    own folders above it there too (so the walk up stops at the first one known)."""
+    for k in paths:
+        p = k.rpartition("/")[0]
+        while p and p not in parents:
+            parents.add(p)
+            p = p.rpartition("/")[0]
 
 
 def expected_after(manifest: Mapping[str, FileMeta], changes: Iterable[Change]) -> dict[str, FileMeta]:
-    """The replica after ``changes`` are applied to a replica described by ``manifest``."""
+    """The replica after ``changes`` are applied to a replica described by ``manifest``.
+
+    Linear in the manifest plus the changes: a change looks through the whole map only for a path with
+    entries below it (a folder deleted, replaced or renamed). Looking through it for every change made a
+    reconciliation after a long outage (100,000 files on the replica, 20,000 changes journaled meanwhile)
+    take minutes."""
     m = dict(manifest)
+    parents: set[str] | None = None
     for c in changes:
+        if parents is None:
+            parents = set()
+            _add_parents(m, parents)
         if c.op is Op.PUT:
-            _drop_tree(m, c.path)
+            _drop_tree(m, c.path, parents)
             m[c.path] = FileMeta(c.path, False, c.size, c.mtime_ns, c.digest)
+            _add_parents((c.path,), parents)
         elif c.op in (Op.DELETE, Op.RMDIR):
-            _drop_tree(m, c.path)
+            _drop_tree(m, c.path, parents)
         elif c.op is Op.TOUCH:
             old = m.get(c.path)
             if old is not None and not old.is_dir and old.size == c.size and old.digest == c.digest:
                 m[c.path] = FileMeta(c.path, False, c.size, c.mtime_ns, c.digest, old.flags)
         elif c.op is Op.MKDIR:
             if not (c.path in m and m[c.path].is_dir):
-                _drop_tree(m, c.path)
+                _drop_tree(m, c.path, parents)
                 m[c.path] = FileMeta(c.path, True)
+                _add_parents((c.path,), parents)
         elif c.op is Op.RENAME:
             if c.path not in m:
                 continue
-            moved = {k: v for k, v in m.items() if is_under(k, c.path)}
-            _drop_tree(m, c.path)
-            _drop_tree(m, c.dst)
+            if c.path in parents:
+                moved = {k: v for k, v in m.items() if is_under(k, c.path)}
+            else:
+                moved = {c.path: m[c.path]}
+            _drop_tree(m, c.path, parents)
+            _drop_tree(m, c.dst, parents)
             for k, v in moved.items():
                 nk = c.dst + k[len(c.path) :]
                 m[nk] = FileMeta(nk, v.is_dir, v.size, v.mtime_ns, v.digest, v.flags)
+                _add_parents((nk,), parents)
     return m
 
 

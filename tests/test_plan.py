@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from engine.digest import digest_bytes
 from engine.model import Change, FileMeta, Op
 from engine.plan import Plan, diff, expected_after, mass_delete
@@ -123,3 +126,65 @@ def test_a_touch_changes_the_expected_time_of_the_content_it_names_only() -> Non
     assert got["databases/a"].mtime_ns == 99
     assert got["databases/b"].mtime_ns == 10  # stale on the replica: it keeps its time
     assert "databases/c" not in got
+
+
+# ---- expected_after against the plain definition -------------------------------------------------------
+def _reference_expected_after(manifest: dict[str, FileMeta], changes: list[Change]) -> dict[str, FileMeta]:
+    """The definition, looking through the whole map for every change (what expected_after did before it
+    kept an index of folders)."""
+
+    def drop(m: dict[str, FileMeta], path: str) -> None:
+        m.pop(path, None)
+        for k in [k for k in m if k.startswith(path + "/")]:
+            del m[k]
+
+    m = dict(manifest)
+    for c in changes:
+        if c.op is Op.PUT:
+            drop(m, c.path)
+            m[c.path] = FileMeta(c.path, False, c.size, c.mtime_ns, c.digest)
+        elif c.op in (Op.DELETE, Op.RMDIR):
+            drop(m, c.path)
+        elif c.op is Op.TOUCH:
+            old = m.get(c.path)
+            if old is not None and not old.is_dir and old.size == c.size and old.digest == c.digest:
+                m[c.path] = FileMeta(c.path, False, c.size, c.mtime_ns, c.digest, old.flags)
+        elif c.op is Op.MKDIR:
+            if not (c.path in m and m[c.path].is_dir):
+                drop(m, c.path)
+                m[c.path] = FileMeta(c.path, True)
+        elif c.op is Op.RENAME:
+            if c.path not in m:
+                continue
+            moved = {k: v for k, v in m.items() if k == c.path or k.startswith(c.path + "/")}
+            drop(m, c.path)
+            drop(m, c.dst)
+            for k, v in moved.items():
+                nk = c.dst + k[len(c.path) :]
+                m[nk] = FileMeta(nk, v.is_dir, v.size, v.mtime_ns, v.digest, v.flags)
+    return m
+
+
+_TREE_PATH = st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=4).map("/".join)
+_ENTRY = st.builds(
+    lambda p, d, n: FileMeta(p, d, 0 if d else n, n, b"" if d else bytes([n]) * 16),
+    _TREE_PATH,
+    st.booleans(),
+    st.integers(0, 3),
+)
+_CHANGE = st.builds(
+    lambda op, p, dst, n: Change(
+        0, op, p, dst=dst if op is Op.RENAME else "", size=n, mtime_ns=n, digest=bytes([n]) * 16
+    ),
+    st.sampled_from([Op.PUT, Op.DELETE, Op.RMDIR, Op.TOUCH, Op.MKDIR, Op.RENAME]),
+    _TREE_PATH,
+    _TREE_PATH,
+    st.integers(0, 3),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_ENTRY, max_size=25), st.lists(_CHANGE, max_size=12))
+def test_property_expected_after_is_the_definition(entries: list[FileMeta], changes: list[Change]) -> None:
+    manifest = {e.path: e for e in entries}  # folders and files, some without their folders listed
+    assert expected_after(manifest, changes) == _reference_expected_after(manifest, changes)
