@@ -118,7 +118,10 @@ def diff(
     """What to send so that ``replica`` becomes ``source``. Paths in ``exclude`` (changing right now)
     are left to the watcher. Only paths inside the include set are ever removed."""
     removals: list[tuple[Op, str]] = []
-    removed_dirs: list[str] = []
+    # Sets, looked up for a path and each folder above it: a long list of late paths or removed folders
+    # must not cost its length for every candidate.
+    removed_dirs: set[str] = set()
+    unlisted = set(exclude_under)
     files_removed = 0
     for path in sorted(replica):
         r = replica[path]
@@ -127,15 +130,15 @@ def diff(
             continue
         if path in exclude or not any(is_under(path, inc) for inc in include):
             continue
-        if any(is_under(path, d) for d in exclude_under):
+        if _at_or_below(path, unlisted):
             continue  # below a folder the scan could not list: absent from the scan is not absent
-        if any(is_under(path, d) for d in _ancestors_in(path, removed_dirs)):
+        if _at_or_below(parent_of(path), removed_dirs):
             if not r.is_dir:
                 files_removed += 1
             continue
         if r.is_dir:
             removals.append((Op.RMDIR, path))
-            removed_dirs.append(path)
+            removed_dirs.add(path)
         else:
             removals.append((Op.DELETE, path))
             files_removed += 1
@@ -154,14 +157,13 @@ def diff(
     return Plan(removals, mkdirs, puts, sum(1 for r in replica.values() if not r.is_dir), files_removed)
 
 
-def _ancestors_in(path: str, removed: list[str]) -> list[str]:
-    out = []
-    p = parent_of(path)
-    while p:
-        if p in removed:
-            out.append(p)
-        p = parent_of(p)
-    return out
+def _at_or_below(path: str, folders: set[str]) -> bool:
+    """``path`` or a folder above it is in ``folders``."""
+    while path:
+        if path in folders:
+            return True
+        path = parent_of(path)
+    return False
 
 
 def mass_delete(plan: Plan, max_share: float) -> str | None:

@@ -188,3 +188,62 @@ _CHANGE = st.builds(
 def test_property_expected_after_is_the_definition(entries: list[FileMeta], changes: list[Change]) -> None:
     manifest = {e.path: e for e in entries}  # folders and files, some without their folders listed
     assert expected_after(manifest, changes) == _reference_expected_after(manifest, changes)
+
+
+def _reference_diff(
+    source: dict[str, FileMeta],
+    replica: dict[str, FileMeta],
+    include: tuple[str, ...],
+    exclude: set[str],
+    exclude_under: list[str],
+) -> Plan:
+    """diff's removals as first written: every candidate against every listed folder."""
+
+    def under(path: str, folder: str) -> bool:
+        return path == folder or path.startswith(folder + "/")
+
+    removals: list[tuple[Op, str]] = []
+    removed_dirs: list[str] = []
+    files_removed = 0
+    for path in sorted(replica):
+        r, s = replica[path], source.get(path)
+        if s is not None and s.is_dir == r.is_dir:
+            continue
+        if path in exclude or not any(under(path, inc) for inc in include):
+            continue
+        if any(under(path, d) for d in exclude_under):
+            continue
+        if any(under(path, d) and d != path for d in removed_dirs):
+            files_removed += 0 if r.is_dir else 1
+            continue
+        if r.is_dir:
+            removals.append((Op.RMDIR, path))
+            removed_dirs.append(path)
+        else:
+            removals.append((Op.DELETE, path))
+            files_removed += 1
+    return Plan(
+        removals, replica_files=sum(1 for r in replica.values() if not r.is_dir), files_removed=files_removed
+    )
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(_ENTRY, max_size=20),
+    st.lists(_ENTRY, max_size=20),
+    st.sets(_TREE_PATH, max_size=3),
+    st.lists(_TREE_PATH, max_size=3),
+)
+def test_property_diff_removes_what_the_definition_removes(
+    source_entries: list[FileMeta], replica_entries: list[FileMeta], exclude: set[str], unlisted: list[str]
+) -> None:
+    source = {e.path: e for e in source_entries}
+    replica = {e.path: e for e in replica_entries}
+    include = ("a", "b/c")
+    got = diff(source, replica, include, exclude, unlisted)
+    want = _reference_diff(source, replica, include, exclude, unlisted)
+    assert (got.removals, got.files_removed, got.replica_files) == (
+        want.removals,
+        want.files_removed,
+        want.replica_files,
+    )
