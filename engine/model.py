@@ -324,6 +324,8 @@ class RelpathChecker:
     """
 
     __slots__ = ("_depth", "max_chars", "max_depth")
+    #: Accepted folders held at most (about 8 MB); then it starts again from none.
+    MAX_FOLDERS = 65536
 
     def __init__(self, max_chars: int = MAX_PATH_CHARS, max_depth: int = MAX_PATH_DEPTH) -> None:
         self.max_chars = max_chars
@@ -343,6 +345,8 @@ class RelpathChecker:
             ):
                 return path
         check_relpath(path, self.max_chars, self.max_depth)  # a refusal says what check_relpath says
+        if len(self._depth) >= self.MAX_FOLDERS:
+            self._depth.clear()  # a long-lived checker (the intake's) holds at most this many
         if "/" in path:
             folder = path.rpartition("/")[0]
             self._depth[folder] = folder.count("/") + 2

@@ -392,6 +392,13 @@ class Found:
     unreadable: bool = False  # listing the folder (or stat of the file) failed: say nothing about it
 
 
+def is_reparse_point(st: os.stat_result) -> bool:
+    """A Windows junction, mount point or other reparse point (FILE_ATTRIBUTE_REPARSE_POINT; never on
+    POSIX). Python reports only a true symlink as a link (``is_symlink``): a junction looks like a plain
+    folder to ``is_dir(follow_symlinks=False)``, and a walk that entered it could leave the root."""
+    return bool(getattr(st, "st_file_attributes", 0) & 0x400)
+
+
 def link_in_path(root: str | Path, rel: str) -> str | None:
     """The first folder of ``rel`` (a checked relative path) below ``root`` that is a symlink or a Windows
     junction or other reparse point, or None: then every existing folder on the way is a real one inside
@@ -403,7 +410,7 @@ def link_in_path(root: str | Path, rel: str) -> str | None:
             st = os.lstat(folder)
         except (FileNotFoundError, NotADirectoryError):
             return None  # the rest does not exist: nothing to follow
-        if statmod.S_ISLNK(st.st_mode) or getattr(st, "st_file_attributes", 0) & 0x400:
+        if statmod.S_ISLNK(st.st_mode) or is_reparse_point(st):
             return name
     return None
 
@@ -454,6 +461,9 @@ def _walk_dir(folder: Path, rel: str, skip: Path | None) -> Iterator[Found]:
                 yield Found(child, False, e.stat(follow_symlinks=False))
             elif e.is_dir(follow_symlinks=False):
                 if skip is not None and Path(e.path) == skip:
+                    continue
+                if WINDOWS and is_reparse_point(e.stat(follow_symlinks=False)):  # pragma: no cover - Windows
+                    log.warning("scan.symlink_skipped path=%r (a junction is never followed)", child)
                     continue
                 yield Found(child, True, None)
                 yield from _walk_dir(Path(e.path), child, skip)

@@ -522,3 +522,13 @@ def test_plain_name_shortcut_refuses_what_the_rules_refuse(name: str) -> None:
 def test_property_plain_name_shortcut_never_accepts_a_refused_name(name: str) -> None:
     if _plain_name_ok(name):
         assert _name_problem.__wrapped__(name) is None, name
+
+
+def test_a_long_lived_checker_holds_a_bounded_number_of_folders(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(RelpathChecker, "MAX_FOLDERS", 100)
+    checker = RelpathChecker()
+    for i in range(1000):
+        assert checker(f"databases/room-{i}/a.json") == f"databases/room-{i}/a.json"
+        assert len(checker._depth) <= 100
+    with pytest.raises(PathRejected, match="reserved device name"):
+        checker("databases/room-999/CON")  # a folder still known, and the name still checked

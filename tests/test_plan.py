@@ -165,7 +165,10 @@ def _reference_expected_after(manifest: dict[str, FileMeta], changes: list[Chang
     return m
 
 
-_TREE_PATH = st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=4).map("/".join)
+# Names that are prefixes of one another ("a", "ab", "a.b", "a-"): a prefix test without its slash would show.
+_TREE_PATH = st.lists(st.sampled_from(["a", "ab", "a.b", "a-", "b", "c"]), min_size=1, max_size=4).map(
+    "/".join
+)
 _ENTRY = st.builds(
     lambda p, d, n: FileMeta(p, d, 0 if d else n, n, b"" if d else bytes([n]) * 16),
     _TREE_PATH,

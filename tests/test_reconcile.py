@@ -8,16 +8,20 @@ and a new file is not read twice.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 from typing import Any, cast
+
+import pytest
 
 from engine.config import SenderConfig
 from engine.journal import Journal
 from engine.model import Change, FileMeta, Op
 from engine.plan import diff
 from engine.scan import HashCache, build_manifest
-from engine.sender.reconcile import Reconciler
+from engine.sender.intake import Intake
+from engine.sender.reconcile import FOLLOW_UP_DELAY, Reconciler, _Abandoned, _Scan
 
 INCLUDE = ("databases",)
 
@@ -57,13 +61,13 @@ def test_a_folder_renamed_while_the_scan_ran_is_not_deleted_on_the_replica(tmp_p
         journal.commit()
         busy = {"databases/old", "databases/new"}  # what the intake touched meanwhile
         for seq, replica in ((0, before), (journal.head, _replica_of(src))):
-            expected, source, _unstable, unreadable, late = rec._merge(seq, replica, scan)
-            assert "databases/new/a.json" in expected
-            assert set(late) == busy
-            plan = diff(source, expected, INCLUDE, busy, unreadable + late)
+            m = rec._merge(seq, replica, scan)
+            assert "databases/new/a.json" in m.expected
+            assert set(m.late) == busy and not m.pruned
+            plan = diff(m.source, m.expected, INCLUDE, busy, m.unreadable + m.late)
             assert not [p for _op, p in plan.removals if p.startswith("databases/new")], plan
             # The same merge without the late paths deletes the renamed files: the case is a real one.
-            unsafe = diff(source, expected, INCLUDE, busy, unreadable)
+            unsafe = diff(m.source, m.expected, INCLUDE, busy, m.unreadable)
             assert ("delete", "databases/new/a.json") in [(op.value, p) for op, p in unsafe.removals]
     finally:
         journal.close()
@@ -77,9 +81,9 @@ def test_entries_journaled_before_the_scan_began_are_not_late(tmp_path: Path) ->
         journal.append(Change(0, Op.DELETE, "databases/gone.json"))
         journal.commit()
         scan = rec._scan()
-        expected, _source, _unstable, _unreadable, late = rec._merge(0, [], scan)
-        assert late == []
-        assert "databases/gone.json" not in expected
+        m = rec._merge(0, [], scan)
+        assert m.late == [] and not m.pruned
+        assert "databases/gone.json" not in m.expected
     finally:
         journal.close()
 
@@ -99,10 +103,10 @@ def test_a_replica_file_the_cache_forgot_is_hashed_and_a_new_file_is_not_read(tm
     try:
         scan = rec._scan()
         assert scan.source["databases/kept.json"].digest == b""  # not read by the scan
-        expected, source, _unstable, unreadable, late = rec._merge(0, replica, scan)
-        plan = diff(source, expected, INCLUDE, set(), unreadable + late)
+        m = rec._merge(0, replica, scan)
+        plan = diff(m.source, m.expected, INCLUDE, set(), m.unreadable + m.late)
         assert sorted(plan.puts) == ["databases/added.json", "databases/changed.json"]
-        assert source["databases/kept.json"] is expected["databases/kept.json"]  # held once
+        assert m.source["databases/kept.json"] is m.expected["databases/kept.json"]  # held once
         assert "databases/kept.json" in cache and "databases/changed.json" in cache
         assert "databases/added.json" not in cache  # read once, by the intake that sends it
     finally:
@@ -117,8 +121,8 @@ def test_a_replica_file_gone_before_it_is_hashed_is_left_out_of_the_source(tmp_p
     try:
         scan = rec._scan()
         (src / "databases" / "kept.json").unlink()  # gone before the merge hashes it
-        _expected, source, unstable, _unreadable, _late = rec._merge(0, replica, scan)
-        assert "databases/kept.json" not in source and unstable == []
+        m = rec._merge(0, replica, scan)
+        assert "databases/kept.json" not in m.source and m.unstable == []
     finally:
         journal.close()
 
@@ -132,8 +136,8 @@ def test_a_scan_with_its_entries_pruned_removes_nothing(tmp_path: Path) -> None:
         # As if the entries journaled since the scan began were already pruned: which paths they named
         # cannot be known, so every include item counts as late.
         pruned = type(scan)(-5, scan.source, scan.unstable, scan.unreadable)
-        _expected, _source, _unstable, _unreadable, late = rec._merge(0, [], pruned)
-        assert late == list(INCLUDE)
+        m = rec._merge(0, [], pruned)
+        assert m.late == list(INCLUDE) and m.pruned
     finally:
         journal.close()
 
@@ -157,9 +161,116 @@ def test_the_scan_and_a_writer_may_run_at_once(tmp_path: Path) -> None:
         t.start()
         scan = rec._scan()
         t.join()
-        _expected, source, _unstable, _unreadable, late = rec._merge(0, [], scan)
-        assert len([p for p in source if p.startswith("databases/f")]) == 200
-        assert set(late) <= {f"databases/x{i}.json" for i in range(50)}
-        assert len(late) == journal.head - scan.head
+        m = rec._merge(0, [], scan)
+        assert len([p for p in m.source if p.startswith("databases/f")]) == 200
+        assert set(m.late) <= {f"databases/x{i}.json" for i in range(50)}
+        assert len(m.late) == journal.head - scan.head
     finally:
         journal.close()
+
+
+# ---- step(): a real intake and journal; the link is a stand-in that hands over a manifest (or fails) ----
+class _Link:
+    """The one thing step() asks of the link: the receiver's manifest."""
+
+    def __init__(self, manifest: list[FileMeta] | None) -> None:
+        self.manifest_entries = manifest  # None: the link goes down before the manifest comes
+
+    async def manifest(self, include: Any, full: bool = False) -> tuple[int, list[FileMeta]]:
+        await asyncio.sleep(0)
+        if self.manifest_entries is None:
+            raise ConnectionError("link down during reconciliation")
+        return 0, self.manifest_entries
+
+
+def _stepper(tmp_path: Path, link: _Link) -> tuple[Reconciler, Journal]:
+    cfg = SenderConfig(
+        source=tmp_path / "src", peer=("127.0.0.1", 1), state_dir=tmp_path / "state", include=INCLUDE
+    )
+    (tmp_path / "src" / "databases").mkdir(parents=True, exist_ok=True)
+    journal = Journal.open(tmp_path / "state" / "journal")
+    cache = HashCache()
+    intake = Intake(
+        cfg,
+        journal,
+        threading.Lock(),
+        cache,
+        {},
+        acked=lambda: 0,
+        on_appended=lambda: None,
+        on_reconcile=lambda _reason: None,
+        clock=lambda: 0.0,
+    )
+    counters: dict[str, int] = {"reconciles": 0}
+    return Reconciler(cfg, journal, cache, intake, cast(Any, link), counters), journal
+
+
+def test_a_step_whose_scan_entries_were_pruned_removes_nothing_and_looks_again(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _write(src, "databases/kept.json", "k")
+    replica = _replica_of(src)
+    replica.append(FileMeta("databases/stale.json", False, 1, 1, bytes(16)))  # deleted while we were down
+    rec, journal = _stepper(tmp_path, _Link(replica))
+    real_scan = rec._scan
+
+    def pruned_scan(stop: threading.Event | None = None) -> _Scan:
+        s = real_scan(stop)
+        return _Scan(-5, s.source, s.unstable, s.unreadable)  # as if its entries were pruned meanwhile
+
+    async def main() -> None:
+        rec._scan = pruned_scan  # type: ignore[method-assign]
+        report = await rec.step("connect")
+        assert report.removals == 0  # which paths changed during the scan cannot be known
+        await asyncio.sleep(FOLLOW_UP_DELAY + 0.2)
+        assert rec._req.is_set() and rec._reason == "connect+again"
+        rec._scan = real_scan  # type: ignore[method-assign]
+        again = await rec.step(rec._reason)
+        assert again.removals == 1  # the follow-up removes it
+
+    try:
+        asyncio.run(main())
+    finally:
+        journal.close()
+
+
+def test_a_scan_whose_manifest_never_came_is_stopped_and_ends_before_the_next(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for i in range(5000):
+        _write(src, f"databases/d{i // 500}/f{i}.json", str(i))
+    link = _Link(None)
+    rec, journal = _stepper(tmp_path, link)
+    running = 0
+    most = 0
+    lock = threading.Lock()
+    real_scan = rec._scan
+
+    def counted_scan(stop: threading.Event | None = None) -> _Scan:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return real_scan(stop)
+        finally:
+            with lock:
+                running -= 1
+
+    async def main() -> None:
+        rec._scan = counted_scan  # type: ignore[method-assign]
+        for _ in range(3):  # a flapping link: each manifest request fails
+            with pytest.raises(ConnectionError):
+                await rec.step("connect")
+        abandoned = rec._scanning
+        assert abandoned is not None
+        await asyncio.wait({abandoned})
+        assert isinstance(abandoned.exception(), _Abandoned), "the scan ran on after its step failed"
+        link.manifest_entries = []
+        report = await rec.step("connect")
+        assert report.source_entries == 5000 + 11  # the files, databases and its 10 folders
+        assert rec._scanning is None
+
+    try:
+        asyncio.run(main())
+    finally:
+        journal.close()
+    assert most == 1, f"{most} scans ran at once"

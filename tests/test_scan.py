@@ -11,6 +11,8 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import msgpack
 import pytest
@@ -379,3 +381,26 @@ def test_hash_cache_saves_from_several_threads_never_collide(tmp_path: Path) -> 
     assert len(HashCache.load(dest)) == len(cache)
     assert not [p for p in tmp_path.iterdir() if p.name != "hashcache"], "temporary files left behind"
     assert cache.save(dest) is False, "a save with nothing changed wrote the file again"
+
+
+def test_is_reparse_point_reads_the_windows_attribute() -> None:
+    assert scan.is_reparse_point(cast(os.stat_result, SimpleNamespace(st_file_attributes=0x400 | 0x10)))
+    assert not scan.is_reparse_point(cast(os.stat_result, SimpleNamespace(st_file_attributes=0x10)))
+    assert not scan.is_reparse_point(os.stat("."))  # POSIX: no such attribute
+
+
+def test_a_walk_on_windows_never_enters_a_junction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A junction is a folder to is_dir(follow_symlinks=False) (Python reports only true symlinks as
+    links): the walk must look at its reparse attribute. Windows' DirEntry is stood in for by flagging
+    the folder named ``junction`` by its inode."""
+    (tmp_path / "databases" / "junction").mkdir(parents=True)
+    (tmp_path / "databases" / "junction" / "outside.json").write_text("x", "utf-8")
+    (tmp_path / "databases" / "room").mkdir()
+    (tmp_path / "databases" / "room" / "a.json").write_text("a", "utf-8")
+    junction = os.stat(tmp_path / "databases" / "junction").st_ino
+    monkeypatch.setattr(scan, "WINDOWS", True)
+    monkeypatch.setattr(scan, "is_reparse_point", lambda st: st.st_ino == junction)
+    found = sorted(f.path for f in scan.walk(tmp_path, ["databases"]))
+    assert found == ["databases", "databases/room", "databases/room/a.json"]
+    monkeypatch.setattr(scan, "WINDOWS", False)  # POSIX never asks: the same folder is walked
+    assert "databases/junction/outside.json" in {f.path for f in scan.walk(tmp_path, ["databases"])}

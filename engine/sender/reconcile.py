@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,22 @@ class _Scan:
     source: dict[str, FileMeta]  # a file the hash cache did not know has an empty digest
     unstable: list[str]
     unreadable: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Merged:
+    """The scan laid beside the manifest (see Reconciler._merge)."""
+
+    expected: dict[str, FileMeta]  # the replica as the sender expects it
+    source: dict[str, FileMeta]
+    unstable: list[str]
+    unreadable: list[str]
+    late: list[str]  # paths journaled while the scan ran: nothing at or below them is removed
+    pruned: bool  # the entries of the scan's time were pruned: late is the whole include set
+
+
+class _Abandoned(Exception):
+    """A scan told to stop: its manifest never came."""
 
 
 def _never(_path: str) -> bool:
@@ -112,6 +129,8 @@ class Reconciler:
         self._req = asyncio.Event()
         self._reason = "start"
         self._follow_ups = 0
+        #: The scan of the step in progress, or of one whose manifest never came (see step).
+        self._scanning: asyncio.Future[_Scan] | None = None
 
     def request(self, reason: str) -> None:
         self._reason = reason
@@ -133,34 +152,43 @@ class Reconciler:
     async def step(self, reason: str) -> ReconcileReport:
         """One reconciliation, now. Raises SafetyHalt if it would delete most of the replica."""
         t0 = self.clock()
+        if self._scanning is not None:
+            # A scan whose manifest never came (the link went down) is told to stop; it ends first, so
+            # that scans never pile up on the worker threads the intake needs.
+            await asyncio.wait({self._scanning})
         mark = self.intake.mark()
         # The source is scanned while the receiver walks the replica and its manifest arrives (one after
         # the other, a restart at 100,000 files spent a second longer).
-        scanning = asyncio.ensure_future(asyncio.to_thread(self._scan))
+        stop = threading.Event()
+        scanning = self._scanning = asyncio.ensure_future(asyncio.to_thread(self._scan, stop))
         try:
             async with asyncio.timeout(MANIFEST_TIMEOUT):
                 seq, replica = await self.link.manifest(self.cfg.include)
         except BaseException:
-            scanning.add_done_callback(_retrieved)  # the scan ends by itself; its result is not wanted
+            stop.set()
+            scanning.add_done_callback(_retrieved)  # its result is not wanted
             raise
         scan = await scanning
+        self._scanning = None
         del scanning
-        expected, source, unstable, unreadable, late = await asyncio.to_thread(
-            self._merge, seq, replica, scan
-        )
+        merged = await asyncio.to_thread(self._merge, seq, replica, scan)
         del scan  # the source's entries the replica has too are the replica's objects now
+        expected, source, unstable, late = merged.expected, merged.source, merged.unstable, merged.late
+        pruned = merged.pruned
         edits = sorted(m.path for m in replica if "local-edit" in m.flags)
         del replica
         exclude = self.intake.busy_since(mark) | set(unstable)
-        plan = diff(source, expected, self.cfg.include, exclude, unreadable + late)
+        plan = diff(source, expected, self.cfg.include, exclude, merged.unreadable + late)
+        del merged
         # RACE: a busy path that differs was left out, and so were removals below a path journaled while
-        # the scan ran; if events were lost, look at them again shortly.
+        # the scan ran; if events were lost, look at them again shortly. A scan whose journal entries were
+        # pruned meanwhile removed nothing at all: look again shortly, whatever the reason.
         skipped = bool(late) or any(
             p in exclude and not (p in expected and same(m, expected[p])) for p, m in source.items()
         )
-        if reason.split("+")[0] in LOSSY and skipped and self._follow_ups < FOLLOW_UPS:
+        base = reason.split("+")[0]
+        if ((base in LOSSY and skipped) or pruned) and self._follow_ups < FOLLOW_UPS:
             self._follow_ups += 1
-            base = reason.split("+")[0]
             asyncio.get_running_loop().call_later(FOLLOW_UP_DELAY, self.request, f"{base}+again")
         elif not reason.endswith("+again"):
             self._follow_ups = 0
@@ -226,7 +254,7 @@ class Reconciler:
                 out[path] = why
         return out
 
-    def _scan(self) -> _Scan:
+    def _scan(self, stop: threading.Event | None = None) -> _Scan:
         """Worker thread: every folder and file of the source, and the journal's head when the scan began.
         A file the hash cache does not know is not read here (its digest is left empty): only the manifest
         can say whether the replica has it, and one it does not have is sent whatever its digest."""
@@ -234,7 +262,11 @@ class Reconciler:
         m = Manifest({}, [], [])
         source: dict[str, FileMeta] = {}
         check_relpath = RelpathChecker()
-        for meta in iter_manifest(self.cfg.source, self.cfg.include, self.cache, m, need_digest=_never):
+        for n, meta in enumerate(
+            iter_manifest(self.cfg.source, self.cfg.include, self.cache, m, need_digest=_never)
+        ):
+            if stop is not None and n % 1024 == 0 and stop.is_set():
+                raise _Abandoned
             try:
                 check_relpath(meta.path)
             except PathRejected as e:
@@ -243,9 +275,7 @@ class Reconciler:
             source[meta.path] = meta
         return _Scan(head, source, m.unstable, m.unreadable)
 
-    def _merge(
-        self, seq: int, replica: list[FileMeta], scan: _Scan
-    ) -> tuple[dict[str, FileMeta], dict[str, FileMeta], list[str], list[str], list[str]]:
+    def _merge(self, seq: int, replica: list[FileMeta], scan: _Scan) -> _Merged:
         """Worker thread: the expected replica (the manifest as of ``seq`` and the journal after it), the
         source (files of the replica the cache did not know are hashed now), the paths that could not be
         read, and *late*: the paths of entries journaled while the scan ran.
@@ -260,9 +290,10 @@ class Reconciler:
         first = max(min(seq, scan.head) + 1, j.first_seq)
         entries: list[Change] = list(j.headers(first)) if first <= j.head else []
         tail = [c for c in entries if c.seq > seq]
-        if scan.head + 1 < j.first_seq:
+        pruned = scan.head + 1 < j.first_seq
+        if pruned:
             # Entries of the scan's time were pruned already (a checkpoint in between): which they were is
-            # not known, so nothing is removed this time (the follow-up reconciliation removes it).
+            # not known, so nothing is removed this time (step asks for a follow-up, which removes it).
             late = list(self.cfg.include)
         else:
             late = sorted({p for c in entries if c.seq > scan.head for p in (c.path, c.dst) if p})
@@ -282,4 +313,4 @@ class Reconciler:
             # An entry the replica already has is kept as the replica's object: a large tree is not held
             # twice while the two are compared (diff asks only same() of it).
             source[path] = have if same(meta, have) else meta
-        return expected, source, out.unstable, out.unreadable, late
+        return _Merged(expected, source, out.unstable, out.unreadable, late, pruned)

@@ -22,7 +22,15 @@ from typing import IO
 from engine.errors import ApplyError
 from engine.journal import fsync_dir
 from engine.model import FileMeta, is_temp_name
-from engine.scan import HashCache, Manifest, change_time_ns, file_key, iter_file_chunks, iter_manifest
+from engine.scan import (
+    HashCache,
+    Manifest,
+    change_time_ns,
+    file_key,
+    is_reparse_point,
+    iter_file_chunks,
+    iter_manifest,
+)
 from engine.targets import Capabilities, Kind, Stat, Target
 
 log = logging.getLogger(__name__)
@@ -216,7 +224,7 @@ class _LocalPut:
 
 def _stat_of(path: str, st: os.stat_result) -> Stat:
     mode = st.st_mode
-    if statmod.S_ISLNK(mode) or _is_reparse(st):
+    if statmod.S_ISLNK(mode) or is_reparse_point(st):
         kind = Kind.LINK
     elif statmod.S_ISDIR(mode):
         kind = Kind.DIR
@@ -226,12 +234,6 @@ def _stat_of(path: str, st: os.stat_result) -> Stat:
         kind = Kind.OTHER
     change = change_time_ns(path, st) if kind is Kind.FILE else None
     return Stat(kind, st.st_size, st.st_mtime_ns, file_key(st, change), st.st_atime_ns)
-
-
-def _is_reparse(st: os.stat_result) -> bool:
-    """A Windows junction or other reparse point (treated like a symlink)."""
-    attrs = getattr(st, "st_file_attributes", 0)
-    return bool(attrs & 0x400)
 
 
 def _syncfs_for(root: Path, mode: str) -> Callable[[], None] | None:
