@@ -745,31 +745,48 @@ def iter_manifest(
 
     ``full``: every file is read and hashed, whatever the cache says (``standby verify --full``); the cache
     is neither consulted nor changed."""
+    for path, st, digest in iter_known(root, include, cache, out, skip, full):
+        if st is None:
+            yield FileMeta(path, is_dir=True)
+            continue
+        flags: frozenset[str] = NO_FLAGS
+        if digest is None and need_digest is not None and not need_digest(path):
+            digest = b""
+        if digest is None:
+            read = read_digest(root, path, cache, out, full, flag_edits)
+            if read is None:
+                continue
+            digest, flags = read
+        yield FileMeta(path, False, st.st_size, wire_mtime(path, st.st_mtime_ns), digest, flags)
+
+
+def iter_known(
+    root: Path,
+    include: Sequence[str],
+    cache: HashCache,
+    out: Manifest,
+    skip: Path | None = None,
+    full: bool = False,
+) -> Iterator[tuple[str, os.stat_result | None, bytes | None]]:
+    """Every folder (its stat None) and file of the set with the digest the hash cache knows for it (None:
+    not known, or ``full``); nothing is read. The paths that could not be listed or stat'ed are added to
+    ``out.unreadable`` and ``out.unstable``. (What :func:`iter_manifest` and the reconciler's scan walk.)"""
     for f in walk(root, include, skip):
         if f.unreadable:
             (out.unreadable if f.is_dir else out.unstable).append(f.path)
             continue
         if f.is_dir:
-            yield FileMeta(f.path, is_dir=True)
+            yield f.path, None, None
             continue
         assert f.st is not None
         # The path object is made only where it is used (Windows' change time, a read): at 100,000 files
         # a pathlib join per file is a tenth of a second.
         if full:
-            digest = None
+            yield f.path, f.st, None
         elif WINDOWS:  # pragma: no cover - Windows
-            digest = cache.get(f.path, stat_key(root / f.path, f.st))
+            yield f.path, f.st, cache.get(f.path, stat_key(root / f.path, f.st))
         else:
-            digest = cache.get_stat(f.path, f.st)
-        flags: frozenset[str] = NO_FLAGS
-        if digest is None and need_digest is not None and not need_digest(f.path):
-            digest = b""
-        if digest is None:
-            read = read_digest(root, f.path, cache, out, full, flag_edits)
-            if read is None:
-                continue
-            digest, flags = read
-        yield FileMeta(f.path, False, f.st.st_size, wire_mtime(f.path, f.st.st_mtime_ns), digest, flags)
+            yield f.path, f.st, cache.get_stat(f.path, f.st)
 
 
 def read_digest(

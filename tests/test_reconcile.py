@@ -9,7 +9,10 @@ and a new file is not read twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,14 +29,18 @@ from engine.sender.reconcile import FOLLOW_UP_DELAY, Reconciler, _Abandoned, _Sc
 INCLUDE = ("databases",)
 
 
-def _reconciler(tmp_path: Path, cache: HashCache) -> tuple[Reconciler, Journal]:
+@contextlib.contextmanager
+def _reconciler(tmp_path: Path, cache: HashCache) -> Iterator[tuple[Reconciler, Journal]]:
     cfg = SenderConfig(
         source=tmp_path / "src", peer=("127.0.0.1", 1), state_dir=tmp_path / "state", include=INCLUDE
     )
     journal = Journal.open(tmp_path / "state" / "journal")
-    # The scan and the merge use the configuration, the journal and the cache; the intake and the link
-    # are what step() talks to, and are not used here.
-    return Reconciler(cfg, journal, cache, cast(Any, None), cast(Any, None), {}), journal
+    try:
+        # The scan and the merge use the configuration, the journal and the cache; the intake and the
+        # link are what step() talks to, and are not used here.
+        yield Reconciler(cfg, journal, cache, cast(Any, None), cast(Any, None), {}), journal
+    finally:
+        journal.close()
 
 
 def _write(root: Path, rel: str, text: str) -> None:
@@ -51,8 +58,7 @@ def test_a_folder_renamed_while_the_scan_ran_is_not_deleted_on_the_replica(tmp_p
     src = tmp_path / "src"
     for name in ("a.json", "b.json"):
         _write(src, f"databases/old/{name}", name)
-    rec, journal = _reconciler(tmp_path, HashCache())
-    try:
+    with _reconciler(tmp_path, HashCache()) as (rec, journal):
         before = _replica_of(src)  # the replica as the receiver walked it: databases/old/*
         scan = rec._scan()  # the source as it was when the scan passed: databases/old/*
         # Then the folder is renamed, and the intake journals it (the receiver may apply it or not yet).
@@ -69,23 +75,18 @@ def test_a_folder_renamed_while_the_scan_ran_is_not_deleted_on_the_replica(tmp_p
             # The same merge without the late paths deletes the renamed files: the case is a real one.
             unsafe = diff(m.source, m.expected, INCLUDE, busy, m.unreadable)
             assert ("delete", "databases/new/a.json") in [(op.value, p) for op, p in unsafe.removals]
-    finally:
-        journal.close()
 
 
 def test_entries_journaled_before_the_scan_began_are_not_late(tmp_path: Path) -> None:
     src = tmp_path / "src"
     _write(src, "databases/a.json", "a")
-    rec, journal = _reconciler(tmp_path, HashCache())
-    try:
+    with _reconciler(tmp_path, HashCache()) as (rec, journal):
         journal.append(Change(0, Op.DELETE, "databases/gone.json"))
         journal.commit()
         scan = rec._scan()
         m = rec._merge(0, [], scan)
         assert m.late == [] and not m.pruned
         assert "databases/gone.json" not in m.expected
-    finally:
-        journal.close()
 
 
 def test_a_replica_file_the_cache_forgot_is_hashed_and_a_new_file_is_not_read(tmp_path: Path) -> None:
@@ -99,47 +100,38 @@ def test_a_replica_file_the_cache_forgot_is_hashed_and_a_new_file_is_not_read(tm
         for m in replica
     ]
     cache = HashCache()  # empty: as after a lost hash cache
-    rec, journal = _reconciler(tmp_path, cache)
-    try:
+    with _reconciler(tmp_path, cache) as (rec, _journal):
         scan = rec._scan()
-        assert scan.source["databases/kept.json"].digest == b""  # not read by the scan
+        assert scan.meta("databases/kept.json").digest == b""  # not read by the scan
         m = rec._merge(0, replica, scan)
         plan = diff(m.source, m.expected, INCLUDE, set(), m.unreadable + m.late)
         assert sorted(plan.puts) == ["databases/added.json", "databases/changed.json"]
         assert m.source["databases/kept.json"] is m.expected["databases/kept.json"]  # held once
         assert "databases/kept.json" in cache and "databases/changed.json" in cache
         assert "databases/added.json" not in cache  # read once, by the intake that sends it
-    finally:
-        journal.close()
 
 
 def test_a_replica_file_gone_before_it_is_hashed_is_left_out_of_the_source(tmp_path: Path) -> None:
     src = tmp_path / "src"
     _write(src, "databases/kept.json", "v1")
     replica = _replica_of(src)
-    rec, journal = _reconciler(tmp_path, HashCache())
-    try:
+    with _reconciler(tmp_path, HashCache()) as (rec, _journal):
         scan = rec._scan()
         (src / "databases" / "kept.json").unlink()  # gone before the merge hashes it
         m = rec._merge(0, replica, scan)
         assert "databases/kept.json" not in m.source and m.unstable == []
-    finally:
-        journal.close()
 
 
 def test_a_scan_with_its_entries_pruned_removes_nothing(tmp_path: Path) -> None:
     src = tmp_path / "src"
     _write(src, "databases/a.json", "a")
-    rec, journal = _reconciler(tmp_path, HashCache())
-    try:
+    with _reconciler(tmp_path, HashCache()) as (rec, _journal):
         scan = rec._scan()
         # As if the entries journaled since the scan began were already pruned: which paths they named
         # cannot be known, so every include item counts as late.
         pruned = type(scan)(-5, scan.source, scan.unstable, scan.unreadable)
         m = rec._merge(0, [], pruned)
         assert m.late == list(INCLUDE) and m.pruned
-    finally:
-        journal.close()
 
 
 def test_the_scan_and_a_writer_may_run_at_once(tmp_path: Path) -> None:
@@ -147,8 +139,7 @@ def test_the_scan_and_a_writer_may_run_at_once(tmp_path: Path) -> None:
     src = tmp_path / "src"
     for i in range(200):
         _write(src, f"databases/f{i}.json", str(i))
-    rec, journal = _reconciler(tmp_path, HashCache())
-    try:
+    with _reconciler(tmp_path, HashCache()) as (rec, journal):
         lock = threading.Lock()
 
         def append() -> None:
@@ -165,8 +156,6 @@ def test_the_scan_and_a_writer_may_run_at_once(tmp_path: Path) -> None:
         assert len([p for p in m.source if p.startswith("databases/f")]) == 200
         assert set(m.late) <= {f"databases/x{i}.json" for i in range(50)}
         assert len(m.late) == journal.head - scan.head
-    finally:
-        journal.close()
 
 
 # ---- step(): a real intake and journal; the link is a stand-in that hands over a manifest (or fails) ----
@@ -274,3 +263,23 @@ def test_a_scan_whose_manifest_never_came_is_stopped_and_ends_before_the_next(tm
     finally:
         journal.close()
     assert most == 1, f"{most} scans ran at once"
+
+
+def test_the_scan_held_beside_the_manifest_costs_under_120_bytes_a_file(tmp_path: Path) -> None:
+    """At 100,000 files the scan is held while the receiver's manifest is decoded beside it: as entries
+    (about 190 bytes each) it took the sender over its 150 MB goal; packed it is about 85."""
+    src = tmp_path / "src"
+    for i in range(5000):
+        _write(src, f"databases/room-{i // 100:03d}/meeting-{i:06d}.json", "x" * (i % 300))
+    cache = HashCache()
+    build_manifest(src, INCLUDE, cache)  # the cache knows every file, as after a restart
+    with _reconciler(tmp_path, cache) as (rec, _journal):
+        rec._scan()  # paths interned, as in a running sender
+        tracemalloc.start()
+        try:
+            scan = rec._scan()
+            per = tracemalloc.get_traced_memory()[0] / len(scan.source)
+        finally:
+            tracemalloc.stop()
+        assert per < 120, f"{per:.0f} bytes a file"
+        assert all(scan.meta(p).digest for p in scan.source if not scan.meta(p).is_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -23,9 +24,9 @@ from engine.config import SenderConfig
 from engine.errors import PathRejected, SafetyHalt
 from engine.guards import GUARD_MAX_BYTES, GuardCheck
 from engine.journal import Journal
-from engine.model import Change, FileMeta, RelpathChecker
-from engine.plan import diff, expected_after, mass_delete, same
-from engine.scan import HashCache, Manifest, StableRead, iter_manifest, read_digest, read_stable
+from engine.model import NO_FLAGS, Change, FileMeta, RelpathChecker
+from engine.plan import diff, expected_after, mass_delete, same, same_file
+from engine.scan import HashCache, Manifest, StableRead, iter_known, read_digest, read_stable, wire_mtime
 from engine.sender.intake import Intake
 from engine.sender.link import Link
 
@@ -41,14 +42,30 @@ FOLLOW_UP_DELAY = 1.0
 FOLLOW_UPS = 3
 
 
+#: How the scan holds a file until the manifest comes: size and mtime packed, then the digest (empty: the
+#: hash cache did not know it). About 65 bytes instead of an entry's 190: at 100,000 files the scan beside
+#: the decoded manifest costs 12 MB less at the sender's peak.
+_SIZE_MTIME = struct.Struct("<qq")
+#: How it holds a folder (a file's value is never empty).
+_FOLDER = b""
+
+
 @dataclass(frozen=True, slots=True)
 class _Scan:
     """A scan of the source, made while the manifest was on its way (see Reconciler._merge)."""
 
     head: int  # the journal's head when the scan began
-    source: dict[str, FileMeta]  # a file the hash cache did not know has an empty digest
+    source: dict[str, bytes]  # path -> _FOLDER, or a file's packed size and mtime and its digest
     unstable: list[str]
     unreadable: list[str]
+
+    def meta(self, path: str) -> FileMeta:
+        """The entry of ``path`` (an empty digest: the hash cache did not know it)."""
+        v = self.source[path]
+        if not v:
+            return FileMeta(path, is_dir=True)
+        size, mtime_ns = _SIZE_MTIME.unpack_from(v)
+        return FileMeta(path, False, size, mtime_ns, v[_SIZE_MTIME.size :])
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +82,6 @@ class _Merged:
 
 class _Abandoned(Exception):
     """A scan told to stop: its manifest never came."""
-
-
-def _never(_path: str) -> bool:
-    return False
 
 
 def _retrieved(fut: asyncio.Future[Any]) -> None:
@@ -260,19 +273,21 @@ class Reconciler:
         can say whether the replica has it, and one it does not have is sent whatever its digest."""
         head = self.journal.head
         m = Manifest({}, [], [])
-        source: dict[str, FileMeta] = {}
+        source: dict[str, bytes] = {}
         check_relpath = RelpathChecker()
-        for n, meta in enumerate(
-            iter_manifest(self.cfg.source, self.cfg.include, self.cache, m, need_digest=_never)
-        ):
+        pack = _SIZE_MTIME.pack
+        for n, (path, st, digest) in enumerate(iter_known(self.cfg.source, self.cfg.include, self.cache, m)):
             if stop is not None and n % 1024 == 0 and stop.is_set():
                 raise _Abandoned
             try:
-                check_relpath(meta.path)
+                check_relpath(path)
             except PathRejected as e:
-                log.warning("send.skipped path=%r reason=%s", meta.path, e.reason)
+                log.warning("send.skipped path=%r reason=%s", path, e.reason)
                 continue
-            source[meta.path] = meta
+            if st is None:
+                source[path] = _FOLDER
+            else:
+                source[path] = pack(st.st_size, wire_mtime(path, st.st_mtime_ns)) + (digest or b"")
         return _Scan(head, source, m.unstable, m.unreadable)
 
     def _merge(self, seq: int, replica: list[FileMeta], scan: _Scan) -> _Merged:
@@ -297,20 +312,27 @@ class Reconciler:
             late = list(self.cfg.include)
         else:
             late = sorted({p for c in entries if c.seq > scan.head for p in (c.path, c.dst) if p})
-        expected = expected_after({m.path: m for m in replica}, tail)
+        expected = expected_after({m.path: m for m in replica}, tail, copy=False)
         source: dict[str, FileMeta] = {}
         out = Manifest({}, scan.unstable, scan.unreadable)
-        for path, meta in scan.source.items():
+        for path, v in scan.source.items():
             have = expected.get(path)
-            if have is None:
-                source[path] = meta  # sent whatever its digest
+            if not v:  # a folder
+                source[path] = have if have is not None and have.is_dir else FileMeta(path, is_dir=True)
                 continue
-            if not meta.is_dir and not meta.digest:
+            size, mtime_ns = _SIZE_MTIME.unpack_from(v)
+            digest = v[_SIZE_MTIME.size :]
+            flags = NO_FLAGS
+            if have is not None and not have.is_dir and not digest:
                 read = read_digest(self.cfg.source, path, self.cache, out)
                 if read is None:
                     continue  # gone, or moving (then in out.unstable)
-                meta = FileMeta(path, False, meta.size, meta.mtime_ns, read[0], read[1])
+                digest, flags = read
             # An entry the replica already has is kept as the replica's object: a large tree is not held
-            # twice while the two are compared (diff asks only same() of it).
-            source[path] = have if same(meta, have) else meta
+            # twice while the two are compared (diff asks only same() of it). A file the replica does not
+            # have is sent whatever its digest.
+            if have is not None and same_file(have, size, mtime_ns, digest):
+                source[path] = have
+            else:
+                source[path] = FileMeta(path, False, size, mtime_ns, digest, flags)
         return _Merged(expected, source, out.unstable, out.unreadable, late, pruned)
