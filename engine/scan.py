@@ -444,6 +444,11 @@ def _walk_dir(folder: Path, rel: str, skip: Path | None) -> Iterator[Found]:
     try:
         entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
+        # Gone between being found and being listed: deleted, or renamed (perhaps away and back). Its
+        # contents are not known, which is not the same as none: it counts as unreadable, so that a
+        # reconciliation removes nothing below it (a real deletion comes with the watcher's events).
+        log.info("scan.folder_vanished path=%r (listed as unreadable)", rel)
+        yield Found(rel, True, None, unreadable=True)
         return
     except OSError as err:
         log.warning("scan.unreadable_folder path=%r error=%s", rel, err.strerror or err)

@@ -12,7 +12,7 @@ import time
 import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 import msgpack
 import pytest
@@ -404,3 +404,25 @@ def test_a_walk_on_windows_never_enters_a_junction(tmp_path: Path, monkeypatch: 
     assert found == ["databases", "databases/room", "databases/room/a.json"]
     monkeypatch.setattr(scan, "WINDOWS", False)  # POSIX never asks: the same folder is walked
     assert "databases/junction/outside.json" in {f.path for f in scan.walk(tmp_path, ["databases"])}
+
+
+def test_a_folder_gone_between_found_and_listed_is_unreadable_not_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder renamed away and back while the walk passes it: its contents are not known, which must
+    not read as "none" (a reconciliation would delete them on the replica)."""
+    (tmp_path / "databases" / "room").mkdir(parents=True)
+    (tmp_path / "databases" / "room" / "a.json").write_text("a", "utf-8")
+    (tmp_path / "databases" / "other.json").write_text("o", "utf-8")
+    real = os.scandir
+
+    def scandir(path: Any) -> Any:
+        if Path(path).name == "room":
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    m = scan.Manifest({}, [], [])
+    found = {e.path for e in scan.iter_manifest(tmp_path, ["databases"], HashCache(), m)}
+    assert m.unreadable == ["databases/room"]
+    assert "databases/other.json" in found and "databases/room/a.json" not in found
