@@ -334,21 +334,21 @@ class RelpathChecker:
         self._depth: dict[str, int] = {}
 
     def __call__(self, path: str) -> str:
-        if isinstance(path, str):
-            folder, slash, name = path.rpartition("/")
-            depth = self._depth.get(folder) if slash else None
-            if (
-                depth is not None
-                and len(path) <= self.max_chars
-                and depth <= self.max_depth
-                and (_plain_name_ok(name) or _name_problem(name) is None)  # a backslash, NUL, ... is one
-            ):
-                return path
+        if not isinstance(path, str):
+            return check_relpath(path)  # refused, with check_relpath's reason
+        folder, slash, name = path.rpartition("/")
+        depth = self._depth.get(folder) if slash else None
+        if (
+            depth is not None
+            and len(path) <= self.max_chars
+            and depth <= self.max_depth
+            and (_plain_name_ok(name) or _name_problem(name) is None)  # a backslash, NUL, ... is one
+        ):
+            return path
         check_relpath(path, self.max_chars, self.max_depth)  # a refusal says what check_relpath says
         if len(self._depth) >= self.MAX_FOLDERS:
             self._depth.clear()  # a long-lived checker (the intake's) holds at most this many
-        if "/" in path:
-            folder = path.rpartition("/")[0]
+        if slash:
             self._depth[folder] = folder.count("/") + 2
         return path
 

@@ -191,7 +191,7 @@ def test_a_new_folder_is_walked_off_the_event_loop(pair: Pair, monkeypatch: pyte
 
 
 def test_a_shipped_version_tells_a_new_time_from_new_content() -> None:
-    v = intake.shipped_version
+    v = intake.pack_version
     d, e = bytes(range(16)), bytes(16)
     assert v(5, -7, d) == v(5, -7, d) and v(5, -7, d) != v(5, -8, d)
     assert intake.same_content(v(5, -7, d), v(5, 1 << 62, d))  # only the time changed: a touch

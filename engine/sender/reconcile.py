@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from engine.journal import Journal
 from engine.model import NO_FLAGS, Change, FileMeta, RelpathChecker
 from engine.plan import diff, expected_after, mass_delete, same, same_file
 from engine.scan import HashCache, Manifest, StableRead, iter_known, read_digest, read_stable, wire_mtime
-from engine.sender.intake import Intake
+from engine.sender.intake import Intake, pack_version, unpack_version
 from engine.sender.link import Link
 
 log = logging.getLogger(__name__)
@@ -42,11 +41,9 @@ FOLLOW_UP_DELAY = 1.0
 FOLLOW_UPS = 3
 
 
-#: How the scan holds a file until the manifest comes: size and mtime packed, then the digest (empty: the
-#: hash cache did not know it). About 65 bytes instead of an entry's 190: at 100,000 files the scan beside
+#: How the scan holds a folder. A file is held as its pack_version (digest empty: the hash cache did not
+#: know it), never empty: about 65 bytes instead of an entry's 190, so at 100,000 files the scan beside
 #: the decoded manifest costs 12 MB less at the sender's peak.
-_SIZE_MTIME = struct.Struct("<qq")
-#: How it holds a folder (a file's value is never empty).
 _FOLDER = b""
 
 
@@ -64,8 +61,7 @@ class _Scan:
         v = self.source[path]
         if not v:
             return FileMeta(path, is_dir=True)
-        size, mtime_ns = _SIZE_MTIME.unpack_from(v)
-        return FileMeta(path, False, size, mtime_ns, v[_SIZE_MTIME.size :])
+        return FileMeta(path, False, *unpack_version(v))
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +271,6 @@ class Reconciler:
         m = Manifest({}, [], [])
         source: dict[str, bytes] = {}
         check_relpath = RelpathChecker()
-        pack = _SIZE_MTIME.pack
         for n, (path, st, digest) in enumerate(iter_known(self.cfg.source, self.cfg.include, self.cache, m)):
             if stop is not None and n % 1024 == 0 and stop.is_set():
                 raise _Abandoned
@@ -287,7 +282,7 @@ class Reconciler:
             if st is None:
                 source[path] = _FOLDER
             else:
-                source[path] = pack(st.st_size, wire_mtime(path, st.st_mtime_ns)) + (digest or b"")
+                source[path] = pack_version(st.st_size, wire_mtime(path, st.st_mtime_ns), digest or b"")
         return _Scan(head, source, m.unstable, m.unreadable)
 
     def _merge(self, seq: int, replica: list[FileMeta], scan: _Scan) -> _Merged:
@@ -320,8 +315,7 @@ class Reconciler:
             if not v:  # a folder
                 source[path] = have if have is not None and have.is_dir else FileMeta(path, is_dir=True)
                 continue
-            size, mtime_ns = _SIZE_MTIME.unpack_from(v)
-            digest = v[_SIZE_MTIME.size :]
+            size, mtime_ns, digest = unpack_version(v)
             flags = NO_FLAGS
             if have is not None and not have.is_dir and not digest:
                 read = read_digest(self.cfg.source, path, self.cache, out)
